@@ -1,0 +1,54 @@
+# tasprune: `make demo` and `make test` each do the whole set-up on a fresh Debian machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tasprune-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+FMNIST_FILES := $(FMNIST)/train-images-idx3-ubyte.gz $(FMNIST)/train-labels-idx1-ubyte.gz \
+                $(FMNIST)/t10k-images-idx3-ubyte.gz $(FMNIST)/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(STAMP) data
+
+# torch/torchvision are pinned here (the versions this machine serves from local disk);
+# pyproject.toml itself only declares ranges.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev,export,baselines]'
+	touch $(STAMP)
+
+# Fashion-MNIST (real images) from Debian's dataset-fashion-mnist package.
+data:
+	@missing=0; for f in $(FMNIST_FILES); do [ -r $$f ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "error: Fashion-MNIST not found under $(FMNIST). Fix: 'sudo apt-get install dataset-fashion-mnist', or put the four idx .gz files in DATA_ROOT/FashionMNIST/raw and pass --data-root DATA_ROOT" >&2; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(BIN)/tasprune run configs/fmnist-r20-quick.yaml --out runs/demo
+
+test: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy src
+
+bench: setup
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_search.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,12 @@
+"""Registered model families (importing this module registers them)."""
+
+from tasprune.models import cifar_resnet as _cifar_resnet  # noqa: F401  (registers models)
+from tasprune.models.registry import (
+    ModelSpec,
+    create_model,
+    get_model_spec,
+    list_models,
+    register_model,
+)
+
+__all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]

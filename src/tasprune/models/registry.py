@@ -1,0 +1,64 @@
+"""Model registry: `create_model(name, shape=...)` builds any registered family at any shape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from tasprune.cost import Counter
+from tasprune.errors import ConfigError
+from tasprune.models.ops import Ops, PlainOps
+from tasprune.shape import Shape
+
+BuildFn = Callable[[Shape, int, int, Ops], nn.Module]
+CostFn = Callable[[Counter, int, tuple[int, int], int], None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything tasprune needs to know about one registered model."""
+
+    name: str
+    family: str
+    build: BuildFn  # (shape, num_classes, in_channels, ops) -> module
+    full_shape: Callable[[], Shape]
+    cost: CostFn  # (counter, in_channels, (H, W), num_classes) -> accumulates into counter
+    default_input: tuple[int, int, int] = (3, 32, 32)
+    description: str = ""
+
+
+_REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
+
+
+def register_model(fn: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
+    """Decorator: the function's name is the model name; it returns the model's spec."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model '{name}'. Fix: use one of {', '.join(list_models())}")
+    return _REGISTRY[name]()
+
+
+def create_model(
+    name: str,
+    shape: Shape | None = None,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    ops: Ops | None = None,
+) -> nn.Module:
+    """Build ``name`` at ``shape`` (default: the unpruned shape), validated against the model."""
+    spec = get_model_spec(name)
+    full = spec.full_shape()
+    shape = full if shape is None else shape
+    shape.validate_against(full, name)
+    return spec.build(shape, num_classes, in_channels, ops or PlainOps())
