@@ -48,6 +48,16 @@ class CifarResNetArch:
                     widths[f"layer{s}.{j}.{c}"] = planes * (4 if last and self.block != "basic" else 1)
         return Shape(widths=widths, depths=depths)
 
+    def residual_groups(self) -> list[list[str]]:
+        """Per stage, the convs that write the residual stream (stage 1 includes the stem)."""
+        groups = []
+        for s in range(1, STAGES + 1):
+            group = ["stem"] if s == 1 else []
+            last = self.conv_names[-1]
+            group += [f"layer{s}.{j}.{last}" for j in range(self.blocks_per_stage)]
+            groups.append(group)
+        return groups
+
 
 def _stride(stage: int, index: int) -> int:
     return 2 if stage > 1 and index == 0 else 1
@@ -196,6 +206,7 @@ def _spec(name: str, block: str, depth: int) -> ModelSpec:
         cost=cost,
         default_input=(3, 32, 32),
         description=f"CIFAR ResNet-{depth} ({block} blocks, {arch.blocks_per_stage} per stage)",
+        residual_groups=arch.residual_groups,
     )
 
 

@@ -27,6 +27,8 @@ class ModelSpec:
     cost: CostFn  # (counter, in_channels, (H, W), num_classes) -> accumulates into counter
     default_input: tuple[int, int, int] = (3, 32, 32)
     description: str = ""
+    # Conv names whose out-widths form one residual stream (tied in "tie_residual" search).
+    residual_groups: Callable[[], list[list[str]]] | None = None
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}

@@ -1,0 +1,163 @@
+"""Recipes: one validated YAML file describes a whole run (teacher -> search -> distill).
+
+Loading goes YAML -> dict -> dotted ``key=value`` overrides -> pydantic validation, and every
+problem (bad YAML, unknown key, wrong type, out-of-range value) becomes one `ConfigError` line
+that names the field and the fix. The resolved recipe is written into the run folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasprune.engine import TrainConfig
+from tasprune.errors import ConfigError
+from tasprune.search.config import SearchConfig
+
+
+class DataConfig(BaseModel):
+    """Which dataset, where, and optional stratified subsets for quick runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100
+    root: str | None = None  # folder holding the data (None: the dataset's default places)
+    train_subset: int | None = Field(default=None, ge=10)  # images of the train split to use
+    test_subset: int | None = Field(default=None, ge=10)  # images of the test split to use
+    crop_padding: int = Field(default=4, ge=0)  # random-crop padding (pixels) when training
+    flip: bool = True  # random horizontal flip when training
+
+
+class TeacherConfig(BaseModel):
+    """The unpruned network: trained here, or an existing checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = None  # run folder or model.pt of a trained unpruned network
+    train: TrainConfig = TrainConfig(epochs=30)
+
+
+class DistillConfig(BaseModel):
+    """Training of the pruned network, with knowledge distillation from the teacher."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kd: bool = True  # distil from the teacher (False: plain cross-entropy)
+    alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term
+    temperature: float = Field(default=4.0, gt=0)  # softmax temperature T
+    init: Literal["scratch", "supernet", "teacher"] = "scratch"  # student initialisation
+    train: TrainConfig = TrainConfig(epochs=30)
+
+
+class ReportConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    latency_batches: tuple[int, ...] = (1, 64)  # CPU latency is measured at these batch sizes
+    latency_repeats: int = Field(default=20, ge=1)  # timed runs per measurement (median kept)
+
+
+class Recipe(BaseModel):
+    """A whole TAS run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "run"
+    model: str = "cifar_resnet20"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = Field(default=0, ge=0)
+    deterministic: bool = False
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    search: SearchConfig = SearchConfig()
+    distill: DistillConfig = DistillConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key '{where}'. Fix: remove it or check its spelling"
+    given = first.get("input")
+    msg = first["msg"]
+    return f"{source}: '{where}' = {given!r} is invalid ({msg}). Fix: correct that value"
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["search.epochs=5", "model=cifar_resnet56"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' has no '='. Fix: write KEY=VALUE, e.g. seed=1")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe {p} does not exist. Fix: pass a YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read recipe {p}: {err}. Fix: check the file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {p} is not valid YAML{where}. Fix: correct its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {p} must be a mapping of keys. Fix: see configs/ for examples")
+    return data
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()
+) -> Recipe:
+    """Recipe from a YAML file (optional) plus overrides, validated."""
+    data = read_yaml(path) if path is not None else {}
+    extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    data = deep_merge(data, extra)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(path) if path else "config")) from None
+
+
+def validate_model(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    """Validate ``data`` as ``cls``, turning pydantic errors into one ConfigError line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,601 @@
+"""In-memory image datasets and a device-resident batch loader.
+
+Why this module exists: the small benchmarks TAS is evaluated on (Fashion-MNIST, CIFAR-10/100)
+fit in a few hundred MB of uint8, so the fastest and most reproducible way to train on them is
+to parse the official files once, keep the raw bytes on the training device, and do shuffling,
+augmentation and normalisation as a handful of batched tensor ops per batch (the "airbench"
+idea) instead of a per-image Python ``Dataset``/``DataLoader`` pipeline.
+
+Everything that reads a file validates it and turns any problem into a :class:`DataError` whose
+message names the file, the problem and the fix (the CLI prints ``str(err)`` as its one line).
+CIFAR pickles are read with a restricted unpickler that can only rebuild numpy arrays, so a
+tampered file cannot execute code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import math
+import pickle
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tasprune.errors import ConfigError, DataError
+
+__all__ = [
+    "DATASETS",
+    "SYSTEM_FASHION_MNIST",
+    "ArrayDataset",
+    "DeviceLoader",
+    "load_dataset",
+    "stratified_split",
+]
+
+#: Where the Debian package ``dataset-fashion-mnist`` installs the idx files.
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+#: Known in-memory dataset names accepted by :func:`load_dataset`.
+DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
+
+_SPLITS: tuple[str, ...] = ("train", "test")
+
+# Per-channel statistics on the 0-1 scale (standard published constants, so nothing has to be
+# computed at load time and every run normalises identically).
+_FASHION_MEAN: tuple[float, ...] = (0.2860,)
+_FASHION_STD: tuple[float, ...] = (0.3530,)
+_CIFAR10_MEAN: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+_CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+_CIFAR100_MEAN: tuple[float, ...] = (0.5071, 0.4865, 0.4409)
+_CIFAR100_STD: tuple[float, ...] = (0.2673, 0.2564, 0.2762)
+
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset container
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArrayDataset:
+    """A whole labelled image dataset held as two tensors.
+
+    ``images`` stays uint8 (N x C x H x W) so it is 4x smaller than float32 and can live on the
+    accelerator; ``mean``/``std`` (per channel, 0-1 scale) travel with it so the loader
+    normalises exactly the way the dataset expects.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+    def __post_init__(self) -> None:
+        """Reject inconsistent containers early, where the cause is still obvious."""
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(
+                f"dataset {self.name!r}: images must be a uint8 N x C x H x W tensor, got "
+                f"{self.images.dtype} with shape {tuple(self.images.shape)}. "
+                "Fix: convert the images to uint8 NCHW before building an ArrayDataset"
+            )
+        if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
+            raise DataError(
+                f"dataset {self.name!r}: {tuple(self.labels.shape)} labels for "
+                f"{self.images.shape[0]} images. Fix: pass one int64 label per image"
+            )
+        if self.labels.dtype != torch.int64:
+            self.labels = self.labels.to(torch.int64)
+        channels = self.images.shape[1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise DataError(
+                f"dataset {self.name!r}: mean/std have {len(self.mean)}/{len(self.std)} entries "
+                f"but the images have {channels} channels. Fix: give one mean and std per channel"
+            )
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return int(self.images.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        """Channels per image (1 for Fashion-MNIST, 3 for CIFAR)."""
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Image (height, width) in pixels."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, idx: torch.Tensor) -> ArrayDataset:
+        """Return the samples at ``idx`` (an index or boolean tensor) as a new dataset.
+
+        Used to carve the TAS architecture/weight halves out of a training set while keeping
+        the class count and normalisation constants.
+        """
+        idx = idx.to(self.images.device)
+        return ArrayDataset(
+            images=self.images[idx],
+            labels=self.labels[idx.to(self.labels.device)],
+            num_classes=self.num_classes,
+            mean=self.mean,
+            std=self.std,
+            name=self.name,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_dataset(name: str, split: str, root: str | Path | None = None) -> ArrayDataset:
+    """Load an in-memory dataset split (``"train"`` or ``"test"``) from its official files.
+
+    ``name`` is one of :data:`DATASETS`. ``root`` is the data folder (``--data-root``); for
+    Fashion-MNIST the system copy from ``dataset-fashion-mnist`` is used when ``root`` does not
+    hold one. Raises :class:`DataError` for unknown names, missing or corrupt files.
+    """
+    key = name.strip().lower()
+    if split not in _SPLITS:
+        raise DataError(
+            f"unknown split {split!r} for dataset {name!r}. Fix: use one of {', '.join(_SPLITS)}"
+        )
+    root_path = Path(root).expanduser() if root is not None else None
+    if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        return _load_fashion_mnist(split, root_path)
+    if key in ("cifar10", "cifar-10"):
+        return _load_cifar(10, split, root_path)
+    if key in ("cifar100", "cifar-100"):
+        return _load_cifar(100, split, root_path)
+    raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DATASETS)}")
+
+
+# ---- Fashion-MNIST (idx format) ------------------------------------------------------------
+
+_FASHION_SOURCE = (
+    "apt-get install dataset-fashion-mnist or pass --data-root DIR containing FashionMNIST/raw"
+)
+_FASHION_FIX = f"Fix: {_FASHION_SOURCE}"
+
+
+def _fashion_dirs(root: Path | None) -> list[Path]:
+    """Folders searched for Fashion-MNIST idx files, in priority order."""
+    dirs: list[Path] = []
+    if root is not None:
+        dirs += [root / "FashionMNIST" / "raw", root / "fashion-mnist", root]
+    dirs.append(SYSTEM_FASHION_MNIST)
+    return dirs
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    """Return ``folder/stem.gz`` or ``folder/stem`` if either exists (gzip preferred)."""
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_fashion_mnist(split: str, root: Path | None) -> ArrayDataset:
+    """Find and parse the Fashion-MNIST idx pair for ``split``."""
+    prefix = "train" if split == "train" else "t10k"
+    img_stem, lbl_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    dirs = _fashion_dirs(root)
+    for folder in dirs:
+        img_file = _find_idx(folder, img_stem)
+        if img_file is None:
+            continue
+        lbl_file = _find_idx(folder, lbl_stem)
+        if lbl_file is None:
+            raise DataError(
+                f"Fashion-MNIST labels missing: {folder} has {img_file.name} but no "
+                f"{lbl_stem}.gz. Fix: copy {lbl_stem}.gz next to it, apt-get install "
+                "dataset-fashion-mnist or pass --data-root DIR containing FashionMNIST/raw"
+            )
+        images = _read_idx(img_file, _IDX_IMAGES_MAGIC)
+        labels = _read_idx(lbl_file, _IDX_LABELS_MAGIC)
+        if labels.shape[0] != images.shape[0]:
+            raise DataError(
+                f"Fashion-MNIST file mismatch: {lbl_file} has {labels.shape[0]} labels but "
+                f"{img_file} has {images.shape[0]} images. Fix: re-download both files of the "
+                f"{split} split ({_FASHION_SOURCE})"
+            )
+        if labels.size and int(labels.max()) >= 10:
+            raise DataError(
+                f"corrupt Fashion-MNIST labels: {lbl_file} contains label {int(labels.max())} "
+                f"(expected 0-9). Fix: re-download the file ({_FASHION_SOURCE})"
+            )
+        return ArrayDataset(
+            images=torch.from_numpy(images.copy()).unsqueeze(1),
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            num_classes=10,
+            mean=_FASHION_MEAN,
+            std=_FASHION_STD,
+            name="fashion-mnist",
+        )
+    searched = ", ".join(str(d) for d in dirs)
+    raise DataError(
+        f"Fashion-MNIST not found: none of {searched} has {img_stem}.gz. {_FASHION_FIX}"
+    )
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Parse one idx file (optionally gzipped) and check magic, dimensions and exact length."""
+    fix = f"Fix: re-download {path.name} ({_FASHION_SOURCE})"
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read idx file {path}: {exc}. {fix}") from exc
+    if len(raw) < 4:
+        raise DataError(f"truncated idx file {path}: only {len(raw)} bytes. {fix}")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise DataError(f"corrupt idx file {path}: magic number {found}, expected {magic}. {fix}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"truncated idx file {path}: header cut short. {fix}")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = math.prod(dims)
+    have = len(raw) - header
+    if have != expected:
+        what = "truncated" if have < expected else "corrupt"
+        raise DataError(
+            f"{what} idx file {path}: header promises {'x'.join(map(str, dims))} = {expected} "
+            f"bytes of data but the file has {have}. {fix}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+# ---- CIFAR (python pickle batches) ---------------------------------------------------------
+
+
+def _numpy_attr(modules: Sequence[str], attr: str) -> Any:
+    """Return ``attr`` from the first importable module (numpy 2 moved ``core`` to ``_core``)."""
+    for mod in modules:
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {attr} in {', '.join(modules)}")
+
+
+# (module, name) pairs a CIFAR batch may reference; each maps to the modules to resolve from.
+_MULTIARRAY = ("numpy._core.multiarray", "numpy.core.multiarray")
+_NUMERIC = ("numpy._core.numeric", "numpy.core.numeric")
+_SAFE_GLOBALS: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    ("numpy.core.multiarray", "_reconstruct"): (_MULTIARRAY, "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): (_MULTIARRAY, "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): (_MULTIARRAY, "scalar"),
+    ("numpy._core.multiarray", "scalar"): (_MULTIARRAY, "scalar"),
+    ("numpy.core.numeric", "_frombuffer"): (_NUMERIC, "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): (_NUMERIC, "_frombuffer"),
+    ("numpy", "ndarray"): (("numpy",), "ndarray"),
+    ("numpy", "dtype"): (("numpy",), "dtype"),
+    # Python 3 writes bytes as _codecs.encode(str, "latin1") under pickle protocol <= 2.
+    ("_codecs", "encode"): (("_codecs",), "encode"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays, dicts, lists, strings and numbers.
+
+    ``pickle.load`` executes whatever callable a file names; CIFAR batches only ever need the
+    numpy array reconstructors, so every other global is refused before it is imported.
+    """
+
+    def __init__(self, fh: Any, path: Path) -> None:
+        super().__init__(fh, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Resolve only allow-listed numpy globals; anything else raises :class:`DataError`."""
+        entry = _SAFE_GLOBALS.get((module, name))
+        if entry is None:
+            raise DataError(
+                f"unsafe pickle refused: {self._path} references {module}.{name}, which a CIFAR "
+                "batch never needs (the file may be tampered with). Fix: delete it and "
+                "re-download the official CIFAR python archive"
+            )
+        return _numpy_attr(*entry)
+
+
+def _unpickle(path: Path) -> Any:
+    """Load one pickle file with :class:`_SafeUnpickler`, mapping every failure to DataError."""
+    fix = "Fix: delete it and re-extract the official CIFAR python archive"
+    try:
+        with path.open("rb") as fh:
+            return _SafeUnpickler(fh, path).load()
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataError(f"cannot read CIFAR batch {path}: {exc}. {fix}") from exc
+    except Exception as exc:  # truncated/garbled pickles raise many different types
+        raise DataError(
+            f"corrupt or truncated CIFAR batch {path}: {type(exc).__name__}: {exc}. {fix}"
+        ) from exc
+
+
+def _load_cifar(classes: int, split: str, root: Path | None) -> ArrayDataset:
+    """Read the official python-pickle CIFAR-10/100 batches for ``split``."""
+    if classes == 10:
+        folder_name, label_key = "cifar-10-batches-py", b"labels"
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        mean, std, name = _CIFAR10_MEAN, _CIFAR10_STD, "cifar10"
+    else:
+        folder_name, label_key = "cifar-100-python", b"fine_labels"
+        files = ["train"] if split == "train" else ["test"]
+        mean, std, name = _CIFAR100_MEAN, _CIFAR100_STD, "cifar100"
+    base = root if root is not None else Path("data")
+    candidates = [base / folder_name, base]
+    folder = next((d for d in candidates if (d / files[0]).is_file()), None)
+    if folder is None:
+        raise DataError(
+            f"{name} not found: {base / folder_name} has no {files[0]}. Fix: extract the "
+            f"official python archive so that DIR/{folder_name}/{files[0]} exists and pass "
+            "--data-root DIR"
+        )
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for fname in files:
+        path = folder / fname
+        if not path.is_file():
+            raise DataError(
+                f"{name} incomplete: {path} is missing. Fix: re-extract the official python "
+                f"archive into {folder.parent}"
+            )
+        x, y = _parse_cifar_batch(_unpickle(path), path, label_key, classes)
+        images.append(x)
+        labels.append(y)
+    data = np.concatenate(images).reshape(-1, 3, 32, 32)
+    return ArrayDataset(
+        images=torch.from_numpy(np.ascontiguousarray(data)),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        num_classes=classes,
+        mean=mean,
+        std=std,
+        name=name,
+    )
+
+
+def _parse_cifar_batch(
+    batch: Any, path: Path, label_key: bytes, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one unpickled CIFAR batch dict and return (uint8 N x 3072, int64 N)."""
+    fix = "Fix: delete it and re-extract the official CIFAR python archive"
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(
+            f"corrupt CIFAR batch {path}: expected a dict with b'data' and {label_key!r}, got "
+            f"{keys}. {fix}"
+        )
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"corrupt CIFAR batch {path}: b'data' is not a uint8 N x 3072 array. {fix}")
+    if data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"corrupt CIFAR batch {path}: rows have {data.shape[1]} bytes, expected 3072. {fix}"
+        )
+    try:
+        labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"corrupt CIFAR batch {path}: unreadable labels ({exc}). {fix}") from exc
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(
+            f"corrupt CIFAR batch {path}: {labels.shape[0]} labels for {data.shape[0]} images. "
+            f"{fix}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(
+            f"corrupt CIFAR batch {path}: labels outside 0-{classes - 1} "
+            f"(min {labels.min()}, max {labels.max()}). {fix}"
+        )
+    return data, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting
+# --------------------------------------------------------------------------------------------
+
+
+def stratified_split(
+    labels: torch.Tensor, fraction: float = 0.5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split sample indices into two disjoint, class-balanced, sorted index tensors (A, B).
+
+    TAS trains the architecture parameters and the weights on two halves of the training set;
+    stratifying keeps every class represented in both. Per class ``c`` with ``n_c`` samples,
+    the first ``round(fraction * n_c)`` entries of a seeded permutation go to A, the rest to B.
+    Deterministic for a given ``seed``; A and B together cover every index exactly once.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(
+            f"split fraction {fraction} is outside [0, 1]. Fix: pass a fraction such as 0.5"
+        )
+    labels = labels.detach().cpu().reshape(-1)
+    gen = torch.Generator().manual_seed(seed)
+    part_a: list[torch.Tensor] = []
+    part_b: list[torch.Tensor] = []
+    for cls in torch.unique(labels, sorted=True).tolist():
+        members = torch.nonzero(labels == cls, as_tuple=False).reshape(-1)
+        shuffled = members[torch.randperm(members.numel(), generator=gen)]
+        k = round(fraction * members.numel())
+        part_a.append(shuffled[:k])
+        part_b.append(shuffled[k:])
+    empty = torch.empty(0, dtype=torch.int64)
+    a = torch.cat(part_a).sort().values if part_a else empty
+    b = torch.cat(part_b).sort().values if part_b else empty
+    return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Device-resident loader
+# --------------------------------------------------------------------------------------------
+
+
+class DeviceLoader:
+    """Iterate an :class:`ArrayDataset` in normalised float32 batches without worker processes.
+
+    The uint8 images are copied to ``device`` once. Each epoch draws, from a private
+    ``torch.Generator`` seeded with ``seed + epoch``, a permutation plus per-sample crop
+    offsets and flip bits (on the CPU, so results are bit-identical on every device), then each
+    batch is gathered, augmented and normalised with a few whole-batch tensor ops: random crop
+    = zero-pad the batch and gather every sample's window with one advanced-indexing op; flip =
+    ``torch.where`` on a per-sample mask. Augmentation happens only when ``train`` is true.
+
+    With ``world_size > 1`` every rank computes the same global order, truncates it to a
+    multiple of ``world_size`` and keeps every ``world_size``-th sample starting at ``rank``;
+    rank shards are disjoint, equally long (``len(data) // world_size``) and batch ``i`` of all
+    ranks together is global batch ``i``. ``batch_size`` is the per-rank batch.
+
+    Epochs: :meth:`set_epoch` picks the epoch the next iteration uses; without it, successive
+    iterations use epochs 0, 1, 2, ... :meth:`state_dict` stores the next epoch for resuming.
+    """
+
+    def __init__(
+        self,
+        data: ArrayDataset,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool | None = None,
+        seed: int = 0,
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size} must be >= 1. Fix: pass a positive batch")
+        if crop_padding < 0:
+            raise ConfigError(
+                f"crop padding {crop_padding} must be >= 0. Fix: pass 0 (off) or a pixel count"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"rank {rank} / world size {world_size} is invalid. Fix: use 0 <= rank < world_size"
+            )
+        if len(data) // world_size == 0:
+            raise DataError(
+                f"dataset {data.name!r} has {len(data)} samples, fewer than the {world_size} "
+                "ranks. Fix: use fewer processes or a larger dataset"
+            )
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.crop_padding = crop_padding if train else 0
+        self.flip = flip and train
+        self.drop_last = train if drop_last is None else drop_last
+        self.seed = seed
+        self.channels_last = channels_last
+        self.rank = rank
+        self.world_size = world_size
+        self.num_classes = data.num_classes
+        self.epoch = 0
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self._n_total = len(data)
+        self._n_local = self._n_total // world_size
+        shape = (1, data.in_channels, 1, 1)
+        self._mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(shape)
+        self._std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(shape)
+        self._generator = torch.Generator()
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        if self.drop_last:
+            return self._n_local // self.batch_size
+        return math.ceil(self._n_local / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (before ``drop_last`` trims a short last batch)."""
+        return self._n_local
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration use epoch ``epoch`` (its order/augmentation seed is seed+epoch)."""
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch the next iteration will use, for checkpoint/resume."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the epoch counter saved by :meth:`state_dict`."""
+        self.epoch = int(state["epoch"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)``: float32 normalised images and int64 labels on ``device``.
+
+        The epoch's randomness is drawn immediately and the counter advanced, so calling
+        ``iter()`` twice without :meth:`set_epoch` gives two different epochs.
+        """
+        epoch = self.epoch
+        self.epoch += 1
+        gen = self._generator
+        gen.manual_seed(self.seed + epoch)
+        n = self._n_total
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        pad = self.crop_padding
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen) if pad else None
+        flips = torch.rand(n, generator=gen) < 0.5 if self.flip else None
+        # This rank's positions in the global order: every world_size-th, starting at rank.
+        positions = torch.arange(self.rank, self._n_local * self.world_size, self.world_size)
+        order = order[positions].to(self.device)
+        if offsets is not None:
+            offsets = offsets[positions].to(self.device)
+        if flips is not None:
+            flips = flips[positions].to(self.device)
+        return self._batches(order, offsets, flips)
+
+    def _batches(
+        self,
+        order: torch.Tensor,
+        offsets: torch.Tensor | None,
+        flips: torch.Tensor | None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Generator over one epoch's batches given its precomputed per-sample randomness."""
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[sl]
+            x = self.images[idx]
+            if offsets is not None:
+                x = self._crop(x, offsets[sl])
+            if flips is not None:
+                x = torch.where(flips[sl].view(-1, 1, 1, 1), x.flip(3), x)
+            out = x.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
+            if self.channels_last:
+                out = out.contiguous(memory_format=torch.channels_last)
+            yield out, self.labels[idx]
+
+    def _crop(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Random crop: zero-pad the batch, then gather each sample's H x W window at once.
+
+        ``offsets[b] = (dy, dx)`` in ``[0, 2 * pad]`` is the window's top-left corner in the
+        padded image, so output pixel (h, w) of sample b is padded[b, :, dy + h, dx + w].
+        """
+        pad = self.crop_padding
+        b, c, h, w = x.shape
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dev = x.device
+        rows = offsets[:, 0:1] + torch.arange(h, device=dev)  # B x H
+        cols = offsets[:, 1:2] + torch.arange(w, device=dev)  # B x W
+        bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+        return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]

@@ -1,0 +1,80 @@
+"""Validated hyper-parameters of a TAS search (the reference CIFAR values are the defaults)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasprune.search.space import DEFAULT_FRACTIONS, SpaceOptions
+
+
+class SearchConfig(BaseModel):
+    """One search: budget, schedule, architecture optimiser and the search space options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Budget: keep the argmax shape's FLOPs in [flops_ratio - tolerance, flops_ratio] x unpruned.
+    flops_ratio: float = Field(default=0.5, gt=0, le=1)  # target FLOPs / unpruned FLOPs
+    tolerance: float = Field(default=0.05, ge=0, lt=1)  # width of the band below the target
+    budget_weight: float = Field(default=2.0, ge=0)  # lambda of the log-barrier budget loss
+    params_ratio: float | None = Field(default=None, gt=0, le=1)  # optional params budget
+
+    # Schedule of the network weights (split A of the training set).
+    epochs: int = Field(default=600, ge=1)  # passes over split A
+    batch_size: int = Field(default=256, ge=1)  # images per step, on each split
+    lr: float = Field(default=0.1, gt=0)  # SGD peak learning rate, cosine to 0
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    warmup_epochs: int = Field(default=0, ge=0)
+
+    # Architecture optimiser (split B): Adam on the width/depth logits.
+    arch_lr: float = Field(default=1e-3, gt=0)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = Field(default=1e-3, ge=0)
+
+    # Gumbel temperature, cosine-annealed from tau_max to tau_min over the epochs.
+    tau_max: float = Field(default=5.0, gt=0)
+    tau_min: float = Field(default=0.1, gt=0)
+
+    # Search space (the paper's ablations).
+    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidate widths / unpruned width
+    search_width: bool = True
+    search_depth: bool = True
+    num_sampled: int | Literal["all"] = 2  # I: candidates mixed per conv and forward
+    align: Literal["cwi", "pad"] = "cwi"  # channel-wise interpolation or zero-padding
+    tie_residual: bool = False  # one residual width per stage (no projection shortcuts)
+
+    warm_start: bool = True  # start supernet weights from the teacher when one is given
+    keep: Literal["last", "best"] = "last"  # which in-band shape becomes shape.json
+    valid_batches: int | None = Field(default=20, ge=1)  # split-B batches per epoch for accuracy
+    seed: int = Field(default=0, ge=0)
+    deterministic: bool = False
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
+        if self.tolerance >= self.flops_ratio:
+            raise ValueError(
+                f"tolerance ({self.tolerance}) must be below flops_ratio ({self.flops_ratio})"
+            )
+        if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
+            raise ValueError("width_fractions must be fractions in (0, 1]")
+        if isinstance(self.num_sampled, int) and self.num_sampled < 1:
+            raise ValueError("num_sampled must be >= 1 or 'all'")
+        if not (self.search_width or self.search_depth):
+            raise ValueError("search_width and search_depth cannot both be false")
+        return self
+
+    def space(self) -> SpaceOptions:
+        return SpaceOptions(
+            width_fractions=tuple(self.width_fractions),
+            search_width=self.search_width,
+            search_depth=self.search_depth,
+            num_sampled=None if self.num_sampled == "all" else self.num_sampled,
+            align=self.align,
+            tie_residual=self.tie_residual,
+        )

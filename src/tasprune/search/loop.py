@@ -1,0 +1,419 @@
+"""The TAS search loop: alternate weight steps (split A) and architecture steps (split B).
+
+Per epoch it records the argmax shape, its exact FLOPs and ratio, the supernet's accuracy on
+a part of split B at that shape, and the entropy of every distribution. Both the last shape and
+the best in-band shape are kept; everything is resumable from ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from tasprune.data import ArrayDataset, DeviceLoader, stratified_split
+from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
+from tasprune.errors import BudgetError, TrainingError
+from tasprune.search.config import SearchConfig
+from tasprune.search.supernet import SuperNet, budget_loss, feasible_range
+from tasprune.shape import Shape
+from tasprune.utils import JsonlLogger, atomic_write_text, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchResult:
+    """What a search produced: the chosen shape and its cost, plus the whole history."""
+
+    model: str
+    shape: Shape
+    flops: int
+    params: int
+    flops_ratio: float
+    last_shape: Shape
+    best_shape: Shape | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "flops": self.flops,
+            "params": self.params,
+            "flops_ratio": self.flops_ratio,
+        }
+
+
+def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
+    """Cosine-annealed Gumbel temperature: tau_max at epoch 0, tau_min at the end."""
+    return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def check_budget(net: SuperNet, cfg: SearchConfig) -> None:
+    """Refuse, before any training, a FLOPs target the space cannot reach."""
+    smallest, largest = feasible_range(net)
+    target = cfg.flops_ratio * largest
+    if target < smallest:
+        raise BudgetError(
+            f"flops_ratio {cfg.flops_ratio} asks for {target / 1e6:.2f} MFLOPs but the smallest "
+            f"shape of {net.model_name} costs {smallest / 1e6:.2f} MFLOPs "
+            f"(ratio {smallest / largest:.3f}). Fix: use flops_ratio >= {smallest / largest:.3f} "
+            "or smaller width_fractions"
+        )
+
+
+def build_supernet(
+    model: str, data: ArrayDataset, cfg: SearchConfig, teacher_state: dict[str, Tensor] | None
+) -> SuperNet:
+    net = SuperNet(
+        model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        input_size=data.image_size,
+        options=cfg.space(),
+    )
+    check_budget(net, cfg)
+    if teacher_state is not None and cfg.warm_start:
+        net.load_plain_weights(teacher_state)
+    return net
+
+
+def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for name, p in net.net.named_parameters():
+        per_candidate_bn = name.endswith(("cand_weight", "cand_bias"))
+        (decay if p.ndim > 1 and not per_candidate_bn else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+    )
+
+
+@torch.no_grad()
+def valid_top1(net: SuperNet, loader: DeviceLoader, batches: int | None, cl: bool) -> float:
+    """Accuracy (%) of the argmax sub-network on the first ``batches`` batches of split B.
+
+    Running BN statistics were accumulated over many sampled sub-networks and do not fit any
+    single one, so the argmax sub-network is evaluated with batch statistics; the running
+    buffers are restored afterwards.
+    """
+    was = net.training
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    net.train()
+    correct = total = 0
+    with net.fixed(net.derive()):
+        for i, (x, y) in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            correct += int((net(x).argmax(1) == y).sum())
+            total += y.numel()
+    for k, v in net.named_buffers():
+        v.copy_(buffers[k])
+    net.train(was)
+    return 100.0 * correct / max(1, total)
+
+
+def search(
+    model: str,
+    data: ArrayDataset,
+    cfg: SearchConfig,
+    out_dir: str | Path | None = None,
+    *,
+    teacher_state: dict[str, Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> SearchResult:
+    """Run a TAS search of ``model`` on ``data`` (the training split) and derive a shape.
+
+    With ``out_dir`` it writes ``shape.json`` (the kept shape plus model, flops, params,
+    flops_ratio), ``shape_last.json``, ``shape_best.json``, ``history.jsonl`` and a resumable
+    ``checkpoint.pt``; a finished search found there is returned without training.
+    """
+    device = torch.device(device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        done = _load_finished(out, model)
+        if done is not None:
+            return done
+    seed_everything(cfg.seed, cfg.deterministic)
+    net = build_supernet(model, data, cfg, teacher_state).to(device)
+    cl = resolve_channels_last(cfg.channels_last, device, net)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    net.generator = torch.Generator().manual_seed(cfg.seed)
+
+    idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
+    common = {"device": device, "crop_padding": crop_padding, "flip": flip}
+    loader_a = DeviceLoader(data.subset(idx_a), cfg.batch_size, train=True, seed=cfg.seed, **common)
+    loader_b = DeviceLoader(
+        data.subset(idx_b), cfg.batch_size, train=True, seed=cfg.seed + 10_000, **common
+    )
+    valid = DeviceLoader(data.subset(idx_b), cfg.batch_size, train=False, device=device)
+    steps = min(len(loader_a), len(loader_b))
+    if steps < 1:
+        raise BudgetError(
+            f"the training set ({len(data)} images) is too small for batch {cfg.batch_size} "
+            "on each half. Fix: lower batch_size"
+        )
+
+    w_opt = _weight_optimizer(net, cfg)
+    total, warm = cfg.epochs * steps, cfg.warmup_epochs * steps
+    w_sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda s: lr_factor(s, total, warm))
+    arch = net.arch_parameters()
+    a_opt = torch.optim.Adam(
+        arch, lr=cfg.arch_lr, betas=cfg.arch_betas, weight_decay=cfg.arch_weight_decay
+    )
+
+    full_flops, full_params = net.full_flops, net.full_params
+    target = cfg.flops_ratio * full_flops
+    lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
+    p_target = (cfg.params_ratio or 1.0) * full_params
+    p_lower = p_target - cfg.tolerance * full_params
+
+    start, best = 0, None
+    history = JsonlLogger(out / "history.jsonl") if out is not None else None
+    ckpt = out / "checkpoint.pt" if out is not None else None
+    if ckpt is not None and checkpoint_exists(ckpt):
+        state = load_checkpoint(ckpt, map_location=device)
+        net.load_state_dict(state["model"])
+        w_opt.load_state_dict(state["optimizer"])
+        a_opt.load_state_dict(state["arch_optimizer"])
+        w_sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"]) + 1
+        set_rng_state(state["rng"])
+        net.generator.set_state(state["gumbel_rng"])
+        best = state["meta"].get("best")
+        if history is not None:
+            history.truncate_after(start - 1)
+        log.info("resuming search from epoch %d", start)
+
+    cost_cache: dict[str, tuple[int, int]] = {}
+
+    def exact(shape: Shape) -> tuple[int, int]:
+        key = shape.to_json()
+        if key not in cost_cache:
+            cost_cache[key] = net.shape_cost(shape)
+        return cost_cache[key]
+
+    bar_on = progress_enabled(progress)
+    for epoch in range(start, cfg.epochs):
+        net.train()
+        net.tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
+        loader_a.set_epoch(epoch)
+        loader_b.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "arch_loss": 0.0, "budget": 0.0}
+        bar = tqdm(
+            zip(loader_a, loader_b, strict=False),
+            total=steps,
+            desc=f"search {epoch + 1}/{cfg.epochs}",
+            disable=not bar_on,
+            leave=False,
+        )
+        for step, ((xa, ya), (xb, yb)) in enumerate(bar):
+            if cl:
+                xa = xa.contiguous(memory_format=torch.channels_last)
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            # Weight step on split A: the sampled widths carry no gradient to the logits here.
+            for p in arch:
+                p.requires_grad_(False)
+            loss = F.cross_entropy(net(xa), ya)
+            w_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            w_opt.step()
+            w_sched.step()
+            for p in arch:
+                p.requires_grad_(True)
+            # Architecture step on split B: gradients for the logits only.
+            ce = F.cross_entropy(net(xb), yb)
+            shape = net.derive()
+            cur_flops, cur_params = exact(shape)
+            exp_flops, exp_params = net.expected_cost()
+            bl = budget_loss(exp_flops, cur_flops, target, lower, cfg.budget_weight)
+            if cfg.params_ratio is not None:
+                bl = bl + budget_loss(exp_params, cur_params, p_target, p_lower, cfg.budget_weight)
+            arch_loss = ce + bl.to(ce.dtype)
+            grads = torch.autograd.grad(arch_loss, arch, allow_unused=True)
+            for p, g in zip(arch, grads, strict=True):
+                p.grad = g
+            a_opt.step()
+            lv, av = float(loss), float(arch_loss)
+            if not (math.isfinite(lv) and math.isfinite(av)):
+                raise TrainingError(
+                    f"search loss became {'nan' if lv != lv or av != av else 'inf'} at epoch "
+                    f"{epoch + 1} step {step + 1}; the last good checkpoint is kept. "
+                    "Fix: lower lr or arch_lr, then rerun to resume"
+                )
+            sums["loss"] += lv
+            sums["arch_loss"] += av
+            sums["budget"] += float(bl)
+            if bar_on and step % 10 == 0:
+                bar.set_postfix(loss=f"{lv:.3f}", ratio=f"{cur_flops / full_flops:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        shape = net.derive()
+        flops, params = exact(shape)
+        ratio = flops / full_flops
+        top1 = valid_top1(net, valid, cfg.valid_batches, cl)
+        ent = net.entropy()
+        in_band = lower <= flops <= target
+        row = {
+            "epoch": epoch,
+            "tau": net.tau,
+            "lr": w_opt.param_groups[0]["lr"],
+            "loss": sums["loss"] / steps,
+            "arch_loss": sums["arch_loss"] / steps,
+            "budget_loss": sums["budget"] / steps,
+            "flops": flops,
+            "params": params,
+            "flops_ratio": ratio,
+            "in_band": in_band,
+            "valid_top1": top1,
+            "entropy_mean": sum(ent.values()) / max(1, len(ent)),
+            "entropy_max": max(ent.values(), default=0.0),
+            "seconds": seconds,
+            "img_per_s": 2 * steps * cfg.batch_size / seconds,
+            "shape": shape.to_dict(),
+        }
+        if in_band and (best is None or top1 >= best["valid_top1"]):
+            best = {"epoch": epoch, "valid_top1": top1, "shape": shape.to_dict()}
+        log.info(
+            "search epoch %d/%d: FLOPs ratio %.3f (band %.3f-%.3f) valid top-1 %.2f%% "
+            "entropy %.3f tau %.2f (%.0f img/s)",
+            epoch + 1,
+            cfg.epochs,
+            ratio,
+            cfg.flops_ratio - cfg.tolerance,
+            cfg.flops_ratio,
+            top1,
+            row["entropy_mean"],
+            net.tau,
+            row["img_per_s"],
+        )
+        if history is not None:
+            history.log(row)
+        if ckpt is not None:
+            save_checkpoint(
+                ckpt,
+                {
+                    "model": net.state_dict(),
+                    "optimizer": w_opt.state_dict(),
+                    "arch_optimizer": a_opt.state_dict(),
+                    "scheduler": w_sched.state_dict(),
+                    "epoch": epoch,
+                    "rng": rng_state(),
+                    "gumbel_rng": net.generator.get_state(),
+                    "meta": {"model": model, "config": cfg.model_dump(mode="json"), "best": best},
+                },
+            )
+
+    rows = history.rows() if history is not None else []
+    return _finish(net, cfg, out, best, rows)
+
+
+def _finish(
+    net: SuperNet,
+    cfg: SearchConfig,
+    out: Path | None,
+    best: dict[str, Any] | None,
+    rows: list[dict[str, Any]],
+) -> SearchResult:
+    last = net.derive()
+    best_shape = Shape.from_dict(best["shape"]) if best is not None else None
+    lower = cfg.flops_ratio - cfg.tolerance
+    last_ratio = net.shape_cost(last)[0] / net.full_flops
+    last_ok = lower - 1e-12 <= last_ratio <= cfg.flops_ratio + 1e-12
+    if cfg.keep == "best" and best_shape is not None:
+        kept = best_shape
+    elif last_ok or best_shape is None:
+        kept = last
+    else:
+        log.warning(
+            "the last shape (FLOPs ratio %.3f) is outside the band; keeping the best in-band one",
+            last_ratio,
+        )
+        kept = best_shape
+    if not last_ok and best_shape is None:
+        log.warning(
+            "no epoch ended inside the budget band [%.3f, %.3f]; the last shape has ratio %.3f. "
+            "Search longer or raise arch_lr",
+            lower,
+            cfg.flops_ratio,
+            last_ratio,
+        )
+    flops, params = net.shape_cost(kept)
+    result = SearchResult(
+        model=net.model_name,
+        shape=kept,
+        flops=flops,
+        params=params,
+        flops_ratio=flops / net.full_flops,
+        last_shape=last,
+        best_shape=best_shape,
+        history=rows,
+    )
+    if out is not None:
+        extra = {
+            "model": net.model_name,
+            "input_size": [net.in_channels, *net.input_size],
+            "num_classes": net.num_classes,
+        }
+        for name, shape in (("shape_last.json", last), ("shape_best.json", best_shape)):
+            if shape is not None:
+                f, p = net.shape_cost(shape)
+                shape.save(out / name, **extra, flops=f, params=p, flops_ratio=f / net.full_flops)
+        torch.save({"model": net.state_dict()}, out / "supernet.pt.tmp")
+        (out / "supernet.pt.tmp").replace(out / "supernet.pt")
+        kept.save(
+            out / "shape.json",
+            **extra,
+            flops=flops,
+            params=params,
+            flops_ratio=result.flops_ratio,
+            source="best" if kept is best_shape else "last",
+        )
+        atomic_write_text(out / "search_done.json", '{"complete": true}\n')
+    return result
+
+
+def _load_finished(out: Path, model: str) -> SearchResult | None:
+    if not (out / "search_done.json").is_file() or not (out / "shape.json").is_file():
+        return None
+    shape, data = Shape.load(out / "shape.json")
+    last, _ = Shape.load(out / "shape_last.json")
+    best = Shape.load(out / "shape_best.json")[0] if (out / "shape_best.json").is_file() else None
+    rows = JsonlLogger(out / "history.jsonl").rows()
+    return SearchResult(
+        model=data.get("model", model),
+        shape=shape,
+        flops=int(data["flops"]),
+        params=int(data["params"]),
+        flops_ratio=float(data["flops_ratio"]),
+        last_shape=last,
+        best_shape=best,
+        history=rows,
+    )
+
+
+def supernet_module(net: nn.Module) -> SuperNet:
+    """The SuperNet inside a possibly wrapped (DDP) module."""
+    inner = getattr(net, "module", net)
+    assert isinstance(inner, SuperNet)
+    return inner

@@ -1,0 +1,41 @@
+"""Candidate widths and depths of a search space, derived from a model's unpruned Shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_FRACTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def width_candidates(full: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[int]:
+    """floor(f * full) for each fraction, de-duplicated, at least 1, always including ``full``.
+
+    16 -> [4, 6, 8, 9, 11, 12, 14, 16]; 64 -> [19, 25, 32, 38, 44, 51, 57, 64].
+    """
+    values = {max(1, math.floor(f * full + 1e-9)) for f in fractions if 0 < f <= 1}
+    values.add(full)
+    return sorted(values)
+
+
+def depth_candidates(blocks: int) -> list[int]:
+    """Kept-block counts of a stage: 1..N for N <= 3, else 1, 3, 5, ... plus N."""
+    if blocks <= 3:
+        return list(range(1, blocks + 1))
+    values = list(range(1, blocks + 1, 2))
+    if values[-1] != blocks:
+        values.append(blocks)
+    return values
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """What is searched and how candidates are mixed (the paper's ablation axes)."""
+
+    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    search_width: bool = True
+    search_depth: bool = True
+    num_sampled: int | None = 2  # I: candidates mixed per conv and forward; None = all
+    align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
+    tie_residual: bool = False  # one width per stage for the residual stream (no projections)

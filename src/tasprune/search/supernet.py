@@ -1,0 +1,432 @@
+"""The searchable network: any registered model built with searchable units + arch logits.
+
+`SuperNet.forward(x)` always returns logits. Which sub-network runs is decided before each
+forward from the architecture distributions: Gumbel-sampled candidates in training mode, the
+argmax in eval mode, or a given Shape inside ``with supernet.fixed(shape):``. Expected FLOPs and
+params come from `expected_cost()`, which evaluates the model's own cost function on the width
+and depth distributions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasprune.cost import Counter, model_cost
+from tasprune.errors import ConfigError
+from tasprune.models import get_model_spec
+from tasprune.models.ops import Add
+from tasprune.search.space import SpaceOptions, depth_candidates, width_candidates
+from tasprune.search.units import (
+    Choice,
+    PadAdd,
+    SearchableConvBN,
+    SearchableStage,
+    SearchProjection,
+    SliceLinear,
+)
+from tasprune.shape import Shape
+
+
+def gumbel_select(
+    logits: Tensor, tau: float, num: int | None, generator: torch.Generator | None = None
+) -> tuple[list[int], Tensor]:
+    """Draw ``num`` distinct candidates from Gumbel-perturbed probabilities.
+
+    Returns the indices (no gradient through the draw) and their mixing weights: a softmax over
+    the perturbed logits of the drawn candidates, so gradient reaches every drawn logit.
+    ``num=None`` (or >= the number of candidates) mixes all candidates (Gumbel-softmax).
+    """
+    for _ in range(100):
+        u = torch.empty_like(logits).exponential_(generator=generator)
+        perturbed = (logits.log_softmax(-1) - u.log()) / tau
+        probs = perturbed.softmax(-1)
+        if torch.isfinite(perturbed).all() and torch.isfinite(probs).all():
+            break
+    n = logits.numel()
+    if num is None or num >= n:
+        return list(range(n)), probs
+    with torch.no_grad():
+        idx = torch.multinomial(probs.detach() + 1e-7, num, replacement=False, generator=generator)
+    idx_list = [int(i) for i in idx]
+    return idx_list, perturbed[idx].softmax(-1)
+
+
+@dataclass
+class Dist:
+    """A channel count as a distribution; ``key`` identifies perfectly correlated copies."""
+
+    key: int
+    values: Tensor
+    probs: Tensor
+
+    def mean(self) -> Tensor:
+        return (self.values * self.probs).sum()
+
+
+class ExpectedAlgebra:
+    """Cost algebra over the plain-softmax (no Gumbel) width and depth distributions."""
+
+    def __init__(self, net: SuperNet) -> None:
+        self._keys = itertools.count(-1, -1)
+        self.net = net
+        dtype = torch.float64
+        self.dists: dict[str, Dist] = {}
+        for i, choice in enumerate(net.width_choices.values()):
+            values = torch.tensor(choice.candidates, dtype=dtype)
+            self.dists[choice.name] = Dist(i, values, net.probs(choice).to(dtype))
+        self.depth_probs = {c.name: net.probs(c).to(dtype) for c in net.depth_choices.values()}
+
+    def const(self, channels: int) -> Dist:
+        one = torch.ones(1, dtype=torch.float64)
+        return Dist(next(self._keys), one * channels, one)
+
+    def width(self, name: str) -> Dist:
+        return self.dists[self.net.width_of[name].name]
+
+    def keep(self, stage: str, index: int) -> Tensor:
+        choice = self.net.depth_of[stage]
+        probs = self.depth_probs[choice.name]
+        kept = [p for d, p in zip(choice.candidates, probs, strict=True) if d > index]
+        return torch.stack(kept).sum() if kept else probs.new_zeros(())
+
+    def stage_output(self, stage: str, outs: Sequence[Dist]) -> Dist:
+        choice = self.net.depth_of[stage]
+        probs = self.depth_probs[choice.name]
+        parts = [(outs[d - 1], p) for d, p in zip(choice.candidates, probs, strict=True)]
+        if len({d.key for d, _ in parts}) == 1:
+            return parts[0][0]
+        values = torch.cat([d.values for d, _ in parts])
+        mixed = torch.cat([d.probs * p for d, p in parts])
+        return Dist(next(self._keys), values, mixed)
+
+    def mean(self, d: Dist) -> Tensor:
+        return d.mean()
+
+    def prod(self, a: Dist, b: Dist) -> Tensor:
+        if a.key == b.key:
+            return (a.values * a.values * a.probs).sum()
+        return a.mean() * b.mean()
+
+    def _differ(self, a: Dist, b: Dist) -> Tensor:
+        """Joint probability table of independent a, b restricted to a != b."""
+        joint = a.probs[:, None] * b.probs[None, :]
+        return joint * (a.values[:, None] != b.values[None, :])
+
+    def proj(self, a: Dist, b: Dist, stride: int) -> Tensor | int:
+        if stride != 1:
+            return self.prod(a, b)
+        if a.key == b.key:
+            return 0
+        return (self._differ(a, b) * a.values[:, None] * b.values[None, :]).sum()
+
+    def proj_out(self, a: Dist, b: Dist, stride: int) -> Tensor | int:
+        if stride != 1:
+            return b.mean()
+        if a.key == b.key:
+            return 0
+        return (self._differ(a, b) * b.values[None, :]).sum()
+
+
+class SearchOps:
+    """Layer factory that builds the searchable units of a SuperNet."""
+
+    def __init__(self, net: SuperNet, align: str) -> None:
+        self.net = net
+        self.align = align
+
+    def conv_bn(
+        self, name: str, in_w: int, out_w: int, kernel: int, stride: int, *, act: str | None
+    ) -> nn.Module:
+        return SearchableConvBN(
+            in_w, out_w, kernel, stride, act, self.net.width_of[name], self.align
+        )
+
+    def shortcut(self, name: str, in_w: int, out_w: int, stride: int, width_of: str) -> nn.Module:
+        if stride != 1 or in_w != out_w:
+            return SearchProjection(in_w, out_w, stride, self.net.width_of[width_of])
+        return nn.Identity()
+
+    def residual(self) -> nn.Module:
+        return PadAdd()
+
+    def stage(self, name: str, blocks: list[nn.Module]) -> nn.Module:
+        return SearchableStage(blocks, self.net.depth_of[name], self.align)
+
+    def linear(self, name: str, in_w: int, out_w: int) -> nn.Module:
+        return SliceLinear(in_w, out_w)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class SuperNet(nn.Module):
+    """A registered model turned into a TAS search space with learnable width/depth logits."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        input_size: tuple[int, int] | None = None,
+        options: SpaceOptions | None = None,
+    ) -> None:
+        super().__init__()
+        spec = get_model_spec(model)
+        opts = options or SpaceOptions()
+        if opts.num_sampled is not None and opts.num_sampled < 1:
+            raise ConfigError(
+                f"num_sampled = {opts.num_sampled}: at least 1 candidate must be mixed. "
+                "Fix: use num_sampled >= 1 or 'all'"
+            )
+        self.model_name = model
+        self.options = opts
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.input_size = input_size or spec.default_input[1:]
+        self.full_shape = spec.full_shape()
+        self.tau = 5.0
+        self.generator: torch.Generator | None = None
+        self._fixed: Shape | None = None
+
+        # Width choices: one per conv, or one per residual stream when tied.
+        self.width_of: dict[str, Choice] = {}
+        self.width_choices: dict[str, Choice] = {}
+        groups: list[list[str]] = []
+        if opts.tie_residual:
+            if spec.residual_groups is None:
+                raise ConfigError(
+                    f"model {model} does not define residual groups, so widths cannot be tied. "
+                    "Fix: set tie_residual: false"
+                )
+            groups = spec.residual_groups()
+        grouped = {n for g in groups for n in g}
+        groups += [[n] for n in self.full_shape.widths if n not in grouped]
+        logits: dict[str, nn.Parameter] = {}
+        for group in groups:
+            full = self.full_shape.widths[group[0]]
+            cands = width_candidates(full, opts.width_fractions) if opts.search_width else [full]
+            name = group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}"
+            key = _key(name) if len(cands) > 1 else None
+            choice = Choice(name, "width", cands, key, members=list(group))
+            self.width_choices[name] = choice
+            for member in group:
+                self.width_of[member] = choice
+            if key is not None:
+                logits[key] = nn.Parameter(torch.randn(len(cands)) * 1e-2)
+        self.width_logits = nn.ParameterDict(logits)
+
+        self.depth_of: dict[str, Choice] = {}
+        depth_logits: dict[str, nn.Parameter] = {}
+        for stage, blocks in self.full_shape.depths.items():
+            cands = depth_candidates(blocks) if opts.search_depth else [blocks]
+            key = _key(stage) if len(cands) > 1 else None
+            self.depth_of[stage] = Choice(stage, "depth", cands, key, members=[stage])
+            if key is not None:
+                depth_logits[key] = nn.Parameter(torch.randn(len(cands)) * 1e-2)
+        self.depth_logits = nn.ParameterDict(depth_logits)
+        self.depth_choices = {c.name: c for c in self.depth_of.values()}
+
+        for c in self.all_choices():
+            c.select_full()
+        self.net = spec.build(self.full_shape, num_classes, in_channels, SearchOps(self, opts.align))
+        self.full_flops, self.full_params = model_cost(
+            model, None, (in_channels, *self.input_size), num_classes
+        )
+
+    # ---------------------------------------------------------------- choices and logits
+    def all_choices(self) -> list[Choice]:
+        return [*self.width_choices.values(), *self.depth_choices.values()]
+
+    def logits_of(self, choice: Choice) -> Tensor | None:
+        if choice.key is None:
+            return None
+        table = self.width_logits if choice.kind == "width" else self.depth_logits
+        return table[choice.key]
+
+    def probs(self, choice: Choice) -> Tensor:
+        """Plain softmax of a choice's logits (a fixed choice has probability 1)."""
+        logits = self.logits_of(choice)
+        if logits is None:
+            return torch.ones(1, device=self._device())
+        return logits.softmax(-1)
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [*self.width_logits.values(), *self.depth_logits.values()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
+    def _device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ---------------------------------------------------------------- forward
+    def select(self) -> None:
+        """Decide the sub-network of the next forward (see the class docstring)."""
+        if self._fixed is not None:
+            shape = self._fixed
+            for c in self.width_choices.values():
+                c.select_value(shape.widths[c.members[0]])
+            for c in self.depth_choices.values():
+                c.select_value(shape.depths[c.name])
+            return
+        sample = self.training
+        for c in self.all_choices():
+            logits = self.logits_of(c)
+            if logits is None:
+                c.select_full()
+            elif not sample:
+                c.selected = [(int(logits.argmax()), c.candidates[int(logits.argmax())], 1.0)]
+            else:
+                num = self.options.num_sampled if c.kind == "width" else None
+                idx, weights = gumbel_select(logits, self.tau, num, self.generator)
+                c.selected = [(i, c.candidates[i], weights[n]) for n, i in enumerate(idx)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.select()
+        return self.net(x)
+
+    @contextmanager
+    def fixed(self, shape: Shape) -> Iterator[None]:
+        """Run the sub-network of ``shape`` (every width must be a candidate)."""
+        shape.validate_against(self.full_shape, self.model_name)
+        for c in self.width_choices.values():
+            values = {shape.widths[m] for m in c.members}
+            if len(values) != 1 or values.pop() not in c.candidates:
+                raise ConfigError(
+                    f"shape widths of {c.members[:2]} are not one candidate of {c.candidates}"
+                )
+        previous, self._fixed = self._fixed, shape
+        try:
+            yield
+        finally:
+            self._fixed = previous
+
+    # ---------------------------------------------------------------- cost and result
+    def expected_cost(self) -> tuple[Tensor, Tensor]:
+        """Differentiable expected (FLOPs, params) under the architecture distributions."""
+        counter = Counter(ExpectedAlgebra(self))
+        spec = get_model_spec(self.model_name)
+        spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
+        return counter.flops, counter.params
+
+    def derive(self) -> Shape:
+        """The argmax shape: the most probable width of every conv and depth of every stage."""
+        widths: dict[str, int] = {}
+        for name in self.full_shape.widths:
+            c = self.width_of[name]
+            widths[name] = c.candidates[int(self.probs(c).argmax())]
+        depths = {
+            s: c.candidates[int(self.probs(c).argmax())] for s, c in self.depth_of.items()
+        }
+        return Shape(widths=widths, depths=depths)
+
+    def shape_cost(self, shape: Shape) -> tuple[int, int]:
+        """Exact (FLOPs, params) of the pruned network of ``shape`` at this input size."""
+        return model_cost(
+            self.model_name, shape, (self.in_channels, *self.input_size), self.num_classes
+        )
+
+    def entropy(self) -> dict[str, float]:
+        """Entropy of every searchable distribution, normalised to [0, 1] (1 = uniform)."""
+        out = {}
+        for c in self.all_choices():
+            logits = self.logits_of(c)
+            if logits is None:
+                continue
+            p = logits.detach().softmax(-1)
+            h = -(p * p.clamp_min(1e-12).log()).sum()
+            out[c.name] = float(h / math.log(len(c.candidates)))
+        return out
+
+    # ---------------------------------------------------------------- weight transfer
+    def load_plain_weights(self, state: dict[str, Tensor]) -> None:
+        """Warm-start from a trained unpruned plain model of the same name (same param names).
+
+        Each candidate's BN affine starts from the plain BN's leading channels.
+        """
+        own = self.net.state_dict()
+        for name, module in self.net.named_modules():
+            if isinstance(module, SearchableConvBN):
+                w, b = state.get(f"{name}.bn.weight"), state.get(f"{name}.bn.bias")
+                if w is not None and b is not None:
+                    with torch.no_grad():
+                        module.cand_weight.copy_(w.expand_as(module.cand_weight))
+                        module.cand_bias.copy_(b.expand_as(module.cand_bias))
+        for key, value in state.items():
+            if key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+        self.net.load_state_dict(own)
+
+    def plain_state_dict(self, shape: Shape) -> dict[str, Tensor]:
+        """Weights for ``create_model(model, shape)``: leading channels of the supernet.
+
+        Layers the supernet does not have (a projection only the pruned net needs) are left out.
+        """
+        from tasprune.models import create_model
+
+        target = create_model(
+            self.model_name, shape, num_classes=self.num_classes, in_channels=self.in_channels
+        ).state_dict()
+        own = self.net.state_dict()
+        affine: dict[str, Tensor] = {}
+        for name, module in self.net.named_modules():
+            if isinstance(module, SearchableConvBN):
+                i = module.choice.candidates.index(shape.widths[name])
+                affine[f"{name}.bn.weight"] = module.cand_weight[i].detach()
+                affine[f"{name}.bn.bias"] = module.cand_bias[i].detach()
+        out: dict[str, Tensor] = {}
+        for key, value in target.items():
+            src = affine.get(key, own.get(key))
+            if src is None or src.dim() != value.dim():
+                continue
+            if any(s < t for s, t in zip(src.shape, value.shape, strict=True)):
+                continue
+            out[key] = src[tuple(slice(0, n) for n in value.shape)].clone()
+        return out
+
+
+def budget_loss(
+    expected: Tensor, current: int, target: float, lower: float, weight: float
+) -> Tensor:
+    """Log-barrier budget loss: push the expected cost down above the band, up below it.
+
+    ``current`` is the exact cost of the argmax shape and the band is [lower, target]: a shape
+    over budget is never accepted, and one far under budget is pushed back up so the search
+    spends the budget it was given.
+    """
+    if current > target:
+        return weight * torch.log(expected)
+    if current < lower:
+        return -weight * torch.log(expected)
+    return expected.new_zeros(())
+
+
+def feasible_range(net: SuperNet) -> tuple[int, int]:
+    """Smallest and largest exact FLOPs reachable in the space (all-min and all-max shapes)."""
+    small = Shape(
+        widths={n: net.width_of[n].candidates[0] for n in net.full_shape.widths},
+        depths={s: c.candidates[0] for s, c in net.depth_of.items()},
+    )
+    return net.shape_cost(small)[0], net.full_flops
+
+
+__all__ = [
+    "Add",
+    "Dist",
+    "ExpectedAlgebra",
+    "SearchOps",
+    "SuperNet",
+    "budget_loss",
+    "feasible_range",
+    "gumbel_select",
+]
