@@ -67,7 +67,9 @@ class Shape:
         try:
             data = json.loads(p.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ShapeError(f"shape file {p} is not valid JSON ({err}). Fix: regenerate it") from None
+            raise ShapeError(
+                f"shape file {p} is not valid JSON ({err}). Fix: regenerate it"
+            ) from None
         return cls.from_dict(data), data
 
     def replace(

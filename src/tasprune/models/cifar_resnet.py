@@ -45,7 +45,9 @@ class CifarResNetArch:
             for j in range(self.blocks_per_stage):
                 for c in self.conv_names:
                     last = c == self.conv_names[-1]
-                    widths[f"layer{s}.{j}.{c}"] = planes * (4 if last and self.block != "basic" else 1)
+                    widths[f"layer{s}.{j}.{c}"] = planes * (
+                        4 if last and self.block != "basic" else 1
+                    )
         return Shape(widths=widths, depths=depths)
 
     def residual_groups(self) -> list[list[str]]:
@@ -84,7 +86,12 @@ class ResidualBlock(nn.Module):
             w = widths[f"{name}.{c}"]
             last = i == len(convs) - 1
             layers.append(
-                (c, ops.conv_bn(f"{name}.{c}", prev, w, kernels[i], strides[i], act=None if last else "relu"))
+                (
+                    c,
+                    ops.conv_bn(
+                        f"{name}.{c}", prev, w, kernels[i], strides[i], act=None if last else "relu"
+                    ),
+                )
             )
             prev = w
         for c, layer in layers:

@@ -21,7 +21,9 @@ class Ops(Protocol):
         self, name: str, in_w: int, out_w: int, kernel: int, stride: int, *, act: str | None
     ) -> nn.Module: ...
 
-    def shortcut(self, name: str, in_w: int, out_w: int, stride: int, width_of: str) -> nn.Module: ...
+    def shortcut(
+        self, name: str, in_w: int, out_w: int, stride: int, width_of: str
+    ) -> nn.Module: ...
 
     def residual(self) -> nn.Module: ...
 
@@ -95,4 +97,3 @@ class PlainOps:
 
     def linear(self, name: str, in_w: int, out_w: int) -> nn.Module:
         return nn.Linear(in_w, out_w)
-

@@ -88,7 +88,8 @@ def build_supernet(
 
 
 def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in net.net.named_parameters():
         per_candidate_bn = name.endswith(("cand_weight", "cand_bias"))
         (decay if p.ndim > 1 and not per_candidate_bn else no_decay).append(p)
@@ -127,6 +128,82 @@ def valid_top1(net: SuperNet, loader: DeviceLoader, batches: int | None, cl: boo
     return 100.0 * correct / max(1, total)
 
 
+class SearchStepper:
+    """One search iteration: a weight step on split A, then an architecture step on split B."""
+
+    def __init__(
+        self,
+        net: SuperNet,
+        w_opt: torch.optim.Optimizer,
+        w_sched: torch.optim.lr_scheduler.LRScheduler | None,
+        a_opt: torch.optim.Optimizer,
+        cfg: SearchConfig,
+    ) -> None:
+        self.net, self.w_opt, self.w_sched, self.a_opt, self.cfg = net, w_opt, w_sched, a_opt, cfg
+        self.arch = net.arch_parameters()
+        full_flops, full_params = net.full_flops, net.full_params
+        self.target = cfg.flops_ratio * full_flops
+        self.lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
+        self.p_target = (cfg.params_ratio or 1.0) * full_params
+        self.p_lower = self.p_target - cfg.tolerance * full_params
+        self._cost_cache: dict[str, tuple[int, int]] = {}
+
+    def exact(self, shape: Shape) -> tuple[int, int]:
+        """Exact (FLOPs, params) of a shape, memoised (the argmax rarely changes per step)."""
+        key = shape.to_json()
+        if key not in self._cost_cache:
+            self._cost_cache[key] = self.net.shape_cost(shape)
+        return self._cost_cache[key]
+
+    def step(
+        self, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Returns (weight loss, architecture loss, budget loss, FLOPs of the argmax shape)."""
+        net, cfg = self.net, self.cfg
+        # Weight step on split A: the sampled widths carry no gradient to the logits here.
+        for p in self.arch:
+            p.requires_grad_(False)
+        loss = F.cross_entropy(net(xa), ya)
+        self.w_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.w_opt.step()
+        if self.w_sched is not None:
+            self.w_sched.step()
+        for p in self.arch:
+            p.requires_grad_(True)
+        # Architecture step on split B: gradients for the logits only, none for the weights.
+        ce = F.cross_entropy(net(xb), yb)
+        cur_flops, cur_params = self.exact(net.derive())
+        exp_flops, exp_params = net.expected_cost()
+        bl = budget_loss(exp_flops, cur_flops, self.target, self.lower, cfg.budget_weight)
+        if cfg.params_ratio is not None:
+            bl = bl + budget_loss(
+                exp_params, cur_params, self.p_target, self.p_lower, cfg.budget_weight
+            )
+        arch_loss = ce + bl.to(ce.dtype)
+        grads = torch.autograd.grad(arch_loss, self.arch, allow_unused=True)
+        for p, g in zip(self.arch, grads, strict=True):
+            p.grad = g
+        self.a_opt.step()
+        return loss.detach(), arch_loss.detach(), bl.detach(), cur_flops
+
+
+def make_optimizers(
+    net: SuperNet, cfg: SearchConfig, steps_per_epoch: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, torch.optim.Adam]:
+    """SGD + per-step cosine schedule for the weights, Adam for the architecture logits."""
+    w_opt = _weight_optimizer(net, cfg)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    w_sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda s: lr_factor(s, total, warm))
+    a_opt = torch.optim.Adam(
+        net.arch_parameters(),
+        lr=cfg.arch_lr,
+        betas=cfg.arch_betas,
+        weight_decay=cfg.arch_weight_decay,
+    )
+    return w_opt, w_sched, a_opt
+
+
 def search(
     model: str,
     data: ArrayDataset,
@@ -160,11 +237,19 @@ def search(
     net.generator = torch.Generator().manual_seed(cfg.seed)
 
     idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
-    common = {"device": device, "crop_padding": crop_padding, "flip": flip}
-    loader_a = DeviceLoader(data.subset(idx_a), cfg.batch_size, train=True, seed=cfg.seed, **common)
-    loader_b = DeviceLoader(
-        data.subset(idx_b), cfg.batch_size, train=True, seed=cfg.seed + 10_000, **common
-    )
+
+    def loader(part: Tensor, seed: int) -> DeviceLoader:
+        return DeviceLoader(
+            data.subset(part),
+            cfg.batch_size,
+            train=True,
+            device=device,
+            crop_padding=crop_padding,
+            flip=flip,
+            seed=seed,
+        )
+
+    loader_a, loader_b = loader(idx_a, cfg.seed), loader(idx_b, cfg.seed + 10_000)
     valid = DeviceLoader(data.subset(idx_b), cfg.batch_size, train=False, device=device)
     steps = min(len(loader_a), len(loader_b))
     if steps < 1:
@@ -173,19 +258,11 @@ def search(
             "on each half. Fix: lower batch_size"
         )
 
-    w_opt = _weight_optimizer(net, cfg)
-    total, warm = cfg.epochs * steps, cfg.warmup_epochs * steps
-    w_sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda s: lr_factor(s, total, warm))
-    arch = net.arch_parameters()
-    a_opt = torch.optim.Adam(
-        arch, lr=cfg.arch_lr, betas=cfg.arch_betas, weight_decay=cfg.arch_weight_decay
-    )
+    w_opt, w_sched, a_opt = make_optimizers(net, cfg, steps)
 
-    full_flops, full_params = net.full_flops, net.full_params
+    full_flops = net.full_flops
     target = cfg.flops_ratio * full_flops
     lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
-    p_target = (cfg.params_ratio or 1.0) * full_params
-    p_lower = p_target - cfg.tolerance * full_params
 
     start, best = 0, None
     history = JsonlLogger(out / "history.jsonl") if out is not None else None
@@ -204,14 +281,7 @@ def search(
             history.truncate_after(start - 1)
         log.info("resuming search from epoch %d", start)
 
-    cost_cache: dict[str, tuple[int, int]] = {}
-
-    def exact(shape: Shape) -> tuple[int, int]:
-        key = shape.to_json()
-        if key not in cost_cache:
-            cost_cache[key] = net.shape_cost(shape)
-        return cost_cache[key]
-
+    stepper = SearchStepper(net, w_opt, w_sched, a_opt, cfg)
     bar_on = progress_enabled(progress)
     for epoch in range(start, cfg.epochs):
         net.train()
@@ -231,29 +301,7 @@ def search(
             if cl:
                 xa = xa.contiguous(memory_format=torch.channels_last)
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            # Weight step on split A: the sampled widths carry no gradient to the logits here.
-            for p in arch:
-                p.requires_grad_(False)
-            loss = F.cross_entropy(net(xa), ya)
-            w_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            w_opt.step()
-            w_sched.step()
-            for p in arch:
-                p.requires_grad_(True)
-            # Architecture step on split B: gradients for the logits only.
-            ce = F.cross_entropy(net(xb), yb)
-            shape = net.derive()
-            cur_flops, cur_params = exact(shape)
-            exp_flops, exp_params = net.expected_cost()
-            bl = budget_loss(exp_flops, cur_flops, target, lower, cfg.budget_weight)
-            if cfg.params_ratio is not None:
-                bl = bl + budget_loss(exp_params, cur_params, p_target, p_lower, cfg.budget_weight)
-            arch_loss = ce + bl.to(ce.dtype)
-            grads = torch.autograd.grad(arch_loss, arch, allow_unused=True)
-            for p, g in zip(arch, grads, strict=True):
-                p.grad = g
-            a_opt.step()
+            loss, arch_loss, bl, cur_flops = stepper.step(xa, ya, xb, yb)
             lv, av = float(loss), float(arch_loss)
             if not (math.isfinite(lv) and math.isfinite(av)):
                 raise TrainingError(
@@ -269,7 +317,7 @@ def search(
         bar.close()
         seconds = time.perf_counter() - t0
         shape = net.derive()
-        flops, params = exact(shape)
+        flops, params = stepper.exact(shape)
         ratio = flops / full_flops
         top1 = valid_top1(net, valid, cfg.valid_batches, cl)
         ent = net.entropy()

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasprune.cost import Counter, model_cost
@@ -45,7 +44,8 @@ def gumbel_select(
     ``num=None`` (or >= the number of candidates) mixes all candidates (Gumbel-softmax).
     """
     for _ in range(100):
-        u = torch.empty_like(logits).exponential_(generator=generator)
+        # Noise is drawn on the CPU from the search's own generator (reproducible anywhere).
+        u = torch.empty(logits.shape).exponential_(generator=generator).to(logits.device)
         perturbed = (logits.log_softmax(-1) - u.log()) / tau
         probs = perturbed.softmax(-1)
         if torch.isfinite(perturbed).all() and torch.isfinite(probs).all():
@@ -54,7 +54,8 @@ def gumbel_select(
     if num is None or num >= n:
         return list(range(n)), probs
     with torch.no_grad():
-        idx = torch.multinomial(probs.detach() + 1e-7, num, replacement=False, generator=generator)
+        cpu_probs = probs.detach().cpu() + 1e-7
+        idx = torch.multinomial(cpu_probs, num, replacement=False, generator=generator)
     idx_list = [int(i) for i in idx]
     return idx_list, perturbed[idx].softmax(-1)
 
@@ -238,7 +239,9 @@ class SuperNet(nn.Module):
 
         for c in self.all_choices():
             c.select_full()
-        self.net = spec.build(self.full_shape, num_classes, in_channels, SearchOps(self, opts.align))
+        self.net = spec.build(
+            self.full_shape, num_classes, in_channels, SearchOps(self, opts.align)
+        )
         self.full_flops, self.full_params = model_cost(
             model, None, (in_channels, *self.input_size), num_classes
         )
@@ -325,9 +328,7 @@ class SuperNet(nn.Module):
         for name in self.full_shape.widths:
             c = self.width_of[name]
             widths[name] = c.candidates[int(self.probs(c).argmax())]
-        depths = {
-            s: c.candidates[int(self.probs(c).argmax())] for s, c in self.depth_of.items()
-        }
+        depths = {s: c.candidates[int(self.probs(c).argmax())] for s, c in self.depth_of.items()}
         return Shape(widths=widths, depths=depths)
 
     def shape_cost(self, shape: Shape) -> tuple[int, int]:

@@ -1,0 +1,168 @@
+"""Search-iteration cost: one TAS iteration (weight step + architecture step) / one plain step.
+
+Same batch size, same machine, same process; timing windows of the two are interleaved and the
+ratio of their medians is reported, so machine noise hits both alike. Peak memory (max RSS on
+CPU, max allocated on CUDA) is measured in a fresh subprocess per mode.
+
+    python bench/bench_search.py [--models cifar_resnet20 cifar_resnet56] [--batch-size 128]
+
+Writes bench/results/search_cost.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tasprune.models import create_model
+from tasprune.search import SearchConfig, SuperNet
+from tasprune.search.loop import SearchStepper, make_optimizers
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_plain(model: str, batch: int, device: torch.device) -> Any:
+    net = create_model(model).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_search(model: str, batch: int, device: torch.device, **space: Any) -> Any:
+    cfg = SearchConfig(epochs=1, batch_size=batch, **space)
+    net = SuperNet(model, options=cfg.space()).to(device)
+    net = net.to(memory_format=torch.channels_last).train()
+    net.generator = torch.Generator().manual_seed(0)
+    w_opt, _, a_opt = make_optimizers(net, cfg, steps_per_epoch=1000)
+    stepper = SearchStepper(net, w_opt, None, a_opt, cfg)
+    cl = torch.channels_last
+    xa = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=cl)
+    xb = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=cl)
+    ya = torch.randint(0, 10, (batch,), device=device)
+    yb = torch.randint(0, 10, (batch,), device=device)
+
+    def step() -> None:
+        stepper.step(xa, ya, xb, yb)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Any, n: int, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / n
+
+
+def peak_memory(mode: str, model: str, batch: int, device: str, steps: int) -> float:
+    """Peak memory (MiB) of `steps` steps of one mode, in a fresh process."""
+    code = (
+        "import sys, resource, torch; sys.path.insert(0, %r); import bench_search as b; "
+        "d = torch.device(%r); s = (b.make_plain if %r == 'plain' else b.make_search)(%r, %d, d)\n"
+        "for _ in range(%d): s()\n"
+        "print(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    ) % (str(Path(__file__).parent), device, mode, model, batch, steps)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=7, help="timed windows per mode")
+    ap.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "search_cost.json"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for model in args.models:
+        plain = make_plain(model, args.batch_size, device)
+        srch = make_search(model, args.batch_size, device)
+        for _ in range(2):  # warm-up
+            plain()
+            srch()
+        tp, ts = [], []
+        for _ in range(args.windows):
+            tp.append(timed(plain, args.steps, device))
+            ts.append(timed(srch, args.steps, device))
+        row: dict[str, Any] = {
+            "model": model,
+            "batch": args.batch_size,
+            "plain_step_ms": 1e3 * statistics.median(tp),
+            "search_iter_ms": 1e3 * statistics.median(ts),
+        }
+        row["ratio"] = row["search_iter_ms"] / row["plain_step_ms"]
+        if not args.no_memory:
+            row["plain_peak_mib"] = peak_memory("plain", model, args.batch_size, args.device, 3)
+            row["search_peak_mib"] = peak_memory("search", model, args.batch_size, args.device, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {
+        "benchmark": "search iteration / plain training step",
+        "device": args.device,
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "windows": args.windows,
+        "steps_per_window": args.steps,
+        "rows": rows,
+        "reference_ratio": {"cifar_resnet20": 3.4, "cifar_resnet56": 4.2},
+        "max_rss_note": "peak = max RSS of a fresh process (CPU) incl. the Python runtime",
+        "ru_maxrss_self_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| model | batch | plain step (ms) | search iteration (ms) | ratio | peak MiB plain / search |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mem = f"{r.get('plain_peak_mib', 0):.0f} / {r.get('search_peak_mib', 0):.0f}"
+        print(
+            f"| {r['model']} | {r['batch']} | {r['plain_step_ms']:.0f} | "
+            f"{r['search_iter_ms']:.0f} | {r['ratio']:.2f}x | {mem} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,603 @@
+"""Training engine (torchvision-references style): optimiser, schedule, epochs, resumable fit.
+
+``fit`` trains any model on any iterable of ``(x, y)`` batches that has ``__len__`` (and
+optionally ``set_epoch(e)`` / ``state_dict()`` / ``load_state_dict()``). The loss is a
+callable ``loss_fn(model, x, y) -> (loss, logits)`` so knowledge distillation or the TAS
+search objective plug in without touching the loop.
+
+Epoch numbers are 0-based everywhere (history rows, checkpoints, log lines, errors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sized
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from tasprune.errors import CheckpointError, ConfigError, DataError, TrainingError
+from tasprune.utils import (
+    JsonlLogger,
+    atomic_write_text,
+    pick_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LossFn",
+    "TrainConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "cross_entropy_loss",
+    "evaluate",
+    "fit",
+    "lr_factor",
+    "progress_enabled",
+    "resolve_channels_last",
+    "train_one_epoch",
+]
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``loss_fn(model, x, y) -> (scalar loss, logits)``."""
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of one training stage (validated; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(ge=1)  # passes over the training set
+    batch_size: int = Field(default=128, ge=1)  # images per step (used by whoever builds loaders)
+    lr: float = Field(default=0.1, gt=0)  # peak learning rate, reached after warm-up
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # SGD momentum (dimensionless)
+    nesterov: bool = True  # Nesterov momentum (needs momentum > 0)
+    weight_decay: float = Field(default=5e-4, ge=0)  # L2 on conv/linear weights; none on BN/bias
+    warmup_epochs: int = Field(default=0, ge=0)  # epochs of linear warm-up before cosine decay
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # fraction of target mass spread
+    amp: bool = True  # bf16 autocast, CUDA only (ignored on CPU)
+    channels_last: Literal["auto", "on", "off"] = "auto"  # NHWC memory format; auto: see below
+    grad_clip: float | None = Field(default=None, gt=0)  # max global grad L2 norm, None = off
+    eval_every: int = Field(default=1, ge=1)  # evaluate every N epochs (and always at the end)
+    seed: int = Field(default=0, ge=0)  # seeds python/numpy/torch at the start of fit
+    deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, params: Iterable[nn.Parameter] | None = None
+) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum; weight decay only on weights with ndim > 1.
+
+    BatchNorm affine parameters and biases (ndim <= 1) get no decay: decaying them only
+    shrinks scales/offsets and costs accuracy. ``params`` restricts training to a subset
+    (e.g. network weights but not architecture parameters); default: every trainable one.
+    """
+    chosen = list(model.parameters() if params is None else params)
+    seen: set[int] = set()
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in chosen:
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim > 1 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the optimiser got no trainable parameters. Fix: unfreeze some layers")
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": cfg.weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based): linear warm-up, then cosine to 0.
+
+    Warm-up ramps ``1/w, 2/w, ..., 1`` over the first ``w`` steps; the cosine then runs from 1
+    at step ``w`` to 0 at step ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> LambdaLR:
+    """Per-iteration schedule (call ``.step()`` after every optimiser step).
+
+    The lambda is a plain function (not an object), so ``state_dict()`` holds only plain
+    values and checkpoints stay weights-only loadable.
+    """
+    if steps_per_epoch < 1:
+        raise DataError("the training loader has no batches. Fix: check the data and batch size")
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total, warmup)
+
+    return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def cross_entropy_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Default ``loss_fn``: cross-entropy on ``model(x)``, optionally label-smoothed."""
+
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def resolve_channels_last(setting: str, device: torch.device, model: nn.Module) -> bool:
+    """Decide the memory format: ``on``/``off`` as given; ``auto`` = on for conv nets.
+
+    On CUDA NHWC uses tensor-core friendly kernels. On CPU oneDNN convolutions are NHWC
+    natively; bench/bench_train.py measures the bare training loop of CIFAR ResNets on this
+    machine's CPU (see bench/results/train_throughput.json) and ``auto`` follows it.
+    """
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    if setting != "auto":
+        raise ConfigError(f"channels_last must be auto, on or off, not {setting!r}")
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return False
+
+
+def progress_enabled(progress: bool) -> bool:
+    """Show a bar only if asked, not vetoed by ``TASPRUNE_NO_PROGRESS=1``, and on a terminal."""
+    if not progress or os.environ.get("TASPRUNE_NO_PROGRESS", "") not in ("", "0"):
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU autocast is slower here)."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(
+    x: Tensor, y: Tensor, device: torch.device, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    non_blocking = device.type == "cuda"
+    if channels_last and x.dim() == 4:
+        x = x.to(device, non_blocking=non_blocking, memory_format=torch.channels_last)
+    else:
+        x = x.to(device, non_blocking=non_blocking)
+    return x, y.to(device, non_blocking=non_blocking)
+
+
+def _loader_len(loader: Iterable[Any], what: str) -> int:
+    if not isinstance(loader, Sized):
+        raise DataError(f"the {what} loader has no len(). Fix: pass a sized loader")
+    n = len(loader)
+    if n < 1:
+        raise DataError(
+            f"the {what} loader has no batches. Fix: check the data folder and --batch-size"
+        )
+    return n
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    epoch: int,
+    *,
+    amp: bool = True,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+    progress: bool = True,
+    check_every: int | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns ``loss`` (mean), ``top1`` (%), ``img_per_s``, ``seconds``.
+
+    The scheduler steps once per batch. Running sums stay on the device; on CPU the loss is
+    checked every step (``.item()`` is free there), on accelerators every ``check_every``
+    (default 25) steps and at the end through a device-side "first bad step" marker, so the
+    loop does not sync the GPU per step; the step named in the error is exact either way.
+    Raises :class:`TrainingError` naming epoch and step when the loss becomes NaN/Inf.
+    """
+    n_batches = _loader_len(loader, "training")
+    model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # no-op when already NHWC
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 25
+    sync_every = max(1, check_every)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    seen = 0
+    show = progress_enabled(progress)
+    bar: Any = None
+    iterator: Iterable[tuple[Tensor, Tensor]] = loader
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            loader,
+            total=n_batches,
+            desc=f"epoch {epoch}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        iterator = bar
+    start = time.perf_counter()
+    step = -1
+    for step, (xb, yb) in enumerate(iterator):
+        x, y = _to_device(xb, yb, device, channels_last)
+        with _autocast(device, amp):
+            loss, logits = loss_fn(model, x, y)
+        if sync_every == 1:
+            value = loss.item()
+            if not math.isfinite(value):
+                _raise_nonfinite(value, epoch, step)
+        else:
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = y.shape[0]
+        seen += n
+        with torch.no_grad():
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+        if sync_every > 1 and (step + 1) % sync_every == 0:
+            _check_bad(first_bad, loss_sum, epoch)
+        if bar is not None and step % 10 == 0:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(
+                loss=f"{loss_sum.item() / seen:.3f}",
+                img_s=f"{seen / max(elapsed, 1e-9):.0f}",
+                refresh=False,
+            )
+    if step < 0:
+        raise DataError("the training loader yielded no batches. Fix: check the data")
+    if sync_every > 1:
+        _check_bad(first_bad, loss_sum, epoch)
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return {
+        "loss": loss_sum.item() / seen,
+        "top1": 100.0 * correct.item() / seen,
+        "img_per_s": seen / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _raise_nonfinite(value: float, epoch: int, step: int) -> None:
+    raise TrainingError(
+        f"loss became {value} at epoch {epoch} step {step}; the last good checkpoint is kept. "
+        "Fix: lower --lr or enable grad_clip"
+    )
+
+
+def _check_bad(first_bad: Tensor, loss_sum: Tensor, epoch: int) -> None:
+    step = int(first_bad.item())
+    if step >= 0:
+        value = loss_sum.item()
+        _raise_nonfinite(value if not math.isfinite(value) else math.nan, epoch, step)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Top-1 / top-k accuracy (percent, k = min(5, classes)) and mean cross-entropy.
+
+    The model is put in eval mode and returned to the mode it had.
+    """
+    _loader_len(loader, "evaluation")
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top1 = torch.zeros((), dtype=torch.int64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    try:
+        for xb, yb in loader:
+            x, y = _to_device(xb, yb, device, channels_last)
+            with _autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hits = topk == y.unsqueeze(1)
+            top1 += hits[:, 0].sum()
+            top5 += hits.any(dim=1).sum()
+            seen += y.shape[0]
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise DataError("the evaluation loader yielded no batches. Fix: check the data")
+    return {
+        "top1": 100.0 * top1.item() / seen,
+        "top5": 100.0 * top5.item() / seen,
+        "loss": loss_sum.item() / seen,
+    }
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return dict(json.loads(json.dumps(meta)))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"meta must be a plain JSON-able dict ({err}). Fix: pass names/numbers/lists only"
+        ) from err
+
+
+def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Contiguous CPU copy of the weights, for the portable ``model.pt``."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _final_metrics(
+    train_stats: dict[str, float] | None, test_stats: dict[str, float] | None, epochs: int
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"epochs": epochs}
+    if test_stats is not None:
+        metrics.update({k: test_stats[k] for k in ("top1", "top5", "loss")})
+    if train_stats is not None:
+        metrics["train_loss"] = train_stats["loss"]
+        metrics["train_top1"] = train_stats["top1"]
+    return metrics
+
+
+def _load_final(out_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Stored metrics if ``final.json`` says this stage already ran to ``cfg.epochs``."""
+    path = out_dir / "final.json"
+    if not path.exists():
+        return None
+    try:
+        final = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("%s is unreadable (%s); finishing the stage again", path, err)
+        return None
+    if not isinstance(final, dict) or final.get("epochs") != cfg.epochs:
+        return None
+    metrics = final.get("metrics")
+    return metrics if isinstance(metrics, dict) else None
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    test_loader: Iterable[tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+    out_dir: Path | None,
+    *,
+    loss_fn: LossFn | None = None,
+    device: torch.device | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    params: Iterable[nn.Parameter] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs``, resumably; return the final metrics.
+
+    With ``out_dir``: resumes from ``out_dir/checkpoint.pt`` (model, optimiser, scheduler,
+    RNG, loader state) at the epoch after the last completed one; after each epoch appends a
+    row to ``history.jsonl`` and then saves the checkpoint (that order means a crash never
+    leaves a row the checkpoint does not cover — resume truncates such rows). At the end writes
+    ``model.pt`` ({"model", "meta"}) and then ``final.json``; if ``final.json`` already records
+    a complete run, the stored weights are loaded into ``model`` and its metrics returned
+    without training. ``out_dir=None`` writes nothing.
+
+    History rows: ``epoch``, ``lr`` (at the epoch's first step), ``train_loss``,
+    ``train_top1``, ``test_top1``/``test_top5``/``test_loss`` (None on epochs not evaluated),
+    ``img_per_s``, ``seconds``.
+
+    ``params`` limits what the optimiser updates; ``on_epoch_end(epoch, row)`` runs after each
+    epoch's checkpoint is saved (e.g. for annealing, or tests simulating a crash).
+    Returned metrics: ``top1``, ``top5``, ``loss`` (test), ``train_loss``, ``train_top1``,
+    ``epochs``.
+    """
+    device = device if device is not None else pick_device("auto")
+    meta = _check_json(meta or {})
+    loss_fn = loss_fn if loss_fn is not None else cross_entropy_loss(cfg.label_smoothing)
+    steps_per_epoch = _loader_len(train_loader, "training")
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    model.to(device)
+    channels_last = resolve_channels_last(cfg.channels_last, device, model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
+    history = JsonlLogger(out_dir / "history.jsonl") if out_dir is not None else None
+    if out_dir is not None:
+        done = _load_final(out_dir, cfg)
+        if done is not None and (out_dir / "model.pt").exists():
+            stored = load_checkpoint(out_dir / "model.pt")
+            model.load_state_dict(stored["model"])
+            logger.info("%s already finished (final.json); not training again", out_dir)
+            return done
+
+    optimizer = build_optimizer(model, cfg, params)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    cfg_dump = cfg.model_dump(mode="json")
+
+    start_epoch = 0
+    train_stats: dict[str, float] | None = None
+    test_stats: dict[str, float] | None = None
+    if ckpt_path is not None and checkpoint_exists(ckpt_path):
+        payload = load_checkpoint(ckpt_path, map_location="cpu")
+        try:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            last = int(payload["epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} does not fit this model/optimiser ({first}). "
+                "Fix: delete it to restart the stage, or use the --out of a matching run"
+            ) from err
+        set_rng_state(payload["rng"])
+        loader_state = payload.get("loader")
+        if loader_state is not None and hasattr(train_loader, "load_state_dict"):
+            train_loader.load_state_dict(loader_state)
+        saved_cfg = payload.get("train_config") or {}
+        changed = sorted(k for k in cfg_dump if k in saved_cfg and saved_cfg[k] != cfg_dump[k])
+        if changed:
+            logger.warning(
+                "resuming %s with changed settings (%s); the run will not match an "
+                "uninterrupted one",
+                ckpt_path,
+                ", ".join(changed),
+            )
+        train_stats = payload.get("train_stats")
+        test_stats = payload.get("test_stats")
+        start_epoch = last + 1
+        logger.info("resuming from %s: epoch %d of %d done", ckpt_path, last, cfg.epochs)
+        if history is not None:
+            history.truncate_after(last)
+    elif history is not None:
+        history.truncate_after(-1)  # a restart from scratch: no stale rows
+
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        set_epoch = getattr(train_loader, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        lr = float(optimizer.param_groups[0]["lr"])
+        train_stats = train_one_epoch(
+            model,
+            loss_fn,
+            optimizer,
+            scheduler,
+            train_loader,
+            device,
+            epoch,
+            amp=cfg.amp,
+            channels_last=channels_last,
+            grad_clip=cfg.grad_clip,
+            progress=progress,
+        )
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
+        if evaluated:
+            test_stats = evaluate(
+                model, test_loader, device, channels_last=channels_last, amp=cfg.amp
+            )
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train_stats["loss"],
+            "train_top1": train_stats["top1"],
+            "test_top1": test_stats["top1"] if evaluated and test_stats else None,
+            "test_top5": test_stats["top5"] if evaluated and test_stats else None,
+            "test_loss": test_stats["loss"] if evaluated and test_stats else None,
+            "img_per_s": train_stats["img_per_s"],
+            "seconds": train_stats["seconds"],
+        }
+        logger.info(
+            "epoch %d/%d lr %.4g | train loss %.4f top1 %.2f%% | test %s | %.0f img/s %.1fs",
+            epoch,
+            cfg.epochs,
+            lr,
+            train_stats["loss"],
+            train_stats["top1"],
+            f"top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}%" if evaluated else "-",
+            train_stats["img_per_s"],
+            train_stats["seconds"],
+        )
+        if history is not None:
+            history.log(row)
+        if ckpt_path is not None:
+            payload = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "rng": rng_state(),
+                "meta": meta,
+                "train_config": cfg_dump,
+                "train_stats": dict(train_stats),
+                "test_stats": dict(test_stats) if test_stats is not None else None,
+            }
+            state_dict_fn = getattr(train_loader, "state_dict", None)
+            if callable(state_dict_fn):
+                payload["loader"] = state_dict_fn()
+            save_checkpoint(ckpt_path, payload)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+
+    if test_stats is None:  # e.g. resumed with nothing left to do and no stored metrics
+        test_stats = evaluate(model, test_loader, device, channels_last=channels_last, amp=cfg.amp)
+    metrics = _final_metrics(train_stats, test_stats, cfg.epochs)
+    if out_dir is not None:
+        save_checkpoint(out_dir / "model.pt", {"model": _cpu_state_dict(model), "meta": meta})
+        final = {
+            "metrics": metrics,
+            "epochs": cfg.epochs,
+            "seconds_this_session": time.perf_counter() - run_start,
+            "train_config": cfg_dump,
+            "meta": meta,
+        }
+        atomic_write_text(out_dir / "final.json", json.dumps(final, indent=2) + "\n")
+    logger.info(
+        "finished %d epochs: test top1 %.2f%% top5 %.2f%%",
+        cfg.epochs,
+        metrics["top1"],
+        metrics["top5"],
+    )
+    return metrics

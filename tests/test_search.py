@@ -1,0 +1,216 @@
+"""Invariants of the TAS search space, the searchable units and the search loop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasprune.data import ArrayDataset, load_dataset, stratified_split
+from tasprune.errors import BudgetError
+from tasprune.models import create_model
+from tasprune.search import (
+    SearchConfig,
+    SpaceOptions,
+    SuperNet,
+    budget_loss,
+    depth_candidates,
+    feasible_range,
+    search,
+    width_candidates,
+)
+from tasprune.search.units import SearchableConvBN, align_matrix
+from tasprune.shape import Shape
+
+
+def test_width_candidates_match_reference() -> None:
+    assert width_candidates(16) == [4, 6, 8, 9, 11, 12, 14, 16]
+    assert width_candidates(32) == [9, 12, 16, 19, 22, 25, 28, 32]
+    assert width_candidates(64) == [19, 25, 32, 38, 44, 51, 57, 64]
+    assert width_candidates(3, (0.1, 0.5)) == [1, 3]
+
+
+def test_depth_candidates_match_reference() -> None:
+    assert depth_candidates(3) == [1, 2, 3]
+    assert depth_candidates(9) == [1, 3, 5, 7, 9]
+    assert depth_candidates(18) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 18]
+
+
+def _one_hot(net: SuperNet, rng: random.Random) -> None:
+    with torch.no_grad():
+        for c in net.all_choices():
+            logits = net.logits_of(c)
+            if logits is not None:
+                logits.fill_(-1e4)
+                logits[rng.randrange(len(c.candidates))] = 1e4
+
+
+SPACES = [
+    ("cifar_resnet20", SpaceOptions()),
+    ("cifar_resnet20", SpaceOptions(tie_residual=True)),
+    ("cifar_resnet20", SpaceOptions(search_depth=False)),
+    ("cifar_resnet20", SpaceOptions(search_width=False)),
+    ("cifar_resnet56", SpaceOptions()),
+    ("cifar_resnet164", SpaceOptions()),
+]
+
+
+@pytest.mark.parametrize(("model", "opts"), SPACES)
+def test_expected_cost_equals_exact_on_one_hot(model: str, opts: SpaceOptions) -> None:
+    rng = random.Random(0)
+    net = SuperNet(model, num_classes=10, in_channels=1, input_size=(28, 28), options=opts)
+    for _ in range(6):
+        _one_hot(net, rng)
+        shape = net.derive()
+        exp_flops, exp_params = net.expected_cost()
+        flops, params = net.shape_cost(shape)
+        assert round(float(exp_flops.detach())) == flops
+        assert round(float(exp_params.detach())) == params
+
+
+def test_expected_cost_is_between_extremes_and_differentiable() -> None:
+    net = SuperNet("cifar_resnet20")
+    lo, hi = feasible_range(net)
+    flops, params = net.expected_cost()
+    assert lo < float(flops) < hi
+    flops.backward()
+    for p in net.arch_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_full_width_sample_reproduces_plain_network() -> None:
+    torch.manual_seed(0)
+    plain = create_model("cifar_resnet20", num_classes=10, in_channels=1).eval()
+    for m in plain.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    net = SuperNet("cifar_resnet20", in_channels=1, input_size=(28, 28)).eval()
+    net.load_plain_weights(plain.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    with net.fixed(net.full_shape):
+        out = net(x)
+    torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_derived_shape_transfers_to_plain_network() -> None:
+    """A sub-network of the supernet equals the plain pruned network built from its weights."""
+    torch.manual_seed(1)
+    net = SuperNet("cifar_resnet20", options=SpaceOptions(search_depth=False)).eval()
+    shape = Shape(
+        widths={n: net.width_of[n].candidates[2] for n in net.full_shape.widths},
+        depths=dict(net.full_shape.depths),
+    )
+    # Equal widths everywhere: the pruned net has projections only where the supernet has them.
+    pruned = create_model("cifar_resnet20", shape).eval()
+    missing = set(pruned.state_dict()) - set(net.plain_state_dict(shape))
+    assert not missing
+    pruned.load_state_dict(net.plain_state_dict(shape))
+    x = torch.randn(2, 3, 32, 32)
+    with net.fixed(shape):
+        out = net(x)
+    torch.testing.assert_close(out, pruned(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_every_width_and_depth_logit() -> None:
+    torch.manual_seed(0)
+    net = SuperNet("cifar_resnet20").train()
+    y = torch.randint(0, 10, (8,))
+    loss = F.cross_entropy(net(torch.randn(8, 3, 32, 32)), y)
+    loss.backward()
+    assert net.width_logits and net.depth_logits
+    for p in net.arch_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_channel_wise_interpolation_matches_hand_computation() -> None:
+    m = align_matrix(3, 4, "cwi", torch.device("cpu"), torch.float64)
+    expected = torch.tensor(
+        [[1.0, 0, 0], [0.5, 0.5, 0], [0, 0.5, 0.5], [0, 0, 1.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(m, expected)
+    # Same as adaptive average pooling along the channel axis.
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    pooled = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, 5), 8)
+    pooled = pooled.reshape(2, 3, 3, 8).permute(0, 3, 1, 2)
+    via_matrix = torch.einsum("oc,nchw->nohw", align_matrix(5, 8, "cwi", x.device, x.dtype), x)
+    torch.testing.assert_close(via_matrix, pooled)
+    pad = align_matrix(2, 3, "pad", torch.device("cpu"), torch.float64)
+    torch.testing.assert_close(pad, torch.tensor([[1.0, 0], [0, 1.0], [0, 0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("align", ["cwi", "pad"])
+def test_folded_mixture_equals_direct_per_candidate_computation(align: str) -> None:
+    """The K x K folding equals: BN per candidate, align to K channels, weighted sum."""
+    torch.manual_seed(0)
+    from tasprune.search.units import Choice
+
+    choice = Choice("c", "width", [4, 6, 8], "c")
+    unit = SearchableConvBN(5, 8, 3, 1, "relu", choice, align).train()
+    with torch.no_grad():
+        unit.cand_weight.normal_()
+        unit.cand_bias.normal_()
+    w = torch.tensor([0.3, 0.7], requires_grad=True)
+    choice.selected = [(0, 4, w[0]), (1, 6, w[1])]
+    x = torch.randn(4, 5, 7, 7)
+    out = unit(x)
+    y = F.conv2d(x, unit.conv.weight[:6], padding=1)
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    yhat = (y - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + 1e-5)
+    ref = torch.zeros_like(yhat)
+    for (i, k), wt in zip([(0, 4), (1, 6)], w, strict=True):
+        z = yhat[:, :k] * unit.cand_weight[i, :k, None, None] + unit.cand_bias[i, :k, None, None]
+        a = align_matrix(k, 6, align, x.device, x.dtype)
+        ref = ref + wt * torch.einsum("oc,nchw->nohw", a, z)
+    torch.testing.assert_close(out, F.relu(ref), rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_budget_loss_pushes_towards_band() -> None:
+    e = torch.tensor(100.0, requires_grad=True)
+    assert budget_loss(e, current=120, target=110, lower=90, weight=2.0).item() > 0
+    budget_loss(e, current=120, target=110, lower=90, weight=2.0).backward()
+    assert e.grad is not None and e.grad > 0  # descent lowers the expected cost
+    e.grad = None
+    budget_loss(e, current=50, target=110, lower=90, weight=2.0).backward()
+    assert e.grad is not None and e.grad < 0  # descent raises it
+    assert budget_loss(e, current=100, target=110, lower=90, weight=2.0).item() == 0
+
+
+def _subset(n: int) -> ArrayDataset:
+    data = load_dataset("fashion-mnist", "train")
+    idx, _ = stratified_split(data.labels, n / len(data), seed=0)
+    return data.subset(idx)
+
+
+def test_infeasible_target_is_refused_before_training(tmp_path) -> None:
+    data = _subset(100)
+    cfg = SearchConfig(flops_ratio=0.01, tolerance=0.005, epochs=1, batch_size=16)
+    with pytest.raises(BudgetError, match="smallest shape"):
+        search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.7])
+def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
+    torch.set_num_threads(2)
+    data = _subset(512)
+    cfg = SearchConfig(
+        flops_ratio=ratio, epochs=6, batch_size=64, arch_lr=0.1, valid_batches=2, seed=0
+    )
+    result = search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
+    assert cfg.flops_ratio - cfg.tolerance <= result.flops_ratio <= cfg.flops_ratio
+    saved, meta = Shape.load(tmp_path / "s" / "shape.json")
+    assert saved == result.shape
+    assert meta["flops"] == result.flops and meta["model"] == "cifar_resnet20"
+    pruned = create_model("cifar_resnet20", saved, num_classes=10, in_channels=1)
+    assert sum(p.numel() for p in pruned.parameters()) == meta["params"]
+    assert len(result.history) == cfg.epochs
+    # A finished search is returned as is.
+    again = search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
+    assert again.shape == result.shape
