@@ -3,6 +3,12 @@
 Per epoch it records the argmax shape, its exact FLOPs and ratio, the supernet's accuracy on
 a part of split B at that shape, and the entropy of every distribution. Both the last shape and
 the best in-band shape are kept; everything is resumable from ``checkpoint.pt``.
+
+Under ``torchrun`` (see :mod:`tasprune.distributed`) the weight step runs through DDP (the
+architecture logits excluded from its reducer), the architecture step on the plain module with
+its gradients averaged over ranks by hand, so the logits, the Gumbel draws (one generator,
+seeded alike on every rank) and hence the derived shape are identical on every rank; that is
+checked every epoch. ``batch_size`` is global; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from tasprune.data import ArrayDataset, DeviceLoader, stratified_split
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
-from tasprune.errors import BudgetError, TrainingError
+from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.search.config import SearchConfig
 from tasprune.search.supernet import SuperNet, budget_loss, feasible_range
 from tasprune.shape import Shape
@@ -103,12 +110,20 @@ def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
 
 
 @torch.no_grad()
-def valid_top1(net: SuperNet, loader: DeviceLoader, batches: int | None, cl: bool) -> float:
+def valid_top1(
+    net: SuperNet,
+    loader: DeviceLoader,
+    batches: int | None,
+    cl: bool,
+    *,
+    distributed: bool = False,
+) -> float:
     """Accuracy (%) of the argmax sub-network on the first ``batches`` batches of split B.
 
     Running BN statistics were accumulated over many sampled sub-networks and do not fit any
     single one, so the argmax sub-network is evaluated with batch statistics; the running
-    buffers are restored afterwards.
+    buffers are restored afterwards. With ``distributed`` (every rank calls it with its shard)
+    the counts are summed over ranks, so all ranks get the same accuracy.
     """
     was = net.training
     buffers = {k: v.clone() for k, v in net.named_buffers()}
@@ -125,11 +140,20 @@ def valid_top1(net: SuperNet, loader: DeviceLoader, batches: int | None, cl: boo
     for k, v in net.named_buffers():
         v.copy_(buffers[k])
     net.train(was)
+    if distributed:
+        counts = ddp.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+        correct, total = int(counts[0].item()), int(counts[1].item())
     return 100.0 * correct / max(1, total)
 
 
 class SearchStepper:
-    """One search iteration: a weight step on split A, then an architecture step on split B."""
+    """One search iteration: a weight step on split A, then an architecture step on split B.
+
+    Under DDP pass ``weight_model`` (the SuperNet wrapped by :func:`wrap_search_ddp`) and
+    ``distributed=True``: the weight step then runs through DDP, which averages the weight
+    gradients; the architecture step runs on the plain ``net`` and its gradients are averaged
+    over ranks here before Adam, so the logits stay identical on every rank.
+    """
 
     def __init__(
         self,
@@ -138,8 +162,13 @@ class SearchStepper:
         w_sched: torch.optim.lr_scheduler.LRScheduler | None,
         a_opt: torch.optim.Optimizer,
         cfg: SearchConfig,
+        *,
+        weight_model: nn.Module | None = None,
+        distributed: bool = False,
     ) -> None:
         self.net, self.w_opt, self.w_sched, self.a_opt, self.cfg = net, w_opt, w_sched, a_opt, cfg
+        self.weight_model = weight_model if weight_model is not None else net
+        self.distributed = distributed
         self.arch = net.arch_parameters()
         full_flops, full_params = net.full_flops, net.full_params
         self.target = cfg.flops_ratio * full_flops
@@ -163,7 +192,7 @@ class SearchStepper:
         # Weight step on split A: the sampled widths carry no gradient to the logits here.
         for p in self.arch:
             p.requires_grad_(False)
-        loss = F.cross_entropy(net(xa), ya)
+        loss = F.cross_entropy(self.weight_model(xa), ya)
         self.w_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.w_opt.step()
@@ -181,11 +210,48 @@ class SearchStepper:
                 exp_params, cur_params, self.p_target, self.p_lower, cfg.budget_weight
             )
         arch_loss = ce + bl.to(ce.dtype)
-        grads = torch.autograd.grad(arch_loss, self.arch, allow_unused=True)
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(
+            arch_loss, self.arch, allow_unused=True
+        )
+        if self.distributed:
+            grads = _mean_over_ranks(grads)
         for p, g in zip(self.arch, grads, strict=True):
             p.grad = g
         self.a_opt.step()
         return loss.detach(), arch_loss.detach(), bl.detach(), cur_flops
+
+
+def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """Average gradients over ranks with one all-reduce of their concatenation.
+
+    Every rank sampled the same sub-network, so the same logits got no gradient (None)
+    everywhere and the concatenations line up.
+    """
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    flat = ddp.all_reduce_mean(torch.cat([g.reshape(-1) for g in present]))
+    out: list[Tensor | None] = []
+    offset = 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return tuple(out)
+
+
+def wrap_search_ddp(net: SuperNet, device: torch.device) -> nn.Module:
+    """The SuperNet in DDP for the weight step, its architecture logits left out of DDP.
+
+    The logits are updated by the architecture step with their own all-reduce; leaving them
+    out means DDP neither waits for their (absent) gradients in the weight step nor
+    broadcasts them.
+    """
+    arch = {id(p) for p in net.arch_parameters()}
+    names = [n for n, p in net.named_parameters() if id(p) in arch]
+    return ddp.wrap_ddp(net, device, ignore=names)
 
 
 def make_optimizers(
@@ -215,17 +281,33 @@ def search(
     progress: bool = True,
     crop_padding: int = 4,
     flip: bool = True,
+    distributed: bool | None = None,
 ) -> SearchResult:
     """Run a TAS search of ``model`` on ``data`` (the training split) and derive a shape.
 
     With ``out_dir`` it writes ``shape.json`` (the kept shape plus model, flops, params,
     flops_ratio), ``shape_last.json``, ``shape_best.json``, ``history.jsonl`` and a resumable
     ``checkpoint.pt``; a finished search found there is returned without training.
+
+    ``distributed`` (default: whether a process group is initialised) searches with DDP:
+    every rank calls ``search`` with the same arguments and its own ``device``; each split is
+    sharded by rank with per-rank batch ``cfg.batch_size / world_size``; rank 0 writes the
+    files, the others wait for it and every rank returns the same result.
     """
     device = torch.device(device)
+    use_ddp = ddp.is_distributed() if distributed is None else distributed
+    if use_ddp and not ddp.is_distributed():
+        raise ConfigError(
+            "distributed search asked for but no process group exists. Fix: launch with "
+            "torchrun and call tasprune.distributed.init_from_env() first"
+        )
+    rank, world = (ddp.get_rank(), ddp.get_world_size()) if use_ddp else (0, 1)
+    main = rank == 0
+    batch = ddp.per_rank_batch(cfg.batch_size, world)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         done = _load_finished(out, model)
         if done is not None:
             return done
@@ -241,16 +323,20 @@ def search(
     def loader(part: Tensor, seed: int) -> DeviceLoader:
         return DeviceLoader(
             data.subset(part),
-            cfg.batch_size,
+            batch,
             train=True,
             device=device,
             crop_padding=crop_padding,
             flip=flip,
             seed=seed,
+            rank=rank,
+            world_size=world,
         )
 
     loader_a, loader_b = loader(idx_a, cfg.seed), loader(idx_b, cfg.seed + 10_000)
-    valid = DeviceLoader(data.subset(idx_b), cfg.batch_size, train=False, device=device)
+    valid = DeviceLoader(
+        data.subset(idx_b), batch, train=False, device=device, rank=rank, world_size=world
+    )
     steps = min(len(loader_a), len(loader_b))
     if steps < 1:
         raise BudgetError(
@@ -265,7 +351,8 @@ def search(
     lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
 
     start, best = 0, None
-    history = JsonlLogger(out / "history.jsonl") if out is not None else None
+    # Only rank 0 writes; every rank reads the checkpoint on resume.
+    history = JsonlLogger(out / "history.jsonl") if out is not None and main else None
     ckpt = out / "checkpoint.pt" if out is not None else None
     if ckpt is not None and checkpoint_exists(ckpt):
         state = load_checkpoint(ckpt, map_location=device)
@@ -279,9 +366,14 @@ def search(
         best = state["meta"].get("best")
         if history is not None:
             history.truncate_after(start - 1)
-        log.info("resuming search from epoch %d", start)
+        if main:
+            log.info("resuming search from epoch %d", start)
 
-    stepper = SearchStepper(net, w_opt, w_sched, a_opt, cfg)
+    # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
+    weight_model = wrap_search_ddp(net, device) if use_ddp else None
+    stepper = SearchStepper(
+        net, w_opt, w_sched, a_opt, cfg, weight_model=weight_model, distributed=use_ddp
+    )
     bar_on = progress_enabled(progress)
     for epoch in range(start, cfg.epochs):
         net.train()
@@ -302,7 +394,7 @@ def search(
                 xa = xa.contiguous(memory_format=torch.channels_last)
                 xb = xb.contiguous(memory_format=torch.channels_last)
             loss, arch_loss, bl, cur_flops = stepper.step(xa, ya, xb, yb)
-            lv, av = float(loss), float(arch_loss)
+            lv, av = loss.item(), arch_loss.item()
             if not (math.isfinite(lv) and math.isfinite(av)):
                 raise TrainingError(
                     f"search loss became {'nan' if lv != lv or av != av else 'inf'} at epoch "
@@ -316,10 +408,17 @@ def search(
                 bar.set_postfix(loss=f"{lv:.3f}", ratio=f"{cur_flops / full_flops:.3f}")
         bar.close()
         seconds = time.perf_counter() - t0
+        if use_ddp:
+            # Everything below (shape, best, checkpoint) must be the same on every rank.
+            ddp.assert_same(net.arch_parameters(), f"architecture logits after epoch {epoch}")
+            ddp.sync_buffers(net)
+            loss_sums = torch.tensor([sums[k] for k in sums], dtype=torch.float64)
+            ddp.all_reduce_mean(loss_sums)
+            sums = dict(zip(sums, loss_sums.tolist(), strict=True))
         shape = net.derive()
         flops, params = stepper.exact(shape)
         ratio = flops / full_flops
-        top1 = valid_top1(net, valid, cfg.valid_batches, cl)
+        top1 = valid_top1(net, valid, cfg.valid_batches, cl, distributed=use_ddp)
         ent = net.entropy()
         in_band = lower <= flops <= target
         row = {
@@ -342,22 +441,23 @@ def search(
         }
         if in_band and (best is None or top1 >= best["valid_top1"]):
             best = {"epoch": epoch, "valid_top1": top1, "shape": shape.to_dict()}
-        log.info(
-            "search epoch %d/%d: FLOPs ratio %.3f (band %.3f-%.3f) valid top-1 %.2f%% "
-            "entropy %.3f tau %.2f (%.0f img/s)",
-            epoch + 1,
-            cfg.epochs,
-            ratio,
-            cfg.flops_ratio - cfg.tolerance,
-            cfg.flops_ratio,
-            top1,
-            row["entropy_mean"],
-            net.tau,
-            row["img_per_s"],
-        )
+        if main:
+            log.info(
+                "search epoch %d/%d: FLOPs ratio %.3f (band %.3f-%.3f) valid top-1 %.2f%% "
+                "entropy %.3f tau %.2f (%.0f img/s)",
+                epoch + 1,
+                cfg.epochs,
+                ratio,
+                cfg.flops_ratio - cfg.tolerance,
+                cfg.flops_ratio,
+                top1,
+                row["entropy_mean"],
+                net.tau,
+                row["img_per_s"],
+            )
         if history is not None:
             history.log(row)
-        if ckpt is not None:
+        if ckpt is not None and main:
             save_checkpoint(
                 ckpt,
                 {
@@ -372,8 +472,13 @@ def search(
                 },
             )
 
-    rows = history.rows() if history is not None else []
-    return _finish(net, cfg, out, best, rows)
+    if use_ddp:
+        ddp.barrier()  # rank 0's last history row is on disk before the others read it
+    rows = JsonlLogger(out / "history.jsonl").rows() if out is not None else []
+    result = _finish(net, cfg, out if main else None, best, rows)
+    if use_ddp:
+        ddp.barrier()  # the other ranks return only once rank 0's files exist
+    return result
 
 
 def _finish(
@@ -393,12 +498,14 @@ def _finish(
     elif last_ok or best_shape is None:
         kept = last
     else:
-        log.warning(
-            "the last shape (FLOPs ratio %.3f) is outside the band; keeping the best in-band one",
-            last_ratio,
-        )
+        if ddp.is_main():
+            log.warning(
+                "the last shape (FLOPs ratio %.3f) is outside the band; "
+                "keeping the best in-band one",
+                last_ratio,
+            )
         kept = best_shape
-    if not last_ok and best_shape is None:
+    if not last_ok and best_shape is None and ddp.is_main():
         log.warning(
             "no epoch ended inside the budget band [%.3f, %.3f]; the last shape has ratio %.3f. "
             "Search longer or raise arch_lr",
@@ -427,8 +534,7 @@ def _finish(
             if shape is not None:
                 f, p = net.shape_cost(shape)
                 shape.save(out / name, **extra, flops=f, params=p, flops_ratio=f / net.full_flops)
-        torch.save({"model": net.state_dict()}, out / "supernet.pt.tmp")
-        (out / "supernet.pt.tmp").replace(out / "supernet.pt")
+        save_checkpoint(out / "supernet.pt", {"model": net.state_dict()})
         kept.save(
             out / "shape.json",
             **extra,

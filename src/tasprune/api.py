@@ -1,0 +1,233 @@
+"""The library API in five calls: ``train``, ``search``, ``distill``, ``run``, ``load``.
+
+Data arguments take an :class:`~tasprune.data.ArrayDataset` or any small map-style
+``torch.utils.data.Dataset`` yielding ``(image CxHxW, int label)``; the latter is materialised
+in memory by :func:`as_array_dataset` (float images must lie in [0, 1]; they are stored as
+uint8 = round(255 x), and the per-channel mean/std are computed from them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sized
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasprune.config import DistillConfig, Recipe, deep_merge, load_recipe, validate_model
+from tasprune.data import ArrayDataset, DeviceLoader
+from tasprune.distill import distill as _distill
+from tasprune.distill import model_meta
+from tasprune.engine import TrainConfig, fit
+from tasprune.errors import ConfigError, DataError
+from tasprune.models import create_model, get_model_spec
+from tasprune.pipeline import load_model_checkpoint, resolve_model_file
+from tasprune.pipeline import run as _run
+from tasprune.search import search
+from tasprune.shape import Shape
+from tasprune.utils import pick_device
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["as_array_dataset", "distill", "load", "run", "search", "train"]
+
+DataLike = ArrayDataset | Dataset[Any]
+
+
+def as_array_dataset(
+    data: DataLike, name: str = "custom", num_classes: int | None = None
+) -> ArrayDataset:
+    """An in-memory :class:`ArrayDataset` from ``data`` (returned as is when it already is one).
+
+    Images may be uint8 (0-255) or float in [0, 1] (stored as ``round(255 x)``); labels are
+    ints. ``num_classes`` defaults to the largest label + 1.
+    """
+    if isinstance(data, ArrayDataset):
+        return data
+    if not isinstance(data, Sized) or len(data) == 0:
+        raise DataError(f"dataset {name!r} is empty or has no len(). Fix: pass a sized Dataset")
+    images: list[torch.Tensor] = []
+    labels: list[int] = []
+    for i in range(len(data)):
+        x, y = data[i]
+        x = torch.as_tensor(x)
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        if x.dim() != 3:
+            raise DataError(
+                f"dataset {name!r} item {i}: image shape {tuple(x.shape)} is not C x H x W. "
+                "Fix: yield (C x H x W tensor, int label)"
+            )
+        if x.dtype != torch.uint8:
+            x = x.float()
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0 or hi > 1:
+                raise DataError(
+                    f"dataset {name!r} item {i}: float pixels in [{lo:.3g}, {hi:.3g}], not "
+                    "[0, 1]. Fix: yield unnormalised images (e.g. transforms.ToTensor() only)"
+                )
+            x = (x * 255).round().to(torch.uint8)
+        images.append(x)
+        labels.append(int(y))
+    try:
+        stacked = torch.stack(images)
+    except RuntimeError:
+        raise DataError(
+            f"dataset {name!r}: images have different sizes. Fix: resize them to one size"
+        ) from None
+    scaled = stacked.float().div_(255)
+    mean = tuple(float(v) for v in scaled.mean(dim=(0, 2, 3)))
+    std = tuple(max(float(v), 1e-6) for v in scaled.std(dim=(0, 2, 3)))
+    classes = num_classes if num_classes is not None else max(labels) + 1
+    if min(labels) < 0 or max(labels) >= classes:
+        raise DataError(f"dataset {name!r}: labels outside 0..{classes - 1}. Fix: remap them")
+    return ArrayDataset(
+        images=stacked,
+        labels=torch.tensor(labels, dtype=torch.int64),
+        num_classes=classes,
+        mean=mean,
+        std=std,
+        name=name,
+    )
+
+
+def train(
+    model: str,
+    train_data: DataLike,
+    test_data: DataLike,
+    cfg: TrainConfig | dict[str, Any],
+    out_dir: str | Path | None,
+    *,
+    shape: Shape | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    crop_padding: int = 4,
+    flip: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the registered ``model`` (unpruned, or at ``shape``) with cross-entropy.
+
+    Writes (and resumes from) ``out_dir``: model.pt with the meta :func:`load` needs,
+    final.json, history.jsonl. Returns the final test metrics.
+    """
+    tcfg = cfg if isinstance(cfg, TrainConfig) else validate_model(TrainConfig, cfg, "train")
+    train_ds = as_array_dataset(train_data, "train")
+    test_ds = as_array_dataset(test_data, train_ds.name, train_ds.num_classes)
+    full = get_model_spec(model).full_shape()
+    shape = shape or full
+    dev = pick_device(device) if isinstance(device, str) else device
+    torch.manual_seed(tcfg.seed)
+    net = create_model(
+        model, shape, num_classes=train_ds.num_classes, in_channels=train_ds.in_channels
+    )
+    role = "teacher" if shape == full else "student"
+    loaders = (
+        DeviceLoader(
+            train_ds,
+            tcfg.batch_size,
+            train=True,
+            device=dev,
+            crop_padding=crop_padding,
+            flip=flip,
+            seed=tcfg.seed,
+        ),
+        DeviceLoader(test_ds, tcfg.batch_size, train=False, device=dev),
+    )
+    full_meta = {**model_meta(model, shape, train_ds, role), **(meta or {})}
+    out = Path(out_dir) if out_dir is not None else None
+    return fit(net, *loaders, tcfg, out, device=dev, meta=full_meta, progress=progress)
+
+
+def distill(
+    shape: Shape | str | Path,
+    teacher: nn.Module | str | Path,
+    train_data: DataLike,
+    test_data: DataLike,
+    cfg: DistillConfig | dict[str, Any],
+    out_dir: str | Path | None,
+    *,
+    model: str | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    crop_padding: int = 4,
+    flip: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the pruned network of ``shape`` with KD from ``teacher``; return its metrics.
+
+    ``shape`` is a Shape or a shape.json (whose ``model`` is used unless ``model`` is given);
+    ``teacher`` a module (then ``model`` is required) or a run folder / model.pt.
+    """
+    dcfg = cfg if isinstance(cfg, DistillConfig) else validate_model(DistillConfig, cfg, "distill")
+    name = model
+    if not isinstance(shape, Shape):
+        shape, info = Shape.load(shape)
+        name = name or info.get("model")
+    if not isinstance(teacher, nn.Module):
+        teacher, tmeta = load_model_checkpoint(resolve_model_file(teacher, prefer=("teacher",)))
+        name = name or tmeta.get("model")
+    if not name:
+        raise ConfigError("distill does not know the model name. Fix: pass model='cifar_resnet20'")
+    if dcfg.init == "supernet":
+        raise ConfigError(
+            "api.distill has no supernet weights. Fix: use init 'teacher' or 'scratch', or "
+            "tasprune.run for the whole pipeline"
+        )
+    train_ds = as_array_dataset(train_data, "train")
+    test_ds = as_array_dataset(test_data, train_ds.name, train_ds.num_classes)
+    return _distill(
+        str(name),
+        shape,
+        teacher,
+        train_ds,
+        test_ds,
+        dcfg,
+        out_dir,
+        device=device,
+        meta=meta,
+        progress=progress,
+        crop_padding=crop_padding,
+        flip=flip,
+    )
+
+
+def run(
+    recipe_or_path: Recipe | str | Path,
+    out_dir: str | Path,
+    *,
+    from_stage: str | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run a whole recipe into ``out_dir`` (see :func:`tasprune.pipeline.run`).
+
+    Keyword overrides use ``__`` for nesting: ``run("r.yaml", "out", search__epochs=2)``.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = nested
+        parts = key.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    if isinstance(recipe_or_path, Recipe):
+        data = deep_merge(recipe_or_path.model_dump(mode="json"), nested)
+        recipe = validate_model(Recipe, data, "recipe")
+    else:
+        recipe = load_recipe(recipe_or_path, nested)
+    return _run(recipe, Path(out_dir), from_stage=from_stage, progress=progress)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained (pruned) network in eval mode, rebuilt from its checkpoint's meta.
+
+    ``path``: a run folder (its student/model.pt), a fit folder (model.pt) or a model.pt file.
+    Loading is weights-only (see :func:`tasprune.pipeline.load_model_checkpoint` for the meta).
+    """
+    model, _ = load_model_checkpoint(resolve_model_file(path, prefer=("student",)))
+    model.to(map_location)
+    model.eval()
+    return model

@@ -1,0 +1,585 @@
+"""``tasprune`` command line: thin sub-commands over the library's plain functions.
+
+Precedence of settings: built-in defaults < ``--config`` YAML < ``--set key=value`` < flags.
+The resolved recipe is written into the output folder. A :class:`TaspruneError` ends the
+command with one ``error: ...`` line on stderr and exit code 2 (a traceback only with
+``--debug`` or ``TASPRUNE_DEBUG=1``); Ctrl-C exits 130 and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasprune.config import Recipe, deep_merge, dump_recipe, load_recipe, parse_overrides
+from tasprune.errors import ConfigError, TaspruneError
+
+logger = logging.getLogger(__name__)
+
+STAGE_NAMES = ("teacher", "search", "distill", "report")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _recipe(config: Path | None, sets: Sequence[str], flags: dict[str, Any]) -> Recipe:
+    """defaults < YAML < --set < flags (flags given as a nested dict, None values dropped)."""
+    extra = deep_merge(parse_overrides(sets), _drop_none(flags))
+    return load_recipe(config, extra)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            inner = _drop_none(v)
+            if inner:
+                out[k] = inner
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _write_config(out: Path, recipe: Recipe, name: str = "config.yaml") -> None:
+    from tasprune.utils import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / name, dump_recipe(recipe))
+
+
+def _emit(obj: dict[str, Any], as_json: bool, text: str) -> None:
+    print(json.dumps(obj) if as_json else text)
+
+
+def _input_size(model: str, given: Sequence[int] | None) -> tuple[int, int, int]:
+    from tasprune.models import get_model_spec
+
+    spec = get_model_spec(model)
+    if given is None:
+        return spec.default_input
+    c, h, w = (int(v) for v in given)
+    if min(c, h, w) < 1:
+        raise ConfigError(f"--input-size {c} {h} {w} must be positive. Fix: e.g. 3 32 32")
+    return c, h, w
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_flops(
+    model: str | None,
+    shape: Path | None = None,
+    input_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    as_json: bool = False,
+) -> int:
+    """Exact FLOPs (multiply-accumulates) and parameters of a model, optionally pruned."""
+    from tasprune.cost import model_cost
+    from tasprune.shape import Shape
+
+    info: dict[str, Any] = {}
+    sh: Shape | None = None
+    if shape is not None:
+        sh, info = Shape.load(shape)
+    name = model or info.get("model")
+    if not name:
+        raise ConfigError("flops needs a model. Fix: pass --model NAME (see `tasprune space`)")
+    if input_size is None and isinstance(info.get("input_size"), list):
+        input_size = info["input_size"]
+    size = _input_size(name, input_size)
+    classes = num_classes or int(info.get("num_classes", 10))
+    flops, params = model_cost(name, sh, size, classes)
+    full_flops, full_params = model_cost(name, None, size, classes)
+    obj = {
+        "model": name,
+        "input_size": list(size),
+        "num_classes": classes,
+        "flops": flops,
+        "params": params,
+        "flops_ratio": flops / full_flops,
+        "params_ratio": params / full_params,
+    }
+    text = (
+        f"{name} @ {'x'.join(map(str, size))}, {classes} classes: {flops / 1e6:.2f} MFLOPs (MACs), "
+        f"{params / 1e6:.3f} M params"
+    )
+    if sh is not None:
+        text += f" ({100 * obj['flops_ratio']:.1f}% FLOPs, {100 * obj['params_ratio']:.1f}% params)"
+    _emit(obj, as_json, text)
+    return 0
+
+
+def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool = False) -> int:
+    """Width candidates per conv, depth candidates per stage, and the reachable FLOPs range."""
+    from tasprune.search import SearchConfig, SuperNet, feasible_range
+
+    size = _input_size(model, input_size)
+    net = SuperNet(model, in_channels=size[0], input_size=size[1:], options=SearchConfig().space())
+    smallest, largest = feasible_range(net)
+    widths = {n: net.width_of[n].candidates for n in net.full_shape.widths}
+    depths = {s: c.candidates for s, c in net.depth_of.items()}
+    obj = {
+        "model": model,
+        "input_size": list(size),
+        "widths": widths,
+        "depths": depths,
+        "min_flops": smallest,
+        "max_flops": largest,
+        "min_flops_ratio": smallest / largest,
+    }
+    lines = [f"{model} @ {'x'.join(map(str, size))}"]
+    lines += [f"  width {n}: {c}" for n, c in widths.items()]
+    lines += [f"  depth {s}: {c}" for s, c in depths.items()]
+    lines.append(
+        f"  FLOPs: {smallest / 1e6:.2f} .. {largest / 1e6:.2f} M "
+        f"(smallest ratio {smallest / largest:.3f})"
+    )
+    _emit(obj, as_json, "\n".join(lines))
+    return 0
+
+
+def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
+    """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
+    from tasprune.api import train
+    from tasprune.pipeline import load_run_data, with_recipe_seed
+    from tasprune.utils import pick_device
+
+    _write_config(out, recipe)
+    train_data, test_data = load_run_data(recipe)
+    cfg = with_recipe_seed(recipe.teacher.train, recipe)
+    metrics = train(
+        recipe.model,
+        train_data,
+        test_data,
+        cfg,
+        out,
+        device=pick_device(recipe.device),
+        progress=progress,
+        crop_padding=recipe.data.crop_padding,
+        flip=recipe.data.flip,
+        meta={"recipe": recipe.model_dump(mode="json")},
+    )
+    print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
+    return 0
+
+
+def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any]]:
+    from tasprune.pipeline import load_model_checkpoint, resolve_model_file
+
+    net, meta = load_model_checkpoint(resolve_model_file(path, prefer=("teacher",)))
+    if model is not None and meta.get("model") != model:
+        raise ConfigError(
+            f"teacher {path} is a {meta.get('model')}, not {model}. Fix: pass a matching --teacher"
+        )
+    return net, meta
+
+
+def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
+    """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
+    from tasprune.pipeline import load_run_data, with_recipe_seed
+    from tasprune.search import search
+    from tasprune.utils import pick_device
+
+    state = _teacher_from(teacher, recipe.model)[0].state_dict() if teacher else None
+    _write_config(out, recipe)
+    train_data, _ = load_run_data(recipe)
+    cfg = with_recipe_seed(recipe.search, recipe)
+    result = search(
+        recipe.model,
+        train_data,
+        cfg,
+        out,
+        teacher_state=state,
+        device=pick_device(recipe.device),
+        progress=progress,
+        crop_padding=recipe.data.crop_padding,
+        flip=recipe.data.flip,
+    )
+    print(
+        f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
+        f"{result.params / 1e6:.3f} M params"
+    )
+    return 0
+
+
+def cmd_distill(
+    recipe: Recipe, out: Path, shape: Path, teacher: Path, progress: bool = True
+) -> int:
+    """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
+    from tasprune.distill import distill
+    from tasprune.pipeline import load_run_data, load_supernet_state, with_recipe_seed
+    from tasprune.shape import Shape
+    from tasprune.utils import pick_device
+
+    sh, info = Shape.load(shape)
+    model = str(info.get("model") or recipe.model)
+    net, meta = _teacher_from(teacher, model)
+    if "name" not in recipe.data.model_fields_set and meta.get("dataset"):
+        recipe = recipe.model_copy(
+            update={"data": recipe.data.model_copy(update={"name": meta["dataset"]})}
+        )
+    recipe = recipe.model_copy(update={"model": model})
+    _write_config(out, recipe)
+    train_data, test_data = load_run_data(recipe)
+    cfg = recipe.distill
+    cfg = cfg.model_copy(update={"train": with_recipe_seed(cfg.train, recipe)})
+    supernet = None
+    if cfg.init == "supernet":
+        supernet = load_supernet_state(shape.parent / "supernet.pt")
+    metrics = distill(
+        model,
+        sh,
+        net,
+        train_data,
+        test_data,
+        cfg,
+        out,
+        supernet_state=supernet,
+        space=recipe.search.space(),
+        device=pick_device(recipe.device),
+        meta={"recipe": recipe.model_dump(mode="json")},
+        progress=progress,
+        crop_padding=recipe.data.crop_padding,
+        flip=recipe.data.flip,
+    )
+    print(
+        f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
+        f"{metrics['flops'] / 1e6:.2f} MFLOPs"
+    )
+    return 0
+
+
+def cmd_run(recipe: Recipe, out: Path, from_stage: str | None = None, progress: bool = True) -> int:
+    """Run teacher -> search -> distill -> report into ``out`` (resumes; skips finished stages)."""
+    from tasprune.pipeline import run
+
+    result = run(recipe, out, from_stage=from_stage, progress=progress)
+    print(result["table"])
+    return 0
+
+
+def cmd_report(run_dir: Path) -> int:
+    """Write report.json / report.md / plots for a finished run folder."""
+    import importlib
+
+    try:
+        write_report = importlib.import_module("tasprune.report").write_report
+    except (ImportError, AttributeError):
+        raise ConfigError("this installation has no report module. Fix: update tasprune") from None
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist. Fix: pass a `tasprune run` --out")
+    kwargs: dict[str, Any] = {}
+    if (run_dir / "recipe.yaml").is_file():
+        rc = load_recipe(run_dir / "recipe.yaml").report
+        kwargs = {"latency_batches": tuple(rc.latency_batches), "repeats": rc.latency_repeats}
+    write_report(run_dir, device="cpu", **kwargs)
+    print(f"{run_dir}/report.md")
+    return 0
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default unless it is None/False/[] (those defer to the recipe)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+_D = Recipe()  # built-in defaults, quoted in --help
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (or TASPRUNE_DEBUG=1)")
+
+
+def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set search.arch_lr=0.05 (repeatable)",
+    )
+    p.add_argument(
+        "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
+    )
+    if data:
+        p.add_argument(
+            "--data",
+            default=None,
+            help=f"fashion-mnist | cifar10 | cifar100 (default {_D.data.name})",
+        )
+        p.add_argument(
+            "--data-root",
+            default=None,
+            help="folder holding the dataset files (default: the dataset's usual places)",
+        )
+        p.add_argument(
+            "--train-subset",
+            type=int,
+            default=None,
+            help="use a stratified subset of N training images (default: all)",
+        )
+        p.add_argument(
+            "--test-subset",
+            type=int,
+            default=None,
+            help="use a stratified subset of N test images (default: all)",
+        )
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default {_D.seed})")
+
+
+def _data_flags(a: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "device": a.device,
+        "seed": a.seed,
+        "data": {
+            "name": getattr(a, "data", None),
+            "root": getattr(a, "data_root", None),
+            "train_subset": getattr(a, "train_subset", None),
+            "test_subset": getattr(a, "test_subset", None),
+        },
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tasprune",
+        description="Network pruning via Transformable Architecture Search (TAS).",
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, fn: Callable[..., int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=fn.__doc__, formatter_class=_Formatter)
+        _common(p)
+        return p
+
+    p = add("train", cmd_train, "train an unpruned network")
+    p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"teacher.train.epochs (default {_D.teacher.train.epochs})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step (default {_D.teacher.train.batch_size})",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate (default {_D.teacher.train.lr})"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
+    )
+    _recipe_args(p)
+
+    p = add("flops", cmd_flops, "exact FLOPs and params of a (pruned) model")
+    p.add_argument("--model", default=None, help="registered model (default: shape's model)")
+    p.add_argument("--shape", type=Path, default=None, help="shape.json of a pruned network")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        default=None,
+        help="input size (default: the shape's, else the model's 3 32 32)",
+    )
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="classes (default: the shape's, else 10)"
+    )
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+
+    p = add("space", cmd_space, "the search space of a model")
+    p.add_argument("--model", required=True, help="registered model")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        default=None,
+        help="input size (default: the model's)",
+    )
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+
+    p = add("search", cmd_search, "search a pruned shape under a FLOPs budget")
+    p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
+    p.add_argument(
+        "--flops-ratio",
+        type=float,
+        default=None,
+        help=f"target FLOPs / unpruned FLOPs (default {_D.search.flops_ratio})",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"search.epochs (default {_D.search.epochs})"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step per split (default {_D.search.batch_size})",
+    )
+    p.add_argument(
+        "--arch-lr",
+        type=float,
+        default=None,
+        help=f"architecture Adam lr (default {_D.search.arch_lr})",
+    )
+    p.add_argument(
+        "--teacher", type=Path, default=None, help="run folder or model.pt to warm-start"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
+    )
+    _recipe_args(p)
+
+    p = add("distill", cmd_distill, "train a pruned shape with knowledge distillation")
+    p.add_argument("--shape", type=Path, required=True, help="shape.json from a search")
+    p.add_argument("--teacher", type=Path, required=True, help="run folder or model.pt")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"distill.train.epochs (default {_D.distill.train.epochs})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step (default {_D.teacher.train.batch_size})",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate (default {_D.teacher.train.lr})"
+    )
+    p.add_argument(
+        "--init",
+        choices=("scratch", "supernet", "teacher"),
+        default=None,
+        help=f"student initialisation (default {_D.distill.init})",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
+    )
+    _recipe_args(p)
+
+    p = add("run", cmd_run, "the whole pipeline from a recipe")
+    p.add_argument("recipe", type=Path, help="recipe YAML (see configs/)")
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumes there)")
+    p.add_argument(
+        "--from-stage",
+        choices=STAGE_NAMES,
+        default=None,
+        help="rerun this stage and the later ones (old outputs are moved aside)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set distill.train.epochs=5 (repeatable)",
+    )
+    p.add_argument(
+        "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
+    )
+
+    p = add("report", cmd_report, "write report.json/report.md/plots of a run folder")
+    p.add_argument("run_dir", type=Path, help="a `tasprune run` --out folder")
+    return parser
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    progress = not a.quiet
+    if a.command == "flops":
+        return cmd_flops(a.model, a.shape, a.input_size, a.num_classes, a.as_json)
+    if a.command == "space":
+        return cmd_space(a.model, a.input_size, a.as_json)
+    if a.command == "report":
+        return cmd_report(a.run_dir)
+    if a.command == "run":
+        recipe = _recipe(a.recipe, a.sets, {"device": a.device})
+        return cmd_run(recipe, a.out, a.from_stage, progress)
+    flags = _data_flags(a)
+    if a.command == "train":
+        flags.update(model=a.model)
+        flags["teacher"] = {"train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr}}
+        return cmd_train(_recipe(a.config, a.sets, flags), a.out, progress)
+    if a.command == "search":
+        flags.update(model=a.model)
+        flags["search"] = {
+            "flops_ratio": a.flops_ratio,
+            "epochs": a.epochs,
+            "batch_size": a.batch_size,
+            "arch_lr": a.arch_lr,
+        }
+        return cmd_search(_recipe(a.config, a.sets, flags), a.out, a.teacher, progress)
+    if a.command == "distill":
+        flags["distill"] = {
+            "init": a.init,
+            "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr},
+        }
+        return cmd_distill(_recipe(a.config, a.sets, flags), a.out, a.shape, a.teacher, progress)
+    raise ConfigError(f"unknown command {a.command!r}. Fix: see tasprune --help")
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("tasprune")
+    for h in [h for h in log.handlers if getattr(h, "_tasprune_cli", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    handler._tasprune_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tasprune`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TASPRUNE_DEBUG", "") not in ("", "0")
+    _setup_logging(args.quiet)
+    try:
+        return _dispatch(args)
+    except TaspruneError as err:
+        if debug:
+            raise
+        print(
+            f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

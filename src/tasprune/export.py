@@ -1,0 +1,324 @@
+"""Export a trained (usually pruned) network to ONNX, TorchScript or safetensors.
+
+The source is a run folder (its ``student/model.pt``), a fit folder or any ``model.pt``
+written by tasprune; the network is rebuilt from the checkpoint's meta (model name + Shape),
+so nothing is unpickled. Every export is checked before it is kept: ONNX and TorchScript
+outputs must match PyTorch's on a fresh random batch (of another size than the one traced,
+which also proves the batch axis is dynamic). safetensors stores only tensors, plus a sidecar
+JSON with the meta that rebuilds the module without pickle (:func:`load_safetensors`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from tasprune.errors import CheckpointError, ConfigError, TaspruneError
+from tasprune.models import create_model, get_model_spec
+from tasprune.shape import Shape
+from tasprune.utils import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ExportError",
+    "ExportFormat",
+    "default_export_path",
+    "export_model",
+    "load_exportable",
+    "load_safetensors",
+]
+
+ExportFormat = Literal["onnx", "torchscript", "safetensors"]
+FORMATS: tuple[str, ...] = get_args(ExportFormat)
+SUFFIXES: dict[str, str] = {
+    "onnx": ".onnx",
+    "torchscript": ".torchscript.pt",
+    "safetensors": ".safetensors",
+}
+OPSET = 17
+VERIFY_BATCH = 8  # images in the random batch every export is checked on
+TRACE_BATCH = 2  # batch traced/exported; differs from VERIFY_BATCH to exercise the dynamic axis
+# Meta keys needed to rebuild a network (the sidecar of a safetensors export holds these).
+META_KEYS: tuple[str, ...] = (
+    "model",
+    "shape",
+    "num_classes",
+    "in_channels",
+    "input_size",
+    "dataset",
+    "role",
+)
+
+
+class ExportError(TaspruneError):
+    """An export failed or does not reproduce the PyTorch network."""
+
+
+@contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """Hide the exporters' deprecation chatter (legacy ONNX exporter, torch.jit)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def _input_size(meta: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) the network was trained on; the family's default size when not recorded."""
+    size = meta.get("input_size")
+    if isinstance(size, list | tuple) and len(size) == 3:
+        return int(size[0]), int(size[1]), int(size[2])
+    _, h, w = get_model_spec(str(meta["model"])).default_input
+    return int(meta.get("in_channels", 3)), h, w
+
+
+def load_exportable(
+    source: str | os.PathLike[str], prefer: tuple[str, ...] = ("student",)
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """(eval-mode model, meta with ``input_size`` filled in, the model.pt used) of ``source``.
+
+    ``source`` is a model.pt file, a fit folder holding one, or a run folder whose ``prefer``
+    sub-folders are searched (the pruned ``student`` by default).
+    """
+    from tasprune.pipeline import load_model_checkpoint, resolve_model_file
+
+    path = resolve_model_file(Path(source), prefer=prefer)
+    model, meta = load_model_checkpoint(path)
+    meta = {**meta, "input_size": list(_input_size(meta))}
+    return model.eval(), meta, path
+
+
+def default_export_path(model_file: Path, fmt: str, role: str | None = None) -> Path:
+    """``DIR/export/pruned.<ext>`` for a run's student (``teacher.<ext>`` for its teacher)."""
+    folder = model_file.parent
+    if folder.name in ("student", "teacher"):
+        folder = folder.parent  # the run folder
+    name = "teacher" if role == "teacher" else "pruned"
+    return folder / "export" / f"{name}{SUFFIXES[fmt]}"
+
+
+def _random_batch(meta: dict[str, Any], batch: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *_input_size(meta), generator=gen)  # N, C, H, W
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path, atol: float) -> None:
+    """ONNX (opset 17, dynamic batch axis) via the TorchScript-based exporter, then verified.
+
+    The torch.export-based exporter (``dynamo=True``) needs onnxscript, which is not a
+    dependency; the legacy exporter covers every op these CNNs use.
+    """
+    example = _random_batch(meta, TRACE_BATCH, seed=0)
+    with tempfile.TemporaryDirectory(prefix="tasprune-onnx-") as tmp:
+        tmp_file = Path(tmp) / "model.onnx"
+        try:
+            with _quiet_exporters():
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(tmp_file),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=["input"],
+                    output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                )
+        except Exception as err:  # the exporter raises many unrelated exception types
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ExportError(
+                f"ONNX export of {meta['model']} failed ({first[:200]}). "
+                "Fix: export to torchscript or safetensors instead"
+            ) from err
+        _verify_onnx(model, meta, tmp_file, atol)
+        atomic_write_bytes(out, tmp_file.read_bytes(), error_cls=ExportError)
+
+
+def _verify_onnx(model: nn.Module, meta: dict[str, Any], path: Path, atol: float) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ExportError(
+            "onnxruntime is not installed, so the ONNX export cannot be verified. "
+            "Fix: pip install 'tasprune[export]'"
+        ) from err
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own untyped exception classes
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportError(
+            f"onnxruntime cannot load the exported {meta['model']} ({first[:200]}). "
+            "Fix: export to torchscript or safetensors instead"
+        ) from err
+    x = _random_batch(meta, VERIFY_BATCH, seed=1)
+    with torch.inference_mode():
+        ref = model(x)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    diff = _max_diff(got, ref) if got.shape == ref.shape else float("inf")
+    if diff > atol:
+        raise ExportError(
+            f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {atol:g}) on a batch "
+            f"of {VERIFY_BATCH}. Fix: export to torchscript or safetensors instead, and "
+            "report the model and shape"
+        )
+    logger.info("ONNX export verified: max |onnxruntime - torch| = %.2e", diff)
+
+
+def _export_torchscript(model: nn.Module, meta: dict[str, Any], out: Path, atol: float) -> None:
+    example = _random_batch(meta, TRACE_BATCH, seed=0)
+    x = _random_batch(meta, VERIFY_BATCH, seed=1)
+    try:
+        with _quiet_exporters(), torch.no_grad():
+            traced = torch.jit.trace(model, (example,), check_trace=False)
+            ref = model(x)
+            got = traced(x)
+            buf = io.BytesIO()
+            torch.jit.save(traced, buf)
+    except Exception as err:  # tracing raises RuntimeError/TypeError/... depending on the op
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExportError(
+            f"TorchScript trace of {meta['model']} failed ({first[:200]}). "
+            "Fix: export to onnx or safetensors instead"
+        ) from err
+    diff = _max_diff(got, ref)
+    if diff > atol:
+        raise ExportError(
+            f"traced TorchScript output differs from PyTorch by {diff:.3g} (> {atol:g}). "
+            "Fix: export to onnx or safetensors instead"
+        )
+    atomic_write_bytes(out, buf.getvalue(), error_cls=ExportError)
+
+
+def _sidecar(path: Path) -> Path:
+    """``pruned.safetensors`` -> ``pruned.json``."""
+    return path.with_suffix(".json")
+
+
+def _export_safetensors(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sidecar = {k: meta[k] for k in META_KEYS if k in meta}
+    # The meta also goes into the file header, so the file alone still rebuilds the network.
+    data = save(state, metadata={"format": "pt", "tasprune_meta": json.dumps(sidecar)})
+    atomic_write_bytes(out, data, error_cls=ExportError)
+    atomic_write_text(_sidecar(out), json.dumps(sidecar, indent=2) + "\n", error_cls=ExportError)
+
+
+def export_model(
+    source: str | os.PathLike[str],
+    fmt: ExportFormat = "onnx",
+    out: str | os.PathLike[str] | None = None,
+    *,
+    atol: float = 1e-4,
+) -> Path:
+    """Export the network in ``source`` as ``fmt`` and return the written file.
+
+    ``source``: a run folder (its pruned ``student/model.pt``), a fit folder, or a model.pt
+    file (e.g. ``DIR/teacher/model.pt``). ``out`` defaults to ``DIR/export/pruned.<ext>``
+    (``teacher.<ext>`` for a teacher); an existing folder receives that default name. ONNX
+    and TorchScript exports whose outputs differ from PyTorch by more than ``atol`` on a
+    random batch raise :class:`ExportError` and leave no file behind.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}. Fix: use one of {', '.join(FORMATS)}")
+    model, meta, model_file = load_exportable(source)
+    target = default_export_path(model_file, fmt, meta.get("role"))
+    if out is not None:
+        given = Path(out).expanduser()
+        target = given / target.name if given.is_dir() else given
+    if fmt == "onnx":
+        _export_onnx(model, meta, target, atol)
+    elif fmt == "torchscript":
+        _export_torchscript(model, meta, target, atol)
+    else:
+        _export_safetensors(model, meta, target)
+    logger.info("exported %s (%s) to %s", model_file, fmt, target)
+    return target
+
+
+def _safetensors_meta(path: Path) -> dict[str, Any]:
+    """The rebuild meta: the sidecar JSON, or the copy in the file header if it is gone."""
+    side = _sidecar(path)
+    if side.is_file():
+        try:
+            data = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ExportError(
+                f"{side} is not valid JSON ({err}). Fix: re-export with "
+                "`tasprune export --format safetensors`"
+            ) from None
+        if isinstance(data, dict):
+            return data
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        header = fh.metadata() or {}
+    if "tasprune_meta" in header:
+        data = json.loads(header["tasprune_meta"])
+        if isinstance(data, dict):
+            return data
+    raise ExportError(
+        f"{path} has no model meta (no {side.name} next to it and none in its header). "
+        "Fix: keep the JSON written beside the .safetensors file, or re-export"
+    )
+
+
+def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild a network exported by ``export_model(..., "safetensors")``, in eval mode.
+
+    No pickle is involved: the architecture comes from the JSON meta (model name + Shape), the
+    weights from the safetensors file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(
+            f"{p} does not exist. Fix: export one with `tasprune export --format safetensors`"
+        )
+    try:
+        meta = _safetensors_meta(p)
+        state = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{p} is not a readable safetensors file ({err}). Fix: re-export it"
+        ) from err
+    for key in ("model", "shape"):
+        if key not in meta:
+            raise ExportError(f"the meta of {p} lacks '{key}'. Fix: re-export the model")
+    model = create_model(
+        str(meta["model"]),
+        Shape.from_dict(meta["shape"]),
+        num_classes=int(meta.get("num_classes", 10)),
+        in_channels=int(meta.get("in_channels", 3)),
+    )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(
+            f"weights in {p} do not fit {meta['model']} at its stored shape ({first}). "
+            "Fix: keep the .safetensors and .json of one export together"
+        ) from None
+    return model.eval()

@@ -1,0 +1,149 @@
+"""The `tasprune` command line: one-line errors, JSON output, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tasprune
+import tasprune.cli as cli
+from tasprune.cli import main
+from tasprune.cost import model_cost
+from tasprune.shape import Shape
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TINY = ["--data", "fashion-mnist", "--train-subset", "160", "--test-subset", "64"]
+TINY += ["--device", "cpu", "--batch-size", "64", "-q"]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TASPRUNE_DEBUG", None)
+    code = "from tasprune.cli import main; raise SystemExit(main())"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_flops_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["flops", "--model", "cifar_resnet20", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["flops"] == 40813184 and isinstance(obj["params"], int)
+    assert obj["model"] == "cifar_resnet20" and obj["input_size"] == [3, 32, 32]
+
+
+def test_flops_of_a_shape_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    full = tasprune.get_model_spec("cifar_resnet20").full_shape()
+    shape = full.replace(depths={"layer1": 1})
+    shape.save(tmp_path / "s.json", model="cifar_resnet20", input_size=[1, 28, 28])
+    assert main(["flops", "--shape", str(tmp_path / "s.json"), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert (obj["flops"], obj["params"]) == model_cost("cifar_resnet20", shape, (1, 28, 28))
+
+
+def test_space_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["space", "--model", "cifar_resnet20", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["widths"]["stem"] == [4, 6, 8, 9, 11, 12, 14, 16]
+    assert obj["depths"]["layer1"] == [1, 2, 3]
+    assert 0 < obj["min_flops"] < obj["max_flops"] == 40813184
+
+
+def test_unknown_model_is_one_line_via_entry_point() -> None:
+    proc = _cli("flops", "--model", "resnet9000")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "cifar_resnet20" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: cifar_resnet20\nsearch:\n  flops_ratoi: 0.5\n")
+    code = main(["train", "--config", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error:") and "search.flops_ratoi" in err[0]
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_debug_shows_the_traceback() -> None:
+    with pytest.raises(tasprune.errors.ConfigError):
+        main(["flops", "--model", "nope", "--debug"])
+
+
+def test_ctrl_c_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_flops", interrupted)
+    assert main(["flops", "--model", "cifar_resnet20"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; rerun the same command to resume"
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "flops", "space", "search", "distill", "run", "report"]
+)
+def test_help_of_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: tasprune " + command in out and "--quiet" in out
+
+
+def test_train_search_distill_end_to_end(tmp_path: Path) -> None:
+    t, s, d = tmp_path / "teacher", tmp_path / "search", tmp_path / "student"
+    assert (
+        main(["train", "--model", "cifar_resnet20", "--epochs", "1", *TINY, "--out", str(t)]) == 0
+    )
+    assert (t / "model.pt").is_file() and (t / "config.yaml").is_file()
+    assert tasprune.load_recipe(t / "config.yaml").teacher.train.epochs == 1
+    args = ["--flops-ratio", "0.5", "--epochs", "1", "--set", "search.valid_batches=1"]
+    assert (
+        main(
+            [
+                "search",
+                "--model",
+                "cifar_resnet20",
+                *args,
+                "--teacher",
+                str(t),
+                *TINY,
+                "--out",
+                str(s),
+            ]
+        )
+        == 0
+    )
+    info = json.loads((s / "shape.json").read_text())
+    assert info["input_size"] == [1, 28, 28]
+    assert (
+        main(
+            [
+                "distill",
+                "--shape",
+                str(s / "shape.json"),
+                "--teacher",
+                str(t),
+                "--epochs",
+                "1",
+                *TINY,
+                "--out",
+                str(d),
+            ]
+        )
+        == 0
+    )
+    model = tasprune.load(d)
+    assert sum(p.numel() for p in model.parameters()) == info["params"]
+    assert Shape.from_dict(
+        json.loads((d / "final.json").read_text())["meta"]["shape"]
+    ) == Shape.from_dict(info)
