@@ -6,6 +6,9 @@ callable ``loss_fn(model, x, y) -> (loss, logits)`` so knowledge distillation or
 search objective plug in without touching the loop.
 
 Epoch numbers are 0-based everywhere (history rows, checkpoints, log lines, errors).
+
+Under ``torchrun`` (see :mod:`tasprune.distributed`) ``fit`` wraps the model in DDP, expects
+loaders sharded by rank, all-reduces its metrics and writes files on rank 0 only.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from tasprune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tasprune.utils import (
@@ -174,8 +178,11 @@ def resolve_channels_last(setting: str, device: torch.device, model: nn.Module) 
 
 
 def progress_enabled(progress: bool) -> bool:
-    """Show a bar only if asked, not vetoed by ``TASPRUNE_NO_PROGRESS=1``, and on a terminal."""
+    """Show a bar only if asked, not vetoed by ``TASPRUNE_NO_PROGRESS=1``, on a terminal, and
+    (under DDP) on rank 0 only."""
     if not progress or os.environ.get("TASPRUNE_NO_PROGRESS", "") not in ("", "0"):
+        return False
+    if not ddp.is_main():
         return False
     try:
         return sys.stderr.isatty()
@@ -229,8 +236,12 @@ def train_one_epoch(
     grad_clip: float | None = None,
     progress: bool = True,
     check_every: int | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``loss`` (mean), ``top1`` (%), ``img_per_s``, ``seconds``.
+
+    With ``distributed`` (every rank calls it, ``model`` DDP-wrapped, ``loader`` this rank's
+    shard) the returned loss, top-1 and throughput cover all ranks' samples.
 
     The scheduler steps once per batch. Running sums stay on the device; on CPU the loss is
     checked every step (``.item()`` is free there), on accelerators every ``check_every``
@@ -304,6 +315,10 @@ def train_one_epoch(
         raise DataError("the training loader yielded no batches. Fix: check the data")
     if sync_every > 1:
         _check_bad(first_bad, loss_sum, epoch)
+    if distributed:
+        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))])
+        ddp.all_reduce_sum(totals)
+        loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
@@ -337,10 +352,13 @@ def evaluate(
     *,
     channels_last: bool = False,
     amp: bool = False,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Top-1 / top-k accuracy (percent, k = min(5, classes)) and mean cross-entropy.
 
-    The model is put in eval mode and returned to the mode it had.
+    The model is put in eval mode and returned to the mode it had. With ``distributed`` every
+    rank must call it; counts are summed over ranks, so all get the same numbers (whether the
+    loader is sharded or every rank sees all of it).
     """
     _loader_len(loader, "evaluation")
     was_training = model.training
@@ -364,6 +382,12 @@ def evaluate(
             seen += y.shape[0]
     finally:
         model.train(was_training)
+    if distributed:
+        totals = torch.stack(
+            [top1.double(), top5.double(), loss_sum, loss_sum.new_tensor(float(seen))]
+        )
+        ddp.all_reduce_sum(totals)
+        top1, top5, loss_sum, seen = totals[0], totals[1], totals[2], int(totals[3].item())
     if seen == 0:
         raise DataError("the evaluation loader yielded no batches. Fix: check the data")
     return {
@@ -431,6 +455,8 @@ def fit(
     progress: bool = True,
     params: Iterable[nn.Parameter] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    distributed: bool | None = None,
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resumably; return the final metrics.
 
@@ -450,8 +476,28 @@ def fit(
     epoch's checkpoint is saved (e.g. for annealing, or tests simulating a crash).
     Returned metrics: ``top1``, ``top5``, ``loss`` (test), ``train_loss``, ``train_top1``,
     ``epochs``.
+
+    ``distributed`` (default: whether a process group is initialised) trains with DDP: every
+    rank calls ``fit`` with the same arguments, ``device`` being its own GPU, and loaders
+    sharded by rank (the same number of batches on every rank) whose batch is the per-rank batch
+    (``distributed.per_rank_batch(cfg.batch_size, world_size)``: ``cfg.batch_size`` is global).
+    Metrics are all-reduced, so every rank returns the same; rank 0 alone writes the files
+    (checkpoint tensors are the plain module's, without DDP's ``module.`` prefix) and the
+    other ranks wait for it at a barrier before returning. On resume every rank reads the
+    checkpoint. ``sync_bn`` converts BatchNorm to SyncBatchNorm while training (CUDA only;
+    ``model`` gets its plain BatchNorm layers back at the end).
     """
     device = device if device is not None else pick_device("auto")
+    use_ddp = ddp.is_distributed() if distributed is None else distributed
+    if use_ddp and not ddp.is_distributed():
+        raise ConfigError(
+            "distributed training asked for but no process group exists. Fix: launch with "
+            "torchrun and call tasprune.distributed.init_from_env() first"
+        )
+    if use_ddp:
+        ddp.check_sharded(train_loader, "training")
+        ddp.check_sharded(test_loader, "evaluation", allow_unsharded=True)
+    main = ddp.is_main() if use_ddp else True
     meta = _check_json(meta or {})
     loss_fn = loss_fn if loss_fn is not None else cross_entropy_loss(cfg.label_smoothing)
     steps_per_epoch = _loader_len(train_loader, "training")
@@ -463,13 +509,15 @@ def fit(
         model.to(memory_format=torch.channels_last)
 
     ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
-    history = JsonlLogger(out_dir / "history.jsonl") if out_dir is not None else None
+    # Only rank 0 writes; every rank reads (finished runs, checkpoints).
+    history = JsonlLogger(out_dir / "history.jsonl") if out_dir is not None and main else None
     if out_dir is not None:
         done = _load_final(out_dir, cfg)
         if done is not None and (out_dir / "model.pt").exists():
             stored = load_checkpoint(out_dir / "model.pt")
             model.load_state_dict(stored["model"])
-            logger.info("%s already finished (final.json); not training again", out_dir)
+            if main:
+                logger.info("%s already finished (final.json); not training again", out_dir)
             return done
 
     optimizer = build_optimizer(model, cfg, params)
@@ -498,7 +546,7 @@ def fit(
             train_loader.load_state_dict(loader_state)
         saved_cfg = payload.get("train_config") or {}
         changed = sorted(k for k in cfg_dump if k in saved_cfg and saved_cfg[k] != cfg_dump[k])
-        if changed:
+        if changed and main:
             logger.warning(
                 "resuming %s with changed settings (%s); the run will not match an "
                 "uninterrupted one",
@@ -508,12 +556,71 @@ def fit(
         train_stats = payload.get("train_stats")
         test_stats = payload.get("test_stats")
         start_epoch = last + 1
-        logger.info("resuming from %s: epoch %d of %d done", ckpt_path, last, cfg.epochs)
+        if main:
+            logger.info("resuming from %s: epoch %d of %d done", ckpt_path, last, cfg.epochs)
         if history is not None:
             history.truncate_after(last)
     elif history is not None:
         history.truncate_after(-1)  # a restart from scratch: no stale rows
 
+    # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
+    net = ddp.wrap_ddp(model, device, sync_bn=sync_bn) if use_ddp else model
+    try:
+        metrics = _fit_epochs(
+            model,
+            net,
+            loss_fn,
+            optimizer,
+            scheduler,
+            train_loader,
+            test_loader,
+            cfg,
+            out_dir,
+            device=device,
+            channels_last=channels_last,
+            progress=progress,
+            start_epoch=start_epoch,
+            train_stats=train_stats,
+            test_stats=test_stats,
+            history=history,
+            ckpt_path=ckpt_path,
+            meta=meta,
+            on_epoch_end=on_epoch_end,
+            use_ddp=use_ddp,
+        )
+    finally:
+        if use_ddp and sync_bn:
+            ddp.revert_sync_batchnorm(model)
+    return metrics
+
+
+def _fit_epochs(
+    model: nn.Module,
+    net: nn.Module,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    test_loader: Iterable[tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+    out_dir: Path | None,
+    *,
+    device: torch.device,
+    channels_last: bool,
+    progress: bool,
+    start_epoch: int,
+    train_stats: dict[str, float] | None,
+    test_stats: dict[str, float] | None,
+    history: JsonlLogger | None,
+    ckpt_path: Path | None,
+    meta: dict[str, Any],
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
+    use_ddp: bool,
+) -> dict[str, Any]:
+    """The epoch loop of :func:`fit`: ``net`` trains (DDP wrapper or ``model``), ``model`` is
+    evaluated and saved."""
+    main = ddp.is_main() if use_ddp else True
+    cfg_dump = cfg.model_dump(mode="json")
     run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch = getattr(train_loader, "set_epoch", None)
@@ -521,7 +628,7 @@ def fit(
             set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])
         train_stats = train_one_epoch(
-            model,
+            net,
             loss_fn,
             optimizer,
             scheduler,
@@ -532,11 +639,21 @@ def fit(
             channels_last=channels_last,
             grad_clip=cfg.grad_clip,
             progress=progress,
+            distributed=use_ddp,
         )
+        if use_ddp:
+            # Each rank updated its BN running statistics on its own shard: evaluate and save
+            # rank 0's, so every rank holds exactly the model that is written.
+            ddp.sync_buffers(model)
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
         if evaluated:
             test_stats = evaluate(
-                model, test_loader, device, channels_last=channels_last, amp=cfg.amp
+                model,
+                test_loader,
+                device,
+                channels_last=channels_last,
+                amp=cfg.amp,
+                distributed=use_ddp,
             )
         row: dict[str, Any] = {
             "epoch": epoch,
@@ -549,20 +666,21 @@ def fit(
             "img_per_s": train_stats["img_per_s"],
             "seconds": train_stats["seconds"],
         }
-        logger.info(
-            "epoch %d/%d lr %.4g | train loss %.4f top1 %.2f%% | test %s | %.0f img/s %.1fs",
-            epoch,
-            cfg.epochs,
-            lr,
-            train_stats["loss"],
-            train_stats["top1"],
-            f"top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}%" if evaluated else "-",
-            train_stats["img_per_s"],
-            train_stats["seconds"],
-        )
+        if main:
+            logger.info(
+                "epoch %d/%d lr %.4g | train loss %.4f top1 %.2f%% | test %s | %.0f img/s %.1fs",
+                epoch,
+                cfg.epochs,
+                lr,
+                train_stats["loss"],
+                train_stats["top1"],
+                f"top1 {row['test_top1']:.2f}% top5 {row['test_top5']:.2f}%" if evaluated else "-",
+                train_stats["img_per_s"],
+                train_stats["seconds"],
+            )
         if history is not None:
             history.log(row)
-        if ckpt_path is not None:
+        if ckpt_path is not None and main:
             payload = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -582,9 +700,16 @@ def fit(
             on_epoch_end(epoch, row)
 
     if test_stats is None:  # e.g. resumed with nothing left to do and no stored metrics
-        test_stats = evaluate(model, test_loader, device, channels_last=channels_last, amp=cfg.amp)
+        test_stats = evaluate(
+            model,
+            test_loader,
+            device,
+            channels_last=channels_last,
+            amp=cfg.amp,
+            distributed=use_ddp,
+        )
     metrics = _final_metrics(train_stats, test_stats, cfg.epochs)
-    if out_dir is not None:
+    if out_dir is not None and main:
         save_checkpoint(out_dir / "model.pt", {"model": _cpu_state_dict(model), "meta": meta})
         final = {
             "metrics": metrics,
@@ -594,10 +719,13 @@ def fit(
             "meta": meta,
         }
         atomic_write_text(out_dir / "final.json", json.dumps(final, indent=2) + "\n")
-    logger.info(
-        "finished %d epochs: test top1 %.2f%% top5 %.2f%%",
-        cfg.epochs,
-        metrics["top1"],
-        metrics["top5"],
-    )
+    if use_ddp:
+        ddp.barrier()  # the other ranks return only once rank 0's files exist
+    if main:
+        logger.info(
+            "finished %d epochs: test top1 %.2f%% top5 %.2f%%",
+            cfg.epochs,
+            metrics["top1"],
+            metrics["top5"],
+        )
     return metrics
