@@ -100,6 +100,10 @@ class Shape:
                 )
             unit = "channels" if part == "widths" else "blocks"
             for key, value in mine.items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ShapeError(
+                        f"shape {part}['{key}'] = {value!r} is not an integer. Fix: use whole numbers"
+                    )
                 if not 1 <= value <= ref[key]:
                     raise ShapeError(
                         f"shape {part}['{key}'] = {value} is outside 1..{ref[key]} {unit} of {model}. "

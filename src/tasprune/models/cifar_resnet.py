@@ -54,7 +54,8 @@ class CifarResNetArch:
         """Per stage, the convs that write the residual stream (stage 1 includes the stem)."""
         groups = []
         for s in range(1, STAGES + 1):
-            group = ["stem"] if s == 1 else []
+            # The stem writes layer1's residual stream only where their widths agree (basic).
+            group = ["stem"] if s == 1 and self.block == "basic" else []
             last = self.conv_names[-1]
             group += [f"layer{s}.{j}.{last}" for j in range(self.blocks_per_stage)]
             groups.append(group)
