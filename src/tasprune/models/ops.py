@@ -22,8 +22,14 @@ class Ops(Protocol):
     ) -> nn.Module: ...
 
     def shortcut(
-        self, name: str, in_w: int, out_w: int, stride: int, width_of: str
+        self, name: str, in_w: int, out_w: int, stride: int, width_of: str, *, pool: bool = True
     ) -> nn.Module: ...
+
+    def depthwise_bn(
+        self, name: str, width_of: str, channels: int, kernel: int, stride: int, *, act: str | None
+    ) -> nn.Module:
+        """Depthwise conv + BN whose width is tied to the conv ``width_of`` that feeds it."""
+        ...
 
     def residual(self) -> nn.Module: ...
 
@@ -55,14 +61,19 @@ class ConvBN(nn.Sequential):
 
 
 class Projection(nn.Module):
-    """Shortcut of a block that changes width/resolution: [2x2 avg-pool] -> 1x1 conv -> BN."""
+    """Shortcut of a block that changes width/resolution: [2x2 avg-pool] -> 1x1 conv -> BN.
 
-    def __init__(self, in_w: int, out_w: int, stride: int) -> None:
+    ``pool=False`` gives torchvision's downsample instead: a strided 1x1 conv (same MACs at the
+    output resolution, but it reads only every ``stride``-th pixel).
+    """
+
+    def __init__(self, in_w: int, out_w: int, stride: int, pool: bool = True) -> None:
         super().__init__()
         self.pool: nn.Module = (
-            nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+            nn.AvgPool2d(stride, stride, ceil_mode=True) if pool and stride > 1 else nn.Identity()
         )
-        self.conv = nn.Conv2d(in_w, out_w, 1, 1, 0, bias=False)
+        conv_stride = 1 if pool else stride
+        self.conv = nn.Conv2d(in_w, out_w, 1, conv_stride, 0, bias=False)
         self.bn = nn.BatchNorm2d(out_w)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,10 +95,17 @@ class PlainOps:
     ) -> nn.Module:
         return ConvBN(in_w, out_w, kernel, stride, act)
 
-    def shortcut(self, name: str, in_w: int, out_w: int, stride: int, width_of: str) -> nn.Module:
+    def shortcut(
+        self, name: str, in_w: int, out_w: int, stride: int, width_of: str, *, pool: bool = True
+    ) -> nn.Module:
         if needs_projection(in_w, out_w, stride):
-            return Projection(in_w, out_w, stride)
+            return Projection(in_w, out_w, stride, pool)
         return nn.Identity()
+
+    def depthwise_bn(
+        self, name: str, width_of: str, channels: int, kernel: int, stride: int, *, act: str | None
+    ) -> nn.Module:
+        return ConvBN(channels, channels, kernel, stride, act, groups=channels)
 
     def residual(self) -> nn.Module:
         return Add()

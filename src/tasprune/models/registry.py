@@ -29,6 +29,9 @@ class ModelSpec:
     description: str = ""
     # Conv names whose out-widths form one residual stream (tied in "tie_residual" search).
     residual_groups: Callable[[], list[list[str]]] | None = None
+    # Convs the Shape does not list because their width is tied to a listed one (e.g. the
+    # depthwise conv of an inverted residual block): conv name -> the Shape key it follows.
+    tied_widths: Callable[[], dict[str, str]] | None = None
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}

@@ -150,10 +150,19 @@ class SearchOps:
             in_w, out_w, kernel, stride, act, self.net.width_of[name], self.align
         )
 
-    def shortcut(self, name: str, in_w: int, out_w: int, stride: int, width_of: str) -> nn.Module:
+    def shortcut(
+        self, name: str, in_w: int, out_w: int, stride: int, width_of: str, *, pool: bool = True
+    ) -> nn.Module:
         if stride != 1 or in_w != out_w:
-            return SearchProjection(in_w, out_w, stride, self.net.width_of[width_of])
+            return SearchProjection(in_w, out_w, stride, self.net.width_of[width_of], pool)
         return nn.Identity()
+
+    def depthwise_bn(
+        self, name: str, width_of: str, channels: int, kernel: int, stride: int, *, act: str | None
+    ) -> nn.Module:
+        from tasprune.search.units import SearchableDepthwiseBN
+
+        return SearchableDepthwiseBN(channels, kernel, stride, act, self.net.width_of[width_of])
 
     def residual(self) -> nn.Module:
         return PadAdd()

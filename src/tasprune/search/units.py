@@ -157,20 +157,25 @@ class SearchableConvBN(nn.Module):
 
 
 class SearchProjection(nn.Module):
-    """Projection shortcut of the supernet; its width follows the block's last conv."""
+    """Projection shortcut of the supernet; its width follows the block's last conv.
 
-    def __init__(self, in_w: int, out_w: int, stride: int, follow: Choice) -> None:
+    ``pool=False``: a strided 1x1 conv instead of avg-pool + 1x1 conv (torchvision's downsample).
+    """
+
+    def __init__(
+        self, in_w: int, out_w: int, stride: int, follow: Choice, pool: bool = True
+    ) -> None:
         super().__init__()
         self.pool: nn.Module = (
-            nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+            nn.AvgPool2d(stride, stride, ceil_mode=True) if pool and stride > 1 else nn.Identity()
         )
-        self.conv = nn.Conv2d(in_w, out_w, 1, 1, 0, bias=False)
+        self.conv = nn.Conv2d(in_w, out_w, 1, 1 if pool else stride, 0, bias=False)
         self.bn = nn.BatchNorm2d(out_w)
         self.follow = follow
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.follow.max_selected
-        y = F.conv2d(self.pool(x), self.conv.weight[:k, : x.shape[1]])
+        y = F.conv2d(self.pool(x), self.conv.weight[:k, : x.shape[1]], None, self.conv.stride)
         bn = self.bn
         assert bn.running_mean is not None and bn.running_var is not None
         return F.batch_norm(
@@ -183,6 +188,46 @@ class SearchProjection(nn.Module):
             bn.momentum if bn.momentum is not None else 0.1,
             bn.eps,
         )
+
+
+class SearchableDepthwiseBN(nn.Module):
+    """Depthwise conv + BN of the supernet, whose width is tied to the conv that feeds it.
+
+    Its input already is the mixture (over sampled widths) of that conv, so it has no choice of
+    its own: it filters whatever K channels arrive (weight sliced to [:K], groups=K) and
+    normalises them with the first K channels of one BatchNorm.
+    """
+
+    def __init__(
+        self, channels: int, kernel: int, stride: int, act: str | None, follow: Choice
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False
+        )
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = activation(act)
+        self.follow = follow  # the width choice this conv's width is tied to
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = x.shape[1]
+        conv = self.conv
+        y = F.conv2d(x, conv.weight[:k], None, conv.stride, conv.padding, 1, k)  # N, K, H', W'
+        bn = self.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        if self.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        y = F.batch_norm(
+            y,
+            bn.running_mean[:k],
+            bn.running_var[:k],
+            bn.weight[:k],
+            bn.bias[:k],
+            self.training,
+            bn.momentum if bn.momentum is not None else 0.1,
+            bn.eps,
+        )
+        return self.act(y)
 
 
 class PadAdd(nn.Module):
