@@ -24,8 +24,10 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100
+    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder | imagenet
     root: str | None = None  # folder holding the data (None: the dataset's default places)
+    image_size: int | None = Field(default=None, ge=8)  # imagefolder/imagenet: resize to this
+    workers: int = Field(default=8, ge=0)  # imagenet: DataLoader worker processes
     train_subset: int | None = Field(default=None, ge=10)  # images of the train split to use
     test_subset: int | None = Field(default=None, ge=10)  # images of the test split to use
     crop_padding: int = Field(default=4, ge=0)  # random-crop padding (pixels) when training

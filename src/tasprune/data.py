@@ -43,7 +43,7 @@ __all__ = [
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 #: Known in-memory dataset names accepted by :func:`load_dataset`.
-DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100")
+DATASETS: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "imagefolder")
 
 _SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -139,12 +139,15 @@ class ArrayDataset:
 # --------------------------------------------------------------------------------------------
 
 
-def load_dataset(name: str, split: str, root: str | Path | None = None) -> ArrayDataset:
+def load_dataset(
+    name: str, split: str, root: str | Path | None = None, *, image_size: int | None = None
+) -> ArrayDataset:
     """Load an in-memory dataset split (``"train"`` or ``"test"``) from its official files.
 
     ``name`` is one of :data:`DATASETS`. ``root`` is the data folder (``--data-root``); for
     Fashion-MNIST the system copy from ``dataset-fashion-mnist`` is used when ``root`` does not
-    hold one. Raises :class:`DataError` for unknown names, missing or corrupt files.
+    hold one. ``imagefolder`` reads ``root/train`` and ``root/val`` (resized to ``image_size``
+    when given). Raises :class:`DataError` for unknown names, missing or corrupt files.
     """
     key = name.strip().lower()
     if split not in _SPLITS:
@@ -158,6 +161,12 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Array
         return _load_cifar(10, split, root_path)
     if key in ("cifar100", "cifar-100"):
         return _load_cifar(100, split, root_path)
+    if key == "imagefolder":
+        from tasprune.imagefolder import load_imagefolder
+
+        if root_path is None:
+            raise DataError("dataset 'imagefolder' needs a folder. Fix: pass --data-root DIR")
+        return load_imagefolder(root_path, split, image_size)
     raise DataError(f"unknown dataset {name!r}. Fix: use one of {', '.join(DATASETS)}")
 
 

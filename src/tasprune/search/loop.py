@@ -282,8 +282,13 @@ def search(
     crop_padding: int = 4,
     flip: bool = True,
     distributed: bool | None = None,
+    loaders: tuple[Any, Any, Any] | None = None,
 ) -> SearchResult:
     """Run a TAS search of ``model`` on ``data`` (the training split) and derive a shape.
+
+    ``loaders`` = (split A, split B, validation) replaces the device-resident split of
+    ``data`` for streamed datasets; ``data`` then only provides ``num_classes``,
+    ``in_channels`` and ``image_size`` (a `tasprune.imagefolder.StreamingLoader` does).
 
     With ``out_dir`` it writes ``shape.json`` (the kept shape plus model, flops, params,
     flops_ratio), ``shape_last.json``, ``shape_best.json``, ``history.jsonl`` and a resumable
@@ -318,29 +323,32 @@ def search(
         net = net.to(memory_format=torch.channels_last)
     net.generator = torch.Generator().manual_seed(cfg.seed)
 
-    idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
+    if loaders is not None:
+        loader_a, loader_b, valid = loaders
+    else:
+        idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
 
-    def loader(part: Tensor, seed: int) -> DeviceLoader:
-        return DeviceLoader(
-            data.subset(part),
-            batch,
-            train=True,
-            device=device,
-            crop_padding=crop_padding,
-            flip=flip,
-            seed=seed,
-            rank=rank,
-            world_size=world,
+        def loader(part: Tensor, seed: int) -> DeviceLoader:
+            return DeviceLoader(
+                data.subset(part),
+                batch,
+                train=True,
+                device=device,
+                crop_padding=crop_padding,
+                flip=flip,
+                seed=seed,
+                rank=rank,
+                world_size=world,
+            )
+
+        loader_a, loader_b = loader(idx_a, cfg.seed), loader(idx_b, cfg.seed + 10_000)
+        valid = DeviceLoader(
+            data.subset(idx_b), batch, train=False, device=device, rank=rank, world_size=world
         )
-
-    loader_a, loader_b = loader(idx_a, cfg.seed), loader(idx_b, cfg.seed + 10_000)
-    valid = DeviceLoader(
-        data.subset(idx_b), batch, train=False, device=device, rank=rank, world_size=world
-    )
     steps = min(len(loader_a), len(loader_b))
     if steps < 1:
         raise BudgetError(
-            f"the training set ({len(data)} images) is too small for batch {cfg.batch_size} "
+            f"the training set is too small for batch {cfg.batch_size} "
             "on each half. Fix: lower batch_size"
         )
 
@@ -390,6 +398,8 @@ def search(
             leave=False,
         )
         for step, ((xa, ya), (xb, yb)) in enumerate(bar):
+            # No-ops for device-resident batches; streamed ones arrive on the CPU.
+            xa, ya, xb, yb = (t.to(device, non_blocking=True) for t in (xa, ya, xb, yb))
             if cl:
                 xa = xa.contiguous(memory_format=torch.channels_last)
                 xb = xb.contiguous(memory_format=torch.channels_last)
