@@ -92,13 +92,15 @@ def timed(step: Any, n: int, device: torch.device) -> float:
 
 def peak_memory(mode: str, model: str, batch: int, device: str, steps: int) -> float:
     """Peak memory (MiB) of `steps` steps of one mode, in a fresh process."""
+    here = str(Path(__file__).parent)
+    make = "make_plain" if mode == "plain" else "make_search"
     code = (
-        "import sys, resource, torch; sys.path.insert(0, %r); import bench_search as b; "
-        "d = torch.device(%r); s = (b.make_plain if %r == 'plain' else b.make_search)(%r, %d, d)\n"
-        "for _ in range(%d): s()\n"
+        f"import sys, resource, torch; sys.path.insert(0, {here!r}); import bench_search as b\n"
+        f"d = torch.device({device!r}); s = b.{make}({model!r}, {batch}, d)\n"
+        f"for _ in range({steps}): s()\n"
         "print(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else "
         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    ) % (str(Path(__file__).parent), device, mode, model, batch, steps)
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
@@ -154,7 +156,9 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| model | batch | plain step (ms) | search iteration (ms) | ratio | peak MiB plain / search |")
+    print(
+        "\n| model | batch | plain step (ms) | search iteration (ms) | ratio | peak MiB plain / search |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         mem = f"{r.get('plain_peak_mib', 0):.0f} / {r.get('search_peak_mib', 0):.0f}"

@@ -267,3 +267,16 @@ def test_cli_run_resumes_a_finished_folder(
     code = main(["run", str(recipe), "--out", str(run_copy), "--set", "seed=3", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "different recipe" in err[0]
+
+
+def test_cli_export_prints_the_written_file(
+    run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tasprune.cli import main
+    from tasprune.export import load_safetensors
+
+    assert main(["export", str(run_copy), "--format", "safetensors", "-q"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == run_copy / "export" / "pruned.safetensors" and path.is_file()
+    reloaded = load_safetensors(path)
+    assert reloaded.state_dict().keys() == tasprune.load(run_copy).state_dict().keys()

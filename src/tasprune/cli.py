@@ -1,14 +1,19 @@
 """``tasprune`` command line: thin sub-commands over the library's plain functions.
 
 Precedence of settings: built-in defaults < ``--config`` YAML < ``--set key=value`` < flags.
-The resolved recipe is written into the output folder. A :class:`TaspruneError` ends the
-command with one ``error: ...`` line on stderr and exit code 2 (a traceback only with
-``--debug`` or ``TASPRUNE_DEBUG=1``); Ctrl-C exits 130 and the same command resumes.
+The resolved recipe is written into the output folder. Every failure ends the command with one
+``error: ...`` line on stderr (a traceback only with ``--debug`` or ``TASPRUNE_DEBUG=1``): exit
+code 2 for a :class:`TaspruneError`, a bad flag or an OS error (disk full, permissions), 1 for an
+unexpected exception (a bug: rerun with --debug and report it); Ctrl-C exits 130 and the same
+command resumes. ``run``/``train``/``search``/``distill``/``report`` hold their output folder's
+lock (:mod:`tasprune.lock`) for their whole life.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import json
 import logging
 import os
@@ -19,6 +24,7 @@ from typing import Any
 
 from tasprune.config import Recipe, deep_merge, dump_recipe, load_recipe, parse_overrides
 from tasprune.errors import ConfigError, TaspruneError
+from tasprune.lock import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +156,8 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     from tasprune.pipeline import load_run_data, with_recipe_seed
     from tasprune.utils import pick_device
 
+    train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
-    train_data, test_data = load_run_data(recipe)
     cfg = with_recipe_seed(recipe.teacher.train, recipe)
     metrics = train(
         recipe.model,
@@ -169,27 +175,49 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     return 0
 
 
-def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any]]:
+def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], Path]:
+    """(network, meta, model.pt) of a --teacher, refused when it is another model."""
     from tasprune.pipeline import load_model_checkpoint, resolve_model_file
 
-    net, meta = load_model_checkpoint(resolve_model_file(path, prefer=("teacher",)))
+    file = resolve_model_file(path, prefer=("teacher",))
+    net, meta = load_model_checkpoint(file)
     if model is not None and meta.get("model") != model:
         raise ConfigError(
             f"teacher {path} is a {meta.get('model')}, not {model}. Fix: pass a matching --teacher"
         )
-    return net, meta
+    return net, meta, file
 
 
 def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
     """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
-    from tasprune.pipeline import load_run_data, with_recipe_seed
-    from tasprune.search import search
+    from tasprune.pipeline import (
+        check_model_fits_data,
+        drop_unsaved_search_rows,
+        load_run_data,
+        with_recipe_seed,
+    )
+    from tasprune.search import SuperNet, search
+    from tasprune.search.loop import check_budget
     from tasprune.utils import pick_device
 
-    state = _teacher_from(teacher, recipe.model)[0].state_dict() if teacher else None
-    _write_config(out, recipe)
     train_data, _ = load_run_data(recipe)
+    state = None
+    if teacher:
+        net, meta, path = _teacher_from(teacher, recipe.model)
+        check_model_fits_data(meta, path, train_data)
+        state = net.state_dict()
     cfg = with_recipe_seed(recipe.search, recipe)
+    probe = SuperNet(
+        recipe.model,
+        num_classes=train_data.num_classes,
+        in_channels=train_data.in_channels,
+        input_size=train_data.image_size,
+        options=cfg.space(),
+    )
+    check_budget(probe, cfg)  # before writing anything
+    del probe
+    _write_config(out, recipe)
+    drop_unsaved_search_rows(out)
     result = search(
         recipe.model,
         train_data,
@@ -213,25 +241,33 @@ def cmd_distill(
 ) -> int:
     """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
     from tasprune.distill import distill
-    from tasprune.pipeline import load_run_data, load_supernet_state, with_recipe_seed
+    from tasprune.models import get_model_spec
+    from tasprune.pipeline import (
+        check_model_fits_data,
+        load_run_data,
+        load_supernet_state,
+        with_recipe_seed,
+    )
     from tasprune.shape import Shape
     from tasprune.utils import pick_device
 
     sh, info = Shape.load(shape)
     model = str(info.get("model") or recipe.model)
-    net, meta = _teacher_from(teacher, model)
+    sh.validate_against(get_model_spec(model).full_shape(), model)  # before any loading
+    net, meta, teacher_file = _teacher_from(teacher, model)
     if "name" not in recipe.data.model_fields_set and meta.get("dataset"):
         recipe = recipe.model_copy(
             update={"data": recipe.data.model_copy(update={"name": meta["dataset"]})}
         )
     recipe = recipe.model_copy(update={"model": model})
-    _write_config(out, recipe)
     train_data, test_data = load_run_data(recipe)
+    check_model_fits_data(meta, teacher_file, train_data)
     cfg = recipe.distill
     cfg = cfg.model_copy(update={"train": with_recipe_seed(cfg.train, recipe)})
     supernet = None
     if cfg.init == "supernet":
         supernet = load_supernet_state(shape.parent / "supernet.pt")
+    _write_config(out, recipe)
     metrics = distill(
         model,
         sh,
@@ -266,8 +302,6 @@ def cmd_run(recipe: Recipe, out: Path, from_stage: str | None = None, progress: 
 
 def cmd_report(run_dir: Path) -> int:
     """Write report.json / report.md / plots for a finished run folder."""
-    import importlib
-
     try:
         write_report = importlib.import_module("tasprune.report").write_report
     except (ImportError, AttributeError):
@@ -278,12 +312,46 @@ def cmd_report(run_dir: Path) -> int:
     if (run_dir / "recipe.yaml").is_file():
         rc = load_recipe(run_dir / "recipe.yaml").report
         kwargs = {"latency_batches": tuple(rc.latency_batches), "repeats": rc.latency_repeats}
-    write_report(run_dir, device="cpu", **kwargs)
+    with run_lock(run_dir):
+        write_report(run_dir, device="cpu", **kwargs)
     print(f"{run_dir}/report.md")
     return 0
 
 
+def cmd_export(source: Path, fmt: str = "onnx", out: Path | None = None) -> int:
+    """Export the pruned network of a run folder (or a model.pt) to ONNX/TorchScript/safetensors."""
+    from tasprune.export import export_model
+
+    path = export_model(source, fmt, out)  # type: ignore[arg-type]
+    print(path)
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    """Run a benchmark protocol (``python -m tasprune.benchmark PROTOCOL``)."""
+    try:
+        bench_main = importlib.import_module("tasprune.benchmark").main
+    except ModuleNotFoundError as err:
+        if err.name not in ("tasprune.benchmark", "tasprune"):
+            raise  # a dependency of the benchmark module is missing: show which
+        raise ConfigError(
+            "this installation has no benchmark module (tasprune.benchmark). "
+            "Fix: update tasprune, or run the scripts in bench/"
+        ) from None
+    except AttributeError:
+        raise ConfigError("tasprune.benchmark has no main(argv). Fix: update tasprune") from None
+    code = bench_main(list(argv))
+    return int(code) if isinstance(code, int) else 0
+
+
 # --------------------------------------------------------------------------- argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one ``error:`` line, exit code 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}. Fix: see `{self.prog} --help`\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -302,6 +370,27 @@ _D = Recipe()  # built-in defaults, quoted in --help
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks (or TASPRUNE_DEBUG=1)")
+
+
+def _deterministic_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels and seeding in every stage (same seed + same machine = "
+        "bit-identical results, also across a kill and resume); sets recipe.deterministic",
+    )
+
+
+def _deterministic_flags(on: bool) -> dict[str, Any]:
+    """Recipe overrides of --deterministic: the recipe's and every stage config's flag."""
+    if not on:
+        return {}
+    return {
+        "deterministic": True,
+        "teacher": {"train": {"deterministic": True}},
+        "search": {"deterministic": True},
+        "distill": {"train": {"deterministic": True}},
+    }
 
 
 def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -341,6 +430,7 @@ def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
             help="use a stratified subset of N test images (default: all)",
         )
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default {_D.seed})")
+    _deterministic_arg(p)
 
 
 def _data_flags(a: argparse.Namespace) -> dict[str, Any]:
@@ -357,7 +447,7 @@ def _data_flags(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tasprune",
         description="Network pruning via Transformable Architecture Search (TAS).",
         formatter_class=_Formatter,
@@ -508,9 +598,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
     )
+    _deterministic_arg(p)
 
     p = add("report", cmd_report, "write report.json/report.md/plots of a run folder")
     p.add_argument("run_dir", type=Path, help="a `tasprune run` --out folder")
+
+    p = add("export", cmd_export, "export a trained network to ONNX, TorchScript or safetensors")
+    p.add_argument("source", type=Path, help="a run folder (its pruned network) or a model.pt")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("onnx", "torchscript", "safetensors"),
+        default="onnx",
+        help="file format",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="file or folder (default: DIR/export/pruned.EXT)"
+    )
+
+    p = add("bench", cmd_bench, "run a benchmark protocol (tasprune.benchmark)")
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, help="PROTOCOL and its options (see tasprune bench -h)"
+    )
     return parser
 
 
@@ -522,14 +631,21 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_space(a.model, a.input_size, a.as_json)
     if a.command == "report":
         return cmd_report(a.run_dir)
+    if a.command == "export":
+        return cmd_export(a.source, a.fmt, a.out)
+    if a.command == "bench":
+        return cmd_bench(a.args)
+    det = _deterministic_flags(a.deterministic)
     if a.command == "run":
-        recipe = _recipe(a.recipe, a.sets, {"device": a.device})
-        return cmd_run(recipe, a.out, a.from_stage, progress)
+        recipe = _recipe(a.recipe, a.sets, deep_merge({"device": a.device}, det))
+        return cmd_run(recipe, a.out, a.from_stage, progress)  # pipeline.run takes the lock
     flags = _data_flags(a)
     if a.command == "train":
         flags.update(model=a.model)
         flags["teacher"] = {"train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr}}
-        return cmd_train(_recipe(a.config, a.sets, flags), a.out, progress)
+        recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
+        with run_lock(a.out):
+            return cmd_train(recipe, a.out, progress)
     if a.command == "search":
         flags.update(model=a.model)
         flags["search"] = {
@@ -538,13 +654,17 @@ def _dispatch(a: argparse.Namespace) -> int:
             "batch_size": a.batch_size,
             "arch_lr": a.arch_lr,
         }
-        return cmd_search(_recipe(a.config, a.sets, flags), a.out, a.teacher, progress)
+        recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
+        with run_lock(a.out):
+            return cmd_search(recipe, a.out, a.teacher, progress)
     if a.command == "distill":
         flags["distill"] = {
             "init": a.init,
             "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr},
         }
-        return cmd_distill(_recipe(a.config, a.sets, flags), a.out, a.shape, a.teacher, progress)
+        recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
+        with run_lock(a.out):
+            return cmd_distill(recipe, a.out, a.shape, a.teacher, progress)
     raise ConfigError(f"unknown command {a.command!r}. Fix: see tasprune --help")
 
 
@@ -561,11 +681,21 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tasprune`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("TASPRUNE_DEBUG", "") not in ("", "0")
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("TASPRUNE_DEBUG", "") not in ("", "0")
+    if args_list[:1] == ["bench"]:
+        # The benchmark parses its own flags, so `tasprune bench -h` shows them.
+        _setup_logging(quiet=False)
+        return _guarded(lambda: cmd_bench(args_list[1:]), debug)
+    args = build_parser().parse_args(args_list)
     _setup_logging(args.quiet)
+    return _guarded(lambda: _dispatch(args), debug or args.debug)
+
+
+def _guarded(command: Callable[[], int], debug: bool) -> int:
+    """Run ``command``; every failure becomes one ``error:`` line (a traceback with debug)."""
     try:
-        return _dispatch(args)
+        return command()
     except TaspruneError as err:
         if debug:
             raise
@@ -579,6 +709,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # a write outside the atomic helpers: disk full, permissions, ...
+        if debug:
+            raise
+        print(f"error: {_os_error_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug: still one line, the traceback behind --debug
+        if debug:
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(
+            f"error: unexpected {type(err).__name__}: {first[:300]}. "
+            "Fix: rerun with --debug and report the traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError that reached the top: what failed, where, and a fix."""
+    where = f" ({err.filename})" if err.filename else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space or use another --out, then rerun the same command to resume"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "check the permissions of that path or use another --out"
+    else:
+        fix = "check that path, then rerun the same command"
+    return f"{reason}{where}. Fix: {fix}"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import logging
 import math
 import pickle
 import zlib
@@ -38,6 +39,8 @@ __all__ = [
     "load_dataset",
     "stratified_split",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the idx files.
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -204,6 +207,10 @@ def _load_fashion_mnist(split: str, root: Path | None) -> ArrayDataset:
         img_file = _find_idx(folder, img_stem)
         if img_file is None:
             continue
+        if root is not None and folder == SYSTEM_FASHION_MNIST:
+            logger.warning(
+                "no Fashion-MNIST files under %s; using the system copy in %s", root, folder
+            )
         lbl_file = _find_idx(folder, lbl_stem)
         if lbl_file is None:
             raise DataError(

@@ -333,7 +333,7 @@ def train_one_epoch(
 def _raise_nonfinite(value: float, epoch: int, step: int) -> None:
     raise TrainingError(
         f"loss became {value} at epoch {epoch} step {step}; the last good checkpoint is kept. "
-        "Fix: lower --lr or enable grad_clip"
+        "Fix: lower the lr or set grad_clip, then rerun (under `run`: add --from-stage STAGE)"
     )
 
 

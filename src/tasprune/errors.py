@@ -29,3 +29,7 @@ class BudgetError(TaspruneError):
 
 class TrainingError(TaspruneError):
     """Training diverged (NaN/Inf loss) or cannot continue."""
+
+
+class RunInUseError(TaspruneError):
+    """Another process is writing to the same run folder (its lock is held)."""

@@ -12,6 +12,12 @@ A stage whose completion marker exists (teacher/final.json, search/search_done.j
 student/final.json, report.json) is skipped; an interrupted stage resumes from its checkpoint.
 ``from_stage`` moves the outputs of that stage and the later ones to ``DIR/.old-<stage>-<time>``
 and reruns them.
+
+Failure behaviour: one process at a time writes a run folder (``DIR/.lock``, see
+:mod:`tasprune.lock`); everything that can be checked without training (model name, data files,
+a teacher checkpoint that fits the data, a reachable FLOPs budget) is checked before anything is
+written; an error inside a stage names the stage; temp files left by a killed writer are removed
+when the next run takes the folder.
 """
 
 from __future__ import annotations
@@ -30,23 +36,27 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from tasprune.checkpoint import load_checkpoint, sidecar_path
+from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, sidecar_path
 from tasprune.config import Recipe, dump_recipe
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, DeviceLoader, load_dataset, stratified_split
 from tasprune.distill import distill, model_meta
 from tasprune.engine import TrainConfig, evaluate, fit
-from tasprune.errors import CheckpointError, ConfigError, DataError
+from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
+from tasprune.lock import run_lock
 from tasprune.models import create_model, get_model_spec
-from tasprune.search import SearchConfig
+from tasprune.search import SearchConfig, SuperNet
 from tasprune.search import search as run_search
+from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
-from tasprune.utils import atomic_write_text, pick_device
+from tasprune.utils import JsonlLogger, atomic_write_text, pick_device
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
+    "check_model_fits_data",
+    "drop_unsaved_search_rows",
     "load_model_checkpoint",
     "load_run_data",
     "load_supernet_state",
@@ -148,6 +158,36 @@ def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, meta
 
 
+def check_model_fits_data(
+    meta: dict[str, Any], path: Path, data: ArrayDataset, model: str | None = None
+) -> None:
+    """Refuse a stored network whose model, classes or input channels do not fit ``data``."""
+    problems = []
+    if model is not None and meta.get("model") != model:
+        problems.append(f"model {meta.get('model')!r} (recipe: {model!r})")
+    if int(meta.get("num_classes", -1)) != data.num_classes:
+        problems.append(f"{meta.get('num_classes')} classes (data: {data.num_classes})")
+    if int(meta.get("in_channels", -1)) != data.in_channels:
+        problems.append(f"{meta.get('in_channels')} input channels (data: {data.in_channels})")
+    if problems:
+        raise CheckpointError(
+            f"teacher checkpoint {path} does not fit this recipe: {'; '.join(problems)}. "
+            f"Fix: use a network trained for this model and dataset ({data.name})"
+        )
+
+
+def drop_unsaved_search_rows(folder: Path) -> None:
+    """Empty ``folder/history.jsonl`` when no search checkpoint covers its rows.
+
+    A search killed after logging epoch 0 but before its first checkpoint restarts from
+    scratch; ``search.loop.search`` truncates the history only when it resumes from a
+    checkpoint, so without this the restarted epoch 0 would be logged twice.
+    """
+    history = folder / "history.jsonl"
+    if history.is_file() and not checkpoint_exists(folder / "checkpoint.pt"):
+        JsonlLogger(history).truncate_after(-1)
+
+
 def load_supernet_state(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(
@@ -183,8 +223,19 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ. A key only one side has (a field added to or removed
+    from the recipe schema since the run started) counts only when it is not at its default,
+    so upgrading tasprune does not lock users out of resuming their runs."""
     a, b = _flat(old), _flat(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS)
+    defaults = _flat(Recipe().model_dump(mode="json"))
+    out = []
+    for k in set(a) | set(b):
+        if k in _RESUMABLE_KEYS or a.get(k) == b.get(k):
+            continue
+        if (k in a) != (k in b) and (a.get(k, b.get(k)) == defaults.get(k) or k not in defaults):
+            continue
+        out.append(k)
+    return sorted(out)
 
 
 def _move_aside(out_dir: Path, stage: str) -> Path | None:
@@ -207,27 +258,34 @@ def _move_aside(out_dir: Path, stage: str) -> Path | None:
     return dest
 
 
+def _check_same_recipe(recipe: Recipe, out_dir: Path, from_stage: str | None) -> None:
+    """Refuse (writing nothing) a folder that holds a run of a different recipe."""
+    path = out_dir / "recipe.yaml"
+    if not path.is_file() or from_stage is not None:
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        old = {}
+    if not isinstance(old, dict):
+        old = {}
+    diff = _recipe_diff(old, json.loads(json.dumps(recipe.model_dump(mode="json"))))
+    if diff:
+        shown = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+        raise ConfigError(
+            f"{out_dir} holds a run of a different recipe (differs in {shown}). "
+            "Fix: use another --out, or pass --from-stage STAGE to rerun from that stage"
+        )
+
+
 def _prepare_folder(recipe: Recipe, out_dir: Path, from_stage: str | None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "recipe.yaml"
-    new = recipe.model_dump(mode="json")
-    if path.is_file() and from_stage is None:
-        try:
-            old = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            old = {}
-        diff = _recipe_diff(old, json.loads(json.dumps(new)))
-        if diff:
-            shown = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
-            raise ConfigError(
-                f"{out_dir} holds a run of a different recipe (differs in {shown}). "
-                "Fix: use another --out, or pass --from-stage STAGE to rerun from that stage"
-            )
+    _check_same_recipe(recipe, out_dir, from_stage)
     if from_stage is not None:
         if from_stage not in STAGES:
             raise ConfigError(f"unknown stage {from_stage!r}. Fix: use one of {', '.join(STAGES)}")
         _move_aside(out_dir, from_stage)
-    atomic_write_text(path, dump_recipe(recipe))
+    atomic_write_text(out_dir / "recipe.yaml", dump_recipe(recipe))
 
 
 # --------------------------------------------------------------------------- stages
@@ -329,35 +387,12 @@ class _Run:
     def _import_teacher(self, source: Path) -> dict[str, Any]:
         """Use a trained unpruned network: check it fits, copy it in, evaluate it."""
         r = self.recipe
-        path = resolve_model_file(source, prefer=("teacher",))
-        model, meta = load_model_checkpoint(path)
-        train, test = self.data
-        problems = []
-        if meta.get("model") != r.model:
-            problems.append(f"model {meta.get('model')!r} (recipe: {r.model!r})")
-        if int(meta.get("num_classes", -1)) != train.num_classes:
-            problems.append(f"{meta.get('num_classes')} classes (data: {train.num_classes})")
-        if int(meta.get("in_channels", -1)) != train.in_channels:
-            problems.append(f"{meta.get('in_channels')} input channels (data: {train.in_channels})")
-        if problems:
-            raise CheckpointError(
-                f"teacher checkpoint {path} does not fit this recipe: {'; '.join(problems)}. "
-                "Fix: point teacher.checkpoint at a network trained for this model and dataset"
-            )
-        full = get_model_spec(r.model).full_shape()
-        if Shape.from_dict(meta["shape"]) != full:
-            raise CheckpointError(
-                f"teacher checkpoint {path} is a pruned {r.model}. "
-                "Fix: the teacher must be the unpruned network (a run's teacher/model.pt)"
-            )
+        path, model, meta = self.checked_teacher_import(source)
         folder = self.out / "teacher"
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, folder / "model.pt")
-        if sidecar_path(path).is_file():
-            atomic_write_text(
-                sidecar_path(folder / "model.pt"),
-                sidecar_path(path).read_text().split()[0] + "  model.pt\n",
-            )
+        # Re-saved from what was loaded (verified, weights-only), not copied byte for byte: a
+        # corrupted source whose .prev.pt was used instead must not be carried over.
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_checkpoint(folder / "model.pt", {"model": state, "meta": meta})
         model.to(self.device)
         _, test_loader = self.loaders(r.teacher.train)
         metrics: dict[str, Any] = {**evaluate(model, test_loader, self.device), "epochs": 0}
@@ -367,12 +402,26 @@ class _Run:
         self.__dict__["teacher"] = model
         return metrics
 
+    def checked_teacher_import(self, source: Path) -> tuple[Path, nn.Module, dict[str, Any]]:
+        """(file, network, meta) of ``teacher.checkpoint``, refused unless it fits the recipe."""
+        r = self.recipe
+        path = resolve_model_file(source, prefer=("teacher",))
+        model, meta = load_model_checkpoint(path)
+        check_model_fits_data(meta, path, self.data[0], r.model)
+        if Shape.from_dict(meta["shape"]) != get_model_spec(r.model).full_shape():
+            raise CheckpointError(
+                f"teacher checkpoint {path} is a pruned {r.model}. "
+                "Fix: the teacher must be the unpruned network (a run's teacher/model.pt)"
+            )
+        return path, model, meta
+
     # ---------------------------------------------------------------- search
     def stage_search(self) -> dict[str, Any]:
         r = self.recipe
         cfg: SearchConfig = with_recipe_seed(r.search, r)
         train, _ = self.data
         teacher_state = self.teacher.state_dict() if cfg.warm_start else None
+        drop_unsaved_search_rows(self.out / "search")
         result = run_search(
             r.model,
             train,
@@ -446,6 +495,69 @@ def _stored(out_dir: Path, stage: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _preflight(ctx: _Run, from_stage: str | None) -> None:
+    """Refuse, before anything is written, what would only fail later in the run.
+
+    Checked: the model name; the data files (when a training stage is left); a given teacher
+    checkpoint fits the model and data; the FLOPs budget is reachable in the search space.
+    """
+    r, out = ctx.recipe, ctx.out
+    get_model_spec(r.model)
+    _ = ctx.device  # an unknown or unavailable device
+    first = STAGES.index(from_stage) if from_stage is not None else len(STAGES)
+    pending = {s for i, s in enumerate(STAGES[:3]) if i >= first or not stage_done(out, s)}
+    if not pending:
+        return
+    train, _ = ctx.data
+    if "teacher" in pending and r.teacher.checkpoint:
+        ctx.checked_teacher_import(Path(r.teacher.checkpoint))
+    sizes: list[tuple[str, int, int]] = []  # (batch-size key, images, batch size)
+    if "teacher" in pending and not r.teacher.checkpoint:
+        sizes.append(("teacher.train.batch_size", len(train), r.teacher.train.batch_size))
+    if "search" in pending:
+        seed = with_recipe_seed(r.search, r).seed
+        halves = stratified_split(train.labels, 0.5, seed)
+        smaller = min(int(h.numel()) for h in halves)
+        sizes.append(("search.batch_size", smaller, r.search.batch_size))
+    if "distill" in pending:
+        sizes.append(("distill.train.batch_size", len(train), r.distill.train.batch_size))
+    for key, images, batch in sizes:
+        if images < batch:  # training loaders drop the last partial batch: no step at all
+            raise DataError(
+                f"{key} = {batch} is larger than the {images} training images that stage "
+                f"sees{' (each half of the split)' if key.startswith('search') else ''}. "
+                f"Fix: lower {key} or raise data.train_subset"
+            )
+    if "search" in pending:
+        with torch.random.fork_rng(devices=[]):  # building the net must not move the RNG
+            net = SuperNet(
+                r.model,
+                num_classes=train.num_classes,
+                in_channels=train.in_channels,
+                input_size=train.image_size,
+                options=r.search.space(),
+            )
+        check_budget(net, r.search)
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete ``.NAME.*.tmp`` files a killed writer left in the run folder; return how many.
+
+    Only called while holding the folder's lock, so no live writer owns them.
+    """
+    removed = 0
+    for tmp in out_dir.rglob(".*.tmp"):
+        if tmp.is_file() and not any(part.startswith(".old-") for part in tmp.parts):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                continue
+    if removed:
+        logger.info("removed %d temp file(s) left by an interrupted run in %s", removed, out_dir)
+    return removed
+
+
 def run(
     recipe: Recipe,
     out_dir: str | Path,
@@ -457,11 +569,24 @@ def run(
 
     The result maps ``teacher``/``search``/``distill``/``report`` to that stage's metrics,
     ``status`` to ``{"stage": "ran" | "skipped" | "unavailable"}`` and ``table`` to the
-    teacher-vs-pruned summary (also logged).
+    teacher-vs-pruned summary (also logged). The folder is locked for the whole call
+    (:class:`tasprune.errors.RunInUseError` if another process holds it).
     """
     out = Path(out_dir)
-    _prepare_folder(recipe, out, from_stage)
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"unknown stage {from_stage!r}. Fix: use one of {', '.join(STAGES)}")
+    with run_lock(out):
+        return _run_locked(recipe, out, from_stage, progress)
+
+
+def _run_locked(
+    recipe: Recipe, out: Path, from_stage: str | None, progress: bool
+) -> dict[str, Any]:
     ctx = _Run(recipe, out, progress)
+    _check_same_recipe(recipe, out, from_stage)
+    _preflight(ctx, from_stage)
+    remove_stale_temp_files(out)
+    _prepare_folder(recipe, out, from_stage)
     runners: dict[str, Callable[[], dict[str, Any] | None]] = {
         "teacher": ctx.stage_teacher,
         "search": ctx.stage_search,
@@ -477,7 +602,13 @@ def run(
             continue
         logger.info("stage %s: starting", stage)
         t0 = time.perf_counter()
-        value = runners[stage]()
+        try:
+            value = runners[stage]()
+        except TaspruneError as err:
+            if str(err).startswith("stage "):
+                raise
+            # Same class (callers catch by type), the stage named in front of the message.
+            raise type(err)(f"stage {stage}: {err}") from err
         result[stage] = value
         result["status"][stage] = "ran" if value is not None else "unavailable"
         logger.info("stage %s: finished in %.1fs", stage, time.perf_counter() - t0)
@@ -493,7 +624,11 @@ def _latency(report: dict[str, Any] | None, role: str) -> float | None:
     """Latency (ms, smallest measured batch) of ``role`` (teacher | pruned) from report.json."""
     if not isinstance(report, dict):
         return None
-    for node in (report.get(role), (report.get("models") or {}).get(role)):
+    # report.json stores the pruned network under "pruned"; "student" is accepted too.
+    keys = ("pruned", "student") if role in ("pruned", "student") else (role,)
+    raw = report.get("models")
+    models: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    for node in [report.get(k) for k in keys] + [models.get(k) for k in keys]:
         if not isinstance(node, dict):
             continue
         value = node.get("latency_ms")

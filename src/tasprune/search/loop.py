@@ -376,6 +376,8 @@ def search(
             history.truncate_after(start - 1)
         if main:
             log.info("resuming search from epoch %d", start)
+    elif history is not None:
+        history.truncate_after(-1)  # rows logged before the first checkpoint are redone
 
     # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
     weight_model = wrap_search_ddp(net, device) if use_ddp else None
