@@ -295,8 +295,11 @@ def cmd_run(recipe: Recipe, out: Path, from_stage: str | None = None, progress: 
     """Run teacher -> search -> distill -> report into ``out`` (resumes; skips finished stages)."""
     from tasprune.pipeline import run
 
+    from tasprune import distributed
+
     result = run(recipe, out, from_stage=from_stage, progress=progress)
-    print(result["table"])
+    if distributed.is_main():
+        print(result["table"])
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasprune import distributed as ddp
 from tasprune.config import DistillConfig
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, DeviceLoader
@@ -225,14 +226,19 @@ def distill(
     else:
         loss = cross_entropy_loss(cfg.train.label_smoothing)
     tcfg = cfg.train
+    # Under torchrun each rank trains on its shard (global batch / world size); the test set
+    # is evaluated whole on every rank (fit all-reduces nothing for an unsharded loader).
+    rank, world = ddp.get_rank(), ddp.get_world_size()
     train_loader = DeviceLoader(
         train_data,
-        tcfg.batch_size,
+        ddp.per_rank_batch(tcfg.batch_size, world),
         train=True,
         device=dev,
         crop_padding=crop_padding,
         flip=flip,
         seed=tcfg.seed,
+        rank=rank,
+        world_size=world,
     )
     test_loader = DeviceLoader(test_data, tcfg.batch_size, train=False, device=dev)
     full_meta = model_meta(model, shape, train_data, "student", flops=flops, params=params)

@@ -22,6 +22,7 @@ when the next run takes the folder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -36,6 +37,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, sidecar_path
 from tasprune.config import Recipe, dump_recipe
 from tasprune.cost import model_cost
@@ -49,7 +51,7 @@ from tasprune.search import SearchConfig, SuperNet
 from tasprune.search import search as run_search
 from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
-from tasprune.utils import JsonlLogger, atomic_write_text, pick_device
+from tasprune.utils import JsonlLogger, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,8 @@ def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
 def load_run_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
     """The recipe's train and test splits, cut to ``train_subset``/``test_subset`` if given."""
     d = recipe.data
-    train = load_dataset(d.name, "train", d.root)
-    test = load_dataset(d.name, "test", d.root)
+    train = load_dataset(d.name, "train", d.root, image_size=d.image_size)
+    test = load_dataset(d.name, "test", d.root, image_size=d.image_size)
     train = _subset(train, d.train_subset, recipe.seed)
     test = _subset(test, d.test_subset, recipe.seed)
     logger.info("data %s: %d train / %d test images", train.name, len(train), len(test))
@@ -323,7 +325,8 @@ class _Run:
 
     @cached_property
     def device(self) -> torch.device:
-        return pick_device(self.recipe.device)
+        # Under torchrun: this rank's device (cuda:LOCAL_RANK, or the CPU on gloo).
+        return ddp.init_from_env(self.recipe.device).device
 
     @cached_property
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:
@@ -335,12 +338,14 @@ class _Run:
         return (
             DeviceLoader(
                 train,
-                cfg.batch_size,
+                ddp.per_rank_batch(cfg.batch_size, ddp.get_world_size()),
                 train=True,
                 device=self.device,
                 crop_padding=d.crop_padding,
                 flip=d.flip,
                 seed=cfg.seed,
+                rank=ddp.get_rank(),
+                world_size=ddp.get_world_size(),
             ),
             DeviceLoader(test, cfg.batch_size, train=False, device=self.device),
         )
@@ -575,7 +580,10 @@ def run(
     out = Path(out_dir)
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"unknown stage {from_stage!r}. Fix: use one of {', '.join(STAGES)}")
-    with run_lock(out):
+    ddp.init_from_env(recipe.device)
+    ddp.configure_rank_logging()
+    # One writer per run folder: under torchrun rank 0 holds the lock for every rank.
+    with run_lock(out) if ddp.is_main() else contextlib.nullcontext():
         return _run_locked(recipe, out, from_stage, progress)
 
 
@@ -585,8 +593,10 @@ def _run_locked(
     ctx = _Run(recipe, out, progress)
     _check_same_recipe(recipe, out, from_stage)
     _preflight(ctx, from_stage)
-    remove_stale_temp_files(out)
-    _prepare_folder(recipe, out, from_stage)
+    if ddp.is_main():
+        remove_stale_temp_files(out)
+        _prepare_folder(recipe, out, from_stage)
+    ddp.barrier()
     runners: dict[str, Callable[[], dict[str, Any] | None]] = {
         "teacher": ctx.stage_teacher,
         "search": ctx.stage_search,
@@ -602,8 +612,18 @@ def _run_locked(
             continue
         logger.info("stage %s: starting", stage)
         t0 = time.perf_counter()
+        # Stages that only write (report, importing a teacher) run on rank 0; the training
+        # stages run on every rank and write from rank 0 themselves.
+        rank0_only = stage == "report" or (stage == "teacher" and bool(recipe.teacher.checkpoint))
         try:
+            if rank0_only and not ddp.is_main():
+                ddp.barrier()
+                result[stage] = _stored(out, stage)
+                result["status"][stage] = "ran on rank 0"
+                continue
             value = runners[stage]()
+            if rank0_only:
+                ddp.barrier()
         except TaspruneError as err:
             if str(err).startswith("stage "):
                 raise
