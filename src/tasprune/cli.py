@@ -293,9 +293,8 @@ def cmd_distill(
 
 def cmd_run(recipe: Recipe, out: Path, from_stage: str | None = None, progress: bool = True) -> int:
     """Run teacher -> search -> distill -> report into ``out`` (resumes; skips finished stages)."""
-    from tasprune.pipeline import run
-
     from tasprune import distributed
+    from tasprune.pipeline import run
 
     result = run(recipe, out, from_stage=from_stage, progress=progress)
     if distributed.is_main():
