@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=1, ge=1)  # evaluate every N epochs (and always at the end)
     seed: int = Field(default=0, ge=0)  # seeds python/numpy/torch at the start of fit
     deterministic: bool = False  # deterministic kernels (bit-identical resume on CPU)
+    compile: bool = False  # torch.compile the training forward (worth it on GPUs, long runs)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -565,6 +566,9 @@ def fit(
 
     # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
     net = ddp.wrap_ddp(model, device, sync_bn=sync_bn) if use_ddp else model
+    if cfg.compile:
+        # Compiles the training forward only; `model` (same parameters) is what gets saved.
+        net = cast(nn.Module, torch.compile(net))
     try:
         metrics = _fit_epochs(
             model,
