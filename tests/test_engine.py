@@ -187,7 +187,7 @@ def test_nan_loss_raises_with_epoch_and_step(tmp_path: Path) -> None:
         return loss, logits
 
     train, test = loaders()
-    with pytest.raises(TrainingError, match=r"nan at epoch 1 step 2.*Fix: lower --lr"):
+    with pytest.raises(TrainingError, match=r"nan at epoch 1 step 2.*Fix: lower the lr"):
         fit(tiny_net(), train, test, cfg(), tmp_path, loss_fn=flaky, device=CPU, progress=False)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 0  # last good one kept
     assert not (tmp_path / "final.json").exists()

@@ -670,11 +670,23 @@ def _dispatch(a: argparse.Namespace) -> int:
     raise ConfigError(f"unknown command {a.command!r}. Fix: see tasprune --help")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be replaced, e.g. by tests)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     log = logging.getLogger("tasprune")
     for h in [h for h in log.handlers if getattr(h, "_tasprune_cli", False)]:
         log.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
     handler._tasprune_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)
