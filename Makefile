@@ -46,9 +46,13 @@ lint: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
+# make bench [PROTOCOL=fmnist-r20|fmnist-r56|cifar10-r56-paper] [BENCH_FLAGS=--threads 1]
+PROTOCOL ?= fmnist-r20
+BENCH_FLAGS ?=
 bench: setup
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_search.py
+	$(BIN)/tasprune bench bench/protocols/$(PROTOCOL).yaml $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -342,7 +342,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
         ) from None
     except AttributeError:
         raise ConfigError("tasprune.benchmark has no main(argv). Fix: update tasprune") from None
-    code = bench_main(list(argv))
+    code = bench_main(list(argv), prog="tasprune bench")
     return int(code) if isinstance(code, int) else 0
 
 

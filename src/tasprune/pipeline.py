@@ -633,7 +633,7 @@ def _run_locked(
         result["status"][stage] = "ran" if value is not None else "unavailable"
         logger.info("stage %s: finished in %.1fs", stage, time.perf_counter() - t0)
     result["table"] = summary_table(out, recipe)
-    logger.info("run %s finished:\n%s", out, result["table"])
+    logger.info("run %s finished (report: %s)", out, out / "report.md")
     return result
 
 

@@ -36,6 +36,7 @@ from tasprune.utils import (
     atomic_write_text,
     count_params,
     pick_device,
+    read_json_object,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,9 @@ class ReportError(TaspruneError):
 # --------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _final_metrics(folder: Path) -> dict[str, Any]:
     """``final.json``'s metrics (the engine nests them under "metrics"), or {} if absent."""
-    final = _read_json(folder / "final.json") or {}
+    final = read_json_object(folder / "final.json") or {}
     metrics = final.get("metrics", final)
     return metrics if isinstance(metrics, dict) else {}
 

@@ -352,3 +352,12 @@ class JsonlLogger:
         if dropped or text != self.path.read_text(encoding="utf-8"):
             atomic_write_text(self.path, text)
         return dropped
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object stored in ``path``; None when missing, unreadable, or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

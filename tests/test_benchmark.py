@@ -1,0 +1,180 @@
+"""Benchmark protocols: loading, a tiny protocol end to end, resuming, the one-line CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import tasprune.benchmark as bench
+from tasprune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOCOLS = sorted((ROOT / "bench" / "protocols").glob("*.yaml"))
+METHOD_KEYS = {
+    "top1_mean",
+    "top1_std",
+    "top1_per_seed",
+    "mflops_mean",
+    "flops_ratio_mean",
+    "params_m_mean",
+    "latency_ms",
+    "latency_ratio",
+    "latency_over_flops_ratio",
+    "shapes",
+}
+
+
+def tiny_protocol(**over: Any) -> dict[str, Any]:
+    proto: dict[str, Any] = {
+        "name": "tiny",
+        "recipe": {
+            "model": "cifar_resnet20",
+            "device": "cpu",
+            "data": {"name": "fashion-mnist", "train_subset": 192, "test_subset": 64},
+            "teacher": {"train": {"epochs": 1, "batch_size": 64}},
+            "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
+            "distill": {"init": "teacher", "train": {"epochs": 1, "batch_size": 64}},
+        },
+        "methods": ["tas_kd", "l1_kd"],
+        "seeds": [0, 1],
+        "latency_batches": [1, 2],
+        "latency_repeats": 1,
+        "latency_rounds": 1,
+        "latency_threads": 1,
+    }
+    proto.update(over)
+    return proto
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", PROTOCOLS, ids=[p.stem for p in PROTOCOLS])
+def test_shipped_protocols_load(path: Path) -> None:
+    proto, recipe = bench.load_protocol(path)
+    assert proto.name == path.stem
+    assert len(proto.seeds) >= 2
+    assert proto.latency_batches == [1, 64]
+    assert set(proto.methods) == set(bench.METHODS)
+    if proto.name == "cifar10-r56-paper":
+        assert recipe.model == "cifar_resnet56" and recipe.data.name == "cifar10"
+        assert abs(recipe.search.flops_ratio - 0.47) < 0.005
+        epochs = (recipe.teacher.train.epochs, recipe.search.epochs, recipe.distill.train.epochs)
+        assert epochs == (300, 600, 300)
+    else:
+        assert recipe.search.flops_ratio == 0.5
+    quick, qrecipe = bench.load_protocol(path, quick=True, seeds=3)
+    assert quick.name == f"{path.stem}-quick" and len(quick.seeds) == 3
+    assert qrecipe.distill.train.epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"seeds": [0]}, "seeds"),
+        ({"methods": ["tas_kd", "magic"]}, "methods"),
+        ({"colour": "red"}, "unknown key"),
+    ],
+)
+def test_bad_protocols_are_one_line_errors(
+    tmp_path: Path, over: dict[str, Any], match: str
+) -> None:
+    path = _write(tmp_path / "p.yaml", tiny_protocol(**over))
+    with pytest.raises(ConfigError, match=match):
+        bench.load_protocol(path)
+
+
+def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main([str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    """One intra-op thread: on a small shared machine two threads oversubscribe the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("bench")
+    path = _write(tmp / "tiny.yaml", tiny_protocol())
+    result = bench.run_protocol(
+        path, tmp / "runs", results_dir=tmp / "results", progress=False, command="test"
+    )
+    return tmp, result
+
+
+def test_tiny_protocol_end_to_end(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    tmp, result = tiny_run
+    run = tmp / "runs" / "tiny"
+    assert (run / "teacher" / "final.json").is_file()
+    for seed in (0, 1):
+        assert (run / f"seed-{seed}" / "search" / "search_done.json").is_file()
+        for method in ("tas_kd", "l1_kd"):
+            assert (run / f"seed-{seed}" / method / "result.json").is_file()
+    stored = json.loads((tmp / "results" / "tiny.json").read_text())
+    assert stored == json.loads(json.dumps(result))
+    for key in ("protocol", "recipe", "teacher", "methods", "targets", "machine", "wall_s"):
+        assert key in stored
+    assert stored["command"] == "test"
+    assert {"cpu_model", "torch_threads", "torch_version"} <= set(stored["machine"])
+    assert "reused" in stored["teacher"]["note"]
+    assert set(stored["methods"]) == {"tas_kd", "l1_kd"}
+    for row in stored["methods"].values():
+        assert set(row) >= METHOD_KEYS
+        assert row["seeds_done"] == [0, 1] and row["top1_std"] is not None
+        assert set(row["latency_ms"]["eager"]) == {"1", "2"}
+        assert set(row["latency_ratio"]["onnx"]) == {"1", "2"}
+    l1 = stored["methods"]["l1_kd"]
+    assert 0.45 <= l1["flops_ratio_mean"] <= 0.5
+    assert len(stored["targets"]) == len(bench.TARGETS)
+    assert {t["status"] for t in stored["targets"]} <= {"PASS", "MISS", "n/a"}
+    stages = stored["wall_s"]["stages"]
+    for key in ("teacher", "search/seed-0", "train/tas_kd/seed-1", "train/l1_kd/seed-0"):
+        assert key in stages
+    md = (tmp / "results" / "tiny.md").read_text()
+    assert "| tas_kd |" in md and "## Targets" in md and "lat/FLOPs b2" in md
+
+
+def test_rerun_resumes_without_training(
+    tiny_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp, first = tiny_run
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished step ran again")
+
+    for name in ("fit", "distill", "run_search", "l1_prune", "measure_latency"):
+        monkeypatch.setattr(bench, name, boom)
+    again = bench.run_protocol(
+        tmp / "tiny.yaml", tmp / "runs", results_dir=tmp / "results2", progress=False
+    )
+    assert again["ran_this_invocation"] == []
+    for method in ("tas_kd", "l1_kd"):
+        assert (
+            again["methods"][method]["top1_per_seed"] == first["methods"][method]["top1_per_seed"]
+        )
+    assert (tmp / "results2" / "tiny.md").is_file()
+
+
+def test_changed_recipe_in_the_same_folder_is_refused(
+    tiny_run: tuple[Path, dict[str, Any]],
+) -> None:
+    tmp, _ = tiny_run
+    proto = tiny_protocol()
+    proto["recipe"]["distill"]["train"]["epochs"] = 2
+    path = _write(tmp / "changed.yaml", proto)
+    with pytest.raises(ConfigError, match="different recipe"):
+        bench.run_protocol(path, tmp / "runs", results_dir=tmp / "results3", progress=False)
