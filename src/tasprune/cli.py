@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
 import logging
 import os
@@ -304,10 +303,8 @@ def cmd_run(recipe: Recipe, out: Path, from_stage: str | None = None, progress: 
 
 def cmd_report(run_dir: Path) -> int:
     """Write report.json / report.md / plots for a finished run folder."""
-    try:
-        write_report = importlib.import_module("tasprune.report").write_report
-    except (ImportError, AttributeError):
-        raise ConfigError("this installation has no report module. Fix: update tasprune") from None
+    from tasprune.report import write_report  # matplotlib: imported only when needed
+
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist. Fix: pass a `tasprune run` --out")
     kwargs: dict[str, Any] = {}
@@ -331,17 +328,8 @@ def cmd_export(source: Path, fmt: str = "onnx", out: Path | None = None) -> int:
 
 def cmd_bench(argv: Sequence[str]) -> int:
     """Run a benchmark protocol (``python -m tasprune.benchmark PROTOCOL``)."""
-    try:
-        bench_main = importlib.import_module("tasprune.benchmark").main
-    except ModuleNotFoundError as err:
-        if err.name not in ("tasprune.benchmark", "tasprune"):
-            raise  # a dependency of the benchmark module is missing: show which
-        raise ConfigError(
-            "this installation has no benchmark module (tasprune.benchmark). "
-            "Fix: update tasprune, or run the scripts in bench/"
-        ) from None
-    except AttributeError:
-        raise ConfigError("tasprune.benchmark has no main(argv). Fix: update tasprune") from None
+    from tasprune.benchmark import main as bench_main  # Torch-Pruning, ONNX: only when needed
+
     code = bench_main(list(argv), prog="tasprune bench")
     return int(code) if isinstance(code, int) else 0
 

@@ -370,13 +370,15 @@ def plot_search(rows: list[dict[str, Any]], band: tuple[float, float] | None, pa
 
     ent = [_number(r.get("entropy_mean")) for r in rows]
     handles = []
-    (e_line,) = bottom.plot(epochs, ent, "o-", color="#9467bd", ms=ms * 0.75, label="mean entropy")
+    (e_line,) = bottom.plot(
+        epochs, ent, "o-", color="#9467bd", ms=ms * 0.75, label="mean over choices"
+    )
     handles.append(e_line)
     ent_max = [_number(r.get("entropy_max")) for r in rows]
     if any(e is not None for e in ent_max):
-        (m_line,) = bottom.plot(epochs, ent_max, ":", color="#9467bd", label="max entropy")
+        (m_line,) = bottom.plot(epochs, ent_max, ":", color="#9467bd", label="max over choices")
         handles.append(m_line)
-    bottom.set_ylabel("choice entropy (nats)")
+    bottom.set_ylabel("entropy (normalised, 1 = uniform)")
     known_ent = [e for e in ent + ent_max if e is not None]
     bottom.set_ylim(0, max(known_ent, default=1.0) * 1.15 or 1.0)
     bottom.grid(alpha=0.3)
