@@ -90,12 +90,13 @@ def timed(step: Any, n: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def peak_memory(mode: str, model: str, batch: int, device: str, steps: int) -> float:
+def peak_memory(mode: str, model: str, batch: int, device: str, steps: int, threads: int) -> float:
     """Peak memory (MiB) of `steps` steps of one mode, in a fresh process."""
     here = str(Path(__file__).parent)
     make = "make_plain" if mode == "plain" else "make_search"
     code = (
         f"import sys, resource, torch; sys.path.insert(0, {here!r}); import bench_search as b\n"
+        f"torch.set_num_threads({threads})\n"
         f"d = torch.device({device!r}); s = b.{make}({model!r}, {batch}, d)\n"
         f"for _ in range({steps}): s()\n"
         "print(torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else "
@@ -114,9 +115,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=7, help="timed windows per mode")
     ap.add_argument("--steps", type=int, default=3, help="steps per timed window")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "search_cost.json"))
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for model in args.models:
@@ -137,8 +141,12 @@ def main() -> None:
         }
         row["ratio"] = row["search_iter_ms"] / row["plain_step_ms"]
         if not args.no_memory:
-            row["plain_peak_mib"] = peak_memory("plain", model, args.batch_size, args.device, 3)
-            row["search_peak_mib"] = peak_memory("search", model, args.batch_size, args.device, 3)
+            row["plain_peak_mib"] = peak_memory(
+                "plain", model, args.batch_size, args.device, 3, torch.get_num_threads()
+            )
+            row["search_peak_mib"] = peak_memory(
+                "search", model, args.batch_size, args.device, 3, torch.get_num_threads()
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
