@@ -68,3 +68,52 @@ def test_streaming_loader_standard_transforms(tmp_path: Path) -> None:
         for r in (0, 1)
     ]
     assert len(shards[0]) == len(shards[1]) == 3
+
+
+def test_streaming_folder_search_split_is_stratified_and_disjoint(tmp_path: Path) -> None:
+    from tasprune.imagefolder import StreamingFolder
+    from tasprune.pipeline import search_loaders
+    from tasprune.search import SearchConfig
+
+    root = _tree(tmp_path / "tree", per_class=6)
+    train = StreamingFolder(root, "train", image_size=32, workers=0)
+    assert len(train) == 18 and train.num_classes == 3 and train.image_size == (32, 32)
+    small = train.subset(torch.tensor([0, 7, 13]))
+    assert len(small) == 3 and small.labels.tolist() == train.labels[[0, 7, 13]].tolist()
+    a, b, valid = search_loaders(train, SearchConfig(batch_size=3, seed=0))
+    ya = torch.cat([y for _, y in a])
+    yb = torch.cat([y for _, y in b])
+    assert torch.bincount(ya, minlength=3).tolist() == [3, 3, 3]  # stratified halves
+    assert torch.bincount(yb, minlength=3).tolist() == [3, 3, 3]
+    seen_a = set(a.dataset.indices)
+    seen_b = set(b.dataset.indices)
+    assert not seen_a & seen_b and len(seen_a | seen_b) == 18
+    assert set(valid.dataset.indices) == seen_b
+
+
+def test_imagenet_recipe_runs_end_to_end_streamed(tmp_path: Path) -> None:
+    """`tasprune run` with data.name imagenet: every stage reads the tree through DataLoaders."""
+    import yaml
+
+    from tasprune.cli import main
+
+    root = _tree(tmp_path / "tree", per_class=8)
+    recipe = {
+        "model": "resnet18",
+        "device": "cpu",
+        "data": {"name": "imagenet", "root": str(root), "image_size": 32, "workers": 0},
+        "teacher": {"train": {"epochs": 1, "batch_size": 8}},
+        "search": {"epochs": 1, "batch_size": 4, "flops_ratio": 0.6, "valid_batches": 1},
+        "distill": {"init": "teacher", "train": {"epochs": 1, "batch_size": 8}},
+        "report": {"latency_batches": [1], "latency_repeats": 1},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--out", str(out), "-q"]) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["pruned"]["flops_ratio"] <= 0.6
+    assert 0 <= report["pruned"]["top1"] <= 100
+    # `tasprune train` on the same tree, streamed as well.
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "t"), "-q"]) == 0
+    assert (tmp_path / "t" / "model.pt").is_file()

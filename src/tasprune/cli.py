@@ -152,12 +152,17 @@ def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool
 def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
     from tasprune.api import train
+    from tasprune.imagefolder import StreamingFolder
     from tasprune.pipeline import load_run_data, with_recipe_seed
     from tasprune.utils import pick_device
 
     train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
     cfg = with_recipe_seed(recipe.teacher.train, recipe)
+    if isinstance(train_data, StreamingFolder):
+        metrics = _train_streamed(recipe, (train_data, test_data), cfg, out, progress)
+        print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
+        return 0
     metrics = train(
         recipe.model,
         train_data,
@@ -172,6 +177,29 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     )
     print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
     return 0
+
+
+def _train_streamed(
+    recipe: Recipe, data: tuple[Any, Any], cfg: Any, out: Path, progress: bool
+) -> dict[str, Any]:
+    """`tasprune train` on a streamed (imagenet) dataset: the pipeline's loaders, then fit."""
+    import torch
+
+    from tasprune.distill import model_meta
+    from tasprune.engine import fit
+    from tasprune.models import create_model, get_model_spec
+    from tasprune.pipeline import stage_loaders
+    from tasprune.utils import pick_device
+
+    device = pick_device(recipe.device)
+    torch.manual_seed(cfg.seed)
+    net = create_model(
+        recipe.model, num_classes=data[0].num_classes, in_channels=data[0].in_channels
+    )
+    meta = model_meta(recipe.model, get_model_spec(recipe.model).full_shape(), data[0], "teacher")
+    meta["recipe"] = recipe.model_dump(mode="json")
+    loaders = stage_loaders(recipe, data, cfg, device)
+    return fit(net, *loaders, cfg, out, device=device, meta=meta, progress=progress)
 
 
 def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], Path]:
@@ -189,10 +217,12 @@ def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], P
 
 def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
     """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
+    from tasprune.imagefolder import StreamingFolder
     from tasprune.pipeline import (
         check_model_fits_data,
         drop_unsaved_search_rows,
         load_run_data,
+        search_loaders,
         with_recipe_seed,
     )
     from tasprune.search import SuperNet, search
@@ -227,6 +257,9 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         progress=progress,
         crop_padding=recipe.data.crop_padding,
         flip=recipe.data.flip,
+        loaders=search_loaders(train_data, cfg)
+        if isinstance(train_data, StreamingFolder)
+        else None,
     )
     print(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
@@ -240,11 +273,13 @@ def cmd_distill(
 ) -> int:
     """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
     from tasprune.distill import distill
+    from tasprune.imagefolder import StreamingFolder
     from tasprune.models import get_model_spec
     from tasprune.pipeline import (
         check_model_fits_data,
         load_run_data,
         load_supernet_state,
+        stage_loaders,
         with_recipe_seed,
     )
     from tasprune.shape import Shape
@@ -267,6 +302,8 @@ def cmd_distill(
     if cfg.init == "supernet":
         supernet = load_supernet_state(shape.parent / "supernet.pt")
     _write_config(out, recipe)
+    device = pick_device(recipe.device)
+    streamed = isinstance(train_data, StreamingFolder)
     metrics = distill(
         model,
         sh,
@@ -277,11 +314,14 @@ def cmd_distill(
         out,
         supernet_state=supernet,
         space=recipe.search.space(),
-        device=pick_device(recipe.device),
+        device=device,
         meta={"recipe": recipe.model_dump(mode="json")},
         progress=progress,
         crop_padding=recipe.data.crop_padding,
         flip=recipe.data.flip,
+        loaders=stage_loaders(recipe, (train_data, test_data), cfg.train, device)
+        if streamed
+        else None,
     )
     print(
         f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
@@ -400,7 +440,7 @@ def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument(
             "--data",
             default=None,
-            help=f"fashion-mnist | cifar10 | cifar100 (default {_D.data.name})",
+            help=f"fashion-mnist | cifar10 | cifar100 | imagefolder | imagenet (default {_D.data.name})",
         )
         p.add_argument(
             "--data-root",

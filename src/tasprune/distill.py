@@ -193,11 +193,15 @@ def distill(
     progress: bool = True,
     crop_padding: int = 4,
     flip: bool = True,
+    loaders: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the student of ``shape`` and train it (KD from ``teacher`` when ``cfg.kd``).
 
     Writes fit's outputs (model.pt with student meta, final.json, history.jsonl) to
     ``out_dir``; resumes there; returns fit's metrics plus the student's ``flops``/``params``.
+    ``loaders`` = (train, test) replaces the device-resident loaders of ``train_data`` and
+    ``test_data`` for streamed datasets (which then only provide ``num_classes``,
+    ``in_channels``, ``image_size`` and ``name``).
     """
     dev = torch.device(device) if not isinstance(device, str) else pick_device(device)
     if (cfg.kd or cfg.init == "teacher") and teacher is None:
@@ -229,18 +233,23 @@ def distill(
     # Under torchrun each rank trains on its shard (global batch / world size); the test set
     # is evaluated whole on every rank (fit all-reduces nothing for an unsharded loader).
     rank, world = ddp.get_rank(), ddp.get_world_size()
-    train_loader = DeviceLoader(
-        train_data,
-        ddp.per_rank_batch(tcfg.batch_size, world),
-        train=True,
-        device=dev,
-        crop_padding=crop_padding,
-        flip=flip,
-        seed=tcfg.seed,
-        rank=rank,
-        world_size=world,
-    )
-    test_loader = DeviceLoader(test_data, tcfg.batch_size, train=False, device=dev)
+    train_loader: Any
+    test_loader: Any
+    if loaders is not None:
+        train_loader, test_loader = loaders
+    else:
+        train_loader = DeviceLoader(
+            train_data,
+            ddp.per_rank_batch(tcfg.batch_size, world),
+            train=True,
+            device=dev,
+            crop_padding=crop_padding,
+            flip=flip,
+            seed=tcfg.seed,
+            rank=rank,
+            world_size=world,
+        )
+        test_loader = DeviceLoader(test_data, tcfg.batch_size, train=False, device=dev)
     full_meta = model_meta(model, shape, train_data, "student", flops=flops, params=params)
     full_meta.update(meta or {})
     logger.info(

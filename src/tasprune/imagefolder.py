@@ -10,13 +10,19 @@ a DistributedSampler under torchrun).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 from tasprune.data import ArrayDataset
 from tasprune.errors import DataError
@@ -116,6 +122,8 @@ class StreamingLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        indices: Sequence[int] | Tensor | None = None,
+        folder: Any = None,
     ) -> None:
         from torchvision import transforms as T
 
@@ -127,8 +135,16 @@ class StreamingLoader:
         else:
             resize = round(image_size * 256 / 224)
             tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
-        self.dataset = _image_folder(split_dir(root, split), tf)
-        self.num_classes = len(self.dataset.classes)
+        if folder is None:
+            folder = _image_folder(split_dir(root, split))
+        # A shallow copy of the file list with this loader's transform (listing ImageNet's
+        # 1.28 M files once per run, not once per loader).
+        base = _with_transform(folder, tf)
+        self.num_classes = len(base.classes)
+        self.dataset: Any = base
+        if indices is not None:
+            idx = indices.tolist() if isinstance(indices, Tensor) else list(indices)
+            self.dataset = Subset(base, idx)
         self.in_channels = 3
         self.image_size = (image_size, image_size)
         self.sampler: Any
@@ -154,6 +170,7 @@ class StreamingLoader:
         )
 
     def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (seeded, so a resumed run sees the same order)."""
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         elif isinstance(self.sampler, RandomSampler) and self.sampler.generator is not None:
@@ -164,3 +181,85 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         return iter(self.loader)
+
+
+def _with_transform(folder: Any, transform: Any) -> Any:
+    import copy
+
+    out = copy.copy(folder)  # shares the (samples, targets, classes) lists
+    out.transform = transform
+    return out
+
+
+class StreamingFolder:
+    """One split of an ImageFolder tree too large for memory (data.name ``imagenet``).
+
+    Lists the files once and hands out `StreamingLoader`s over all of them or a subset; it offers
+    what the stages read from an in-memory `ArrayDataset` (``labels``, ``len``, ``subset``,
+    ``num_classes``, ``in_channels``, ``image_size``, ``name``), so the search split, the data
+    subsets and the checks work unchanged.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        image_size: int = 224,
+        workers: int = 8,
+        *,
+        folder: Any = None,
+        indices: Tensor | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.workers = workers
+        self.folder = folder if folder is not None else _image_folder(split_dir(root, split))
+        if len(self.folder) == 0:
+            raise DataError(f"ImageFolder {self.root}/{split} has no images. Fix: check the tree")
+        all_labels = torch.tensor(self.folder.targets, dtype=torch.long)
+        self.indices = indices if indices is not None else torch.arange(len(all_labels))
+        self.labels = all_labels[self.indices]
+        self.num_classes = len(self.folder.classes)
+        self.in_channels = 3
+        self.image_size = (image_size, image_size)
+        self.name = f"imagenet:{self.root.name}"
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def subset(self, idx: Tensor) -> StreamingFolder:
+        """The images at positions ``idx`` of this split (as `ArrayDataset.subset`)."""
+        return StreamingFolder(
+            self.root,
+            self.split,
+            self.image_size[0],
+            self.workers,
+            folder=self.folder,
+            indices=self.indices[idx],
+        )
+
+    def loader(
+        self,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        part: Tensor | None = None,
+    ) -> StreamingLoader:
+        """A loader over this split (or the positions ``part`` of it), standard transforms."""
+        idx = self.indices if part is None else self.indices[part]
+        return StreamingLoader(
+            self.root,
+            self.split,
+            batch_size,
+            train=train,
+            image_size=self.image_size[0],
+            workers=self.workers,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            indices=idx,
+            folder=self.folder,
+        )

@@ -23,7 +23,6 @@ when the next run takes the folder.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import shutil
@@ -45,6 +44,7 @@ from tasprune.data import ArrayDataset, DeviceLoader, load_dataset, stratified_s
 from tasprune.distill import distill, model_meta
 from tasprune.engine import TrainConfig, evaluate, fit
 from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
+from tasprune.imagefolder import StreamingFolder, StreamingLoader
 from tasprune.lock import run_lock
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
@@ -64,7 +64,9 @@ __all__ = [
     "load_supernet_state",
     "resolve_model_file",
     "run",
+    "search_loaders",
     "stage_done",
+    "stage_loaders",
     "summary_table",
     "with_recipe_seed",
 ]
@@ -95,7 +97,10 @@ def stage_done(out_dir: Path, stage: str) -> bool:
 # --------------------------------------------------------------------------- data
 
 
-def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
+RunData = ArrayDataset | StreamingFolder
+
+
+def _subset(data: RunData, n: int | None, seed: int) -> Any:
     """A class-stratified, seeded subset of about ``n`` images (all when n is None or >= len)."""
     if n is None or n >= len(data):
         return data
@@ -103,11 +108,22 @@ def _subset(data: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     return data.subset(idx)
 
 
-def load_run_data(recipe: Recipe) -> tuple[ArrayDataset, ArrayDataset]:
-    """The recipe's train and test splits, cut to ``train_subset``/``test_subset`` if given."""
+def load_run_data(recipe: Recipe) -> tuple[Any, Any]:
+    """The recipe's train and test splits, cut to ``train_subset``/``test_subset`` if given.
+
+    In-memory `ArrayDataset`s, except for ``imagenet``: a `StreamingFolder` per split, read by
+    a multi-worker DataLoader with the standard ImageNet transforms.
+    """
     d = recipe.data
-    train = load_dataset(d.name, "train", d.root, image_size=d.image_size)
-    test = load_dataset(d.name, "test", d.root, image_size=d.image_size)
+    if d.name.strip().lower() == "imagenet":
+        if d.root is None:
+            raise DataError("dataset 'imagenet' needs its folder. Fix: set data.root (--data-root)")
+        size = d.image_size or 224
+        train: RunData = StreamingFolder(d.root, "train", size, d.workers)
+        test: RunData = StreamingFolder(d.root, "test", size, d.workers)
+    else:
+        train = load_dataset(d.name, "train", d.root, image_size=d.image_size)
+        test = load_dataset(d.name, "test", d.root, image_size=d.image_size)
     train = _subset(train, d.train_subset, recipe.seed)
     test = _subset(test, d.test_subset, recipe.seed)
     logger.info("data %s: %d train / %d test images", train.name, len(train), len(test))
@@ -315,6 +331,54 @@ def _read_final(folder: Path) -> dict[str, Any]:
     return dict(metrics) if isinstance(metrics, dict) else {}
 
 
+def search_loaders(
+    train: StreamingFolder, cfg: SearchConfig
+) -> tuple[StreamingLoader, StreamingLoader, StreamingLoader]:
+    """Streamed (split A, split B, validation on B) loaders: the same stratified 50/50 split of
+    the training images as the in-memory search uses; sharded per rank under torchrun."""
+    idx_a, idx_b = stratified_split(train.labels, 0.5, cfg.seed)
+    rank, world = ddp.get_rank(), ddp.get_world_size()
+    batch = ddp.per_rank_batch(cfg.batch_size, world)
+    return (
+        train.loader(batch, train=True, seed=cfg.seed, rank=rank, world_size=world, part=idx_a),
+        train.loader(
+            batch, train=True, seed=cfg.seed + 10_000, rank=rank, world_size=world, part=idx_b
+        ),
+        train.loader(batch, train=False, rank=rank, world_size=world, part=idx_b),
+    )
+
+
+def stage_loaders(
+    recipe: Recipe, data: tuple[Any, Any], cfg: TrainConfig, device: torch.device
+) -> tuple[Any, Any]:
+    """(train, test) loaders of a training stage: the train split sharded per rank under
+    torchrun (global batch / world size), the test split whole on every rank. Device-resident
+    for in-memory data; streamed by a multi-worker DataLoader for ``imagenet``."""
+    train, test = data
+    d = recipe.data
+    rank, world = ddp.get_rank(), ddp.get_world_size()
+    batch = ddp.per_rank_batch(cfg.batch_size, world)
+    if isinstance(train, StreamingFolder):
+        return (
+            train.loader(batch, train=True, seed=cfg.seed, rank=rank, world_size=world),
+            test.loader(cfg.batch_size, train=False),
+        )
+    return (
+        DeviceLoader(
+            train,
+            batch,
+            train=True,
+            device=device,
+            crop_padding=d.crop_padding,
+            flip=d.flip,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+        ),
+        DeviceLoader(test, cfg.batch_size, train=False, device=device),
+    )
+
+
 class _Run:
     """Lazily loaded pieces shared by the stages (data, device, teacher)."""
 
@@ -329,26 +393,16 @@ class _Run:
         return ddp.init_from_env(self.recipe.device).device
 
     @cached_property
-    def data(self) -> tuple[ArrayDataset, ArrayDataset]:
+    def data(self) -> tuple[Any, Any]:
         return load_run_data(self.recipe)
 
-    def loaders(self, cfg: TrainConfig) -> tuple[DeviceLoader, DeviceLoader]:
-        train, test = self.data
-        d = self.recipe.data
-        return (
-            DeviceLoader(
-                train,
-                ddp.per_rank_batch(cfg.batch_size, ddp.get_world_size()),
-                train=True,
-                device=self.device,
-                crop_padding=d.crop_padding,
-                flip=d.flip,
-                seed=cfg.seed,
-                rank=ddp.get_rank(),
-                world_size=ddp.get_world_size(),
-            ),
-            DeviceLoader(test, cfg.batch_size, train=False, device=self.device),
-        )
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.data[0], StreamingFolder)
+
+    def loaders(self, cfg: TrainConfig) -> tuple[Any, Any]:
+        """(train, test) loaders of a stage: device-resident, or streamed for ``imagenet``."""
+        return stage_loaders(self.recipe, self.data, cfg, self.device)
 
     def meta(self, shape: Shape, role: str) -> dict[str, Any]:
         return model_meta(
@@ -427,6 +481,9 @@ class _Run:
         train, _ = self.data
         teacher_state = self.teacher.state_dict() if cfg.warm_start else None
         drop_unsaved_search_rows(self.out / "search")
+        loaders = None
+        if isinstance(train, StreamingFolder):
+            loaders = search_loaders(train, cfg)
         result = run_search(
             r.model,
             train,
@@ -437,6 +494,7 @@ class _Run:
             progress=self.progress,
             crop_padding=r.data.crop_padding,
             flip=r.data.flip,
+            loaders=loaders,
         )
         return result.summary()
 
@@ -465,15 +523,13 @@ class _Run:
             progress=self.progress,
             crop_padding=r.data.crop_padding,
             flip=r.data.flip,
+            loaders=self.loaders(cfg.train) if self.streaming else None,
         )
 
     # ---------------------------------------------------------------- report
     def stage_report(self) -> dict[str, Any] | None:
-        try:
-            write_report = importlib.import_module("tasprune.report").write_report
-        except (ImportError, AttributeError):
-            logger.warning("tasprune.report is not available; skipping the report stage")
-            return None
+        from tasprune.report import write_report  # matplotlib: imported only when needed
+
         rc = self.recipe.report
         out: dict[str, Any] = write_report(
             self.out,
