@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "configs" / "fmnist-r20-quick.yaml"))
     ap.add_argument("--teacher", required=True, help="model.pt of the recipe's trained teacher")
     ap.add_argument("--groups", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=None, help="only these variant names")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--out", default="runs/choices")
     ap.add_argument("--threads", type=int, default=None)
@@ -118,6 +119,8 @@ def main() -> None:
 
     for group in args.groups:
         for name, (over, init) in VARIANTS[group].items():
+            if args.variants is not None and name not in args.variants:
+                continue
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 shape, sfolder, skey = run_search(seed, over or {})
