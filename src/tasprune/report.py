@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -524,6 +525,13 @@ def _markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not available on this platform
+        return None
+
+
 def write_report(
     run_dir: str | Path,
     *,
@@ -613,6 +621,14 @@ def write_report(
     else:
         notes.append("training.png skipped: no teacher/ or student/ history.jsonl with test top-1")
 
+    load = _load_average()
+    cores = os.cpu_count() or 1
+    if load is not None and load > cores:
+        notes.append(
+            f"latency measured on a busy machine (1-minute load average {load:.1f} on {cores} "
+            "cores): the ratios hold better than the milliseconds; rerun `tasprune report DIR` "
+            "on a quiet machine for absolute latencies"
+        )
     report: dict[str, Any] = {
         "model": model_name,
         "dataset": metas["pruned"].get("dataset"),
@@ -627,6 +643,8 @@ def write_report(
             "repeats": repeats,
             "batches": batches,
             "statistic": "median",
+            "load_average_1min": load,
+            "cpu_count": cores,
         },
         "plots": plots,
         "notes": notes,
