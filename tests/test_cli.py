@@ -149,29 +149,17 @@ def test_train_search_distill_end_to_end(tmp_path: Path) -> None:
     ) == Shape.from_dict(info)
 
 
-def test_bench_without_benchmark_module_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    real = cli.importlib.import_module
-
-    def missing(name: str, *args: object) -> object:
-        if name == "tasprune.benchmark":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(cli.importlib, "import_module", missing)
-    assert main(["bench", "cifar10-r56"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "tasprune.benchmark" in err[0]
-
-
 def test_bench_forwards_its_arguments(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import types
+    import tasprune.benchmark
 
-    seen: list[list[str]] = []
-    fake = types.SimpleNamespace(main=lambda argv: seen.append(list(argv)) or 0)
-    monkeypatch.setattr(cli.importlib, "import_module", lambda name: fake)
+    seen: list[tuple[list[str], str]] = []
+
+    def fake(argv: list[str], prog: str = "") -> int:
+        seen.append((list(argv), prog))
+        return 0
+
+    monkeypatch.setattr(tasprune.benchmark, "main", fake)
     assert main(["bench", "proto", "--quick", "-h"]) == 0
-    assert seen == [["proto", "--quick", "-h"]]
+    assert seen == [(["proto", "--quick", "-h"], "tasprune bench")]

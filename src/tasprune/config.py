@@ -51,7 +51,9 @@ class DistillConfig(BaseModel):
     kd: bool = True  # distil from the teacher (False: plain cross-entropy)
     alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term
     temperature: float = Field(default=4.0, gt=0)  # softmax temperature T
-    init: Literal["scratch", "supernet", "teacher"] = "scratch"  # student initialisation
+    # Student initialisation: the teacher's leading channels (measured best of the three on the
+    # demo recipe, bench/results/choices.md), the searched supernet's, or random (the reference).
+    init: Literal["scratch", "supernet", "teacher"] = "teacher"
     train: TrainConfig = TrainConfig(epochs=30)
 
 
