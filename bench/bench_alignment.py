@@ -1,7 +1,9 @@
 """Does CPU latency follow FLOPs? ResNet-20 (1x28x28) at stage widths aligned to 8 or not.
 
 Eager latency (median over interleaved rounds, channels-last, one thread by default) of the
-unpruned ResNet-20 and of uniform shapes whose widths are or are not multiples of 8.
+unpruned ResNet-20 and of uniform shapes whose widths are or are not multiples of 8; then of
+random in-band shapes (FLOPs ratio in [0.45, 0.50]) drawn from the TAS search space with width
+candidates as they are (``width_multiple`` 1) and rounded to multiples of 4 and 8.
 
     python bench/bench_alignment.py [--threads 1]
 
@@ -13,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 
+from tasprune.baselines import random_shape
 from tasprune.cost import model_cost
 from tasprune.latency import measure_latency
 from tasprune.models import create_model, get_model_spec
+from tasprune.search.space import SpaceOptions
 from tasprune.shape import Shape
 
 RESULTS = Path(__file__).parent / "results"
@@ -46,11 +51,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=6, help="random shapes per width multiple")
     ap.add_argument("--out", default=str(RESULTS / "alignment.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     size = (1, 28, 28)
     shapes = {k: stage_shape(*w) for k, w in WIDTHS.items()}
+    multiples = (1, 4, 8)
+    for m in multiples:
+        for seed in range(args.samples):
+            shapes[f"random m={m} seed={seed}"] = random_shape(
+                "cifar_resnet20", 0.5, size, 10, 0.05, seed, space=SpaceOptions(width_multiple=m)
+            )
     nets = {
         k: create_model("cifar_resnet20", s, in_channels=1)
         .eval()
@@ -77,17 +89,34 @@ def main() -> None:
                 "latency_ratio": {b: med[b] / base[b] for b in (1, 64)},
             }
         )
+    summary = []
+    for m in multiples:
+        mine = [r for r in rows if r["widths"].startswith(f"random m={m} ")]
+        summary.append(
+            {
+                "width_multiple": m,
+                "shapes": len(mine),
+                "flops_ratio_mean": statistics.fmean(r["flops_ratio"] for r in mine),
+                "latency_over_flops_ratio": {
+                    b: statistics.fmean(r["latency_ratio"][b] / r["flops_ratio"] for r in mine)
+                    for b in (1, 64)
+                },
+            }
+        )
     out = {
         "benchmark": "latency vs FLOPs, aligned and unaligned widths (ResNet-20, 1x28x28)",
         "threads": args.threads,
         "rounds": args.rounds,
         "torch": torch.__version__,
         "rows": rows,
+        "random_shapes_by_width_multiple": summary,
     }
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print("| stage widths | MFLOPs | FLOPs ratio | b1 ms | b1 ratio | b64 ms | b64 ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if r["widths"].startswith("random"):
+            continue
         print(
             f"| {r['widths']} | {r['mflops']:.2f} | {r['flops_ratio']:.3f} | "
             f"{r['latency_ms'][1]:.3f} | {r['latency_ratio'][1]:.2f} | "
@@ -95,5 +124,25 @@ def main() -> None:
         )
 
 
+def _print_summary(path: str) -> None:
+    data = json.loads(Path(path).read_text())
+    print(
+        "\n| width multiple | random in-band shapes | mean FLOPs ratio | "
+        "latency ratio / FLOPs ratio, b1 | b64 |"
+    )
+    print("|---:|---:|---:|---:|---:|")
+    for r in data["random_shapes_by_width_multiple"]:
+        lf = r["latency_over_flops_ratio"]
+        print(
+            f"| {r['width_multiple']} | {r['shapes']} | {r['flops_ratio_mean']:.3f} | "
+            f"{lf['1']:.2f} | {lf['64']:.2f} |"
+        )
+
+
 if __name__ == "__main__":
     main()
+    _print_summary(
+        sys.argv[sys.argv.index("--out") + 1]
+        if "--out" in sys.argv
+        else str(RESULTS / "alignment.json")
+    )

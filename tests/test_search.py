@@ -214,3 +214,28 @@ def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
     # A finished search is returned as is.
     again = search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
     assert again.shape == result.shape
+
+
+def test_width_multiple_rounds_candidates_and_the_searched_widths() -> None:
+    from tasprune.cost import model_cost
+    from tasprune.search.space import SpaceOptions, width_candidates
+
+    assert width_candidates(64, multiple=8) == [16, 24, 32, 40, 48, 56, 64]
+    assert width_candidates(16, multiple=4) == [4, 8, 12, 16]
+    assert width_candidates(6, multiple=8) == [6]  # never above the unpruned width
+    assert width_candidates(64) == [19, 25, 32, 38, 44, 51, 57, 64]  # default unchanged
+    with pytest.raises(ValueError, match="multiple"):
+        width_candidates(64, multiple=0)
+    net = SuperNet("cifar_resnet20", options=SpaceOptions(width_multiple=8))
+    rng = random.Random(0)
+    for _ in range(5):  # any one-hot setting: widths are multiples of 8, costs stay exact
+        for c in net.all_choices():
+            logits = net.logits_of(c)
+            if logits is not None:
+                with torch.no_grad():
+                    logits.fill_(-30.0)
+                    logits[rng.randrange(len(c.candidates))] = 30.0
+        shape = net.derive()
+        assert all(w % 8 == 0 for w in shape.widths.values())
+        flops, _ = net.expected_cost()
+        assert abs(float(flops.detach()) - model_cost("cifar_resnet20", shape)[0]) < 1.0

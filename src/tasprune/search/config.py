@@ -45,6 +45,7 @@ class SearchConfig(BaseModel):
     num_sampled: int | Literal["all"] = 2  # I: candidates mixed per conv and forward
     align: Literal["cwi", "pad"] = "cwi"  # channel-wise interpolation or zero-padding
     tie_residual: bool = False  # one residual width per stage (no projection shortcuts)
+    width_multiple: int = Field(default=1, ge=1)  # round width candidates to multiples of this
 
     warm_start: bool = True  # start supernet weights from the teacher when one is given
     keep: Literal["last", "best"] = "last"  # which in-band shape becomes shape.json
@@ -77,4 +78,5 @@ class SearchConfig(BaseModel):
             num_sampled=None if self.num_sampled == "all" else self.num_sampled,
             align=self.align,
             tie_residual=self.tie_residual,
+            width_multiple=self.width_multiple,
         )

@@ -224,7 +224,11 @@ class SuperNet(nn.Module):
         logits: dict[str, nn.Parameter] = {}
         for group in groups:
             full = self.full_shape.widths[group[0]]
-            cands = width_candidates(full, opts.width_fractions) if opts.search_width else [full]
+            cands = (
+                width_candidates(full, opts.width_fractions, opts.width_multiple)
+                if opts.search_width
+                else [full]
+            )
             name = group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}"
             key = _key(name) if len(cands) > 1 else None
             choice = Choice(name, "width", cands, key, members=list(group))
