@@ -153,14 +153,16 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
     from tasprune.api import train
     from tasprune.imagefolder import StreamingFolder
-    from tasprune.pipeline import load_run_data, with_recipe_seed
+    from tasprune.pipeline import load_run_data, train_unpruned, with_recipe_seed
     from tasprune.utils import pick_device
 
     train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
     cfg = with_recipe_seed(recipe.teacher.train, recipe)
     if isinstance(train_data, StreamingFolder):
-        metrics = _train_streamed(recipe, (train_data, test_data), cfg, out, progress)
+        _, metrics = train_unpruned(
+            recipe, (train_data, test_data), cfg, out, pick_device(recipe.device), progress
+        )
         print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
         return 0
     metrics = train(
@@ -177,29 +179,6 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     )
     print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
     return 0
-
-
-def _train_streamed(
-    recipe: Recipe, data: tuple[Any, Any], cfg: Any, out: Path, progress: bool
-) -> dict[str, Any]:
-    """`tasprune train` on a streamed (imagenet) dataset: the pipeline's loaders, then fit."""
-    import torch
-
-    from tasprune.distill import model_meta
-    from tasprune.engine import fit
-    from tasprune.models import create_model, get_model_spec
-    from tasprune.pipeline import stage_loaders
-    from tasprune.utils import pick_device
-
-    device = pick_device(recipe.device)
-    torch.manual_seed(cfg.seed)
-    net = create_model(
-        recipe.model, num_classes=data[0].num_classes, in_channels=data[0].in_channels
-    )
-    meta = model_meta(recipe.model, get_model_spec(recipe.model).full_shape(), data[0], "teacher")
-    meta["recipe"] = recipe.model_dump(mode="json")
-    loaders = stage_loaders(recipe, data, cfg, device)
-    return fit(net, *loaders, cfg, out, device=device, meta=meta, progress=progress)
 
 
 def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], Path]:

@@ -341,20 +341,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     :func:`revert_sync_batchnorm` can give the caller back a plain model (same state_dict keys).
     """
     if isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        sync = nn.SyncBatchNorm(
-            module.num_features,
-            module.eps,
-            module.momentum,  # type: ignore[arg-type]
-            module.affine,
-            module.track_running_stats,
-        )
-        if module.affine:
-            sync.weight = module.weight
-            sync.bias = module.bias
-        sync.running_mean = module.running_mean
-        sync.running_var = module.running_var
-        sync.num_batches_tracked = module.num_batches_tracked
-        sync.train(module.training)
+        sync = _rebuilt_bn(nn.SyncBatchNorm, module)
         setattr(sync, "_tasprune_original", type(module))  # noqa: B010 (not a declared attr)
         return sync
     for name, child in module.named_children():
@@ -364,25 +351,30 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _rebuilt_bn(cls: type[_BatchNorm], module: _BatchNorm) -> Any:
+    """A ``cls`` batch-norm layer sharing ``module``'s parameters, buffers and mode."""
+    new = cls(
+        module.num_features,
+        module.eps,
+        module.momentum,  # type: ignore[arg-type]
+        module.affine,
+        module.track_running_stats,
+    )
+    if module.affine:
+        new.weight = module.weight
+        new.bias = module.bias
+    new.running_mean = module.running_mean
+    new.running_var = module.running_var
+    new.num_batches_tracked = module.num_batches_tracked
+    new.train(module.training)
+    return new
+
+
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """Undo :func:`convert_sync_batchnorm` (layers it did not make are left alone)."""
     original = getattr(module, "_tasprune_original", None)
     if isinstance(module, nn.SyncBatchNorm) and original is not None:
-        plain: _BatchNorm = original(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-        )
-        if module.affine:
-            plain.weight = module.weight
-            plain.bias = module.bias
-        plain.running_mean = module.running_mean
-        plain.running_var = module.running_var
-        plain.num_batches_tracked = module.num_batches_tracked
-        plain.train(module.training)
-        return plain
+        return _rebuilt_bn(original, module)
     for name, child in module.named_children():
         new = revert_sync_batchnorm(child)
         if new is not child:

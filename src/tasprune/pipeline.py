@@ -67,6 +67,7 @@ __all__ = [
     "search_loaders",
     "stage_done",
     "stage_loaders",
+    "train_unpruned",
     "summary_table",
     "with_recipe_seed",
 ]
@@ -379,6 +380,38 @@ def stage_loaders(
     )
 
 
+def train_unpruned(
+    recipe: Recipe,
+    data: tuple[Any, Any],
+    cfg: TrainConfig,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the recipe's unpruned model on ``data`` with the stage loaders (the teacher
+    stage, and ``tasprune train`` on streamed data); returns (model, fit's metrics)."""
+    train = data[0]
+    torch.manual_seed(cfg.seed)
+    model = create_model(recipe.model, num_classes=train.num_classes, in_channels=train.in_channels)
+    meta = model_meta(
+        recipe.model,
+        get_model_spec(recipe.model).full_shape(),
+        train,
+        "teacher",
+        recipe=recipe.model_dump(mode="json"),
+    )
+    metrics = fit(
+        model,
+        *stage_loaders(recipe, data, cfg, device),
+        cfg,
+        out_dir,
+        device=device,
+        meta=meta,
+        progress=progress,
+    )
+    return model, metrics
+
+
 class _Run:
     """Lazily loaded pieces shared by the stages (data, device, teacher)."""
 
@@ -425,21 +458,7 @@ class _Run:
         if r.teacher.checkpoint:
             return self._import_teacher(Path(r.teacher.checkpoint))
         cfg = with_recipe_seed(r.teacher.train, r)
-        train, test = self.data
-        full = get_model_spec(r.model).full_shape()
-        torch.manual_seed(cfg.seed)
-        model = create_model(r.model, num_classes=train.num_classes, in_channels=train.in_channels)
-        train_loader, test_loader = self.loaders(cfg)
-        metrics = fit(
-            model,
-            train_loader,
-            test_loader,
-            cfg,
-            folder,
-            device=self.device,
-            meta=self.meta(full, "teacher"),
-            progress=self.progress,
-        )
+        model, metrics = train_unpruned(r, self.data, cfg, folder, self.device, self.progress)
         self.__dict__["teacher"] = model
         return metrics
 
