@@ -112,8 +112,7 @@ def main() -> None:
             teacher_state=teacher.state_dict() if warm else None,
             device="cpu",
             progress=False,
-            crop_padding=recipe.data.crop_padding,
-            flip=recipe.data.flip,
+            augment=recipe.data.augment,
         )
         return res.shape, folder, key
 
@@ -149,8 +148,7 @@ def main() -> None:
                     space=scfg.space(),
                     device="cpu",
                     progress=False,
-                    crop_padding=recipe.data.crop_padding,
-                    flip=recipe.data.flip,
+                    augment=recipe.data.augment,
                 )
                 flops, params = model_cost(recipe.model, shape, size, train.num_classes)
                 history = [

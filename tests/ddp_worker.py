@@ -30,7 +30,7 @@ from torch import nn
 
 import tasprune.search.loop as search_loop
 from tasprune import distributed
-from tasprune.data import ArrayDataset, DeviceLoader, load_dataset
+from tasprune.data import ArrayDataset, Augment, DeviceLoader, load_dataset
 from tasprune.engine import TrainConfig, fit
 from tasprune.errors import ConfigError, TrainingError
 from tasprune.search.config import SearchConfig
@@ -94,7 +94,13 @@ def train_loaders(
     batch = distributed.per_rank_batch(GLOBAL_BATCH, world)
     return (
         DeviceLoader(
-            train, batch, train=True, crop_padding=2, flip=True, seed=0, rank=rank, world_size=world
+            train,
+            batch,
+            train=True,
+            augment=Augment(crop_padding=2, flip=True),
+            seed=0,
+            rank=rank,
+            world_size=world,
         ),
         DeviceLoader(test, batch, train=False, rank=rank, world_size=world),
     )

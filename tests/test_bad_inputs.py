@@ -147,6 +147,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _idx(raw / "train-images-idx3-ubyte", 2051, (100, 28, 28), bytes(50 * 28 * 28))
     _idx(raw / "train-labels-idx1-ubyte", 2049, (100,), bytes(100))
     p["fashion_truncated"] = root / "fm"
+    p["empty_dir"] = root / "empty"
+    p["empty_dir"].mkdir()
     p["a_file"] = root / "a_file"
     p["a_file"].write_text("a file where a folder should be\n")
     return p
@@ -286,6 +288,11 @@ CASES = [
     Case(
         "missing_data_folder",
         run_("data.name=cifar10", "data.root=/nonexistent/data"),
+        "data root /nonexistent/data does not exist",
+    ),
+    Case(
+        "data_root_without_the_data",
+        run_("data.name=cifar10", "data.root={empty_dir}"),
         "cifar10 not found",
     ),
     Case("truncated_idx_file", run_("data.root={fashion_truncated}"), "truncated idx file"),

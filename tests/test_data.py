@@ -18,6 +18,7 @@ from tasprune.data import (
     DATASETS,
     SYSTEM_FASHION_MNIST,
     ArrayDataset,
+    Augment,
     DeviceLoader,
     load_dataset,
     stratified_split,
@@ -299,7 +300,7 @@ def test_loader_batch_count() -> None:
 
 def test_loader_eval_normalisation() -> None:
     ds = _toy(20)
-    loader = DeviceLoader(ds, 6, train=False, crop_padding=4, flip=True)
+    loader = DeviceLoader(ds, 6, train=False, augment=Augment(crop_padding=4, flip=True))
     xs, ys = zip(*loader, strict=True)
     x, y = torch.cat(xs), torch.cat(ys)
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
@@ -312,7 +313,7 @@ def test_loader_eval_normalisation() -> None:
 
 def test_loader_determinism_and_epochs() -> None:
     ds = _toy(40)
-    kw: dict[str, Any] = dict(train=True, crop_padding=2, flip=True, seed=7)
+    kw: dict[str, Any] = dict(train=True, augment=Augment(crop_padding=2, flip=True), seed=7)
 
     def epoch(loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*loader, strict=True)
@@ -338,7 +339,9 @@ def test_loader_crop_is_shifted_window() -> None:
     pad = 2
     # Labels = sample ids, so each output can be traced back to its source image.
     ds_unique = ArrayDataset(ds.images, torch.arange(16), 16, ds.mean, ds.std, "u")
-    loader = DeviceLoader(ds_unique, 16, train=True, crop_padding=pad, seed=1)
+    loader = DeviceLoader(
+        ds_unique, 16, train=True, augment=Augment(crop_padding=pad, flip=False), seed=1
+    )
     x, y = next(iter(loader))
     assert x.shape == (16, 2, 6, 6)
     mean = torch.tensor(ds.mean).view(-1, 1, 1)
@@ -361,7 +364,9 @@ def test_loader_crop_is_shifted_window() -> None:
 
 def test_loader_flip() -> None:
     ds = ArrayDataset(_toy(32).images, torch.arange(32), 32, _toy().mean, _toy().std, "u")
-    x, y = next(iter(DeviceLoader(ds, 32, train=True, flip=True, seed=0)))
+    x, y = next(
+        iter(DeviceLoader(ds, 32, train=True, augment=Augment(crop_padding=0, flip=True), seed=0))
+    )
     mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.std).view(1, -1, 1, 1)
     ref = (ds.images[y].float() / 255 - mean) / std

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
+import tasprune
 from tasprune.checkpoint import save_checkpoint
+from tasprune.contract import FORMAT_VERSION, InputContract, InputError
 from tasprune.errors import TaspruneError
 from tasprune.export import export_model, load_exportable, load_safetensors
 from tasprune.latency import measure_latency, measure_onnx_latency
@@ -57,6 +59,8 @@ def write_model(
         "dataset": "fashion-mnist",
         "role": role,
         "recipe": {"model": MODEL},
+        "format_version": FORMAT_VERSION,
+        "input": InputContract(*INPUT, mean=(0.25,), std=(0.5,)).to_dict(),
     }
     save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
     return model.eval(), meta
@@ -80,12 +84,65 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def batch(n: int = 8, seed: int = 3) -> torch.Tensor:
-    return torch.randn(n, *INPUT, generator=torch.Generator().manual_seed(seed))
+    """Raw images (float in [0, 1]): what the loaded and the exported networks take."""
+    return torch.rand(n, *INPUT, generator=torch.Generator().manual_seed(seed))
 
 
 def reference(run_dir: Path, sub: str = "student") -> nn.Module:
-    model, _, _ = load_exportable(run_dir / sub / "model.pt")
-    return model
+    """What ``tasprune.load`` gives: the network behind its input normalisation."""
+    return tasprune.load(run_dir / sub / "model.pt")
+
+
+def test_loaded_model_normalises_inside(run_dir: Path) -> None:
+    bare, _, _ = load_exportable(run_dir / "student" / "model.pt")
+    loaded = reference(run_dir)
+    x = batch()
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), bare((x - 0.25) / 0.5), atol=1e-6)
+        # uint8 pixels are the same images
+        assert torch.allclose(loaded((x * 255).round().to(torch.uint8)), loaded(x), atol=1e-3)
+    assert set(loaded.state_dict()) == {f"net.{k}" for k in bare.state_dict()}
+
+
+def test_exports_state_the_contract(run_dir: Path, tmp_path: Path) -> None:
+    import onnx
+
+    onnx_file = export_model(run_dir, "onnx", tmp_path)
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    meta = json.loads(props["tasprune_meta"])
+    assert meta["input"]["mean"] == [0.25] and meta["input"]["std"] == [0.5]
+    assert meta["format_version"] == FORMAT_VERSION and meta["model"] == MODEL
+    ts_file = export_model(run_dir, "torchscript", tmp_path / "net.pt")
+    extra = {"tasprune_meta.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(ts_file), _extra_files=extra)
+    assert json.loads(extra["tasprune_meta.json"])["input"]["height"] == INPUT[1]
+
+
+def test_wrong_input_is_one_clear_error(run_dir: Path) -> None:
+    loaded = reference(run_dir)
+    for bad, words in (
+        (torch.rand(2, 3, 28, 28), "N x 1 x 28 x 28"),
+        (torch.rand(2, 1, 32, 32), "resize to 28x28"),
+        (torch.randn(2, 1, 28, 28) * 3, "raw images"),
+    ):
+        with pytest.raises(InputError, match="Fix:") as info:
+            loaded(bad)
+        assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_checkpoint_without_contract_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, meta = write_model(tmp_path / "old" / "model.pt", pruned_shape(), "student")
+    old = {k: v for k, v in meta.items() if k not in ("input", "format_version")}
+    save_checkpoint(tmp_path / "old" / "model.pt", {"model": model.state_dict(), "meta": old})
+    with caplog.at_level("WARNING"):
+        loaded = tasprune.load(tmp_path / "old")
+    assert "before tasprune recorded input contracts" in caplog.text
+    assert "fashion-mnist" in caplog.text  # a shipped dataset: its published statistics
+    assert loaded.contract.mean == (0.2860,) and loaded.contract.std == (0.3530,)
 
 
 def test_onnx_matches_pytorch_with_dynamic_batch(run_dir: Path) -> None:

@@ -301,7 +301,9 @@ def test_tiny_real_search_then_distil(name: str, tmp_path) -> None:
     cfg = SearchConfig(
         flops_ratio=0.6, epochs=1, batch_size=32, arch_lr=0.05, valid_batches=1, seed=0
     )
-    result = search(name, train, cfg, tmp_path / "search", progress=False, crop_padding=2)
+    result = search(
+        name, train, cfg, tmp_path / "search", progress=False, augment={"crop_padding": 2}
+    )
     shape = result.shape
     size = (1, 28, 28)
     pruned = create_model(name, shape, num_classes=10, in_channels=1)
@@ -329,7 +331,7 @@ def test_tiny_real_search_then_distil(name: str, tmp_path) -> None:
         space=cfg.space(),
         device="cpu",
         progress=False,
-        crop_padding=2,
+        augment={"crop_padding": 2},
     )
     assert metrics["flops"] == result.flops and metrics["epochs"] == 1
     assert 0.0 <= metrics["top1"] <= 100.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasprune.data import DeviceLoader, load_dataset
+from tasprune.data import Augment, DeviceLoader, load_dataset
 from tasprune.errors import DataError
 from tasprune.imagefolder import StreamingLoader, load_imagefolder
 
@@ -34,7 +34,9 @@ def test_in_memory_tree_loads_real_pixels(tmp_path: Path) -> None:
     assert len(test) == 12
     # Grey PNGs become RGB with three equal channels.
     assert torch.equal(train.images[:, 0], train.images[:, 1])
-    x, y = next(iter(DeviceLoader(train, 4, train=True, crop_padding=2, flip=True)))
+    x, y = next(
+        iter(DeviceLoader(train, 4, train=True, augment=Augment(crop_padding=2, flip=True)))
+    )
     assert x.shape == (4, 3, 28, 28) and y.shape == (4,)
 
 

@@ -8,6 +8,7 @@ uint8 = round(255 x), and the per-channel mean/std are computed from them).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sized
 from pathlib import Path
@@ -18,7 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasprune.config import DistillConfig, Recipe, deep_merge, load_recipe, validate_model
-from tasprune.data import ArrayDataset, DeviceLoader
+from tasprune.contract import WithPreprocess, contract_from_meta
+from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.distill import distill as _distill
 from tasprune.distill import model_meta
 from tasprune.engine import TrainConfig, fit
@@ -94,6 +96,16 @@ def as_array_dataset(
     )
 
 
+def _train_test(train_data: DataLike, test_data: DataLike) -> tuple[ArrayDataset, ArrayDataset]:
+    """Both splits in memory, the test split normalised with the training split's mean/std
+    (the statistics the model's input contract records)."""
+    train_ds = as_array_dataset(train_data, "train")
+    test_ds = as_array_dataset(test_data, train_ds.name, train_ds.num_classes)
+    if (test_ds.mean, test_ds.std) != (train_ds.mean, train_ds.std):
+        test_ds = dataclasses.replace(test_ds, mean=train_ds.mean, std=train_ds.std)
+    return train_ds, test_ds
+
+
 def train(
     model: str,
     train_data: DataLike,
@@ -104,18 +116,19 @@ def train(
     shape: Shape | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
-    crop_padding: int = 4,
-    flip: bool = True,
+    augment: Augment | dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train the registered ``model`` (unpruned, or at ``shape``) with cross-entropy.
 
-    Writes (and resumes from) ``out_dir``: model.pt with the meta :func:`load` needs,
-    final.json, history.jsonl. Returns the final test metrics.
+    ``augment`` (crop_padding, flip): None fits the data (see :class:`~tasprune.data.Augment`:
+    padding 1/8 of the image side, no flip for data not known to be mirror-invariant).
+    Writes (and resumes from) ``out_dir``: model.pt with the meta :func:`load` needs (the
+    input contract included), final.json, history.jsonl. Returns the final test metrics.
     """
     tcfg = cfg if isinstance(cfg, TrainConfig) else validate_model(TrainConfig, cfg, "train")
-    train_ds = as_array_dataset(train_data, "train")
-    test_ds = as_array_dataset(test_data, train_ds.name, train_ds.num_classes)
+    train_ds, test_ds = _train_test(train_data, test_data)
     full = get_model_spec(model).full_shape()
     shape = shape or full
     dev = pick_device(device) if isinstance(device, str) else device
@@ -124,21 +137,23 @@ def train(
         model, shape, num_classes=train_ds.num_classes, in_channels=train_ds.in_channels
     )
     role = "teacher" if shape == full else "student"
-    loaders = (
-        DeviceLoader(
-            train_ds,
-            tcfg.batch_size,
-            train=True,
-            device=dev,
-            crop_padding=crop_padding,
-            flip=flip,
-            seed=tcfg.seed,
-        ),
-        DeviceLoader(test_ds, tcfg.batch_size, train=False, device=dev),
+    aug = as_augment(augment).resolve(train_ds.name, train_ds.image_size)
+    logger.info("training augmentation: %s", aug.describe())
+    loaders = train_test_loaders(
+        train_ds, test_ds, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
     )
-    full_meta = {**model_meta(model, shape, train_ds, role), **(meta or {})}
+    full_meta = {**model_meta(model, shape, train_ds, role, augment=aug), **(meta or {})}
     out = Path(out_dir) if out_dir is not None else None
-    return fit(net, *loaders, tcfg, out, device=dev, meta=full_meta, progress=progress)
+    return fit(
+        net,
+        *loaders,
+        tcfg,
+        out,
+        device=dev,
+        meta=full_meta,
+        progress=progress,
+        tensorboard=tensorboard,
+    )
 
 
 def distill(
@@ -152,20 +167,23 @@ def distill(
     model: str | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
-    crop_padding: int = 4,
-    flip: bool = True,
+    augment: Augment | dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train the pruned network of ``shape`` with KD from ``teacher``; return its metrics.
 
     ``shape`` is a Shape or a shape.json (whose ``model`` is used unless ``model`` is given);
-    ``teacher`` a module (then ``model`` is required) or a run folder / model.pt.
+    ``teacher`` a module (then ``model`` is required) or a run folder / model.pt; a module
+    returned by :func:`load` is unwrapped to its network. ``augment`` as in :func:`train`.
     """
     dcfg = cfg if isinstance(cfg, DistillConfig) else validate_model(DistillConfig, cfg, "distill")
     name = model
     if not isinstance(shape, Shape):
         shape, info = Shape.load(shape)
         name = name or info.get("model")
+    if isinstance(teacher, WithPreprocess):
+        teacher = teacher.net  # distillation feeds normalised batches
     if not isinstance(teacher, nn.Module):
         teacher, tmeta = load_model_checkpoint(resolve_model_file(teacher, prefer=("teacher",)))
         name = name or tmeta.get("model")
@@ -176,8 +194,7 @@ def distill(
             "api.distill has no supernet weights. Fix: use init 'teacher' or 'scratch', or "
             "tasprune.run for the whole pipeline"
         )
-    train_ds = as_array_dataset(train_data, "train")
-    test_ds = as_array_dataset(test_data, train_ds.name, train_ds.num_classes)
+    train_ds, test_ds = _train_test(train_data, test_data)
     return _distill(
         str(name),
         shape,
@@ -189,8 +206,8 @@ def distill(
         device=device,
         meta=meta,
         progress=progress,
-        crop_padding=crop_padding,
-        flip=flip,
+        augment=augment,
+        tensorboard=tensorboard,
     )
 
 
@@ -221,13 +238,17 @@ def run(
     return _run(recipe, Path(out_dir), from_stage=from_stage, progress=progress)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The trained (pruned) network in eval mode, rebuilt from its checkpoint's meta.
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> WithPreprocess:
+    """The trained (pruned) network in eval mode, ready for raw inputs.
 
     ``path``: a run folder (its student/model.pt), a fit folder (model.pt) or a model.pt file.
-    Loading is weights-only (see :func:`tasprune.pipeline.load_model_checkpoint` for the meta).
+    The result takes images as the user has them (float in [0, 1] as ``ToTensor`` gives, or
+    uint8), normalises them as in training and returns logits; ``.contract`` says what it
+    expects, ``.net`` is the bare network (normalised inputs). Loading is weights-only.
     """
-    model, _ = load_model_checkpoint(resolve_model_file(path, prefer=("student",)))
-    model.to(map_location)
-    model.eval()
-    return model
+    file = resolve_model_file(path, prefer=("student",))
+    model, meta = load_model_checkpoint(file)
+    wrapped = WithPreprocess(model, contract_from_meta(meta, str(file)))
+    wrapped.to(map_location)
+    wrapped.eval()
+    return wrapped

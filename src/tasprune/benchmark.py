@@ -58,7 +58,7 @@ from tasprune.config import (
     validate_model,
 )
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, DeviceLoader
+from tasprune.data import ArrayDataset, train_test_loaders
 from tasprune.distill import distill, kd_loss_fn, model_meta
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError, TaspruneError
@@ -398,8 +398,7 @@ class _Bench:
             teacher_state=self.teacher.state_dict() if cfg.warm_start else None,
             device=self.device,
             progress=self.progress,
-            crop_padding=r.data.crop_padding,
-            flip=r.data.flip,
+            augment=r.data.augment,
         )
         self._timed(f"search/seed-{seed}", time.perf_counter() - t0)
 
@@ -472,8 +471,7 @@ class _Bench:
                 device=self.device,
                 meta=meta,
                 progress=self.progress,
-                crop_padding=r.data.crop_padding,
-                flip=r.data.flip,
+                augment=r.data.augment,
             )
         seconds = self._timed(key, time.perf_counter() - t0)
         flops, params = model_cost(r.model, shape, self.input_size, train.num_classes)
@@ -509,20 +507,16 @@ class _Bench:
             else cross_entropy_loss(tcfg.label_smoothing)
         )
         flops, params = model_cost(r.model, shape, self.input_size, train.num_classes)
-        full_meta = model_meta(r.model, shape, train, "student", flops=flops, params=params)
+        aug = r.data.augment.resolve(train.name, train.image_size)
+        full_meta = model_meta(
+            r.model, shape, train, "student", augment=aug, flops=flops, params=params
+        )
         full_meta.update(meta)
         return fit(
             student,
-            DeviceLoader(
-                train,
-                tcfg.batch_size,
-                train=True,
-                device=self.device,
-                crop_padding=r.data.crop_padding,
-                flip=r.data.flip,
-                seed=tcfg.seed,
+            *train_test_loaders(
+                train, test, tcfg.batch_size, augment=aug, device=self.device, seed=tcfg.seed
             ),
-            DeviceLoader(test, tcfg.batch_size, train=False, device=self.device),
             tcfg,
             folder,
             loss_fn=loss,

@@ -12,6 +12,7 @@ lock (:mod:`tasprune.lock`) for their whole life.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -52,8 +53,11 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_config(out: Path, recipe: Recipe, name: str = "config.yaml") -> None:
+    from tasprune import distributed
     from tasprune.utils import atomic_write_text
 
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / name, dump_recipe(recipe))
 
@@ -149,35 +153,48 @@ def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool
     return 0
 
 
+def distributed_main() -> bool:
+    from tasprune import distributed
+
+    return distributed.is_main()
+
+
+def _say(line: str) -> None:
+    """Print a command's result line (once: rank 0 under torchrun)."""
+    if distributed_main():
+        print(line)
+
+
+def _device(recipe: Recipe) -> Any:
+    """This process's device: the recipe's, or under torchrun this rank's."""
+    from tasprune import distributed
+
+    return distributed.init_from_env(recipe.device).device
+
+
+def _stage_command(recipe: Recipe, out: Path, command: Callable[[], int]) -> int:
+    """Run a one-stage command (train/search/distill) as ``tasprune run`` runs its stages:
+    under torchrun every rank joins the process group and trains its shard, rank 0 alone
+    holds the folder's lock and writes."""
+    from tasprune import distributed
+
+    distributed.init_from_env(recipe.device)
+    distributed.configure_rank_logging()
+    with run_lock(out) if distributed.is_main() else contextlib.nullcontext():
+        return command()
+
+
 def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
-    from tasprune.api import train
-    from tasprune.imagefolder import StreamingFolder
     from tasprune.pipeline import load_run_data, train_unpruned, with_recipe_seed
-    from tasprune.utils import pick_device
 
     train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
     cfg = with_recipe_seed(recipe.teacher.train, recipe)
-    if isinstance(train_data, StreamingFolder):
-        _, metrics = train_unpruned(
-            recipe, (train_data, test_data), cfg, out, pick_device(recipe.device), progress
-        )
-        print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
-        return 0
-    metrics = train(
-        recipe.model,
-        train_data,
-        test_data,
-        cfg,
-        out,
-        device=pick_device(recipe.device),
-        progress=progress,
-        crop_padding=recipe.data.crop_padding,
-        flip=recipe.data.flip,
-        meta={"recipe": recipe.model_dump(mode="json")},
+    _, metrics = train_unpruned(
+        recipe, (train_data, test_data), cfg, out, _device(recipe), progress
     )
-    print(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
+    _say(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
     return 0
 
 
@@ -206,7 +223,6 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
     )
     from tasprune.search import SuperNet, search
     from tasprune.search.loop import check_budget
-    from tasprune.utils import pick_device
 
     train_data, _ = load_run_data(recipe)
     state = None
@@ -225,22 +241,23 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
     check_budget(probe, cfg)  # before writing anything
     del probe
     _write_config(out, recipe)
-    drop_unsaved_search_rows(out)
+    if distributed_main():
+        drop_unsaved_search_rows(out)
     result = search(
         recipe.model,
         train_data,
         cfg,
         out,
         teacher_state=state,
-        device=pick_device(recipe.device),
+        device=_device(recipe),
         progress=progress,
-        crop_padding=recipe.data.crop_padding,
-        flip=recipe.data.flip,
+        augment=recipe.data.augment,
+        tensorboard=recipe.log == "tensorboard",
         loaders=search_loaders(train_data, cfg)
         if isinstance(train_data, StreamingFolder)
         else None,
     )
-    print(
+    _say(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
         f"{result.params / 1e6:.3f} M params"
     )
@@ -262,7 +279,6 @@ def cmd_distill(
         with_recipe_seed,
     )
     from tasprune.shape import Shape
-    from tasprune.utils import pick_device
 
     sh, info = Shape.load(shape)
     model = str(info.get("model") or recipe.model)
@@ -281,7 +297,7 @@ def cmd_distill(
     if cfg.init == "supernet":
         supernet = load_supernet_state(shape.parent / "supernet.pt")
     _write_config(out, recipe)
-    device = pick_device(recipe.device)
+    device = _device(recipe)
     streamed = isinstance(train_data, StreamingFolder)
     metrics = distill(
         model,
@@ -296,13 +312,13 @@ def cmd_distill(
         device=device,
         meta={"recipe": recipe.model_dump(mode="json")},
         progress=progress,
-        crop_padding=recipe.data.crop_padding,
-        flip=recipe.data.flip,
+        augment=recipe.data.augment,
+        tensorboard=recipe.log == "tensorboard",
         loaders=stage_loaders(recipe, (train_data, test_data), cfg.train, device)
         if streamed
         else None,
     )
-    print(
+    _say(
         f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
         f"{metrics['flops'] / 1e6:.2f} MFLOPs"
     )
@@ -328,8 +344,13 @@ def cmd_report(run_dir: Path) -> int:
         raise ConfigError(f"run folder {run_dir} does not exist. Fix: pass a `tasprune run` --out")
     kwargs: dict[str, Any] = {}
     if (run_dir / "recipe.yaml").is_file():
-        rc = load_recipe(run_dir / "recipe.yaml").report
-        kwargs = {"latency_batches": tuple(rc.latency_batches), "repeats": rc.latency_repeats}
+        stored = load_recipe(run_dir / "recipe.yaml")
+        rc = stored.report
+        kwargs = {
+            "latency_batches": tuple(rc.latency_batches),
+            "repeats": rc.latency_repeats,
+            "tensorboard": stored.log == "tensorboard",
+        }
     with run_lock(run_dir):
         write_report(run_dir, device="cpu", **kwargs)
     print(f"{run_dir}/report.md")
@@ -438,8 +459,30 @@ def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
             default=None,
             help="use a stratified subset of N test images (default: all)",
         )
+        p.add_argument(
+            "--crop-padding",
+            type=int,
+            default=None,
+            help="random-crop padding in pixels when training (default: fits the data)",
+        )
+        p.add_argument(
+            "--flip",
+            choices=("on", "off"),
+            default=None,
+            help="random horizontal flip when training (default: on for mirror-invariant data)",
+        )
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default {_D.seed})")
     _deterministic_arg(p)
+    _log_arg(p)
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log",
+        choices=("jsonl", "tensorboard"),
+        default=None,
+        help="tensorboard: also write every epoch's metrics for `tensorboard --logdir OUT`",
+    )
 
 
 def _data_flags(a: argparse.Namespace) -> dict[str, Any]:
@@ -451,7 +494,12 @@ def _data_flags(a: argparse.Namespace) -> dict[str, Any]:
             "root": getattr(a, "data_root", None),
             "train_subset": getattr(a, "train_subset", None),
             "test_subset": getattr(a, "test_subset", None),
+            "augment": {
+                "crop_padding": getattr(a, "crop_padding", None),
+                "flip": {"on": True, "off": False}.get(getattr(a, "flip", None) or ""),
+            },
         },
+        "log": a.log,
     }
 
 
@@ -608,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
     )
     _deterministic_arg(p)
+    _log_arg(p)
 
     p = add("report", cmd_report, "write report.json/report.md/plots of a run folder")
     p.add_argument("run_dir", type=Path, help="a `tasprune run` --out folder")
@@ -646,15 +695,14 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_bench(a.args)
     det = _deterministic_flags(a.deterministic)
     if a.command == "run":
-        recipe = _recipe(a.recipe, a.sets, deep_merge({"device": a.device}, det))
+        recipe = _recipe(a.recipe, a.sets, deep_merge({"device": a.device, "log": a.log}, det))
         return cmd_run(recipe, a.out, a.from_stage, progress)  # pipeline.run takes the lock
     flags = _data_flags(a)
     if a.command == "train":
         flags.update(model=a.model)
         flags["teacher"] = {"train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr}}
         recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
-        with run_lock(a.out):
-            return cmd_train(recipe, a.out, progress)
+        return _stage_command(recipe, a.out, lambda: cmd_train(recipe, a.out, progress))
     if a.command == "search":
         flags.update(model=a.model)
         flags["search"] = {
@@ -664,16 +712,16 @@ def _dispatch(a: argparse.Namespace) -> int:
             "arch_lr": a.arch_lr,
         }
         recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
-        with run_lock(a.out):
-            return cmd_search(recipe, a.out, a.teacher, progress)
+        return _stage_command(recipe, a.out, lambda: cmd_search(recipe, a.out, a.teacher, progress))
     if a.command == "distill":
         flags["distill"] = {
             "init": a.init,
             "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr},
         }
         recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
-        with run_lock(a.out):
-            return cmd_distill(recipe, a.out, a.shape, a.teacher, progress)
+        return _stage_command(
+            recipe, a.out, lambda: cmd_distill(recipe, a.out, a.shape, a.teacher, progress)
+        )
     raise ConfigError(f"unknown command {a.command!r}. Fix: see tasprune --help")
 
 

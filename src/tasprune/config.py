@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasprune.data import Augment
 from tasprune.engine import TrainConfig
 from tasprune.errors import ConfigError
 from tasprune.search.config import SearchConfig
@@ -30,8 +31,22 @@ class DataConfig(BaseModel):
     workers: int = Field(default=8, ge=0)  # imagenet: DataLoader worker processes
     train_subset: int | None = Field(default=None, ge=10)  # images of the train split to use
     test_subset: int | None = Field(default=None, ge=10)  # images of the test split to use
-    crop_padding: int = Field(default=4, ge=0)  # random-crop padding (pixels) when training
-    flip: bool = True  # random horizontal flip when training
+    # Training augmentation of every stage (teacher, search, student); unset fields fit the
+    # data: Fashion-MNIST padding 2 / CIFAR 4 / else 1/8 of the image side, flip only for
+    # mirror-invariant datasets. (ImageNet streams use RandomResizedCrop + flip instead.)
+    augment: Augment = Augment()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("crop_padding", "flip"):
+                if key in data:
+                    raise ValueError(
+                        f"data.{key} is now data.augment.{key}. Fix: write 'augment: "
+                        f"{{{key}: {data[key]}}}' under data (or --set data.augment.{key}=...)"
+                    )
+        return data
 
 
 class TeacherConfig(BaseModel):
@@ -74,6 +89,9 @@ class Recipe(BaseModel):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = Field(default=0, ge=0)
     deterministic: bool = False
+    # jsonl: history.jsonl per stage (always written); tensorboard: also TensorBoard scalars in
+    # each stage folder's tensorboard/ (the `tensorboard` extra), `tensorboard --logdir RUN`.
+    log: Literal["jsonl", "tensorboard"] = "jsonl"
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     search: SearchConfig = SearchConfig()
@@ -89,6 +107,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key '{where}'. Fix: remove it or check its spelling"
     given = first.get("input")
     msg = first["msg"]
+    if kind == "value_error" and "Fix:" in msg:  # our own validators: already problem + fix
+        return f"{source}: {msg.removeprefix('Value error, ')}"
     return f"{source}: '{where}' = {given!r} is invalid ({msg}). Fix: correct that value"
 
 

@@ -28,16 +28,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
+from tasprune import distributed as ddp
 from tasprune.errors import ConfigError, DataError
 
 __all__ = [
     "DATASETS",
+    "FLIP_INVARIANT",
+    "Augment",
     "SYSTEM_FASHION_MNIST",
     "ArrayDataset",
     "DeviceLoader",
     "load_dataset",
     "stratified_split",
+    "train_test_loaders",
 ]
 
 logger = logging.getLogger(__name__)
@@ -59,8 +64,78 @@ _CIFAR10_STD: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 _CIFAR100_MEAN: tuple[float, ...] = (0.5071, 0.4865, 0.4409)
 _CIFAR100_STD: tuple[float, ...] = (0.2673, 0.2564, 0.2762)
 
+#: Datasets whose labels do not change under a horizontal mirror: flipping is on by default only
+#: for these (a mirrored digit or letter is another class or no class at all).
+FLIP_INVARIANT: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "imagenet")
+#: Random-crop padding (pixels) used by the measured recipes of the shipped datasets.
+_KNOWN_PADDING: dict[str, int] = {"fashion-mnist": 2, "cifar10": 4, "cifar100": 4}
+
+#: Published per-channel (mean, std) of the shipped datasets, by name.
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion-mnist": (_FASHION_MEAN, _FASHION_STD),
+    "cifar10": (_CIFAR10_MEAN, _CIFAR10_STD),
+    "cifar100": (_CIFAR100_MEAN, _CIFAR100_STD),
+}
+
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
+
+
+# --------------------------------------------------------------------------------------------
+# Training augmentation
+# --------------------------------------------------------------------------------------------
+
+
+class Augment(BaseModel):
+    """Training-time augmentation: random crop (zero padding, then a crop of the original size)
+    and horizontal flip. One setting for the teacher, the search and the student alike.
+
+    ``None`` fields fit the data (:meth:`resolve`): padding = the measured value for the
+    shipped datasets (Fashion-MNIST 2, CIFAR 4), else 1/8 of the smaller image side (1 pixel
+    at 8x8, 4 at 32x32); flip on only for datasets known to be mirror-invariant.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_padding: int | None = Field(default=None, ge=0)  # pixels; 0 = no random crop
+    flip: bool | None = None  # random horizontal flip
+
+    def resolve(self, dataset: str, image_size: tuple[int, int]) -> Augment:
+        """The concrete setting for ``dataset`` at ``image_size`` (H, W): no ``None`` left."""
+        key = dataset.strip().lower()
+        pad = self.crop_padding
+        if pad is None:
+            pad = _KNOWN_PADDING.get(key, min(image_size) // 8)
+        flip = self.flip if self.flip is not None else key in FLIP_INVARIANT
+        return Augment(crop_padding=pad, flip=flip)
+
+    def describe(self) -> str:
+        """``"crop padding 2, flip on"`` for logs."""
+        pad = "auto" if self.crop_padding is None else str(self.crop_padding)
+        flip = "auto" if self.flip is None else ("on" if self.flip else "off")
+        return f"crop padding {pad}, flip {flip}"
+
+
+def as_augment(value: Augment | dict[str, Any] | None) -> Augment:
+    """An :class:`Augment` from itself, a mapping of its fields, or None (fit the data)."""
+    if value is None:
+        return Augment()
+    if isinstance(value, Augment):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(Augment.model_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown augment key {unknown[0]!r}. Fix: use crop_padding and/or flip"
+            )
+        try:
+            return Augment(**value)
+        except ValueError as err:
+            raise ConfigError(
+                f"augment {value!r} is invalid ({str(err).splitlines()[0]}). "
+                "Fix: crop_padding is a pixel count >= 0, flip true or false"
+            ) from None
+    raise ConfigError(f"augment must be a mapping or Augment, got {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,12 +257,23 @@ _FASHION_FIX = f"Fix: {_FASHION_SOURCE}"
 
 
 def _fashion_dirs(root: Path | None) -> list[Path]:
-    """Folders searched for Fashion-MNIST idx files, in priority order."""
-    dirs: list[Path] = []
-    if root is not None:
-        dirs += [root / "FashionMNIST" / "raw", root / "fashion-mnist", root]
-    dirs.append(SYSTEM_FASHION_MNIST)
-    return dirs
+    """Folders searched for Fashion-MNIST idx files, in priority order.
+
+    A folder the user named is the only place looked at (never a silent fallback to the
+    system copy); without one, the Debian package's copy is used.
+    """
+    if root is None:
+        return [SYSTEM_FASHION_MNIST]
+    return [root / "FashionMNIST" / "raw", root / "fashion-mnist", root]
+
+
+def _check_root(root: Path | None, what: str) -> None:
+    """Refuse a data folder the user named that does not exist (no fallback elsewhere)."""
+    if root is not None and not root.is_dir():
+        raise DataError(
+            f"data root {root} does not exist. Fix: pass the folder that holds {what}, or "
+            "leave --data-root out to use the default place"
+        )
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -202,15 +288,12 @@ def _load_fashion_mnist(split: str, root: Path | None) -> ArrayDataset:
     """Find and parse the Fashion-MNIST idx pair for ``split``."""
     prefix = "train" if split == "train" else "t10k"
     img_stem, lbl_stem = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    _check_root(root, "FashionMNIST/raw")
     dirs = _fashion_dirs(root)
     for folder in dirs:
         img_file = _find_idx(folder, img_stem)
         if img_file is None:
             continue
-        if root is not None and folder == SYSTEM_FASHION_MNIST:
-            logger.warning(
-                "no Fashion-MNIST files under %s; using the system copy in %s", root, folder
-            )
         lbl_file = _find_idx(folder, lbl_stem)
         if lbl_file is None:
             raise DataError(
@@ -240,9 +323,13 @@ def _load_fashion_mnist(split: str, root: Path | None) -> ArrayDataset:
             name="fashion-mnist",
         )
     searched = ", ".join(str(d) for d in dirs)
-    raise DataError(
-        f"Fashion-MNIST not found: none of {searched} has {img_stem}.gz. {_FASHION_FIX}"
+    fix = (
+        f"Fix: put the four idx .gz files in {root}/FashionMNIST/raw, or leave --data-root out "
+        "to use the system copy (apt-get install dataset-fashion-mnist)"
+        if root is not None
+        else _FASHION_FIX
     )
+    raise DataError(f"Fashion-MNIST not found: none of {searched} has {img_stem}.gz. {fix}")
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -356,6 +443,7 @@ def _load_cifar(classes: int, split: str, root: Path | None) -> ArrayDataset:
         folder_name, label_key = "cifar-100-python", b"fine_labels"
         files = ["train"] if split == "train" else ["test"]
         mean, std, name = _CIFAR100_MEAN, _CIFAR100_STD, "cifar100"
+    _check_root(root, folder_name)
     base = root if root is not None else Path("data")
     candidates = [base / folder_name, base]
     folder = next((d for d in candidates if (d / files[0]).is_file()), None)
@@ -489,8 +577,7 @@ class DeviceLoader:
         *,
         train: bool,
         device: torch.device | str = "cpu",
-        crop_padding: int = 0,
-        flip: bool = False,
+        augment: Augment | None = None,
         drop_last: bool | None = None,
         seed: int = 0,
         channels_last: bool = False,
@@ -499,10 +586,6 @@ class DeviceLoader:
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size} must be >= 1. Fix: pass a positive batch")
-        if crop_padding < 0:
-            raise ConfigError(
-                f"crop padding {crop_padding} must be >= 0. Fix: pass 0 (off) or a pixel count"
-            )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(
                 f"rank {rank} / world size {world_size} is invalid. Fix: use 0 <= rank < world_size"
@@ -515,8 +598,11 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.train = train
-        self.crop_padding = crop_padding if train else 0
-        self.flip = flip and train
+        # No augment: none at all. Fields left None fit the data (Augment.resolve).
+        aug = (augment or Augment(crop_padding=0, flip=False)).resolve(data.name, data.image_size)
+        self.augment = aug
+        self.crop_padding = int(aug.crop_padding or 0) if train else 0
+        self.flip = bool(aug.flip) and train
         self.drop_last = train if drop_last is None else drop_last
         self.seed = seed
         self.channels_last = channels_last
@@ -615,3 +701,31 @@ class DeviceLoader:
         bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
         ci = torch.arange(c, device=dev).view(1, c, 1, 1)
         return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def train_test_loaders(
+    train: ArrayDataset,
+    test: ArrayDataset,
+    batch_size: int,
+    *,
+    augment: Augment,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[DeviceLoader, DeviceLoader]:
+    """The (train, test) loaders of a training stage: the train split augmented and, under
+    torchrun, sharded per rank (``batch_size`` is global: each rank gets its share); the test
+    split whole on every rank."""
+    world = ddp.get_world_size()
+    return (
+        DeviceLoader(
+            train,
+            ddp.per_rank_batch(batch_size, world),
+            train=True,
+            device=device,
+            augment=augment,
+            seed=seed,
+            rank=ddp.get_rank(),
+            world_size=world,
+        ),
+        DeviceLoader(test, batch_size, train=False, device=device),
+    )

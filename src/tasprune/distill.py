@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasprune import distributed as ddp
 from tasprune.config import DistillConfig
+from tasprune.contract import FORMAT_VERSION, contract_of
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, DeviceLoader
+from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError
 from tasprune.models import create_model
@@ -160,12 +160,17 @@ def build_student(
 def model_meta(
     model: str,
     shape: Shape,
-    data: ArrayDataset,
+    data: Any,
     role: str,
+    *,
+    augment: Augment | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The ``meta`` stored in ``model.pt``: enough to rebuild the network and know its data."""
+    """The ``meta`` stored in ``model.pt``: enough to rebuild the network, feed it raw inputs
+    (its input contract) and know its data and training augmentation. ``data``: the training
+    split (an ArrayDataset or a streamed one)."""
     return {
+        "format_version": FORMAT_VERSION,
         "model": model,
         "shape": shape.to_dict(),
         "num_classes": data.num_classes,
@@ -173,6 +178,8 @@ def model_meta(
         "input_size": [data.in_channels, *data.image_size],
         "dataset": data.name,
         "role": role,
+        "input": contract_of(data).to_dict(),
+        "augment": augment.model_dump() if augment is not None else None,
         **extra,
     }
 
@@ -191,9 +198,9 @@ def distill(
     device: torch.device | str = "auto",
     meta: dict[str, Any] | None = None,
     progress: bool = True,
-    crop_padding: int = 4,
-    flip: bool = True,
+    augment: Augment | dict[str, Any] | None = None,
     loaders: tuple[Any, Any] | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Build the student of ``shape`` and train it (KD from ``teacher`` when ``cfg.kd``).
 
@@ -201,7 +208,8 @@ def distill(
     ``out_dir``; resumes there; returns fit's metrics plus the student's ``flops``/``params``.
     ``loaders`` = (train, test) replaces the device-resident loaders of ``train_data`` and
     ``test_data`` for streamed datasets (which then only provide ``num_classes``,
-    ``in_channels``, ``image_size`` and ``name``).
+    ``in_channels``, ``image_size`` and ``name``). ``augment``: the training augmentation
+    (None: fit the data, see `Augment`).
     """
     dev = torch.device(device) if not isinstance(device, str) else pick_device(device)
     if (cfg.kd or cfg.init == "teacher") and teacher is None:
@@ -230,36 +238,28 @@ def distill(
     else:
         loss = cross_entropy_loss(cfg.train.label_smoothing)
     tcfg = cfg.train
-    # Under torchrun each rank trains on its shard (global batch / world size); the test set
-    # is evaluated whole on every rank (fit all-reduces nothing for an unsharded loader).
-    rank, world = ddp.get_rank(), ddp.get_world_size()
+    aug = as_augment(augment).resolve(train_data.name, train_data.image_size)
     train_loader: Any
     test_loader: Any
     if loaders is not None:
         train_loader, test_loader = loaders
     else:
-        train_loader = DeviceLoader(
-            train_data,
-            ddp.per_rank_batch(tcfg.batch_size, world),
-            train=True,
-            device=dev,
-            crop_padding=crop_padding,
-            flip=flip,
-            seed=tcfg.seed,
-            rank=rank,
-            world_size=world,
+        train_loader, test_loader = train_test_loaders(
+            train_data, test_data, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
         )
-        test_loader = DeviceLoader(test_data, tcfg.batch_size, train=False, device=dev)
-    full_meta = model_meta(model, shape, train_data, "student", flops=flops, params=params)
+    full_meta = model_meta(
+        model, shape, train_data, "student", augment=aug, flops=flops, params=params
+    )
     full_meta.update(meta or {})
     logger.info(
-        "distilling %s (%.2f MFLOPs, %.3f M params) for %d epochs, init=%s, kd=%s",
+        "distilling %s (%.2f MFLOPs, %.3f M params) for %d epochs, init=%s, kd=%s, %s",
         model,
         flops / 1e6,
         params / 1e6,
         tcfg.epochs,
         cfg.init,
         cfg.kd,
+        aug.describe() if loaders is None else "streamed augmentation",
     )
     out = Path(out_dir) if out_dir is not None else None
     metrics = fit(
@@ -272,5 +272,6 @@ def distill(
         device=dev,
         meta=full_meta,
         progress=progress,
+        tensorboard=tensorboard,
     )
     return {**metrics, "flops": flops, "params": params}

@@ -458,6 +458,7 @@ def fit(
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     distributed: bool | None = None,
     sync_bn: bool = False,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs``, resumably; return the final metrics.
 
@@ -471,7 +472,7 @@ def fit(
 
     History rows: ``epoch``, ``lr`` (at the epoch's first step), ``train_loss``,
     ``train_top1``, ``test_top1``/``test_top5``/``test_loss`` (None on epochs not evaluated),
-    ``img_per_s``, ``seconds``.
+    ``img_per_s``, ``seconds``; with ``tensorboard`` also as scalars in ``out_dir/tensorboard``.
 
     ``params`` limits what the optimiser updates; ``on_epoch_end(epoch, row)`` runs after each
     epoch's checkpoint is saved (e.g. for annealing, or tests simulating a crash).
@@ -511,7 +512,11 @@ def fit(
 
     ckpt_path = out_dir / "checkpoint.pt" if out_dir is not None else None
     # Only rank 0 writes; every rank reads (finished runs, checkpoints).
-    history = JsonlLogger(out_dir / "history.jsonl") if out_dir is not None and main else None
+    history = (
+        JsonlLogger(out_dir / "history.jsonl", tensorboard=tensorboard)
+        if out_dir is not None and main
+        else None
+    )
     if out_dir is not None:
         done = _load_final(out_dir, cfg)
         if done is not None and (out_dir / "model.pt").exists():

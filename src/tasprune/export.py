@@ -2,10 +2,13 @@
 
 The source is a run folder (its ``student/model.pt``), a fit folder or any ``model.pt``
 written by tasprune; the network is rebuilt from the checkpoint's meta (model name + Shape),
-so nothing is unpickled. Every export is checked before it is kept: ONNX and TorchScript
-outputs must match PyTorch's on a fresh random batch (of another size than the one traced,
-which also proves the batch axis is dynamic). safetensors stores only tensors, plus a sidecar
-JSON with the meta that rebuilds the module without pickle (:func:`load_safetensors`).
+so nothing is unpickled. Every export carries the input contract: the graph takes raw images
+(float in [0, 1], what ``ToTensor`` gives) and normalises them inside, and its metadata
+(ONNX ``metadata_props``, TorchScript extra file, safetensors header + sidecar) states the
+contract under ``tasprune_meta``. Every export is checked before it is kept: ONNX and
+TorchScript outputs must match PyTorch's on a fresh random batch (of another size than the one
+traced, which also proves the batch axis is dynamic). safetensors stores only tensors, plus a
+sidecar JSON with the meta that rebuilds the module without pickle (:func:`load_safetensors`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from tasprune.contract import FORMAT_VERSION, WithPreprocess, contract_from_meta
 from tasprune.errors import CheckpointError, ConfigError, TaspruneError
 from tasprune.models import create_model, get_model_spec
 from tasprune.shape import Shape
@@ -52,6 +56,9 @@ VERIFY_BATCH = 8  # images in the random batch every export is checked on
 TRACE_BATCH = 2  # batch traced/exported; differs from VERIFY_BATCH to exercise the dynamic axis
 # Meta keys needed to rebuild a network (the sidecar of a safetensors export holds these).
 META_KEYS: tuple[str, ...] = (
+    "format_version",
+    "input",
+    "augment",
     "model",
     "shape",
     "num_classes",
@@ -111,8 +118,16 @@ def default_export_path(model_file: Path, fmt: str, role: str | None = None) -> 
 
 
 def _random_batch(meta: dict[str, Any], batch: int, seed: int) -> Tensor:
+    """Random raw images (float in [0, 1], the exported graph's input), N x C x H x W."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *_input_size(meta), generator=gen)  # N, C, H, W
+    return torch.rand(batch, *_input_size(meta), generator=gen)
+
+
+def _export_meta(meta: dict[str, Any], contract: dict[str, Any]) -> str:
+    """The JSON every export carries: what rebuilds the network and what it takes as input."""
+    out = {k: meta[k] for k in META_KEYS if k in meta}
+    out.update({"format_version": FORMAT_VERSION, "input": contract})
+    return json.dumps(out)
 
 
 def _max_diff(a: Tensor, b: Tensor) -> float:
@@ -147,7 +162,22 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path, atol: float)
                 "Fix: export to torchscript or safetensors instead"
             ) from err
         _verify_onnx(model, meta, tmp_file, atol)
-        atomic_write_bytes(out, tmp_file.read_bytes(), error_cls=ExportError)
+        atomic_write_bytes(out, _with_onnx_meta(tmp_file, model, meta), error_cls=ExportError)
+
+
+def _with_onnx_meta(path: Path, model: nn.Module, meta: dict[str, Any]) -> bytes:
+    """The ONNX file's bytes with ``tasprune_meta`` (the input contract) in its metadata."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key = "tasprune_meta"
+    entry.value = _export_meta(meta, _contract_dict(model))
+    return bytes(proto.SerializeToString())
+
+
+def _contract_dict(model: nn.Module) -> dict[str, Any]:
+    return model.contract.to_dict() if isinstance(model, WithPreprocess) else {}
 
 
 def _verify_onnx(model: nn.Module, meta: dict[str, Any], path: Path, atol: float) -> None:
@@ -192,7 +222,8 @@ def _export_torchscript(model: nn.Module, meta: dict[str, Any], out: Path, atol:
             ref = model(x)
             got = traced(x)
             buf = io.BytesIO()
-            torch.jit.save(traced, buf)
+            extra = {"tasprune_meta.json": _export_meta(meta, _contract_dict(model))}
+            torch.jit.save(traced, buf, _extra_files=extra)
     except Exception as err:  # tracing raises RuntimeError/TypeError/... depending on the op
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ExportError(
@@ -216,8 +247,9 @@ def _sidecar(path: Path) -> Path:
 def _export_safetensors(model: nn.Module, meta: dict[str, Any], out: Path) -> None:
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    sidecar = {k: meta[k] for k in META_KEYS if k in meta}
+    net = model.net if isinstance(model, WithPreprocess) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    sidecar = json.loads(_export_meta(meta, _contract_dict(model)))
     # The meta also goes into the file header, so the file alone still rebuilds the network.
     data = save(state, metadata={"format": "pt", "tasprune_meta": json.dumps(sidecar)})
     atomic_write_bytes(out, data, error_cls=ExportError)
@@ -241,7 +273,9 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}. Fix: use one of {', '.join(FORMATS)}")
-    model, meta, model_file = load_exportable(source)
+    net, meta, model_file = load_exportable(source)
+    # The exported graph takes raw images: the normalisation of training goes inside.
+    model = WithPreprocess(net, contract_from_meta(meta, str(model_file))).eval()
     target = default_export_path(model_file, fmt, meta.get("role"))
     if out is not None:
         given = Path(out).expanduser()
@@ -283,8 +317,9 @@ def _safetensors_meta(path: Path) -> dict[str, Any]:
     )
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
-    """Rebuild a network exported by ``export_model(..., "safetensors")``, in eval mode.
+def load_safetensors(path: str | os.PathLike[str]) -> WithPreprocess:
+    """Rebuild a network exported by ``export_model(..., "safetensors")``, in eval mode, with
+    its input contract (raw images in, as :func:`tasprune.load`).
 
     No pickle is involved: the architecture comes from the JSON meta (model name + Shape), the
     weights from the safetensors file.
@@ -321,4 +356,4 @@ def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
             f"weights in {p} do not fit {meta['model']} at its stored shape ({first}). "
             "Fix: keep the .safetensors and .json of one export together"
         ) from None
-    return model.eval()
+    return WithPreprocess(model, contract_from_meta(meta, str(p))).eval()

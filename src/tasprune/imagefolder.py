@@ -222,6 +222,7 @@ class StreamingFolder:
         self.num_classes = len(self.folder.classes)
         self.in_channels = 3
         self.image_size = (image_size, image_size)
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD  # what StreamingLoader normalises by
         self.name = f"imagenet:{self.root.name}"
 
     def __len__(self) -> int:

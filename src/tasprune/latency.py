@@ -98,7 +98,7 @@ def measure_latency(
     _check_args(input_size, batch, repeats, warmup)
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.randn(batch, *input_size, device=device)  # N, C, H, W
+    x = torch.rand(batch, *input_size, device=device)  # N, C, H, W; raw images in [0, 1]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ when the next run takes the folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -40,7 +41,13 @@ from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, sidecar_path
 from tasprune.config import Recipe, dump_recipe
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, DeviceLoader, load_dataset, stratified_split
+from tasprune.data import (
+    ArrayDataset,
+    Augment,
+    load_dataset,
+    stratified_split,
+    train_test_loaders,
+)
 from tasprune.distill import distill, model_meta
 from tasprune.engine import TrainConfig, evaluate, fit
 from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
@@ -51,6 +58,7 @@ from tasprune.search import SearchConfig, SuperNet
 from tasprune.search import search as run_search
 from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
+from tasprune.tracking import require_tensorboard
 from tasprune.utils import JsonlLogger, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -87,7 +95,7 @@ _MARKERS: dict[str, str] = {
     "report": "report.json",
 }
 # Recipe keys that may change between a run and its resumption.
-_RESUMABLE_KEYS: tuple[str, ...] = ("device",)
+_RESUMABLE_KEYS: tuple[str, ...] = ("device", "log")
 
 
 def stage_done(out_dir: Path, stage: str) -> bool:
@@ -127,6 +135,9 @@ def load_run_data(recipe: Recipe) -> tuple[Any, Any]:
         test = load_dataset(d.name, "test", d.root, image_size=d.image_size)
     train = _subset(train, d.train_subset, recipe.seed)
     test = _subset(test, d.test_subset, recipe.seed)
+    if isinstance(test, ArrayDataset) and (test.mean, test.std) != (train.mean, train.std):
+        # Evaluate as the model will be fed: with the training statistics (its contract).
+        test = dataclasses.replace(test, mean=train.mean, std=train.std)
     logger.info("data %s: %d train / %d test images", train.name, len(train), len(test))
     return train, test
 
@@ -349,6 +360,14 @@ def search_loaders(
     )
 
 
+def run_augment(recipe: Recipe, train: Any) -> Augment | None:
+    """The recipe's training augmentation resolved for its data (None for streamed data,
+    which uses RandomResizedCrop + flip)."""
+    if isinstance(train, StreamingFolder):
+        return None
+    return recipe.data.augment.resolve(train.name, train.image_size)
+
+
 def stage_loaders(
     recipe: Recipe, data: tuple[Any, Any], cfg: TrainConfig, device: torch.device
 ) -> tuple[Any, Any]:
@@ -356,27 +375,16 @@ def stage_loaders(
     torchrun (global batch / world size), the test split whole on every rank. Device-resident
     for in-memory data; streamed by a multi-worker DataLoader for ``imagenet``."""
     train, test = data
-    d = recipe.data
-    rank, world = ddp.get_rank(), ddp.get_world_size()
-    batch = ddp.per_rank_batch(cfg.batch_size, world)
-    if isinstance(train, StreamingFolder):
+    aug = run_augment(recipe, train)
+    if aug is None:
+        rank, world = ddp.get_rank(), ddp.get_world_size()
+        batch = ddp.per_rank_batch(cfg.batch_size, world)
         return (
             train.loader(batch, train=True, seed=cfg.seed, rank=rank, world_size=world),
             test.loader(cfg.batch_size, train=False),
         )
-    return (
-        DeviceLoader(
-            train,
-            batch,
-            train=True,
-            device=device,
-            crop_padding=d.crop_padding,
-            flip=d.flip,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-        ),
-        DeviceLoader(test, cfg.batch_size, train=False, device=device),
+    return train_test_loaders(
+        train, test, cfg.batch_size, augment=aug, device=device, seed=cfg.seed
     )
 
 
@@ -398,6 +406,7 @@ def train_unpruned(
         get_model_spec(recipe.model).full_shape(),
         train,
         "teacher",
+        augment=run_augment(recipe, train),
         recipe=recipe.model_dump(mode="json"),
     )
     metrics = fit(
@@ -408,6 +417,7 @@ def train_unpruned(
         device=device,
         meta=meta,
         progress=progress,
+        tensorboard=recipe.log == "tensorboard",
     )
     return model, metrics
 
@@ -436,15 +446,6 @@ class _Run:
     def loaders(self, cfg: TrainConfig) -> tuple[Any, Any]:
         """(train, test) loaders of a stage: device-resident, or streamed for ``imagenet``."""
         return stage_loaders(self.recipe, self.data, cfg, self.device)
-
-    def meta(self, shape: Shape, role: str) -> dict[str, Any]:
-        return model_meta(
-            self.recipe.model,
-            shape,
-            self.data[0],
-            role,
-            recipe=self.recipe.model_dump(mode="json"),
-        )
 
     @cached_property
     def teacher(self) -> nn.Module:
@@ -511,9 +512,9 @@ class _Run:
             teacher_state=teacher_state,
             device=self.device,
             progress=self.progress,
-            crop_padding=r.data.crop_padding,
-            flip=r.data.flip,
+            augment=r.data.augment,
             loaders=loaders,
+            tensorboard=r.log == "tensorboard",
         )
         return result.summary()
 
@@ -540,9 +541,9 @@ class _Run:
             device=self.device,
             meta={"recipe": r.model_dump(mode="json")},
             progress=self.progress,
-            crop_padding=r.data.crop_padding,
-            flip=r.data.flip,
+            augment=r.data.augment,
             loaders=self.loaders(cfg.train) if self.streaming else None,
+            tensorboard=r.log == "tensorboard",
         )
 
     # ---------------------------------------------------------------- report
@@ -555,6 +556,7 @@ class _Run:
             device="cpu",
             latency_batches=tuple(rc.latency_batches),
             repeats=rc.latency_repeats,
+            tensorboard=self.recipe.log == "tensorboard",
         )
         return out
 
@@ -584,6 +586,8 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
     r, out = ctx.recipe, ctx.out
     get_model_spec(r.model)
     _ = ctx.device  # an unknown or unavailable device
+    if r.log == "tensorboard":
+        require_tensorboard()
     first = STAGES.index(from_stage) if from_stage is not None else len(STAGES)
     pending = {s for i, s in enumerate(STAGES[:3]) if i >= first or not stage_done(out, s)}
     if not pending:

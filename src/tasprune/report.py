@@ -532,15 +532,40 @@ def _load_average() -> float | None:
         return None
 
 
+def _to_tensorboard(out: Path, report: dict[str, Any], markdown: str) -> None:
+    """The report's numbers, table and plots as one TensorBoard entry (step 0)."""
+    import matplotlib.image as mpimg
+
+    from tasprune.tracking import TensorBoardMirror
+
+    board = TensorBoardMirror(out / "tensorboard" / "report")
+    for role in ("teacher", "pruned"):
+        entry = report[role]
+        values = {f"{role}/{k}": entry.get(k) for k in ("top1", "top5", "flops", "params")}
+        for kind in ("latency_ms", "onnx_latency_ms", "latency_ratio", "onnx_latency_ratio"):
+            values.update({f"{role}/{kind}_b{b}": v for b, v in (entry.get(kind) or {}).items()})
+        for key in ("flops_ratio", "params_ratio"):
+            if key in entry:
+                values[f"{role}/{key}"] = entry[key]
+        board.scalars(values, 0)
+    board.text("report", markdown)
+    for name, rel in report["plots"].items():
+        image = mpimg.imread(out / rel)  # H x W x 4 floats in [0, 1]
+        board.image(f"plots/{name}", image)
+    board.close()
+
+
 def write_report(
     run_dir: str | Path,
     *,
     device: str = "cpu",
     latency_batches: Sequence[int] = (1, 64),
     repeats: int = 20,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` for a finished run; return the
-    report dict.
+    report dict. With ``tensorboard`` the figures also go to ``run_dir/tensorboard/report``
+    (scalars ``teacher/*``, ``pruned/*``, the report table as text, the plots as images).
 
     ``device`` is where eager latency is measured (ONNX Runtime always runs on CPU);
     ``latency_batches`` are the batch sizes timed, each the median of ``repeats`` runs.
@@ -649,7 +674,10 @@ def write_report(
         "plots": plots,
         "notes": notes,
     }
-    atomic_write_text(out / "report.md", _markdown(report), error_cls=ReportError)
+    markdown = _markdown(report)
+    atomic_write_text(out / "report.md", markdown, error_cls=ReportError)
+    if tensorboard:
+        _to_tensorboard(out, report, markdown)
     # report.json last: it marks the report stage as finished.
     atomic_write_text(
         out / "report.json", json.dumps(report, indent=2) + "\n", error_cls=ReportError

@@ -299,13 +299,22 @@ class JsonlLogger:
 
     On resume call :meth:`truncate_after` with the checkpoint's epoch so rows written after the
     last checkpoint (a crash between "log row" and "save checkpoint") are not duplicated.
+    With ``tensorboard`` the rows' numbers also go to ``<folder>/tensorboard`` (step = epoch).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, tensorboard: bool = False) -> None:
         self.path = Path(path)
+        self.tensorboard: Any = None
+        if tensorboard:
+            from tasprune.tracking import TensorBoardMirror
+
+            self.tensorboard = TensorBoardMirror(self.path.parent / "tensorboard")
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (a JSON object) and make it durable."""
+        if self.tensorboard is not None:
+            epoch = row.get("epoch")
+            self.tensorboard.scalars(row, epoch if isinstance(epoch, int) else None)
         line = json.dumps(_json_safe(row), sort_keys=False) + "\n"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +352,8 @@ class JsonlLogger:
         ``truncate_after(-1)`` empties the history (a restart from scratch). Rows without an
         ``epoch`` key are kept. The file is rewritten atomically.
         """
+        if self.tensorboard is not None:
+            self.tensorboard.purge(epoch + 1)
         if not self.path.exists():
             return 0
         rows = self.rows()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
-from tasprune.data import ArrayDataset, DeviceLoader, stratified_split
+from tasprune.data import ArrayDataset, Augment, DeviceLoader, as_augment, stratified_split
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
 from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.search.config import SearchConfig
@@ -279,16 +279,19 @@ def search(
     teacher_state: dict[str, Tensor] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    crop_padding: int = 4,
-    flip: bool = True,
+    augment: Augment | dict[str, Any] | None = None,
     distributed: bool | None = None,
     loaders: tuple[Any, Any, Any] | None = None,
+    tensorboard: bool = False,
 ) -> SearchResult:
     """Run a TAS search of ``model`` on ``data`` (the training split) and derive a shape.
 
     ``loaders`` = (split A, split B, validation) replaces the device-resident split of
     ``data`` for streamed datasets; ``data`` then only provides ``num_classes``,
     ``in_channels`` and ``image_size`` (a `tasprune.imagefolder.StreamingLoader` does).
+    ``augment`` applies to both training splits (None: fit the data, see `Augment`).
+    ``tensorboard``: the history rows (FLOPs ratio, entropy, tau, ...) also go to
+    ``out_dir/tensorboard``.
 
     With ``out_dir`` it writes ``shape.json`` (the kept shape plus model, flops, params,
     flops_ratio), ``shape_last.json``, ``shape_best.json``, ``history.jsonl`` and a resumable
@@ -327,6 +330,8 @@ def search(
         loader_a, loader_b, valid = loaders
     else:
         idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
+        aug = as_augment(augment).resolve(data.name, data.image_size)
+        log.info("search augmentation: %s", aug.describe())
 
         def loader(part: Tensor, seed: int) -> DeviceLoader:
             return DeviceLoader(
@@ -334,8 +339,7 @@ def search(
                 batch,
                 train=True,
                 device=device,
-                crop_padding=crop_padding,
-                flip=flip,
+                augment=aug,
                 seed=seed,
                 rank=rank,
                 world_size=world,
@@ -360,7 +364,11 @@ def search(
 
     start, best = 0, None
     # Only rank 0 writes; every rank reads the checkpoint on resume.
-    history = JsonlLogger(out / "history.jsonl") if out is not None and main else None
+    history = (
+        JsonlLogger(out / "history.jsonl", tensorboard=tensorboard)
+        if out is not None and main
+        else None
+    )
     ckpt = out / "checkpoint.pt" if out is not None else None
     if ckpt is not None and checkpoint_exists(ckpt):
         state = load_checkpoint(ckpt, map_location=device)

@@ -376,9 +376,17 @@ class SuperNet(nn.Module):
                     with torch.no_grad():
                         module.cand_weight.copy_(w.expand_as(module.cand_weight))
                         module.cand_bias.copy_(b.expand_as(module.cand_bias))
+        copied = 0
         for key, value in state.items():
             if key in own and own[key].shape == value.shape:
                 own[key].copy_(value)
+                copied += 1
+        if copied == 0:
+            raise ConfigError(
+                f"the teacher weights share no tensor with {self.model_name} (first key "
+                f"{next(iter(state), 'none')!r}). Fix: pass the unpruned network's state_dict "
+                "(for a model from tasprune.load: model.net.state_dict())"
+            )
         self.net.load_state_dict(own)
 
     def plain_state_dict(self, shape: Shape) -> dict[str, Tensor]:
