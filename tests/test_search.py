@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tasprune.budget import Budget
+from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, load_dataset, stratified_split
 from tasprune.errors import BudgetError
 from tasprune.models import create_model
@@ -15,12 +17,12 @@ from tasprune.search import (
     SearchConfig,
     SpaceOptions,
     SuperNet,
-    budget_loss,
     depth_candidates,
-    feasible_range,
     search,
+    smallest_shape,
     width_candidates,
 )
+from tasprune.search.loop import check_budget
 from tasprune.search.units import SearchableConvBN, align_matrix
 from tasprune.shape import Shape
 
@@ -72,7 +74,8 @@ def test_expected_cost_equals_exact_on_one_hot(model: str, opts: SpaceOptions) -
 
 def test_expected_cost_is_between_extremes_and_differentiable() -> None:
     net = SuperNet("cifar_resnet20")
-    lo, hi = feasible_range(net)
+    lo = model_cost("cifar_resnet20", smallest_shape("cifar_resnet20"), (3, 32, 32))[0]
+    hi = net.full_flops
     flops, params = net.expected_cost()
     assert lo < float(flops.detach()) < hi
     flops.backward()
@@ -173,13 +176,33 @@ def test_folded_mixture_equals_direct_per_candidate_computation(align: str) -> N
 
 def test_budget_loss_pushes_towards_band() -> None:
     e = torch.tensor(100.0, requires_grad=True)
-    assert budget_loss(e, current=120, target=110, lower=90, weight=2.0).item() > 0
-    budget_loss(e, current=120, target=110, lower=90, weight=2.0).backward()
+    budget = Budget(0.55, 0.1)  # band [45, 55] of a full cost of 100
+    assert budget.bounds(100) == pytest.approx((45, 55))
+    assert budget.loss(e, current=60, full=100, weight=2.0).item() > 0
+    budget.loss(e, current=60, full=100, weight=2.0).backward()
     assert e.grad is not None and e.grad > 0  # descent lowers the expected cost
     e.grad = None
-    budget_loss(e, current=50, target=110, lower=90, weight=2.0).backward()
+    budget.loss(e, current=30, full=100, weight=2.0).backward()
     assert e.grad is not None and e.grad < 0  # descent raises it
-    assert budget_loss(e, current=100, target=110, lower=90, weight=2.0).item() == 0
+    assert budget.loss(e, current=50, full=100, weight=2.0).item() == 0
+    assert budget.contains(45, 100) and budget.contains(55, 100) and not budget.contains(56, 100)
+    assert budget.within_target(0.3) and not budget.within_target(0.56)
+
+
+def test_budget_feasibility_from_the_candidate_lists() -> None:
+    """The reachability check builds no network: smallest shape of the space + cost model."""
+    small = smallest_shape("cifar_resnet20")
+    net = SuperNet("cifar_resnet20")
+    want = {n: net.width_of[n].candidates[0] for n in net.full_shape.widths}
+    assert small.widths == want
+    assert small.depths == {s: c.candidates[0] for s, c in net.depth_of.items()}
+    floor = model_cost("cifar_resnet20", small, (3, 32, 32))[0] / net.full_flops
+    check_budget("cifar_resnet20", SearchConfig(flops_ratio=floor + 0.06), (3, 32, 32), 10)
+    with pytest.raises(BudgetError, match=f"flops_ratio >= {floor:.3f}"):
+        check_budget("cifar_resnet20", SearchConfig(flops_ratio=floor * 0.9, tolerance=0.001),
+                     (3, 32, 32), 10)  # fmt: skip
+    with pytest.raises(ValueError, match="below params_ratio"):
+        SearchConfig(params_ratio=0.04)
 
 
 def _subset(n: int) -> ArrayDataset:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tasprune.budget import Budget
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError, ConfigError, ShapeError
 from tasprune.models import create_model, get_model_spec
@@ -49,16 +50,11 @@ Size = tuple[int, int, int]
 
 def flops_band(
     model: str, ratio: float, input_size: Size, num_classes: int, tolerance: float
-) -> tuple[int, float, float]:
-    """(unpruned FLOPs, lowest and highest accepted FLOPs) of the band ``[r - t, r] x full``."""
-    if not 0 < ratio <= 1:
-        raise ConfigError(f"FLOPs ratio {ratio} is outside (0, 1]. Fix: use e.g. 0.5")
-    if not 0 <= tolerance < ratio:
-        raise ConfigError(
-            f"tolerance {tolerance} must be in [0, ratio={ratio}). Fix: use e.g. 0.05"
-        )
+) -> tuple[int, Budget]:
+    """(unpruned FLOPs, the FLOPs budget ``[r - t, r] x full``) the baselines must meet."""
+    budget = Budget(ratio, tolerance, "flops")
     full, _ = model_cost(model, None, input_size, num_classes)
-    return full, (ratio - tolerance) * full, ratio * full
+    return full, budget
 
 
 def _flops(model: str, shape: Shape, input_size: Size, num_classes: int) -> int:
@@ -85,7 +81,8 @@ def uniform_shape(
     the FLOPs jump over the whole band, or the narrowest shape is over budget.
     """
     full_shape = get_model_spec(model).full_shape()
-    full, low, high = flops_band(model, ratio, input_size, num_classes, tolerance)
+    full, budget = flops_band(model, ratio, input_size, num_classes, tolerance)
+    high = budget.bounds(full)[1]
 
     def cost(s: float) -> int:
         return _flops(model, _scaled(full_shape, s), input_size, num_classes)
@@ -108,7 +105,7 @@ def uniform_shape(
             hi = mid
     shape = _scaled(full_shape, lo)
     flops = _flops(model, shape, input_size, num_classes)
-    if not low <= flops <= high:
+    if not budget.contains(flops, full):
         raise BudgetError(
             f"no uniform width factor puts {model} in the FLOPs band [{ratio - tolerance:.3f}, "
             f"{ratio:.3f}] (closest: {flops / full:.4f} at s={lo:.4f}). Fix: widen the tolerance"
@@ -140,7 +137,7 @@ def random_shape(
     """
     from tasprune.search.supernet import SuperNet
 
-    _, low, high = flops_band(model, ratio, input_size, num_classes, tolerance)
+    full, budget = flops_band(model, ratio, input_size, num_classes, tolerance)
     net = SuperNet(
         model,
         num_classes=num_classes,
@@ -160,7 +157,7 @@ def random_shape(
         depths = {c.name: rng.choice(c.candidates) for c in depth_choices}
         shape = Shape(widths=widths, depths=depths)
         flops = _flops(model, shape, input_size, num_classes)
-        if low <= flops <= high:
+        if budget.contains(flops, full):
             logger.info(
                 "random shape (seed %d): FLOPs ratio %.4f after %d draws",
                 seed,
@@ -323,7 +320,8 @@ def l1_prune(
     module's outputs. Raises `BudgetError` when the FLOPs cannot be brought into the band.
     """
     tp = _tp()
-    full, low, high = flops_band(model, ratio, input_size, num_classes, tolerance)
+    full, budget = flops_band(model, ratio, input_size, num_classes, tolerance)
+    high = budget.bounds(full)[1]
     work = copy.deepcopy(teacher_module).cpu().float().eval()
     work.requires_grad_(True)  # the graph is traced through autograd; a frozen KD teacher has none
     fc = getattr(work, "fc", None)
@@ -353,7 +351,7 @@ def l1_prune(
             lo = mid
     shape = _planned_shape(plans, model, hi)
     flops = _flops(model, shape, input_size, num_classes)
-    if not low <= flops <= high:
+    if not budget.contains(flops, full):
         raise BudgetError(
             f"L1 pruning of {model} cannot reach the FLOPs band [{ratio - tolerance:.3f}, "
             f"{ratio:.3f}] (closest: {flops / full:.4f} at channel ratio {hi:.4f}). Fix: widen "

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tasprune.baselines import l1_prune, random_shape, uniform_shape
+from tasprune.budget import Budget
 from tasprune.config import (
     DistillConfig,
     Recipe,
@@ -719,28 +720,24 @@ def _target(name: str, status: str, detail: str) -> dict[str, str]:
 def _evaluate_targets(
     teacher: dict[str, Any],
     rows: dict[str, dict[str, Any]],
-    band: tuple[float, float],
+    budget: Budget,
     big_batch: int,
 ) -> list[dict[str, str]]:
     """PASS/MISS of every target, with the numbers (n/a when a method was not run)."""
     out: list[dict[str, str]] = []
-    ratio = band[1]
+    ratio = budget.ratio
     tas = rows.get("tas_kd")
 
     def outside(row: dict[str, Any]) -> list[str]:
         """Seeds whose network is outside the FLOPs band (then not 'the same FLOPs')."""
-        return [
-            s
-            for s, r in row["flops_ratio_per_seed"].items()
-            if not band[0] - 1e-9 <= r <= band[1] + 1e-9
-        ]
+        return [s for s, r in row["flops_ratio_per_seed"].items() if not budget.contains_ratio(r)]
 
     t_top1 = teacher.get("top1")
     if tas is None or tas["top1_mean"] is None or t_top1 is None:
         out.append(_target(TARGETS[0], "n/a", "tas_kd or the teacher's top-1 is missing"))
     else:
         gap = t_top1 - tas["top1_mean"]
-        ok = gap <= TOP1_MARGIN and tas["flops_ratio_mean"] <= ratio + 1e-9
+        ok = gap <= TOP1_MARGIN and budget.within_target(tas["flops_ratio_mean"])
         out.append(
             _target(
                 TARGETS[0],
@@ -759,7 +756,8 @@ def _evaluate_targets(
         noise = math.hypot(tas["top1_std"] or 0.0, base["top1_std"] or 0.0)
         off = [f"{m} seed {s}" for m, row in (("tas_kd", tas), (other, base)) for s in outside(row)]
         warn = (
-            f"; WARNING outside the band [{band[0]:.3f}, {band[1]:.3f}]: {', '.join(off)}"
+            f"; WARNING outside the band [{budget.band[0]:.3f}, {budget.band[1]:.3f}]: "
+            f"{', '.join(off)}"
             if off
             else ""
         )
@@ -924,14 +922,16 @@ def run_protocol(
         bench.interrupted()
         raise
     teacher, rows = _aggregate(bench, measure)
-    band = [recipe.search.flops_ratio - recipe.search.tolerance, recipe.search.flops_ratio]
-    targets = _evaluate_targets(teacher, rows, (band[0], band[1]), max(proto.latency_batches))
+    targets = _evaluate_targets(teacher, rows, recipe.search.budget, max(proto.latency_batches))
     stages = dict(bench.timings)
     result: dict[str, Any] = {
         "protocol": proto.model_dump(mode="json"),
         "protocol_file": str(protocol_path),
         "recipe": recipe.model_dump(mode="json"),
-        "budget": {"flops_ratio": recipe.search.flops_ratio, "band": band},
+        "budget": {
+            "flops_ratio": recipe.search.flops_ratio,
+            "band": list(recipe.search.budget.band),
+        },
         "teacher": teacher,
         "methods": rows,
         "targets": targets,

@@ -126,11 +126,15 @@ def cmd_flops(
 
 def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool = False) -> int:
     """Width candidates per conv, depth candidates per stage, and the reachable FLOPs range."""
-    from tasprune.search import SearchConfig, SuperNet, feasible_range
+    from tasprune.cost import model_cost
+    from tasprune.search import SearchConfig, SuperNet
+    from tasprune.search.space import smallest_shape
 
     size = _input_size(model, input_size)
-    net = SuperNet(model, in_channels=size[0], input_size=size[1:], options=SearchConfig().space())
-    smallest, largest = feasible_range(net)
+    space = SearchConfig().space()
+    net = SuperNet(model, in_channels=size[0], input_size=size[1:], options=space)
+    smallest = model_cost(model, smallest_shape(model, space), size)[0]
+    largest = net.full_flops
     widths = {n: net.width_of[n].candidates for n in net.full_shape.widths}
     depths = {s: c.candidates for s, c in net.depth_of.items()}
     obj = {
@@ -221,7 +225,7 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         search_loaders,
         with_recipe_seed,
     )
-    from tasprune.search import SuperNet, search
+    from tasprune.search import search
     from tasprune.search.loop import check_budget
 
     train_data, _ = load_run_data(recipe)
@@ -231,15 +235,8 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         check_model_fits_data(meta, path, train_data)
         state = net.state_dict()
     cfg = with_recipe_seed(recipe.search, recipe)
-    probe = SuperNet(
-        recipe.model,
-        num_classes=train_data.num_classes,
-        in_channels=train_data.in_channels,
-        input_size=train_data.image_size,
-        options=cfg.space(),
-    )
-    check_budget(probe, cfg)  # before writing anything
-    del probe
+    size = (train_data.in_channels, *train_data.image_size)
+    check_budget(recipe.model, cfg, size, train_data.num_classes)  # before writing anything
     _write_config(out, recipe)
     if distributed_main():
         drop_unsaved_search_rows(out)

@@ -54,7 +54,7 @@ from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneErr
 from tasprune.imagefolder import StreamingFolder, StreamingLoader
 from tasprune.lock import run_lock
 from tasprune.models import create_model, get_model_spec
-from tasprune.search import SearchConfig, SuperNet
+from tasprune.search import SearchConfig
 from tasprune.search import search as run_search
 from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
@@ -613,15 +613,8 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
                 f"Fix: lower {key} or raise data.train_subset"
             )
     if "search" in pending:
-        with torch.random.fork_rng(devices=[]):  # building the net must not move the RNG
-            net = SuperNet(
-                r.model,
-                num_classes=train.num_classes,
-                in_channels=train.in_channels,
-                input_size=train.image_size,
-                options=r.search.space(),
-            )
-        check_budget(net, r.search)
+        size = (train.in_channels, *train.image_size)
+        check_budget(r.model, r.search, size, train.num_classes)
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:

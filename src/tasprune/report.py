@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 
+from tasprune.budget import Budget
 from tasprune.checkpoint import checkpoint_exists
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
@@ -97,20 +99,22 @@ def _recipe_search(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any] | None
 
 def _search_section(
     run_dir: Path, student_meta: dict[str, Any], notes: list[str]
-) -> tuple[dict[str, Any], list[dict[str, Any]], tuple[float, float] | None]:
-    """(report["search"], search history rows, target band) of the run."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], Budget | None]:
+    """(report["search"], search history rows, the FLOPs budget) of the run."""
     settings = _recipe_search(run_dir, student_meta)
-    band: tuple[float, float] | None = None
+    budget: Budget | None = None
     section: dict[str, Any] = {}
     if settings is None:
         notes.append("no recipe.yaml (and no recipe in the student's meta): target band unknown")
     else:
-        defaults = SearchConfig.model_fields
-        ratio = _number(settings.get("flops_ratio", defaults["flops_ratio"].default))
-        tol = _number(settings.get("tolerance", defaults["tolerance"].default))
-        if ratio is not None and tol is not None:
-            band = (ratio - tol, ratio)
-            section.update({"target_ratio": ratio, "tolerance": tol, "band": list(band)})
+        try:
+            budget = SearchConfig.model_validate(settings).budget
+        except ValidationError:
+            notes.append("the recipe's search settings do not validate: target band unknown")
+    if budget is not None:
+        section.update(
+            {"target_ratio": budget.ratio, "tolerance": budget.tolerance, "band": list(budget.band)}
+        )
 
     folder = run_dir / "search"
     rows = JsonlLogger(folder / "history.jsonl").rows()
@@ -141,7 +145,7 @@ def _search_section(
         )
     else:
         section["epochs"] = 0
-    return section, rows, band
+    return section, rows, budget
 
 
 # --------------------------------------------------------------------------- measuring
@@ -603,9 +607,10 @@ def write_report(
     pruned["latency_ratio"] = _ratios(pruned["latency_ms"], teacher["latency_ms"])
     pruned["onnx_latency_ratio"] = _ratios(pruned["onnx_latency_ms"], teacher["onnx_latency_ms"])
 
-    search, search_rows, band = _search_section(out, metas["pruned"], notes)
-    if band is not None:
-        inside = band[0] - 1e-9 <= pruned["flops_ratio"] <= band[1] + 1e-9
+    search, search_rows, budget = _search_section(out, metas["pruned"], notes)
+    band = budget.band if budget is not None else None
+    if budget is not None and band is not None:
+        inside = budget.contains_ratio(pruned["flops_ratio"])
         search["pruned_in_band"] = inside
         if not inside:
             notes.append(

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasprune.budget import Budget
 from tasprune.search.space import DEFAULT_FRACTIONS, SpaceOptions
 
 
@@ -58,10 +59,10 @@ class SearchConfig(BaseModel):
     def _check(self) -> SearchConfig:
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
-        if self.tolerance >= self.flops_ratio:
-            raise ValueError(
-                f"tolerance ({self.tolerance}) must be below flops_ratio ({self.flops_ratio})"
-            )
+        for name in ("flops_ratio", "params_ratio"):
+            ratio = getattr(self, name)
+            if ratio is not None and self.tolerance >= ratio:
+                raise ValueError(f"tolerance ({self.tolerance}) must be below {name} ({ratio})")
         if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
             raise ValueError("width_fractions must be fractions in (0, 1]")
         if isinstance(self.num_sampled, int) and self.num_sampled < 1:
@@ -69,6 +70,18 @@ class SearchConfig(BaseModel):
         if not (self.search_width or self.search_depth):
             raise ValueError("search_width and search_depth cannot both be false")
         return self
+
+    @property
+    def budget(self) -> Budget:
+        """The FLOPs budget (``flops_ratio``, ``tolerance``)."""
+        return Budget(self.flops_ratio, self.tolerance, "flops")
+
+    def budgets(self) -> list[Budget]:
+        """Every budget the search enforces: FLOPs, and params when ``params_ratio`` is set."""
+        out = [self.budget]
+        if self.params_ratio is not None:
+            out.append(Budget(self.params_ratio, self.tolerance, "params"))
+        return out
 
     def space(self) -> SpaceOptions:
         return SpaceOptions(

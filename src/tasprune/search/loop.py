@@ -27,11 +27,13 @@ from tqdm import tqdm
 
 from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, DeviceLoader, as_augment, stratified_split
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
 from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.search.config import SearchConfig
-from tasprune.search.supernet import SuperNet, budget_loss, feasible_range
+from tasprune.search.space import smallest_shape
+from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 from tasprune.utils import JsonlLogger, atomic_write_text, rng_state, seed_everything, set_rng_state
 
@@ -65,17 +67,20 @@ def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
     return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
-def check_budget(net: SuperNet, cfg: SearchConfig) -> None:
-    """Refuse, before any training, a FLOPs target the space cannot reach."""
-    smallest, largest = feasible_range(net)
-    target = cfg.flops_ratio * largest
-    if target < smallest:
-        raise BudgetError(
-            f"flops_ratio {cfg.flops_ratio} asks for {target / 1e6:.2f} MFLOPs but the smallest "
-            f"shape of {net.model_name} costs {smallest / 1e6:.2f} MFLOPs "
-            f"(ratio {smallest / largest:.3f}). Fix: use flops_ratio >= {smallest / largest:.3f} "
-            "or smaller width_fractions"
-        )
+def check_budget(
+    model: str,
+    cfg: SearchConfig,
+    input_size: tuple[int, int, int],
+    num_classes: int,
+) -> None:
+    """Refuse, before any training, a budget the search space cannot reach. Computed from the
+    candidate lists and the cost model alone (no network is built)."""
+    small = smallest_shape(model, cfg.space())
+    costs = model_cost(model, small, input_size, num_classes)
+    full = model_cost(model, None, input_size, num_classes)
+    for budget in cfg.budgets():
+        i = 0 if budget.metric == "flops" else 1
+        budget.check_reachable(costs[i], full[i], model)
 
 
 def build_supernet(
@@ -88,7 +93,7 @@ def build_supernet(
         input_size=data.image_size,
         options=cfg.space(),
     )
-    check_budget(net, cfg)
+    check_budget(model, cfg, (data.in_channels, *data.image_size), data.num_classes)
     if teacher_state is not None and cfg.warm_start:
         net.load_plain_weights(teacher_state)
     return net
@@ -170,11 +175,7 @@ class SearchStepper:
         self.weight_model = weight_model if weight_model is not None else net
         self.distributed = distributed
         self.arch = net.arch_parameters()
-        full_flops, full_params = net.full_flops, net.full_params
-        self.target = cfg.flops_ratio * full_flops
-        self.lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
-        self.p_target = (cfg.params_ratio or 1.0) * full_params
-        self.p_lower = self.p_target - cfg.tolerance * full_params
+        self.budgets = cfg.budgets()
         self._cost_cache: dict[str, tuple[int, int]] = {}
 
     def exact(self, shape: Shape) -> tuple[int, int]:
@@ -202,13 +203,18 @@ class SearchStepper:
             p.requires_grad_(True)
         # Architecture step on split B: gradients for the logits only, none for the weights.
         ce = F.cross_entropy(net(xb), yb)
-        cur_flops, cur_params = self.exact(net.derive())
-        exp_flops, exp_params = net.expected_cost()
-        bl = budget_loss(exp_flops, cur_flops, self.target, self.lower, cfg.budget_weight)
-        if cfg.params_ratio is not None:
-            bl = bl + budget_loss(
-                exp_params, cur_params, self.p_target, self.p_lower, cfg.budget_weight
-            )
+        current = self.exact(net.derive())
+        expected = net.expected_cost()
+        full = (net.full_flops, net.full_params)
+        bl = sum(
+            (
+                b.loss(expected[i], current[i], full[i], cfg.budget_weight)
+                for b in self.budgets
+                for i in (0 if b.metric == "flops" else 1,)
+            ),
+            start=expected[0].new_zeros(()),
+        )
+        cur_flops = current[0]
         arch_loss = ce + bl.to(ce.dtype)
         grads: tuple[Tensor | None, ...] = torch.autograd.grad(
             arch_loss, self.arch, allow_unused=True
@@ -359,8 +365,7 @@ def search(
     w_opt, w_sched, a_opt = make_optimizers(net, cfg, steps)
 
     full_flops = net.full_flops
-    target = cfg.flops_ratio * full_flops
-    lower = (cfg.flops_ratio - cfg.tolerance) * full_flops
+    budget = cfg.budget
 
     start, best = 0, None
     # Only rank 0 writes; every rank reads the checkpoint on resume.
@@ -440,7 +445,7 @@ def search(
         ratio = flops / full_flops
         top1 = valid_top1(net, valid, cfg.valid_batches, cl, distributed=use_ddp)
         ent = net.entropy()
-        in_band = lower <= flops <= target
+        in_band = budget.contains(flops, full_flops)
         row = {
             "epoch": epoch,
             "tau": net.tau,
@@ -468,8 +473,7 @@ def search(
                 epoch + 1,
                 cfg.epochs,
                 ratio,
-                cfg.flops_ratio - cfg.tolerance,
-                cfg.flops_ratio,
+                *budget.band,
                 top1,
                 row["entropy_mean"],
                 net.tau,
@@ -510,9 +514,9 @@ def _finish(
 ) -> SearchResult:
     last = net.derive()
     best_shape = Shape.from_dict(best["shape"]) if best is not None else None
-    lower = cfg.flops_ratio - cfg.tolerance
+    lower, upper = cfg.budget.band
     last_ratio = net.shape_cost(last)[0] / net.full_flops
-    last_ok = lower - 1e-12 <= last_ratio <= cfg.flops_ratio + 1e-12
+    last_ok = cfg.budget.contains_ratio(last_ratio)
     if cfg.keep == "best" and best_shape is not None:
         kept = best_shape
     elif last_ok or best_shape is None:
@@ -530,7 +534,7 @@ def _finish(
             "no epoch ended inside the budget band [%.3f, %.3f]; the last shape has ratio %.3f. "
             "Search longer or raise arch_lr",
             lower,
-            cfg.flops_ratio,
+            upper,
             last_ratio,
         )
     flops, params = net.shape_cost(kept)

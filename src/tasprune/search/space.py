@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tasprune.shape import Shape
+
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -35,6 +37,23 @@ def depth_candidates(blocks: int) -> list[int]:
     if values[-1] != blocks:
         values.append(blocks)
     return values
+
+
+def smallest_shape(model: str, options: SpaceOptions | None = None) -> Shape:
+    """The cheapest shape of ``model``'s search space: every width and depth at its first
+    candidate (tied residual widths share one candidate list, so the same holds for them)."""
+    from tasprune.models import get_model_spec
+
+    opts = options or SpaceOptions()
+    full = get_model_spec(model).full_shape()
+    widths = {
+        n: width_candidates(w, opts.width_fractions, opts.width_multiple)[0]
+        if opts.search_width
+        else w
+        for n, w in full.widths.items()
+    }
+    depths = {s: depth_candidates(d)[0] if opts.search_depth else d for s, d in full.depths.items()}
+    return full.replace(widths=widths, depths=depths)
 
 
 @dataclass(frozen=True)

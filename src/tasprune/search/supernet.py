@@ -417,38 +417,11 @@ class SuperNet(nn.Module):
         return out
 
 
-def budget_loss(
-    expected: Tensor, current: int, target: float, lower: float, weight: float
-) -> Tensor:
-    """Log-barrier budget loss: push the expected cost down above the band, up below it.
-
-    ``current`` is the exact cost of the argmax shape and the band is [lower, target]: a shape
-    over budget is never accepted, and one far under budget is pushed back up so the search
-    spends the budget it was given.
-    """
-    if current > target:
-        return weight * torch.log(expected)
-    if current < lower:
-        return -weight * torch.log(expected)
-    return expected.new_zeros(())
-
-
-def feasible_range(net: SuperNet) -> tuple[int, int]:
-    """Smallest and largest exact FLOPs reachable in the space (all-min and all-max shapes)."""
-    small = Shape(
-        widths={n: net.width_of[n].candidates[0] for n in net.full_shape.widths},
-        depths={s: c.candidates[0] for s, c in net.depth_of.items()},
-    )
-    return net.shape_cost(small)[0], net.full_flops
-
-
 __all__ = [
     "Add",
     "Dist",
     "ExpectedAlgebra",
     "SearchOps",
     "SuperNet",
-    "budget_loss",
-    "feasible_range",
     "gumbel_select",
 ]
