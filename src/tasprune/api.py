@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 from tasprune.config import DistillConfig, Recipe, deep_merge, load_recipe, validate_model
 from tasprune.contract import WithPreprocess, contract_from_meta
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
@@ -26,7 +27,6 @@ from tasprune.distill import model_meta
 from tasprune.engine import TrainConfig, fit
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
-from tasprune.pipeline import load_model_checkpoint, resolve_model_file
 from tasprune.pipeline import run as _run
 from tasprune.search import search
 from tasprune.shape import Shape

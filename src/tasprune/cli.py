@@ -204,7 +204,7 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
 
 def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], Path]:
     """(network, meta, model.pt) of a --teacher, refused when it is another model."""
-    from tasprune.pipeline import load_model_checkpoint, resolve_model_file
+    from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 
     file = resolve_model_file(path, prefer=("teacher",))
     net, meta = load_model_checkpoint(file)

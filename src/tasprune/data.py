@@ -21,7 +21,6 @@ import math
 import pickle
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasprune import distributed as ddp
+from tasprune.arrays import ArrayDataset
 from tasprune.errors import ConfigError, DataError
+from tasprune.imagefolder import load_imagefolder
 
 __all__ = [
     "DATASETS",
@@ -139,80 +140,6 @@ def as_augment(value: Augment | dict[str, Any] | None) -> Augment:
 
 
 # --------------------------------------------------------------------------------------------
-# Dataset container
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ArrayDataset:
-    """A whole labelled image dataset held as two tensors.
-
-    ``images`` stays uint8 (N x C x H x W) so it is 4x smaller than float32 and can live on the
-    accelerator; ``mean``/``std`` (per channel, 0-1 scale) travel with it so the loader
-    normalises exactly the way the dataset expects.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    name: str
-
-    def __post_init__(self) -> None:
-        """Reject inconsistent containers early, where the cause is still obvious."""
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(
-                f"dataset {self.name!r}: images must be a uint8 N x C x H x W tensor, got "
-                f"{self.images.dtype} with shape {tuple(self.images.shape)}. "
-                "Fix: convert the images to uint8 NCHW before building an ArrayDataset"
-            )
-        if self.labels.dim() != 1 or self.labels.shape[0] != self.images.shape[0]:
-            raise DataError(
-                f"dataset {self.name!r}: {tuple(self.labels.shape)} labels for "
-                f"{self.images.shape[0]} images. Fix: pass one int64 label per image"
-            )
-        if self.labels.dtype != torch.int64:
-            self.labels = self.labels.to(torch.int64)
-        channels = self.images.shape[1]
-        if len(self.mean) != channels or len(self.std) != channels:
-            raise DataError(
-                f"dataset {self.name!r}: mean/std have {len(self.mean)}/{len(self.std)} entries "
-                f"but the images have {channels} channels. Fix: give one mean and std per channel"
-            )
-
-    def __len__(self) -> int:
-        """Number of samples."""
-        return int(self.images.shape[0])
-
-    @property
-    def in_channels(self) -> int:
-        """Channels per image (1 for Fashion-MNIST, 3 for CIFAR)."""
-        return int(self.images.shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Image (height, width) in pixels."""
-        return int(self.images.shape[2]), int(self.images.shape[3])
-
-    def subset(self, idx: torch.Tensor) -> ArrayDataset:
-        """Return the samples at ``idx`` (an index or boolean tensor) as a new dataset.
-
-        Used to carve the TAS architecture/weight halves out of a training set while keeping
-        the class count and normalisation constants.
-        """
-        idx = idx.to(self.images.device)
-        return ArrayDataset(
-            images=self.images[idx],
-            labels=self.labels[idx.to(self.labels.device)],
-            num_classes=self.num_classes,
-            mean=self.mean,
-            std=self.std,
-            name=self.name,
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
@@ -240,8 +167,6 @@ def load_dataset(
     if key in ("cifar100", "cifar-100"):
         return _load_cifar(100, split, root_path)
     if key == "imagefolder":
-        from tasprune.imagefolder import load_imagefolder
-
         if root_path is None:
             raise DataError("dataset 'imagefolder' needs a folder. Fix: pass --data-root DIR")
         return load_imagefolder(root_path, split, image_size)

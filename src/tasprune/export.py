@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 from tasprune.contract import FORMAT_VERSION, WithPreprocess, contract_from_meta
 from tasprune.errors import CheckpointError, ConfigError, TaspruneError
 from tasprune.models import create_model, get_model_spec
@@ -100,8 +101,6 @@ def load_exportable(
     ``source`` is a model.pt file, a fit folder holding one, or a run folder whose ``prefer``
     sub-folders are searched (the pruned ``student`` by default).
     """
-    from tasprune.pipeline import load_model_checkpoint, resolve_model_file
-
     path = resolve_model_file(Path(source), prefer=prefer)
     model, meta = load_model_checkpoint(path)
     meta = {**meta, "input_size": list(_input_size(meta))}

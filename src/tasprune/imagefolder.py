@@ -24,7 +24,7 @@ from torch.utils.data import (
     Subset,
 )
 
-from tasprune.data import ArrayDataset
+from tasprune.arrays import ArrayDataset
 from tasprune.errors import DataError
 
 logger = logging.getLogger(__name__)

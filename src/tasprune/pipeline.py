@@ -38,7 +38,14 @@ import yaml
 from torch import Tensor, nn
 
 from tasprune import distributed as ddp
-from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint, sidecar_path
+from tasprune.checkpoint import (
+    checkpoint_exists,
+    load_checkpoint,
+    load_model_checkpoint,
+    resolve_model_file,
+    save_checkpoint,
+    sidecar_path,
+)
 from tasprune.config import Recipe, dump_recipe
 from tasprune.cost import model_cost
 from tasprune.data import (
@@ -143,49 +150,6 @@ def load_run_data(recipe: Recipe) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def resolve_model_file(path: str | Path, prefer: tuple[str, ...] = ("student", "teacher")) -> Path:
-    """A ``model.pt`` from a file, a fit folder, or a run folder (its ``prefer`` sub-folders)."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        for cand in [*(p / sub / "model.pt" for sub in prefer), p / "model.pt"]:
-            if cand.is_file():
-                return cand
-        raise CheckpointError(
-            f"{p} holds no model.pt (looked in {', '.join(prefer)}/ and the folder itself). "
-            "Fix: pass a run folder whose stage finished, or a model.pt file"
-        )
-    raise CheckpointError(f"{p} does not exist. Fix: pass a run folder or a model.pt file")
-
-
-def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network stored in a ``model.pt`` from its meta; returns (model, meta)."""
-    payload = load_checkpoint(path)
-    meta = payload.get("meta")
-    if not isinstance(meta, dict) or "model" not in meta or "shape" not in meta:
-        raise CheckpointError(
-            f"{path} has no model meta (model name and shape). Fix: use a model.pt written by "
-            "tasprune train/run/distill"
-        )
-    shape = Shape.from_dict(meta["shape"])
-    model = create_model(
-        str(meta["model"]),
-        shape,
-        num_classes=int(meta.get("num_classes", 10)),
-        in_channels=int(meta.get("in_channels", 3)),
-    )
-    try:
-        model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"weights in {path} do not fit {meta['model']} at its stored shape ({first}). "
-            "Fix: the file is damaged or was edited; retrain that stage"
-        ) from None
-    return model, meta
 
 
 def check_model_fits_data(

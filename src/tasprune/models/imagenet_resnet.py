@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tasprune.cost import Counter, conv_out
+from tasprune.models.algebra import Counter, conv_out
 from tasprune.models.ops import Ops, PlainOps
 from tasprune.models.registry import ModelSpec, register_model
 from tasprune.shape import Shape

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from torch import Tensor, nn
 
-from tasprune.cost import needs_projection
+from tasprune.models.algebra import needs_projection
 
 
 class Ops(Protocol):

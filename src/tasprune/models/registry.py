@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tasprune.cost import Counter
 from tasprune.errors import ConfigError
+from tasprune.models.algebra import Counter
 from tasprune.models.ops import Ops, PlainOps
 from tasprune.shape import Shape
 
