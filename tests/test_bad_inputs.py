@@ -461,3 +461,21 @@ def test_bad_input_is_one_line(
 
 def test_catalogue_is_large_enough() -> None:
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_errors_carry_problem_and_fix_as_fields() -> None:
+    from tasprune.data import load_dataset
+    from tasprune.errors import ConfigError, DataError
+
+    err = ConfigError("recipe x.yaml does not exist. Fix: pass a YAML file (see configs/)")
+    assert (err.problem, err.fix) == (
+        "recipe x.yaml does not exist",
+        "pass a YAML file (see configs/)",
+    )
+    assert str(err) == "recipe x.yaml does not exist. Fix: pass a YAML file (see configs/)"
+    two = DataError("data root /x does not exist", "leave --data-root out")
+    assert str(two) == "data root /x does not exist. Fix: leave --data-root out"
+    assert ConfigError("no fix given").fix is None
+    with pytest.raises(DataError) as info:  # the CLI's error line is str(err), unchanged
+        load_dataset("fashion-mnist", "train", "/nonexistent/dir")
+    assert info.value.fix is not None and "data root" in info.value.problem

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 
 class TaspruneError(Exception):
-    """Base class: a user-facing problem. ``str(err)`` is the one line the CLI prints."""
+    """Base class: a user-facing problem with its fix, as two fields.
+
+    ``TaspruneError(problem, fix)``, or one message ``"problem. Fix: fix"`` (split into the
+    two fields). ``str(err)`` is the one line the CLI prints after ``error:``; callers that
+    render errors their own way (a notebook, a web UI) read ``err.problem`` and ``err.fix``.
+    """
+
+    def __init__(self, problem: str = "", fix: str | None = None) -> None:
+        if fix is None and " Fix: " in problem:
+            problem, fix = problem.split(" Fix: ", 1)
+            problem = problem.rstrip()
+        self.problem = problem.rstrip(".") if fix is not None else problem
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.fix is None:
+            return self.problem
+        return f"{self.problem}. Fix: {self.fix}"
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return type(self), (self.problem, self.fix)
 
 
 class ConfigError(TaspruneError):
