@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FMNIST_FILES := $(FMNIST)/train-images-idx3-ubyte.gz $(FMNIST)/train-labels-idx1-ubyte.gz \
                 $(FMNIST)/t10k-images-idx3-ubyte.gz $(FMNIST)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test test-fast lint bench clean
 
 setup: $(STAMP) data
 
@@ -40,6 +40,10 @@ test: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (end-to-end runs, torchrun launches).
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -39,7 +39,6 @@ from tasprune.pipeline import (
     load_model_checkpoint,
     load_run_data,
     load_supernet_state,
-    with_recipe_seed,
 )
 from tasprune.search import search
 from tasprune.shape import Shape
@@ -102,7 +101,7 @@ def main() -> None:
     def run_search(seed: int, over: dict[str, Any]) -> tuple[Shape, Path, str]:
         key = "default" if not over or over == {"warm_start": True} else slug(json.dumps(over))
         folder = out / f"seed-{seed}" / "search" / key
-        cfg = with_recipe_seed(recipe.search, recipe).model_copy(update={**over, "seed": seed})
+        cfg = recipe.search.model_copy(update={**over, "seed": seed})
         warm = cfg.warm_start
         res = search(
             recipe.model,
@@ -127,9 +126,7 @@ def main() -> None:
                 dcfg = recipe.distill.model_copy(
                     update={
                         "init": init or recipe.distill.init,
-                        "train": with_recipe_seed(recipe.distill.train, recipe).model_copy(
-                            update={"seed": seed}
-                        ),
+                        "train": recipe.distill.train.model_copy(update={"seed": seed}),
                     }
                 )
                 supernet = None

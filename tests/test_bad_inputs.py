@@ -17,7 +17,7 @@ import pickle
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from tasprune.config import load_recipe
 from tasprune.models import create_model, get_model_spec
 from tasprune.pipeline import load_run_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 BASE_RECIPE = """\
 name: bad-inputs
@@ -46,15 +48,6 @@ search: {epochs: 1, batch_size: 16, valid_batches: 1}
 distill: {init: teacher, train: {epochs: 1, batch_size: 32}}
 report: {latency_batches: [1], latency_repeats: 1}
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The CPU is shared with other test processes: one intra-op thread is faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -99,6 +99,7 @@ def test_help_of_every_command(command: str, capsys: pytest.CaptureFixture[str])
     assert "usage: tasprune " + command in out and "--quiet" in out
 
 
+@pytest.mark.slow
 def test_train_search_distill_end_to_end(tmp_path: Path) -> None:
     t, s, d = tmp_path / "teacher", tmp_path / "search", tmp_path / "student"
     assert (
@@ -152,7 +153,7 @@ def test_train_search_distill_end_to_end(tmp_path: Path) -> None:
 def test_bench_forwards_its_arguments(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import tasprune.benchmark
+    import tasprune.bench
 
     seen: list[tuple[list[str], str]] = []
 
@@ -160,6 +161,6 @@ def test_bench_forwards_its_arguments(
         seen.append((list(argv), prog))
         return 0
 
-    monkeypatch.setattr(tasprune.benchmark, "main", fake)
+    monkeypatch.setattr(tasprune.bench, "main", fake)
     assert main(["bench", "proto", "--quick", "-h"]) == 0
     assert seen == [(["proto", "--quick", "-h"], "tasprune bench")]

@@ -19,16 +19,14 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import tasprune
+from conftest import needs_fashion_mnist
 from tasprune.checkpoint import load_checkpoint
 from tasprune.cli import main
-from tasprune.data import SYSTEM_FASHION_MNIST, Augment, load_dataset
+from tasprune.data import Augment, load_dataset
 from tasprune.errors import ConfigError
 from tasprune.export import export_model, load_safetensors
 
-pytestmark = pytest.mark.skipif(
-    not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"{SYSTEM_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fashion_mnist
 
 
 def small_grey(split: str, n: int) -> TensorDataset:

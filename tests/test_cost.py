@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import random_shape
 from tasprune.cost import model_cost, model_flops
 from tasprune.errors import ShapeError
 from tasprune.models import create_model, get_model_spec, list_models
 from tasprune.shape import Shape
+
+pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 MODELS = list_models()
 INPUT_SIZES = [(1, 28, 28), (3, 32, 32), (3, 30, 30)]  # Fashion-MNIST, CIFAR, odd
@@ -33,27 +34,6 @@ REFERENCE_MACS = {
     "cifar_resnet110": 253.2e6,
     "cifar_resnet164": 247.7e6,
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu():
-    """Tiny inputs: one thread avoids OpenMP oversubscription on a busy machine (10x slower),
-    and flushing denormals avoids the slow path that random narrow shapes hit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
-def random_shape(name: str, seed: int) -> Shape:
-    rng = random.Random(f"{name}-{seed}")
-    full = get_model_spec(name).full_shape()
-    return Shape(
-        widths={k: rng.randint(1, v) for k, v in full.widths.items()},
-        depths={k: rng.randint(1, v) for k, v in full.depths.items()},
-    )
 
 
 def extreme_shapes(name: str) -> dict[str, Shape]:

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs_fashion_mnist
 from tasprune.data import (
     DATASETS,
-    SYSTEM_FASHION_MNIST,
     ArrayDataset,
     Augment,
     DeviceLoader,
@@ -25,10 +25,7 @@ from tasprune.data import (
 )
 from tasprune.errors import DataError, TaspruneError
 
-needs_system_fmnist = pytest.mark.skipif(
-    not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"{SYSTEM_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
-)
+needs_system_fmnist = needs_fashion_mnist
 
 
 # ---- helpers ---------------------------------------------------------------------------------

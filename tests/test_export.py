@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,8 @@ from tasprune.export import export_model, load_exportable, load_safetensors
 from tasprune.latency import measure_latency, measure_onnx_latency
 from tasprune.models import create_model, get_model_spec
 from tasprune.shape import Shape
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "cifar_resnet20"
 INPUT = (1, 28, 28)
@@ -64,15 +65,6 @@ def write_model(
     }
     save_checkpoint(path, {"model": model.state_dict(), "meta": meta})
     return model.eval(), meta
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the test machine's cores are shared, and spinning threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import random_shape
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, load_dataset, stratified_split
 from tasprune.models import create_model, get_model_spec
@@ -25,6 +26,8 @@ from tasprune.models.torchvision_compat import (
 from tasprune.search import SearchConfig, SpaceOptions, SuperNet, search
 from tasprune.shape import Shape
 
+pytestmark = pytest.mark.usefixtures("fast_cpu")
+
 FAMILIES = ["resnet18", "resnet50", "mobilenet_v2"]
 
 # torchvision's models at 3x224x224, 1000 classes: MACs as commonly quoted.
@@ -34,28 +37,6 @@ REFERENCE_MACS = {
     "resnet50": 4.11e9,
     "mobilenet_v2": 300.8e6,
 }
-
-
-@pytest.fixture(autouse=True)
-def _fast_cpu():
-    """Denormal floats (from random narrow shapes) are ~10x slower on CPU. One intra-op thread:
-    these nets are tiny at 28x28, and on a shared 2-core machine two OpenMP threads competing
-    with other processes made a MobileNetV2 step ~50x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
-
-
-def random_shape(name: str, seed: int) -> Shape:
-    rng = random.Random(f"{name}-{seed}")
-    full = get_model_spec(name).full_shape()
-    return Shape(
-        widths={k: rng.randint(1, v) for k, v in full.widths.items()},
-        depths={k: rng.randint(1, v) for k, v in full.depths.items()},
-    )
 
 
 def counted(model_fn, size: tuple[int, int, int]) -> tuple[int, int]:

@@ -73,16 +73,15 @@ def test_streaming_loader_standard_transforms(tmp_path: Path) -> None:
 
 
 def test_streaming_folder_search_split_is_stratified_and_disjoint(tmp_path: Path) -> None:
+    from tasprune.data import search_loaders
     from tasprune.imagefolder import StreamingFolder
-    from tasprune.pipeline import search_loaders
-    from tasprune.search import SearchConfig
 
     root = _tree(tmp_path / "tree", per_class=6)
     train = StreamingFolder(root, "train", image_size=32, workers=0)
     assert len(train) == 18 and train.num_classes == 3 and train.image_size == (32, 32)
     small = train.subset(torch.tensor([0, 7, 13]))
     assert len(small) == 3 and small.labels.tolist() == train.labels[[0, 7, 13]].tolist()
-    a, b, valid = search_loaders(train, SearchConfig(batch_size=3, seed=0))
+    a, b, valid = search_loaders(train, 3, seed=0)
     ya = torch.cat([y for _, y in a])
     yb = torch.cat([y for _, y in b])
     assert torch.bincount(ya, minlength=3).tolist() == [3, 3, 3]  # stratified halves
@@ -93,6 +92,7 @@ def test_streaming_folder_search_split_is_stratified_and_disjoint(tmp_path: Path
     assert set(valid.dataset.indices) == seen_b
 
 
+@pytest.mark.slow
 def test_imagenet_recipe_runs_end_to_end_streamed(tmp_path: Path) -> None:
     """`tasprune run` with data.name imagenet: every stage reads the tree through DataLoaders."""
     import yaml

@@ -2,40 +2,19 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import random_shape
 from tasprune.errors import ConfigError, ShapeError
 from tasprune.models import create_model, get_model_spec, list_models
 from tasprune.shape import Shape
 
+pytestmark = pytest.mark.usefixtures("fast_cpu")
+
 MODELS = list_models()
 TINY = (3, 16, 16)  # small enough for ResNet-164 on CPU, still downsamples twice
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_cpu():
-    """Tiny inputs: one thread avoids OpenMP oversubscription on a busy machine (10x slower),
-    and flushing denormals avoids the slow path that random narrow shapes hit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(threads)
-
-
-def random_shape(name: str, seed: int) -> Shape:
-    """A random valid shape of ``name``: widths in 1..full, depths in 1..full (seeded)."""
-    rng = random.Random(f"{name}-{seed}")
-    full = get_model_spec(name).full_shape()
-    return Shape(
-        widths={k: rng.randint(1, v) for k, v in full.widths.items()},
-        depths={k: rng.randint(1, v) for k, v in full.depths.items()},
-    )
 
 
 def ones_shape(name: str) -> Shape:

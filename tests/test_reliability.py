@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,13 @@ import pytest
 import torch
 
 import tasprune
-import tasprune.api as api_mod
+import tasprune.pipeline as pipeline_mod  # `tasprune train` trains through pipeline.fit
 from tasprune.checkpoint import load_checkpoint, prev_path
 from tasprune.cli import main
 from tasprune.errors import CheckpointError, RunInUseError
 from tasprune.lock import LOCK_NAME, lock_holder, run_lock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STAGE_MARKERS = (
@@ -106,15 +108,6 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(sa[k], sb[k]), f"{a} and {b} differ in {k}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """In-process work runs on one intra-op thread too (the CPU is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
@@ -164,6 +157,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identical(
     recipe_file: Path, reference_run: Path, tmp_path: Path
 ) -> None:
@@ -233,7 +227,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
     args = ["train", "--model", "cifar_resnet20", "--epochs", "3", "--data", "fashion-mnist"]
     args += ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32"]
     args += ["--device", "cpu", "--out", str(out)]
-    real_fit = api_mod.fit
+    real_fit = pipeline_mod.fit
 
     def stop_after_epoch_1(*a: Any, **kw: Any) -> Any:
         def stop(epoch: int, row: dict[str, Any]) -> None:
@@ -242,7 +236,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
 
         return real_fit(*a, **kw, on_epoch_end=stop)
 
-    monkeypatch.setattr(api_mod, "fit", stop_after_epoch_1)
+    monkeypatch.setattr(pipeline_mod, "fit", stop_after_epoch_1)
     assert main(args) == 130
     ckpt = out / "checkpoint.pt"
     assert load_checkpoint(ckpt)["epoch"] == 1 and prev_path(ckpt).is_file()
@@ -250,7 +244,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])  # torn mid-write, by a full disk or a crash
 
-    monkeypatch.setattr(api_mod, "fit", real_fit)
+    monkeypatch.setattr(pipeline_mod, "fit", real_fit)
     with caplog.at_level(logging.INFO, logger="tasprune"):
         assert main(args) == 0
     messages = [r.getMessage() for r in caplog.records]

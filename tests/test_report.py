@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasprune.checkpoint import save_checkpoint
 from tasprune.cost import model_cost
@@ -17,6 +15,8 @@ from tasprune.models import create_model, get_model_spec
 from tasprune.report import PLOTS, format_table, write_report
 from tasprune.shape import Shape
 from tasprune.utils import JsonlLogger, count_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "cifar_resnet20"
 INPUT = (1, 28, 28)
@@ -96,15 +96,6 @@ def make_run(out: Path, *, search_history: bool = True) -> Path:
                 }
             )
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the test machine's cores are shared, and spinning threads stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

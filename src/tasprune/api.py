@@ -138,7 +138,6 @@ def train(
     )
     role = "teacher" if shape == full else "student"
     aug = as_augment(augment).resolve(train_ds.name, train_ds.image_size)
-    logger.info("training augmentation: %s", aug.describe())
     loaders = train_test_loaders(
         train_ds, test_ds, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
     )

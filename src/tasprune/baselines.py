@@ -12,7 +12,7 @@ TAS search accepts, ``[ratio - tolerance, ratio] x unpruned``:
   the result is rebuilt as ``create_model(model, shape)`` with the surviving weights.
 
 The students built from these shapes are then trained exactly like the TAS student (see
-:mod:`tasprune.benchmark`).
+:mod:`tasprune.bench`).
 """
 
 from __future__ import annotations

@@ -190,11 +190,11 @@ def _stage_command(recipe: Recipe, out: Path, command: Callable[[], int]) -> int
 
 def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
-    from tasprune.pipeline import load_run_data, train_unpruned, with_recipe_seed
+    from tasprune.pipeline import load_run_data, train_unpruned
 
     train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
-    cfg = with_recipe_seed(recipe.teacher.train, recipe)
+    cfg = recipe.teacher.train
     _, metrics = train_unpruned(
         recipe, (train_data, test_data), cfg, out, _device(recipe), progress
     )
@@ -217,13 +217,10 @@ def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], P
 
 def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
     """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
-    from tasprune.imagefolder import StreamingFolder
     from tasprune.pipeline import (
         check_model_fits_data,
         drop_unsaved_search_rows,
         load_run_data,
-        search_loaders,
-        with_recipe_seed,
     )
     from tasprune.search import search
     from tasprune.search.loop import check_budget
@@ -234,7 +231,7 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         net, meta, path = _teacher_from(teacher, recipe.model)
         check_model_fits_data(meta, path, train_data)
         state = net.state_dict()
-    cfg = with_recipe_seed(recipe.search, recipe)
+    cfg = recipe.search
     size = (train_data.in_channels, *train_data.image_size)
     check_budget(recipe.model, cfg, size, train_data.num_classes)  # before writing anything
     _write_config(out, recipe)
@@ -250,9 +247,6 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         progress=progress,
         augment=recipe.data.augment,
         tensorboard=recipe.log == "tensorboard",
-        loaders=search_loaders(train_data, cfg)
-        if isinstance(train_data, StreamingFolder)
-        else None,
     )
     _say(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
@@ -266,14 +260,11 @@ def cmd_distill(
 ) -> int:
     """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
     from tasprune.distill import distill
-    from tasprune.imagefolder import StreamingFolder
     from tasprune.models import get_model_spec
     from tasprune.pipeline import (
         check_model_fits_data,
         load_run_data,
         load_supernet_state,
-        stage_loaders,
-        with_recipe_seed,
     )
     from tasprune.shape import Shape
 
@@ -289,13 +280,11 @@ def cmd_distill(
     train_data, test_data = load_run_data(recipe)
     check_model_fits_data(meta, teacher_file, train_data)
     cfg = recipe.distill
-    cfg = cfg.model_copy(update={"train": with_recipe_seed(cfg.train, recipe)})
     supernet = None
     if cfg.init == "supernet":
         supernet = load_supernet_state(shape.parent / "supernet.pt")
     _write_config(out, recipe)
     device = _device(recipe)
-    streamed = isinstance(train_data, StreamingFolder)
     metrics = distill(
         model,
         sh,
@@ -311,9 +300,6 @@ def cmd_distill(
         progress=progress,
         augment=recipe.data.augment,
         tensorboard=recipe.log == "tensorboard",
-        loaders=stage_loaders(recipe, (train_data, test_data), cfg.train, device)
-        if streamed
-        else None,
     )
     _say(
         f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
@@ -364,8 +350,8 @@ def cmd_export(source: Path, fmt: str = "onnx", out: Path | None = None) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    """Run a benchmark protocol (``python -m tasprune.benchmark PROTOCOL``)."""
-    from tasprune.benchmark import main as bench_main  # Torch-Pruning, ONNX: only when needed
+    """Run a benchmark protocol (``tasprune bench PROTOCOL``, see `tasprune.bench`)."""
+    from tasprune.bench import main as bench_main  # Torch-Pruning, ONNX: only when needed
 
     code = bench_main(list(argv), prog="tasprune bench")
     return int(code) if isinstance(code, int) else 0
@@ -671,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="file or folder (default: DIR/export/pruned.EXT)"
     )
 
-    p = add("bench", cmd_bench, "run a benchmark protocol (tasprune.benchmark)")
+    p = add("bench", cmd_bench, "run a benchmark protocol (tasprune.bench)")
     p.add_argument(
         "args", nargs=argparse.REMAINDER, help="PROTOCOL and its options (see tasprune bench -h)"
     )

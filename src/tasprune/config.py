@@ -98,6 +98,27 @@ class Recipe(BaseModel):
     distill: DistillConfig = DistillConfig()
     report: ReportConfig = ReportConfig()
 
+    @model_validator(mode="after")
+    def _seed_the_stages(self) -> Recipe:
+        """Every stage config seeded from the recipe: a stage seed left at 0 becomes ``seed``
+        (a non-zero stage seed wins) and ``deterministic`` switches every stage's on.
+
+        Keyed on the value, not on "was it set", so a dumped recipe.yaml (every field
+        written out, already resolved) reproduces the run it came from."""
+
+        def seeded(cfg: Any) -> Any:
+            update: dict[str, Any] = {
+                "deterministic": bool(cfg.deterministic or self.deterministic)
+            }
+            if cfg.seed == 0:
+                update["seed"] = self.seed
+            return cfg.model_copy(update=update)
+
+        self.teacher = self.teacher.model_copy(update={"train": seeded(self.teacher.train)})
+        self.search = seeded(self.search)
+        self.distill = self.distill.model_copy(update={"train": seeded(self.distill.train)})
+        return self
+
 
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -181,6 +202,37 @@ def validate_model(cls: type[BaseModel], data: dict[str, Any], source: str) -> A
         return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def recipe_diff(
+    old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ("device",)
+) -> list[str]:
+    """Dotted keys whose values differ between two dumped recipes (``ignore``: keys that may
+    change, e.g. where it runs). A key only one side has (a field added to or removed from the
+    schema since the run started) counts only when it is not at its default, so upgrading
+    tasprune does not lock users out of resuming their runs."""
+    a, b = _flat(old), _flat(new)
+    defaults = _flat(Recipe().model_dump(mode="json"))
+    skip = set(ignore)
+    out = []
+    for k in set(a) | set(b):
+        if k in skip or a.get(k) == b.get(k):
+            continue
+        if (k in a) != (k in b) and (a.get(k, b.get(k)) == defaults.get(k) or k not in defaults):
+            continue
+        out.append(k)
+    return sorted(out)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasprune import distributed as ddp
 from tasprune.arrays import ArrayDataset
 from tasprune.errors import ConfigError, DataError
-from tasprune.imagefolder import load_imagefolder
+from tasprune.imagefolder import StreamingFolder, load_imagefolder
 
 __all__ = [
     "DATASETS",
@@ -42,6 +42,7 @@ __all__ = [
     "ArrayDataset",
     "DeviceLoader",
     "load_dataset",
+    "search_loaders",
     "stratified_split",
     "train_test_loaders",
 ]
@@ -629,28 +630,83 @@ class DeviceLoader:
 
 
 def train_test_loaders(
-    train: ArrayDataset,
-    test: ArrayDataset,
+    train: Any,
+    test: Any,
     batch_size: int,
     *,
-    augment: Augment,
+    augment: Augment | dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
-) -> tuple[DeviceLoader, DeviceLoader]:
-    """The (train, test) loaders of a training stage: the train split augmented and, under
-    torchrun, sharded per rank (``batch_size`` is global: each rank gets its share); the test
-    split whole on every rank."""
-    world = ddp.get_world_size()
+) -> tuple[Any, Any]:
+    """The (train, test) loaders of a training stage (teacher, student, ``tasprune train``).
+
+    The train split is augmented (``augment``, None: fit the data) and, under torchrun,
+    sharded per rank (``batch_size`` is global: each rank gets its share); the test split is
+    whole on every rank. In-memory data gets device-resident `DeviceLoader`s; a streamed
+    split (`tasprune.imagefolder.StreamingFolder`) multi-worker loaders with the standard
+    ImageNet transforms (RandomResizedCrop + flip instead of ``augment``).
+    """
+    rank, world = ddp.get_rank(), ddp.get_world_size()
+    batch = ddp.per_rank_batch(batch_size, world)
+    if isinstance(train, StreamingFolder):
+        return (
+            train.loader(batch, train=True, seed=seed, rank=rank, world_size=world),
+            test.loader(batch_size, train=False),
+        )
+    aug = as_augment(augment).resolve(train.name, train.image_size)
+    logger.info("training augmentation: %s", aug.describe())
     return (
         DeviceLoader(
             train,
-            ddp.per_rank_batch(batch_size, world),
+            batch,
             train=True,
             device=device,
-            augment=augment,
+            augment=aug,
             seed=seed,
-            rank=ddp.get_rank(),
+            rank=rank,
             world_size=world,
-        ),
+        ),  # fmt: skip
         DeviceLoader(test, batch_size, train=False, device=device),
     )
+
+
+def search_loaders(
+    train: Any,
+    batch_size: int,
+    *,
+    augment: Augment | dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    world: tuple[int, int] | None = None,
+) -> tuple[Any, Any, Any]:
+    """(split A, split B, validation on B) loaders of a TAS search: a stratified 50/50 split
+    of the training images (weights train on A, the architecture on B), both augmented and
+    sharded per rank under torchrun (``world`` = (rank, world size) overrides the process
+    group's); in-memory or streamed as :func:`train_test_loaders`."""
+    idx_a, idx_b = stratified_split(train.labels, 0.5, seed)
+    rank, size = world if world is not None else (ddp.get_rank(), ddp.get_world_size())
+    batch = ddp.per_rank_batch(batch_size, size)
+    if isinstance(train, StreamingFolder):
+        return (
+            train.loader(batch, train=True, seed=seed, rank=rank, world_size=size, part=idx_a),
+            train.loader(
+                batch, train=True, seed=seed + 10_000, rank=rank, world_size=size, part=idx_b
+            ),
+            train.loader(batch, train=False, rank=rank, world_size=size, part=idx_b),
+        )
+    aug = as_augment(augment).resolve(train.name, train.image_size)
+    logger.info("search augmentation: %s", aug.describe())
+
+    def half(idx: torch.Tensor, training: bool, offset: int) -> DeviceLoader:
+        return DeviceLoader(
+            train.subset(idx),
+            batch,
+            train=training,
+            device=device,
+            augment=aug if training else None,
+            seed=seed + offset,
+            rank=rank,
+            world_size=size,
+        )
+
+    return half(idx_a, True, 0), half(idx_b, True, 10_000), half(idx_b, False, 0)

@@ -22,6 +22,7 @@ from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError
+from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model
 from tasprune.search.space import SpaceOptions
 from tasprune.shape import Shape
@@ -199,17 +200,15 @@ def distill(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     augment: Augment | dict[str, Any] | None = None,
-    loaders: tuple[Any, Any] | None = None,
     tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Build the student of ``shape`` and train it (KD from ``teacher`` when ``cfg.kd``).
 
     Writes fit's outputs (model.pt with student meta, final.json, history.jsonl) to
     ``out_dir``; resumes there; returns fit's metrics plus the student's ``flops``/``params``.
-    ``loaders`` = (train, test) replaces the device-resident loaders of ``train_data`` and
-    ``test_data`` for streamed datasets (which then only provide ``num_classes``,
-    ``in_channels``, ``image_size`` and ``name``). ``augment``: the training augmentation
-    (None: fit the data, see `Augment`).
+    ``train_data``/``test_data``: in-memory ArrayDatasets or streamed StreamingFolders (see
+    `tasprune.data.train_test_loaders`). ``augment``: the training augmentation (None: fit
+    the data, see `Augment`; streamed data uses RandomResizedCrop + flip).
     """
     dev = torch.device(device) if not isinstance(device, str) else pick_device(device)
     if (cfg.kd or cfg.init == "teacher") and teacher is None:
@@ -238,28 +237,23 @@ def distill(
     else:
         loss = cross_entropy_loss(cfg.train.label_smoothing)
     tcfg = cfg.train
-    aug = as_augment(augment).resolve(train_data.name, train_data.image_size)
-    train_loader: Any
-    test_loader: Any
-    if loaders is not None:
-        train_loader, test_loader = loaders
-    else:
-        train_loader, test_loader = train_test_loaders(
-            train_data, test_data, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
-        )
+    streamed = isinstance(train_data, StreamingFolder)
+    aug = None if streamed else as_augment(augment).resolve(train_data.name, train_data.image_size)
+    train_loader, test_loader = train_test_loaders(
+        train_data, test_data, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
+    )
     full_meta = model_meta(
         model, shape, train_data, "student", augment=aug, flops=flops, params=params
     )
     full_meta.update(meta or {})
     logger.info(
-        "distilling %s (%.2f MFLOPs, %.3f M params) for %d epochs, init=%s, kd=%s, %s",
+        "distilling %s (%.2f MFLOPs, %.3f M params) for %d epochs, init=%s, kd=%s",
         model,
         flops / 1e6,
         params / 1e6,
         tcfg.epochs,
         cfg.init,
         cfg.kd,
-        aug.describe() if loaders is None else "streamed augmentation",
     )
     out = Path(out_dir) if out_dir is not None else None
     metrics = fit(

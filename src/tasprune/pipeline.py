@@ -46,7 +46,7 @@ from tasprune.checkpoint import (
     save_checkpoint,
     sidecar_path,
 )
-from tasprune.config import Recipe, dump_recipe
+from tasprune.config import Recipe, dump_recipe, recipe_diff
 from tasprune.cost import model_cost
 from tasprune.data import (
     ArrayDataset,
@@ -58,7 +58,7 @@ from tasprune.data import (
 from tasprune.distill import distill, model_meta
 from tasprune.engine import TrainConfig, evaluate, fit
 from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
-from tasprune.imagefolder import StreamingFolder, StreamingLoader
+from tasprune.imagefolder import StreamingFolder
 from tasprune.lock import run_lock
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig
@@ -79,12 +79,10 @@ __all__ = [
     "load_supernet_state",
     "resolve_model_file",
     "run",
-    "search_loaders",
     "stage_done",
     "stage_loaders",
     "train_unpruned",
     "summary_table",
-    "with_recipe_seed",
 ]
 
 STAGES: tuple[str, ...] = ("teacher", "search", "distill", "report")
@@ -205,33 +203,6 @@ def load_supernet_state(path: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- run folder
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ. A key only one side has (a field added to or removed
-    from the recipe schema since the run started) counts only when it is not at its default,
-    so upgrading tasprune does not lock users out of resuming their runs."""
-    a, b = _flat(old), _flat(new)
-    defaults = _flat(Recipe().model_dump(mode="json"))
-    out = []
-    for k in set(a) | set(b):
-        if k in _RESUMABLE_KEYS or a.get(k) == b.get(k):
-            continue
-        if (k in a) != (k in b) and (a.get(k, b.get(k)) == defaults.get(k) or k not in defaults):
-            continue
-        out.append(k)
-    return sorted(out)
-
-
 def _move_aside(out_dir: Path, stage: str) -> Path | None:
     """Move the outputs of ``stage`` and the later stages into ``.old-<stage>-<time>``."""
     later = STAGES[STAGES.index(stage) :]
@@ -263,7 +234,11 @@ def _check_same_recipe(recipe: Recipe, out_dir: Path, from_stage: str | None) ->
         old = {}
     if not isinstance(old, dict):
         old = {}
-    diff = _recipe_diff(old, json.loads(json.dumps(recipe.model_dump(mode="json"))))
+    # Compare resolved recipes (stage seeds filled in), as this one is; an older or edited
+    # file that no longer validates is compared as it reads.
+    with contextlib.suppress(ValueError):
+        old = Recipe.model_validate(old).model_dump(mode="json")
+    diff = recipe_diff(old, json.loads(json.dumps(recipe.model_dump(mode="json"))), _RESUMABLE_KEYS)
     if diff:
         shown = ", ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
         raise ConfigError(
@@ -285,19 +260,6 @@ def _prepare_folder(recipe: Recipe, out_dir: Path, from_stage: str | None) -> No
 # --------------------------------------------------------------------------- stages
 
 
-def with_recipe_seed(cfg: Any, recipe: Recipe) -> Any:
-    """The stage config seeded from the recipe: a stage seed left at 0 becomes ``recipe.seed``
-    (a non-zero stage seed wins), and ``recipe.deterministic`` switches determinism on.
-
-    Keyed on the value, not on "was it set", so a dumped recipe.yaml (every field written out)
-    reproduces the run it came from.
-    """
-    update: dict[str, Any] = {"deterministic": bool(cfg.deterministic or recipe.deterministic)}
-    if cfg.seed == 0:
-        update["seed"] = recipe.seed
-    return cfg.model_copy(update=update)
-
-
 def _read_final(folder: Path) -> dict[str, Any]:
     try:
         final = json.loads((folder / "final.json").read_text())
@@ -305,23 +267,6 @@ def _read_final(folder: Path) -> dict[str, Any]:
         return {}
     metrics = final.get("metrics") if isinstance(final, dict) else None
     return dict(metrics) if isinstance(metrics, dict) else {}
-
-
-def search_loaders(
-    train: StreamingFolder, cfg: SearchConfig
-) -> tuple[StreamingLoader, StreamingLoader, StreamingLoader]:
-    """Streamed (split A, split B, validation on B) loaders: the same stratified 50/50 split of
-    the training images as the in-memory search uses; sharded per rank under torchrun."""
-    idx_a, idx_b = stratified_split(train.labels, 0.5, cfg.seed)
-    rank, world = ddp.get_rank(), ddp.get_world_size()
-    batch = ddp.per_rank_batch(cfg.batch_size, world)
-    return (
-        train.loader(batch, train=True, seed=cfg.seed, rank=rank, world_size=world, part=idx_a),
-        train.loader(
-            batch, train=True, seed=cfg.seed + 10_000, rank=rank, world_size=world, part=idx_b
-        ),
-        train.loader(batch, train=False, rank=rank, world_size=world, part=idx_b),
-    )
 
 
 def run_augment(recipe: Recipe, train: Any) -> Augment | None:
@@ -335,20 +280,10 @@ def run_augment(recipe: Recipe, train: Any) -> Augment | None:
 def stage_loaders(
     recipe: Recipe, data: tuple[Any, Any], cfg: TrainConfig, device: torch.device
 ) -> tuple[Any, Any]:
-    """(train, test) loaders of a training stage: the train split sharded per rank under
-    torchrun (global batch / world size), the test split whole on every rank. Device-resident
-    for in-memory data; streamed by a multi-worker DataLoader for ``imagenet``."""
+    """(train, test) loaders of a training stage of ``recipe`` (its augmentation and seed)."""
     train, test = data
-    aug = run_augment(recipe, train)
-    if aug is None:
-        rank, world = ddp.get_rank(), ddp.get_world_size()
-        batch = ddp.per_rank_batch(cfg.batch_size, world)
-        return (
-            train.loader(batch, train=True, seed=cfg.seed, rank=rank, world_size=world),
-            test.loader(cfg.batch_size, train=False),
-        )
     return train_test_loaders(
-        train, test, cfg.batch_size, augment=aug, device=device, seed=cfg.seed
+        train, test, cfg.batch_size, augment=recipe.data.augment, device=device, seed=cfg.seed
     )
 
 
@@ -403,10 +338,6 @@ class _Run:
     def data(self) -> tuple[Any, Any]:
         return load_run_data(self.recipe)
 
-    @property
-    def streaming(self) -> bool:
-        return isinstance(self.data[0], StreamingFolder)
-
     def loaders(self, cfg: TrainConfig) -> tuple[Any, Any]:
         """(train, test) loaders of a stage: device-resident, or streamed for ``imagenet``."""
         return stage_loaders(self.recipe, self.data, cfg, self.device)
@@ -422,7 +353,7 @@ class _Run:
         folder = self.out / "teacher"
         if r.teacher.checkpoint:
             return self._import_teacher(Path(r.teacher.checkpoint))
-        cfg = with_recipe_seed(r.teacher.train, r)
+        cfg = r.teacher.train
         model, metrics = train_unpruned(r, self.data, cfg, folder, self.device, self.progress)
         self.__dict__["teacher"] = model
         return metrics
@@ -461,13 +392,10 @@ class _Run:
     # ---------------------------------------------------------------- search
     def stage_search(self) -> dict[str, Any]:
         r = self.recipe
-        cfg: SearchConfig = with_recipe_seed(r.search, r)
+        cfg: SearchConfig = r.search
         train, _ = self.data
         teacher_state = self.teacher.state_dict() if cfg.warm_start else None
         drop_unsaved_search_rows(self.out / "search")
-        loaders = None
-        if isinstance(train, StreamingFolder):
-            loaders = search_loaders(train, cfg)
         result = run_search(
             r.model,
             train,
@@ -477,7 +405,6 @@ class _Run:
             device=self.device,
             progress=self.progress,
             augment=r.data.augment,
-            loaders=loaders,
             tensorboard=r.log == "tensorboard",
         )
         return result.summary()
@@ -485,7 +412,7 @@ class _Run:
     # ---------------------------------------------------------------- distill
     def stage_distill(self) -> dict[str, Any]:
         r = self.recipe
-        cfg = r.distill.model_copy(update={"train": with_recipe_seed(r.distill.train, r)})
+        cfg = r.distill
         shape, _ = Shape.load(self.out / "search" / "shape.json")
         supernet = None
         if cfg.init == "supernet":
@@ -506,7 +433,6 @@ class _Run:
             meta={"recipe": r.model_dump(mode="json")},
             progress=self.progress,
             augment=r.data.augment,
-            loaders=self.loaders(cfg.train) if self.streaming else None,
             tensorboard=r.log == "tensorboard",
         )
 
@@ -563,7 +489,7 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
     if "teacher" in pending and not r.teacher.checkpoint:
         sizes.append(("teacher.train.batch_size", len(train), r.teacher.train.batch_size))
     if "search" in pending:
-        seed = with_recipe_seed(r.search, r).seed
+        seed = r.search.seed
         halves = stratified_split(train.labels, 0.5, seed)
         smaller = min(int(h.numel()) for h in halves)
         sizes.append(("search.batch_size", smaller, r.search.batch_size))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, Augment, DeviceLoader, as_augment, stratified_split
+from tasprune.data import ArrayDataset, Augment, DeviceLoader, search_loaders
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
 from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.search.config import SearchConfig
@@ -278,7 +278,7 @@ def make_optimizers(
 
 def search(
     model: str,
-    data: ArrayDataset,
+    data: Any,
     cfg: SearchConfig,
     out_dir: str | Path | None = None,
     *,
@@ -287,15 +287,13 @@ def search(
     progress: bool = True,
     augment: Augment | dict[str, Any] | None = None,
     distributed: bool | None = None,
-    loaders: tuple[Any, Any, Any] | None = None,
     tensorboard: bool = False,
 ) -> SearchResult:
     """Run a TAS search of ``model`` on ``data`` (the training split) and derive a shape.
 
-    ``loaders`` = (split A, split B, validation) replaces the device-resident split of
-    ``data`` for streamed datasets; ``data`` then only provides ``num_classes``,
-    ``in_channels`` and ``image_size`` (a `tasprune.imagefolder.StreamingLoader` does).
-    ``augment`` applies to both training splits (None: fit the data, see `Augment`).
+    ``data``: an in-memory ArrayDataset or a streamed `tasprune.imagefolder.StreamingFolder`
+    (split into halves A and B by `tasprune.data.search_loaders`). ``augment`` applies to
+    both training halves (None: fit the data, see `Augment`).
     ``tensorboard``: the history rows (FLOPs ratio, entropy, tau, ...) also go to
     ``out_dir/tensorboard``.
 
@@ -317,7 +315,6 @@ def search(
         )
     rank, world = (ddp.get_rank(), ddp.get_world_size()) if use_ddp else (0, 1)
     main = rank == 0
-    batch = ddp.per_rank_batch(cfg.batch_size, world)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         if main:
@@ -332,29 +329,9 @@ def search(
         net = net.to(memory_format=torch.channels_last)
     net.generator = torch.Generator().manual_seed(cfg.seed)
 
-    if loaders is not None:
-        loader_a, loader_b, valid = loaders
-    else:
-        idx_a, idx_b = stratified_split(data.labels, 0.5, cfg.seed)
-        aug = as_augment(augment).resolve(data.name, data.image_size)
-        log.info("search augmentation: %s", aug.describe())
-
-        def loader(part: Tensor, seed: int) -> DeviceLoader:
-            return DeviceLoader(
-                data.subset(part),
-                batch,
-                train=True,
-                device=device,
-                augment=aug,
-                seed=seed,
-                rank=rank,
-                world_size=world,
-            )
-
-        loader_a, loader_b = loader(idx_a, cfg.seed), loader(idx_b, cfg.seed + 10_000)
-        valid = DeviceLoader(
-            data.subset(idx_b), batch, train=False, device=device, rank=rank, world_size=world
-        )
+    loader_a, loader_b, valid = search_loaders(
+        data, cfg.batch_size, augment=augment, device=device, seed=cfg.seed, world=(rank, world)
+    )
     steps = min(len(loader_a), len(loader_b))
     if steps < 1:
         raise BudgetError(

@@ -1,62 +1,38 @@
-"""Benchmark protocols: TAS against simple baselines at the same FLOPs, and measured speed-ups.
-
-A protocol (``bench/protocols/*.yaml``) is a base recipe plus the methods to compare, the seeds
-and the latency batch sizes. :func:`run_protocol` (or ``python -m tasprune.benchmark FILE``):
-
-1. trains ONE teacher with the pipeline's teacher stage; it is reused as the KD teacher of every
-   method and seed and as the network the L1 baseline prunes;
-2. per seed, runs one TAS search with the recipe's settings (the seed seeds the search);
-3. per seed and method, trains the student with the recipe's SAME distill settings (schedule,
-   KD, init rule; the seed seeds the training): ``tas_kd`` (the searched shape, KD),
-   ``tas_nokd`` (same shape, cross-entropy only), ``uniform_kd``, ``random_kd`` (shapes from
-   :mod:`tasprune.baselines`, KD) and ``l1_kd`` (the L1-pruned teacher's weights as the init,
-   KD);
-4. measures every distinct network on the CPU: eager PyTorch and ONNX Runtime latency (median
-   over interleaved rounds, so load bursts on a shared machine hit every network alike);
-5. writes ``bench/results/<protocol>.json`` and ``.md``: top-1 (mean, std over seeds), exact
-   MFLOPs and params, latencies, latency ratio vs the teacher and (latency ratio)/(FLOPs ratio),
-   the targets with PASS/MISS, the machine and the wall time of every stage.
-
-Layout of ``OUT_ROOT/<protocol>/`` (every step resumable; a rerun continues)::
-
-    protocol.yaml            the resolved protocol and recipe (a different recipe is refused)
-    timings.json             wall seconds of every finished step
-    teacher/                 the pipeline's teacher stage (final.json = done)
-    seed-S/search/           the TAS search of seed S (search_done.json = done)
-    seed-S/METHOD/           the student (fit outputs, shape.json; result.json = done)
-    measure/latency.json     latencies of every distinct network (+ its .onnx files)
-"""
+"""The protocol runner: teacher, searches, students, latency; results and targets."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tasprune.baselines import l1_prune, random_shape, uniform_shape
+from tasprune.bench.protocol import (
+    LATENCY_SLACK,
+    METHODS,
+    TARGETS,
+    TOP1_MARGIN,
+    Protocol,
+    load_protocol,
+)
+from tasprune.bench.render import format_markdown
 from tasprune.budget import Budget
+from tasprune.checkpoint import load_model_checkpoint
 from tasprune.config import (
     DistillConfig,
     Recipe,
-    deep_merge,
-    load_recipe,
-    read_yaml,
-    validate_model,
+    recipe_diff,
 )
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, train_test_loaders
@@ -66,153 +42,15 @@ from tasprune.errors import ConfigError, TaspruneError
 from tasprune.export import export_model, load_exportable
 from tasprune.latency import measure_latency, measure_onnx_latency
 from tasprune.pipeline import (
-    load_model_checkpoint,
     load_run_data,
     load_supernet_state,
     stage_done,
-    with_recipe_seed,
 )
 from tasprune.search import search as run_search
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_text, pick_device, read_json_object
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "METHODS",
-    "TARGETS",
-    "Protocol",
-    "load_protocol",
-    "main",
-    "machine_info",
-    "run_protocol",
-]
-
-Method = Literal["tas_kd", "tas_nokd", "uniform_kd", "random_kd", "l1_kd"]
-METHODS: dict[str, str] = {
-    "tas_kd": "TAS shape + KD",
-    "tas_nokd": "TAS shape, CE only",
-    "uniform_kd": "uniform width factor + KD",
-    "random_kd": "random shape of the TAS space + KD",
-    "l1_kd": "L1-norm pruned teacher (its weights as init) + KD",
-}
-TARGETS: tuple[str, ...] = (
-    "TAS+KD within 0.5 points of the teacher at <= the budget's FLOPs (stated for fmnist-r56)",
-    "TAS+KD above uniform+KD at the same FLOPs",
-    "TAS+KD above L1+KD at the same FLOPs",
-    "TAS+KD latency ratio within 1.15x of its FLOPs ratio at batch 64 on CPU (eager)",
-)
-TOP1_MARGIN = 0.5  # points of top-1 the TAS student may lose against the teacher
-LATENCY_SLACK = 1.15  # allowed (latency ratio) / (FLOPs ratio) at the largest batch
-# --quick: a smoke run of the protocol's code paths, minutes on a CPU (its results mean nothing).
-QUICK_OVERRIDES: dict[str, Any] = {
-    "data": {"train_subset": 600, "test_subset": 300},
-    "teacher": {"train": {"epochs": 1, "eval_every": 1}},
-    "search": {"epochs": 1, "valid_batches": 2},
-    "distill": {"train": {"epochs": 1, "eval_every": 1}},
-}
-
-
-# --------------------------------------------------------------------------- protocol
-
-
-class Protocol(BaseModel):
-    """One benchmark protocol (validated; unknown keys are errors)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")  # names the output files
-    description: str = ""
-    recipe: str | dict[str, Any]  # path to a recipe YAML (e.g. configs/x.yaml) or inline
-    overrides: dict[str, Any] = {}  # deep-merged into the recipe
-    methods: list[Method] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=2)  # >= 2: the std over seeds is reported
-    latency_batches: list[int] = Field(default=[1, 64], min_length=1)
-    latency_repeats: int = Field(default=20, ge=1)  # timed calls per network, batch and round
-    latency_rounds: int = Field(default=3, ge=1)  # interleaved rounds; the median is kept
-    latency_threads: int | None = Field(default=None, ge=1)  # None: torch's default
-    estimate: str = ""  # the author's wall-time estimate, copied into the results
-
-    @field_validator("methods")
-    @classmethod
-    def _unique_methods(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("methods must not repeat")
-        return v
-
-    @field_validator("seeds")
-    @classmethod
-    def _good_seeds(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v) or any(s < 0 for s in v):
-            raise ValueError("seeds must be distinct non-negative integers")
-        return v
-
-    @field_validator("latency_batches")
-    @classmethod
-    def _good_batches(cls, v: list[int]) -> list[int]:
-        if any(b < 1 for b in v) or len(set(v)) != len(v):
-            raise ValueError("latency batches must be distinct positive integers")
-        return sorted(v)
-
-
-def _find_recipe(ref: str, protocol_file: Path | None) -> Path:
-    """A recipe path as given, else relative to the protocol file's folder or its ancestors."""
-    p = Path(ref).expanduser()
-    if p.is_absolute() or p.is_file() or protocol_file is None:
-        return p
-    for base in [protocol_file.parent, *protocol_file.resolve().parents]:
-        if (base / ref).is_file():
-            return base / ref
-    return p
-
-
-def load_protocol(
-    path: str | Path, *, seeds: int | None = None, quick: bool = False
-) -> tuple[Protocol, Recipe]:
-    """The validated protocol and its resolved recipe.
-
-    ``seeds`` keeps the first N seeds of the protocol (extended by the next integers when N is
-    larger); ``quick`` shrinks data and epochs for a smoke run and appends ``-quick`` to the name
-    (so a quick run never overwrites a real one).
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(
-            f"protocol {file} does not exist. Fix: pass a protocol YAML, e.g. "
-            "bench/protocols/fmnist-r20.yaml"
-        )
-    proto: Protocol = validate_model(Protocol, read_yaml(file), str(file))
-    if isinstance(proto.recipe, str):
-        base = read_yaml(_find_recipe(proto.recipe, file))
-    else:
-        base = dict(proto.recipe)
-    data = deep_merge(base, proto.overrides)
-    update: dict[str, Any] = {}
-    if quick:
-        data = deep_merge(data, QUICK_OVERRIDES)
-        update.update(
-            name=f"{proto.name}-quick",
-            latency_repeats=min(proto.latency_repeats, 3),
-            latency_rounds=1,
-        )
-    if seeds is not None:
-        if seeds < 2:
-            raise ConfigError(f"--seeds {seeds}: at least 2 seeds are needed for a std. Fix: 2+")
-        chosen = list(proto.seeds[:seeds])
-        nxt = max(proto.seeds) + 1
-        while len(chosen) < seeds:
-            chosen.append(nxt)
-            nxt += 1
-        update["seeds"] = chosen
-    proto = proto.model_copy(update=update)
-    recipe = load_recipe(None, data)
-    if recipe.distill.init == "supernet" and "uniform_kd" in proto.methods:
-        raise ConfigError(
-            f"{file}: distill.init = supernet cannot initialise uniform_kd (its widths are not "
-            "candidates of the search space). Fix: use distill.init teacher or scratch"
-        )
-    return proto, recipe
-
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -251,23 +89,6 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Recipe keys whose values differ; keys only one side has (a field added to the recipe
-    schema since) and ``device`` (where it runs) do not count."""
-    a, b = _flat(old), _flat(new)
-    return sorted(k for k in set(a) & set(b) if a[k] != b[k] and k != "device")
 
 
 def _shape_key(shape: dict[str, Any]) -> str:
@@ -342,7 +163,7 @@ class _Bench:
             except yaml.YAMLError:
                 old = {}
             stored = old.get("recipe") if isinstance(old, dict) else None
-            diff = _recipe_diff(stored, mine) if isinstance(stored, dict) else []
+            diff = recipe_diff(stored, mine) if isinstance(stored, dict) else []
             if diff:
                 raise ConfigError(
                     f"{self.root} holds a benchmark of a different recipe (differs in "
@@ -388,7 +209,7 @@ class _Bench:
         if (folder / "search_done.json").is_file():
             return
         r = self.recipe
-        cfg = with_recipe_seed(r.search, r).model_copy(update={"seed": seed})
+        cfg = r.search.model_copy(update={"seed": seed})
         logger.info("search (seed %d): %d epochs", seed, cfg.epochs)
         t0 = self._start(f"search/seed-{seed}")
         run_search(
@@ -444,7 +265,7 @@ class _Bench:
         shape = self.method_shape(method, seed)
         folder.mkdir(parents=True, exist_ok=True)
         shape.save(folder / "shape.json", model=r.model, method=method, seed=seed)
-        tcfg = with_recipe_seed(r.distill.train, r).model_copy(update={"seed": seed})
+        tcfg = r.distill.train.model_copy(update={"seed": seed})
         cfg = r.distill.model_copy(update={"train": tcfg, "kd": method != "tas_nokd"})
         meta = {"recipe": r.model_dump(mode="json"), "method": method, "seed": seed}
         logger.info("%s (seed %d): training %d epochs", method, seed, tcfg.epochs)
@@ -788,94 +609,6 @@ def _evaluate_targets(
     return out
 
 
-def _fmt(v: Any, spec: str = ".2f") -> str:
-    return format(v, spec) if isinstance(v, int | float) else "-"
-
-
-def format_markdown(result: dict[str, Any]) -> str:
-    """The results as a markdown page: tables, targets, machine and wall times."""
-    p = result["protocol"]
-    batches = [str(b) for b in p["latency_batches"]]
-    teacher = result["teacher"]
-    rows = result["methods"]
-    lines = [
-        f"# Benchmark `{p['name']}`",
-        "",
-        p.get("description") or "",
-        "",
-        f"Model `{result['recipe']['model']}` on `{result['recipe']['data']['name']}`, FLOPs "
-        f"budget {result['budget']['flops_ratio']} (band [{result['budget']['band'][0]:.3f}, "
-        f"{result['budget']['band'][1]:.3f}] x unpruned), seeds {p['seeds']}. "
-        f"One teacher, {teacher['note']}. Every student has the same distill schedule "
-        f"({result['recipe']['distill']['train']['epochs']} epochs, init "
-        f"`{result['recipe']['distill']['init']}` except l1_kd).",
-        "",
-        "## Accuracy and cost",
-        "",
-        "| method | top-1 % (mean ± std) | per seed | MFLOPs | FLOPs ratio | params (M) |",
-        "|---|---|---|---|---|---|",
-        f"| teacher (unpruned) | {_fmt(teacher['top1'])} | - | {_fmt(teacher['mflops'])} | "
-        f"1.000 | {_fmt(teacher['params_m'], '.3f')} |",
-    ]
-    for m, row in rows.items():
-        per = ", ".join(_fmt(v) for v in row["top1_per_seed"].values())
-        lines.append(
-            f"| {m} | {_fmt(row['top1_mean'])} ± {_fmt(row['top1_std'])} | {per} | "
-            f"{_fmt(row['mflops_mean'])} | {_fmt(row['flops_ratio_mean'], '.3f')} | "
-            f"{_fmt(row['params_m_mean'], '.3f')} |"
-        )
-    lat_head = " | ".join(f"CPU b{b} ms | ORT b{b} ms" for b in batches)
-    ratio_head = " | ".join(f"lat ratio b{b} (CPU/ORT) | lat/FLOPs b{b} (CPU/ORT)" for b in batches)
-    lines += [
-        "",
-        "## Latency (median ms per batch; mean over seeds of each seed's network)",
-        "",
-        f"| method | {lat_head} | {ratio_head} |",
-        "|---|" + "---|" * (4 * len(batches)),
-    ]
-
-    def lat_cells(lat: dict[str, dict[str, Any]]) -> str:
-        return " | ".join(
-            f"{_fmt(lat['eager'].get(b), '.3f')} | {_fmt(lat['onnx'].get(b), '.3f')}"
-            for b in batches
-        )
-
-    blank_ratio = " | ".join("1.000 / 1.000 | 1.000 / 1.000" for _ in batches)
-    lines.append(f"| teacher | {lat_cells(teacher['latency_ms'])} | {blank_ratio} |")
-    for m, row in rows.items():
-        rat = " | ".join(
-            f"{_fmt(row['latency_ratio']['eager'].get(b), '.3f')} / "
-            f"{_fmt(row['latency_ratio']['onnx'].get(b), '.3f')} | "
-            f"{_fmt(row['latency_over_flops_ratio']['eager'].get(b), '.3f')} / "
-            f"{_fmt(row['latency_over_flops_ratio']['onnx'].get(b), '.3f')}"
-            for b in batches
-        )
-        lines.append(f"| {m} | {lat_cells(row['latency_ms'])} | {rat} |")
-    lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['target']} | **{t['status']}** | {t['detail']} |")
-    mach = result["machine"]
-    wall = result["wall_s"]
-    lines += [
-        "",
-        "## Machine and wall time",
-        "",
-        f"- CPU: {mach['cpu_model']} ({mach['cpu_count']} logical cores), torch "
-        f"{mach['torch_version']} (intra-op threads: {mach['torch_threads']}; latency: "
-        f"{mach['latency_threads']}); onnxruntime {mach['onnxruntime_version']}; load "
-        f"average at start {result['load_average_start']}, at end {mach['load_average']}",
-        f"- Command: `{result['command']}`",
-        "- Stage wall times (s, the invocation that finished each step): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in wall["stages"].items()),
-        f"- Sum of stages: {wall['stages_total']:.0f} s ({wall['stages_total'] / 60:.1f} min); "
-        f"this invocation: {wall['invocation']:.0f} s",
-        f"- Author's estimate: {p.get('estimate') or '-'}",
-    ]
-    for note in result.get("notes", []):
-        lines.append(f"- Note: {note}")
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -953,53 +686,3 @@ def run_protocol(
     atomic_write_text(out_dir / f"{proto.name}.md", format_markdown(result))
     logger.info("wrote %s and %s", out_dir / f"{proto.name}.json", out_dir / f"{proto.name}.md")
     return result
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m tasprune.benchmark") -> int:
-    """``python -m tasprune.benchmark PROTOCOL [--seeds N] [--quick]``; errors as one line."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run a benchmark protocol: TAS vs baselines at the same FLOPs, "
-        "with CPU latency.",
-    )
-    parser.add_argument("protocol", help="protocol YAML, e.g. bench/protocols/fmnist-r20.yaml")
-    parser.add_argument("--seeds", type=int, default=None, help="use the first N seeds (N >= 2)")
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: tiny data, 1 epoch per stage"
-    )
-    parser.add_argument("--out-root", default="runs/bench", help="folder of the run folders")
-    parser.add_argument("--results-dir", default="bench/results", help="where JSON/MD go")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch intra-op threads for training"
-    )
-    args = parser.parse_args(args_list)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    command = f"{prog} " + shlex.join(args_list)
-    try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ConfigError(f"--threads {args.threads} is not positive. Fix: use 1 or more")
-            torch.set_num_threads(args.threads)
-        result = run_protocol(
-            args.protocol,
-            args.out_root,
-            seeds=args.seeds,
-            quick=args.quick,
-            results_dir=args.results_dir,
-            progress=not args.no_progress,
-            command=command,
-        )
-    except TaspruneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    print(format_markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Helpers shared by the test modules: CPU settings for tiny nets, random shapes, real data.
+
+Fixtures are used per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``;
+functions are imported (``from conftest import random_shape``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tasprune.data import SYSTEM_FASHION_MNIST
+from tasprune.models import get_model_spec
+from tasprune.shape import Shape
+
+#: Skip marker for tests that read the real Fashion-MNIST files (Debian package).
+needs_fashion_mnist = pytest.mark.skipif(
+    not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"{SYSTEM_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared machine two OpenMP threads oversubscribe the
+    cores (a MobileNetV2 step ran ~50x slower than on one thread beside other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fast_cpu(one_thread: None) -> Iterator[None]:
+    """One thread, and denormal floats flushed: random narrow shapes hit the ~10x slower
+    denormal path otherwise."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def random_shape(name: str, seed: int) -> Shape:
+    """A random valid shape of ``name``: widths in 1..full, depths in 1..full (seeded)."""
+    rng = random.Random(f"{name}-{seed}")
+    full = get_model_spec(name).full_shape()
+    return Shape(
+        widths={k: rng.randint(1, v) for k, v in full.widths.items()},
+        depths={k: rng.randint(1, v) for k, v in full.depths.items()},
+    )
