@@ -151,9 +151,12 @@ def test_rerun_resumes_without_training(
         raise AssertionError("a finished step ran again")
 
     import tasprune.bench.runner as runner
+    import tasprune.stages as stages
 
-    for name in ("fit", "distill", "run_search", "l1_prune", "measure_latency"):
+    for name in ("fit", "l1_prune", "measure_latency"):
         monkeypatch.setattr(runner, name, boom)
+    for name in ("fit", "distill", "run_search"):
+        monkeypatch.setattr(stages, name, boom)
     again = bench.run_protocol(
         tmp / "tiny.yaml", tmp / "runs", results_dir=tmp / "results2", progress=False
     )

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tasprune
 import tasprune.distill as distill_mod
 import tasprune.pipeline as pipeline
+import tasprune.stages as stages
 from tasprune.checkpoint import load_checkpoint
 from tasprune.config import Recipe, load_recipe
 from tasprune.cost import model_cost
@@ -71,10 +72,10 @@ def _no_training(monkeypatch: pytest.MonkeyPatch, *, distill: bool = True) -> No
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a finished stage trained again")
 
-    monkeypatch.setattr(pipeline, "fit", boom)
-    monkeypatch.setattr(pipeline, "run_search", boom)
+    monkeypatch.setattr(stages, "fit", boom)
+    monkeypatch.setattr(stages, "run_search", boom)
     if distill:
-        monkeypatch.setattr(pipeline, "distill", boom)
+        monkeypatch.setattr(stages, "distill", boom)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -215,7 +216,7 @@ def test_teacher_checkpoint_is_imported(
         elif (src / later).is_file():
             shutil.copy2(src / later, out / later)
     recipe = tiny_recipe(teacher={"checkpoint": str(src), "train": {"epochs": 1}})
-    monkeypatch.setattr(pipeline, "fit", None)  # the teacher must not be trained
+    monkeypatch.setattr(stages, "fit", None)  # the teacher must not be trained
     result = pipeline.run(recipe, out, progress=False)
     assert result["status"]["teacher"] == "ran" and result["status"]["search"] == "skipped"
     final = json.loads((out / "teacher" / "final.json").read_text())

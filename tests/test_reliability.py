@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import tasprune
-import tasprune.pipeline as pipeline_mod  # `tasprune train` trains through pipeline.fit
+import tasprune.stages as stages_mod  # `tasprune train` trains through stages.fit
 from tasprune.checkpoint import load_checkpoint, prev_path
 from tasprune.cli import main
 from tasprune.errors import CheckpointError, RunInUseError
@@ -227,7 +227,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
     args = ["train", "--model", "cifar_resnet20", "--epochs", "3", "--data", "fashion-mnist"]
     args += ["--train-subset", "64", "--test-subset", "32", "--batch-size", "32"]
     args += ["--device", "cpu", "--out", str(out)]
-    real_fit = pipeline_mod.fit
+    real_fit = stages_mod.fit
 
     def stop_after_epoch_1(*a: Any, **kw: Any) -> Any:
         def stop(epoch: int, row: dict[str, Any]) -> None:
@@ -236,7 +236,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
 
         return real_fit(*a, **kw, on_epoch_end=stop)
 
-    monkeypatch.setattr(pipeline_mod, "fit", stop_after_epoch_1)
+    monkeypatch.setattr(stages_mod, "fit", stop_after_epoch_1)
     assert main(args) == 130
     ckpt = out / "checkpoint.pt"
     assert load_checkpoint(ckpt)["epoch"] == 1 and prev_path(ckpt).is_file()
@@ -244,7 +244,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])  # torn mid-write, by a full disk or a crash
 
-    monkeypatch.setattr(pipeline_mod, "fit", real_fit)
+    monkeypatch.setattr(stages_mod, "fit", real_fit)
     with caplog.at_level(logging.INFO, logger="tasprune"):
         assert main(args) == 0
     messages = [r.getMessage() for r in caplog.records]

@@ -190,14 +190,12 @@ def _stage_command(recipe: Recipe, out: Path, command: Callable[[], int]) -> int
 
 def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     """Train the recipe's unpruned model into ``out`` (settings: the recipe's teacher.train)."""
-    from tasprune.pipeline import load_run_data, train_unpruned
+    from tasprune.pipeline import load_run_data
+    from tasprune.stages import StageContext, train_teacher
 
-    train_data, test_data = load_run_data(recipe)  # before writing: bad data writes nothing
+    data = load_run_data(recipe)  # before writing: bad data writes nothing
     _write_config(out, recipe)
-    cfg = recipe.teacher.train
-    _, metrics = train_unpruned(
-        recipe, (train_data, test_data), cfg, out, _device(recipe), progress
-    )
+    _, metrics = train_teacher(StageContext(recipe, data, _device(recipe), progress), out)
     _say(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
     return 0
 
@@ -217,37 +215,20 @@ def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], P
 
 def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
     """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
-    from tasprune.pipeline import (
-        check_model_fits_data,
-        drop_unsaved_search_rows,
-        load_run_data,
-    )
-    from tasprune.search import search
+    from tasprune.pipeline import load_run_data
     from tasprune.search.loop import check_budget
+    from tasprune.stages import StageContext, check_model_fits_data, search_shape
 
-    train_data, _ = load_run_data(recipe)
-    state = None
+    data = load_run_data(recipe)
+    train_data = data[0]
+    net = None
     if teacher:
         net, meta, path = _teacher_from(teacher, recipe.model)
         check_model_fits_data(meta, path, train_data)
-        state = net.state_dict()
-    cfg = recipe.search
     size = (train_data.in_channels, *train_data.image_size)
-    check_budget(recipe.model, cfg, size, train_data.num_classes)  # before writing anything
+    check_budget(recipe.model, recipe.search, size, train_data.num_classes)  # before writing
     _write_config(out, recipe)
-    if distributed_main():
-        drop_unsaved_search_rows(out)
-    result = search(
-        recipe.model,
-        train_data,
-        cfg,
-        out,
-        teacher_state=state,
-        device=_device(recipe),
-        progress=progress,
-        augment=recipe.data.augment,
-        tensorboard=recipe.log == "tensorboard",
-    )
+    result = search_shape(StageContext(recipe, data, _device(recipe), progress), out, net)
     _say(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
         f"{result.params / 1e6:.3f} M params"
@@ -259,14 +240,10 @@ def cmd_distill(
     recipe: Recipe, out: Path, shape: Path, teacher: Path, progress: bool = True
 ) -> int:
     """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
-    from tasprune.distill import distill
     from tasprune.models import get_model_spec
-    from tasprune.pipeline import (
-        check_model_fits_data,
-        load_run_data,
-        load_supernet_state,
-    )
+    from tasprune.pipeline import load_run_data, load_supernet_state
     from tasprune.shape import Shape
+    from tasprune.stages import StageContext, check_model_fits_data, train_student
 
     sh, info = Shape.load(shape)
     model = str(info.get("model") or recipe.model)
@@ -277,30 +254,14 @@ def cmd_distill(
             update={"data": recipe.data.model_copy(update={"name": meta["dataset"]})}
         )
     recipe = recipe.model_copy(update={"model": model})
-    train_data, test_data = load_run_data(recipe)
-    check_model_fits_data(meta, teacher_file, train_data)
-    cfg = recipe.distill
+    data = load_run_data(recipe)
+    check_model_fits_data(meta, teacher_file, data[0])
     supernet = None
-    if cfg.init == "supernet":
+    if recipe.distill.init == "supernet":
         supernet = load_supernet_state(shape.parent / "supernet.pt")
     _write_config(out, recipe)
-    device = _device(recipe)
-    metrics = distill(
-        model,
-        sh,
-        net,
-        train_data,
-        test_data,
-        cfg,
-        out,
-        supernet_state=supernet,
-        space=recipe.search.space(),
-        device=device,
-        meta={"recipe": recipe.model_dump(mode="json")},
-        progress=progress,
-        augment=recipe.data.augment,
-        tensorboard=recipe.log == "tensorboard",
-    )
+    ctx = StageContext(recipe, data, _device(recipe), progress)
+    metrics = train_student(ctx, out, sh, net, supernet_state=supernet)
     _say(
         f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
         f"{metrics['flops'] / 1e6:.2f} MFLOPs"

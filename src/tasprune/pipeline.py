@@ -39,49 +39,45 @@ from torch import Tensor, nn
 
 from tasprune import distributed as ddp
 from tasprune.checkpoint import (
-    checkpoint_exists,
     load_checkpoint,
     load_model_checkpoint,
     resolve_model_file,
-    save_checkpoint,
     sidecar_path,
 )
 from tasprune.config import Recipe, dump_recipe, recipe_diff
 from tasprune.cost import model_cost
 from tasprune.data import (
     ArrayDataset,
-    Augment,
     load_dataset,
     stratified_split,
-    train_test_loaders,
 )
-from tasprune.distill import distill, model_meta
-from tasprune.engine import TrainConfig, evaluate, fit
 from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.lock import run_lock
-from tasprune.models import create_model, get_model_spec
-from tasprune.search import SearchConfig
-from tasprune.search import search as run_search
+from tasprune.models import get_model_spec
 from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
+from tasprune.stages import (
+    StageContext,
+    checked_teacher,
+    import_teacher,
+    search_shape,
+    train_student,
+    train_teacher,
+)
 from tasprune.tracking import require_tensorboard
-from tasprune.utils import JsonlLogger, atomic_write_text
+from tasprune.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
-    "check_model_fits_data",
-    "drop_unsaved_search_rows",
     "load_model_checkpoint",
     "load_run_data",
     "load_supernet_state",
     "resolve_model_file",
     "run",
     "stage_done",
-    "stage_loaders",
-    "train_unpruned",
     "summary_table",
 ]
 
@@ -148,36 +144,6 @@ def load_run_data(recipe: Recipe) -> tuple[Any, Any]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def check_model_fits_data(
-    meta: dict[str, Any], path: Path, data: ArrayDataset, model: str | None = None
-) -> None:
-    """Refuse a stored network whose model, classes or input channels do not fit ``data``."""
-    problems = []
-    if model is not None and meta.get("model") != model:
-        problems.append(f"model {meta.get('model')!r} (recipe: {model!r})")
-    if int(meta.get("num_classes", -1)) != data.num_classes:
-        problems.append(f"{meta.get('num_classes')} classes (data: {data.num_classes})")
-    if int(meta.get("in_channels", -1)) != data.in_channels:
-        problems.append(f"{meta.get('in_channels')} input channels (data: {data.in_channels})")
-    if problems:
-        raise CheckpointError(
-            f"teacher checkpoint {path} does not fit this recipe: {'; '.join(problems)}. "
-            f"Fix: use a network trained for this model and dataset ({data.name})"
-        )
-
-
-def drop_unsaved_search_rows(folder: Path) -> None:
-    """Empty ``folder/history.jsonl`` when no search checkpoint covers its rows.
-
-    A search killed after logging epoch 0 but before its first checkpoint restarts from
-    scratch; ``search.loop.search`` truncates the history only when it resumes from a
-    checkpoint, so without this the restarted epoch 0 would be logged twice.
-    """
-    history = folder / "history.jsonl"
-    if history.is_file() and not checkpoint_exists(folder / "checkpoint.pt"):
-        JsonlLogger(history).truncate_after(-1)
 
 
 def load_supernet_state(path: Path) -> dict[str, Tensor]:
@@ -269,58 +235,6 @@ def _read_final(folder: Path) -> dict[str, Any]:
     return dict(metrics) if isinstance(metrics, dict) else {}
 
 
-def run_augment(recipe: Recipe, train: Any) -> Augment | None:
-    """The recipe's training augmentation resolved for its data (None for streamed data,
-    which uses RandomResizedCrop + flip)."""
-    if isinstance(train, StreamingFolder):
-        return None
-    return recipe.data.augment.resolve(train.name, train.image_size)
-
-
-def stage_loaders(
-    recipe: Recipe, data: tuple[Any, Any], cfg: TrainConfig, device: torch.device
-) -> tuple[Any, Any]:
-    """(train, test) loaders of a training stage of ``recipe`` (its augmentation and seed)."""
-    train, test = data
-    return train_test_loaders(
-        train, test, cfg.batch_size, augment=recipe.data.augment, device=device, seed=cfg.seed
-    )
-
-
-def train_unpruned(
-    recipe: Recipe,
-    data: tuple[Any, Any],
-    cfg: TrainConfig,
-    out_dir: Path,
-    device: torch.device,
-    progress: bool = True,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the recipe's unpruned model on ``data`` with the stage loaders (the teacher
-    stage, and ``tasprune train`` on streamed data); returns (model, fit's metrics)."""
-    train = data[0]
-    torch.manual_seed(cfg.seed)
-    model = create_model(recipe.model, num_classes=train.num_classes, in_channels=train.in_channels)
-    meta = model_meta(
-        recipe.model,
-        get_model_spec(recipe.model).full_shape(),
-        train,
-        "teacher",
-        augment=run_augment(recipe, train),
-        recipe=recipe.model_dump(mode="json"),
-    )
-    metrics = fit(
-        model,
-        *stage_loaders(recipe, data, cfg, device),
-        cfg,
-        out_dir,
-        device=device,
-        meta=meta,
-        progress=progress,
-        tensorboard=recipe.log == "tensorboard",
-    )
-    return model, metrics
-
-
 class _Run:
     """Lazily loaded pieces shared by the stages (data, device, teacher)."""
 
@@ -338,102 +252,38 @@ class _Run:
     def data(self) -> tuple[Any, Any]:
         return load_run_data(self.recipe)
 
-    def loaders(self, cfg: TrainConfig) -> tuple[Any, Any]:
-        """(train, test) loaders of a stage: device-resident, or streamed for ``imagenet``."""
-        return stage_loaders(self.recipe, self.data, cfg, self.device)
+    @cached_property
+    def ctx(self) -> StageContext:
+        return StageContext(self.recipe, self.data, self.device, self.progress)
 
     @cached_property
     def teacher(self) -> nn.Module:
         model, _ = load_model_checkpoint(self.out / "teacher" / "model.pt")
         return model
 
-    # ---------------------------------------------------------------- teacher
     def stage_teacher(self) -> dict[str, Any]:
-        r = self.recipe
+        source = self.recipe.teacher.checkpoint
         folder = self.out / "teacher"
-        if r.teacher.checkpoint:
-            return self._import_teacher(Path(r.teacher.checkpoint))
-        cfg = r.teacher.train
-        model, metrics = train_unpruned(r, self.data, cfg, folder, self.device, self.progress)
+        if source:
+            model, metrics = import_teacher(self.ctx, source, folder)
+        else:
+            model, metrics = train_teacher(self.ctx, folder)
         self.__dict__["teacher"] = model
         return metrics
 
-    def _import_teacher(self, source: Path) -> dict[str, Any]:
-        """Use a trained unpruned network: check it fits, copy it in, evaluate it."""
-        r = self.recipe
-        path, model, meta = self.checked_teacher_import(source)
-        folder = self.out / "teacher"
-        # Re-saved from what was loaded (verified, weights-only), not copied byte for byte: a
-        # corrupted source whose .prev.pt was used instead must not be carried over.
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_checkpoint(folder / "model.pt", {"model": state, "meta": meta})
-        model.to(self.device)
-        _, test_loader = self.loaders(r.teacher.train)
-        metrics: dict[str, Any] = {**evaluate(model, test_loader, self.device), "epochs": 0}
-        final = {"metrics": metrics, "epochs": 0, "source": str(path.resolve()), "meta": meta}
-        atomic_write_text(folder / "final.json", json.dumps(final, indent=2) + "\n")
-        logger.info("teacher imported from %s: test top1 %.2f%%", path, metrics["top1"])
-        self.__dict__["teacher"] = model
-        return metrics
-
-    def checked_teacher_import(self, source: Path) -> tuple[Path, nn.Module, dict[str, Any]]:
-        """(file, network, meta) of ``teacher.checkpoint``, refused unless it fits the recipe."""
-        r = self.recipe
-        path = resolve_model_file(source, prefer=("teacher",))
-        model, meta = load_model_checkpoint(path)
-        check_model_fits_data(meta, path, self.data[0], r.model)
-        if Shape.from_dict(meta["shape"]) != get_model_spec(r.model).full_shape():
-            raise CheckpointError(
-                f"teacher checkpoint {path} is a pruned {r.model}. "
-                "Fix: the teacher must be the unpruned network (a run's teacher/model.pt)"
-            )
-        return path, model, meta
-
-    # ---------------------------------------------------------------- search
     def stage_search(self) -> dict[str, Any]:
-        r = self.recipe
-        cfg: SearchConfig = r.search
-        train, _ = self.data
-        teacher_state = self.teacher.state_dict() if cfg.warm_start else None
-        drop_unsaved_search_rows(self.out / "search")
-        result = run_search(
-            r.model,
-            train,
-            cfg,
-            self.out / "search",
-            teacher_state=teacher_state,
-            device=self.device,
-            progress=self.progress,
-            augment=r.data.augment,
-            tensorboard=r.log == "tensorboard",
-        )
-        return result.summary()
+        teacher = self.teacher if self.recipe.search.warm_start else None
+        return search_shape(self.ctx, self.out / "search", teacher).summary()
 
-    # ---------------------------------------------------------------- distill
     def stage_distill(self) -> dict[str, Any]:
-        r = self.recipe
-        cfg = r.distill
         shape, _ = Shape.load(self.out / "search" / "shape.json")
         supernet = None
-        if cfg.init == "supernet":
+        if self.recipe.distill.init == "supernet":
             supernet = load_supernet_state(self.out / "search" / "supernet.pt")
-        needs_teacher = cfg.kd or cfg.init == "teacher"
-        train, test = self.data
-        return distill(
-            r.model,
-            shape,
-            self.teacher if needs_teacher else None,
-            train,
-            test,
-            cfg,
-            self.out / "student",
-            supernet_state=supernet,
-            space=r.search.space(),
-            device=self.device,
-            meta={"recipe": r.model_dump(mode="json")},
-            progress=self.progress,
-            augment=r.data.augment,
-            tensorboard=r.log == "tensorboard",
+        cfg = self.recipe.distill
+        teacher = self.teacher if cfg.kd or cfg.init == "teacher" else None
+        return train_student(
+            self.ctx, self.out / "student", shape, teacher, supernet_state=supernet
         )
 
     # ---------------------------------------------------------------- report
@@ -484,7 +334,7 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
         return
     train, _ = ctx.data
     if "teacher" in pending and r.teacher.checkpoint:
-        ctx.checked_teacher_import(Path(r.teacher.checkpoint))
+        checked_teacher(ctx.ctx, r.teacher.checkpoint)
     sizes: list[tuple[str, int, int]] = []  # (batch-size key, images, batch size)
     if "teacher" in pending and not r.teacher.checkpoint:
         sizes.append(("teacher.train.batch_size", len(train), r.teacher.train.batch_size))

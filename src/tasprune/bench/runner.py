@@ -36,7 +36,7 @@ from tasprune.config import (
 )
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, train_test_loaders
-from tasprune.distill import distill, kd_loss_fn, model_meta
+from tasprune.distill import kd_loss_fn, model_meta
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError, TaspruneError
 from tasprune.export import export_model, load_exportable
@@ -46,8 +46,14 @@ from tasprune.pipeline import (
     load_supernet_state,
     stage_done,
 )
-from tasprune.search import search as run_search
 from tasprune.shape import Shape
+from tasprune.stages import (
+    StageContext,
+    import_teacher,
+    search_shape,
+    train_student,
+    train_teacher,
+)
 from tasprune.utils import atomic_write_text, pick_device, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -180,6 +186,10 @@ class _Bench:
         return self._data
 
     @property
+    def ctx(self) -> StageContext:
+        return StageContext(self.recipe, self.data, self.device, self.progress)
+
+    @property
     def input_size(self) -> tuple[int, int, int]:
         train = self.data[0]
         return (train.in_channels, *train.image_size)
@@ -195,13 +205,13 @@ class _Bench:
         """The pipeline's own teacher stage (training, or import of teacher.checkpoint)."""
         if stage_done(self.root, "teacher"):
             return
-        from tasprune.pipeline import _Run
-
         logger.info("teacher: training %s once for every method and seed", self.recipe.model)
         t0 = self._start("teacher")
-        ctx = _Run(self.recipe, self.root, self.progress)
-        ctx.__dict__["data"] = self.data
-        ctx.stage_teacher()
+        source = self.recipe.teacher.checkpoint
+        if source:
+            self._teacher, _ = import_teacher(self.ctx, source, self.root / "teacher")
+        else:
+            self._teacher, _ = train_teacher(self.ctx, self.root / "teacher")
         self._timed("teacher", time.perf_counter() - t0)
 
     def stage_search(self, seed: int) -> None:
@@ -212,16 +222,7 @@ class _Bench:
         cfg = r.search.model_copy(update={"seed": seed})
         logger.info("search (seed %d): %d epochs", seed, cfg.epochs)
         t0 = self._start(f"search/seed-{seed}")
-        run_search(
-            r.model,
-            self.data[0],
-            cfg,
-            folder,
-            teacher_state=self.teacher.state_dict() if cfg.warm_start else None,
-            device=self.device,
-            progress=self.progress,
-            augment=r.data.augment,
-        )
+        search_shape(self.ctx, folder, self.teacher, cfg)
         self._timed(f"search/seed-{seed}", time.perf_counter() - t0)
 
     def _l1(self) -> tuple[dict[str, Any], Shape]:
@@ -267,7 +268,7 @@ class _Bench:
         shape.save(folder / "shape.json", model=r.model, method=method, seed=seed)
         tcfg = r.distill.train.model_copy(update={"seed": seed})
         cfg = r.distill.model_copy(update={"train": tcfg, "kd": method != "tas_nokd"})
-        meta = {"recipe": r.model_dump(mode="json"), "method": method, "seed": seed}
+        meta = {"method": method, "seed": seed}
         logger.info("%s (seed %d): training %d epochs", method, seed, tcfg.epochs)
         key = f"train/{method}/seed-{seed}"
         t0 = self._start(key)
@@ -279,21 +280,9 @@ class _Bench:
                 supernet = load_supernet_state(
                     self.root / f"seed-{seed}" / "search" / "supernet.pt"
                 )
-            needs_teacher = cfg.kd or cfg.init == "teacher"
-            metrics = distill(
-                r.model,
-                shape,
-                self.teacher if needs_teacher else None,
-                train,
-                test,
-                cfg,
-                folder,
-                supernet_state=supernet,
-                space=r.search.space(),
-                device=self.device,
-                meta=meta,
-                progress=self.progress,
-                augment=r.data.augment,
+            teacher = self.teacher if cfg.kd or cfg.init == "teacher" else None
+            metrics = train_student(
+                self.ctx, folder, shape, teacher, cfg=cfg, supernet_state=supernet, meta=meta
             )
         seconds = self._timed(key, time.perf_counter() - t0)
         flops, params = model_cost(r.model, shape, self.input_size, train.num_classes)
@@ -333,7 +322,7 @@ class _Bench:
         full_meta = model_meta(
             r.model, shape, train, "student", augment=aug, flops=flops, params=params
         )
-        full_meta.update(meta)
+        full_meta.update({**self.ctx.recipe_meta(), **meta})
         return fit(
             student,
             *train_test_loaders(

@@ -1,0 +1,240 @@
+"""The stages of a TAS run, written once: teacher, search, student.
+
+Each stage is a function of a `StageContext` (the resolved recipe, its data and this process's
+device) and the folder it writes. ``tasprune run`` (`tasprune.pipeline`), the per-stage
+commands (``tasprune train/search/distill``) and the benchmark runner (`tasprune.bench`) all
+call these; what differs between them is only where the inputs come from (a run folder, a
+``--teacher`` path, a protocol's seed) and where the outputs go. The report and the export
+stages are `tasprune.report.write_report` and `tasprune.export.export_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tasprune import distributed as ddp
+from tasprune.checkpoint import load_model_checkpoint, resolve_model_file, save_checkpoint
+from tasprune.config import DistillConfig, Recipe
+from tasprune.data import Augment, train_test_loaders
+from tasprune.distill import distill, model_meta
+from tasprune.engine import evaluate, fit
+from tasprune.errors import CheckpointError
+from tasprune.imagefolder import StreamingFolder
+from tasprune.models import create_model, get_model_spec
+from tasprune.search import SearchConfig, SearchResult
+from tasprune.search import search as run_search
+from tasprune.shape import Shape
+from tasprune.utils import JsonlLogger, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "StageContext",
+    "check_model_fits_data",
+    "checked_teacher",
+    "drop_unsaved_search_rows",
+    "import_teacher",
+    "search_shape",
+    "train_student",
+    "train_teacher",
+]
+
+
+@dataclass
+class StageContext:
+    """What every stage reads: the resolved recipe, its (train, test) data, this process's
+    device (under torchrun: this rank's) and whether to draw progress bars."""
+
+    recipe: Recipe
+    data: tuple[Any, Any]
+    device: torch.device
+    progress: bool = True
+
+    @property
+    def tensorboard(self) -> bool:
+        return self.recipe.log == "tensorboard"
+
+    @property
+    def augment(self) -> Augment | None:
+        """The training augmentation resolved for the data (None for streamed data, which
+        uses RandomResizedCrop + flip)."""
+        train = self.data[0]
+        if isinstance(train, StreamingFolder):
+            return None
+        return self.recipe.data.augment.resolve(train.name, train.image_size)
+
+    def recipe_meta(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.model_dump(mode="json")}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_model_fits_data(
+    meta: dict[str, Any], path: Path, data: Any, model: str | None = None
+) -> None:
+    """Refuse a stored network whose model, classes or input channels do not fit ``data``."""
+    problems = []
+    if model is not None and meta.get("model") != model:
+        problems.append(f"model {meta.get('model')!r} (recipe: {model!r})")
+    if int(meta.get("num_classes", -1)) != data.num_classes:
+        problems.append(f"{meta.get('num_classes')} classes (data: {data.num_classes})")
+    if int(meta.get("in_channels", -1)) != data.in_channels:
+        problems.append(f"{meta.get('in_channels')} input channels (data: {data.in_channels})")
+    if problems:
+        raise CheckpointError(
+            f"teacher checkpoint {path} does not fit this recipe: {'; '.join(problems)}. "
+            f"Fix: use a network trained for this model and dataset ({data.name})"
+        )
+
+
+def checked_teacher(
+    ctx: StageContext, source: str | Path
+) -> tuple[Path, nn.Module, dict[str, Any]]:
+    """(file, network, meta) of a teacher checkpoint, refused unless it is the recipe's
+    unpruned model trained for this data."""
+    r = ctx.recipe
+    path = resolve_model_file(source, prefer=("teacher",))
+    model, meta = load_model_checkpoint(path)
+    check_model_fits_data(meta, path, ctx.data[0], r.model)
+    if Shape.from_dict(meta["shape"]) != get_model_spec(r.model).full_shape():
+        raise CheckpointError(
+            f"teacher checkpoint {path} is a pruned {r.model}. "
+            "Fix: the teacher must be the unpruned network (a run's teacher/model.pt)"
+        )
+    return path, model, meta
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def train_teacher(ctx: StageContext, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the recipe's unpruned model (settings: ``teacher.train``) into ``out``; returns
+    (model, fit's metrics). Resumes there; under torchrun every rank trains its shard."""
+    r, cfg = ctx.recipe, ctx.recipe.teacher.train
+    train = ctx.data[0]
+    torch.manual_seed(cfg.seed)
+    model = create_model(r.model, num_classes=train.num_classes, in_channels=train.in_channels)
+    full = get_model_spec(r.model).full_shape()
+    meta = model_meta(r.model, full, train, "teacher", augment=ctx.augment, **ctx.recipe_meta())
+    metrics = fit(
+        model,
+        *train_test_loaders(
+            *ctx.data, cfg.batch_size, augment=ctx.augment, device=ctx.device, seed=cfg.seed
+        ),
+        cfg,
+        out,
+        device=ctx.device,
+        meta=meta,
+        progress=ctx.progress,
+        tensorboard=ctx.tensorboard,
+    )
+    return model, metrics
+
+
+def import_teacher(
+    ctx: StageContext, source: str | Path, out: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Use a trained unpruned network as the teacher: check it fits, store it in ``out``,
+    evaluate it on the test split; returns (model, metrics)."""
+    path, model, meta = checked_teacher(ctx, source)
+    # Re-saved from what was loaded (verified, weights-only), not copied byte for byte: a
+    # corrupted source whose .prev.pt was used instead must not be carried over.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_checkpoint(out / "model.pt", {"model": state, "meta": meta})
+    model.to(ctx.device)
+    batch = ctx.recipe.teacher.train.batch_size
+    _, test_loader = train_test_loaders(*ctx.data, batch, augment=ctx.augment, device=ctx.device)
+    metrics: dict[str, Any] = {**evaluate(model, test_loader, ctx.device), "epochs": 0}
+    final = {"metrics": metrics, "epochs": 0, "source": str(path.resolve()), "meta": meta}
+    atomic_write_text(out / "final.json", json.dumps(final, indent=2) + "\n")
+    logger.info("teacher imported from %s: test top1 %.2f%%", path, metrics["top1"])
+    return model, metrics
+
+
+# --------------------------------------------------------------------------- search
+
+
+def drop_unsaved_search_rows(folder: Path) -> None:
+    """Empty ``folder/history.jsonl`` when no search checkpoint covers its rows.
+
+    A search killed before its first checkpoint leaves rows the rerun would log again."""
+    from tasprune.checkpoint import checkpoint_exists
+
+    history = folder / "history.jsonl"
+    if history.is_file() and not checkpoint_exists(folder / "checkpoint.pt"):
+        JsonlLogger(history).truncate_after(-1)
+
+
+def search_shape(
+    ctx: StageContext,
+    out: Path,
+    teacher: nn.Module | None = None,
+    cfg: SearchConfig | None = None,
+) -> SearchResult:
+    """Search a shape under the recipe's budget into ``out`` (``cfg`` replaces the recipe's
+    ``search`` settings, e.g. another seed); warm-started from ``teacher`` when given and
+    ``warm_start`` is on. Resumes there; under torchrun every rank searches its shard."""
+    r = ctx.recipe
+    cfg = cfg if cfg is not None else r.search
+    state: dict[str, Tensor] | None = None
+    if teacher is not None and cfg.warm_start:
+        state = teacher.state_dict()
+    if ddp.is_main():
+        drop_unsaved_search_rows(out)
+    return run_search(
+        r.model,
+        ctx.data[0],
+        cfg,
+        out,
+        teacher_state=state,
+        device=ctx.device,
+        progress=ctx.progress,
+        augment=r.data.augment,
+        tensorboard=ctx.tensorboard,
+    )
+
+
+# --------------------------------------------------------------------------- student
+
+
+def train_student(
+    ctx: StageContext,
+    out: Path,
+    shape: Shape,
+    teacher: nn.Module | None,
+    *,
+    cfg: DistillConfig | None = None,
+    supernet_state: dict[str, Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train the pruned network of ``shape`` into ``out`` with the recipe's ``distill``
+    settings (``cfg`` replaces them, e.g. another seed or no KD); ``supernet_state`` for
+    ``init: supernet``. Returns fit's metrics plus the student's FLOPs and params."""
+    r = ctx.recipe
+    cfg = cfg if cfg is not None else r.distill
+    needs_teacher = cfg.kd or cfg.init == "teacher"
+    train, test = ctx.data
+    return distill(
+        r.model,
+        shape,
+        teacher if needs_teacher else None,
+        train,
+        test,
+        cfg,
+        out,
+        supernet_state=supernet_state,
+        space=r.search.space(),
+        device=ctx.device,
+        meta={**ctx.recipe_meta(), **(meta or {})},
+        progress=ctx.progress,
+        augment=r.data.augment,
+        tensorboard=ctx.tensorboard,
+    )
