@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from tasprune.baselines import random_shape
+from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.latency import measure_latency
 from tasprune.models import create_model, get_model_spec
-from tasprune.search.space import SpaceOptions
 from tasprune.shape import Shape
 
 RESULTS = Path(__file__).parent / "results"

@@ -30,10 +30,10 @@ from torch import nn
 
 import tasprune.search.loop as search_loop
 from tasprune import distributed
+from tasprune.config import SearchConfig, TrainConfig
 from tasprune.data import ArrayDataset, Augment, DeviceLoader, load_dataset
-from tasprune.engine import TrainConfig, fit
+from tasprune.engine import fit
 from tasprune.errors import ConfigError, TrainingError
-from tasprune.search.config import SearchConfig
 from tasprune.search.supernet import SuperNet
 
 GLOBAL_BATCH = 32

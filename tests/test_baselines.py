@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tasprune.baselines import l1_prune, random_shape, shape_of_module, uniform_shape
+from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError
 from tasprune.models import create_model, get_model_spec
-from tasprune.search.space import SpaceOptions, depth_candidates, width_candidates
+from tasprune.search.space import depth_candidates, width_candidates
 
 SIZE = (1, 28, 28)  # Fashion-MNIST
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasprune.engine import TrainConfig, fit
+from tasprune.config import TrainConfig
+from tasprune.engine import fit
 
 
 def _net() -> nn.Module:

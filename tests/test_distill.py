@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasprune.config import DistillConfig
+from tasprune.config import DistillConfig, TrainConfig
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset
 from tasprune.distill import build_student, distill, kd_loss, kd_loss_fn, leading_slice_state
-from tasprune.engine import TrainConfig
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.shape import Shape

@@ -274,9 +274,8 @@ def _fashion_subset(split: str, n: int) -> ArrayDataset:
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_tiny_real_search_then_distil(name: str, tmp_path) -> None:
     """Search on 320 Fashion-MNIST images, build the shape, distil it for one epoch."""
-    from tasprune.config import DistillConfig
+    from tasprune.config import DistillConfig, TrainConfig
     from tasprune.distill import distill
-    from tasprune.engine import TrainConfig
 
     train, test = _fashion_subset("train", 320), _fashion_subset("test", 100)
     cfg = SearchConfig(

@@ -244,8 +244,9 @@ def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
 
 
 def test_width_multiple_rounds_candidates_and_the_searched_widths() -> None:
+    from tasprune.config import SpaceOptions
     from tasprune.cost import model_cost
-    from tasprune.search.space import SpaceOptions, width_candidates
+    from tasprune.search.space import width_candidates
 
     assert width_candidates(64, multiple=8) == [16, 24, 32, 40, 48, 56, 64]
     assert width_candidates(16, multiple=4) == [4, 8, 12, 16]

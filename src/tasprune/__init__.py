@@ -9,12 +9,10 @@ from tasprune import search as _search_mod
 from tasprune.api import as_array_dataset, load, run, train
 from tasprune.api import distill as _distill_fn
 from tasprune.api import search as _search_fn
-from tasprune.config import DistillConfig, Recipe, load_recipe
+from tasprune.config import DistillConfig, Recipe, SearchConfig, TrainConfig, load_recipe
 from tasprune.cost import model_cost, model_flops
 from tasprune.data import ArrayDataset, load_dataset
-from tasprune.engine import TrainConfig
 from tasprune.models import create_model, get_model_spec, list_models
-from tasprune.search.config import SearchConfig
 from tasprune.shape import Shape
 
 __version__ = "0.1.0"

@@ -19,16 +19,26 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
-from tasprune.config import DistillConfig, Recipe, deep_merge, load_recipe, validate_model
+from tasprune.config import (
+    DistillConfig,
+    Recipe,
+    SearchConfig,
+    TrainConfig,
+    as_config,
+    deep_merge,
+    load_recipe,
+    validate_model,
+)
 from tasprune.contract import WithPreprocess, contract_from_meta
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.distill import distill as _distill
 from tasprune.distill import model_meta
-from tasprune.engine import TrainConfig, fit
+from tasprune.engine import fit
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
 from tasprune.pipeline import run as _run
-from tasprune.search import search
+from tasprune.search import SearchResult
+from tasprune.search import search as _search
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
 
@@ -127,7 +137,7 @@ def train(
     Writes (and resumes from) ``out_dir``: model.pt with the meta :func:`load` needs (the
     input contract included), final.json, history.jsonl. Returns the final test metrics.
     """
-    tcfg = cfg if isinstance(cfg, TrainConfig) else validate_model(TrainConfig, cfg, "train")
+    tcfg = as_config(TrainConfig, cfg, "train")
     train_ds, test_ds = _train_test(train_data, test_data)
     full = get_model_spec(model).full_shape()
     shape = shape or full
@@ -155,6 +165,47 @@ def train(
     )
 
 
+def search(
+    model: str,
+    train_data: DataLike,
+    cfg: SearchConfig | dict[str, Any],
+    out_dir: str | Path | None,
+    *,
+    teacher: nn.Module | str | Path | None = None,
+    teacher_state: dict[str, torch.Tensor] | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    augment: Augment | dict[str, Any] | None = None,
+    tensorboard: bool = False,
+) -> SearchResult:
+    """Search a shape of the registered ``model`` on ``train_data`` under ``cfg``'s budget.
+
+    ``cfg``: a SearchConfig or a mapping of its fields. The supernet is warm-started from
+    ``teacher`` (a module, e.g. from :func:`load`, or a run folder / model.pt) or from a
+    ``teacher_state`` dict, when given. Writes (and resumes from) ``out_dir``: shape.json,
+    history.jsonl, checkpoints. Returns the kept shape with its cost.
+    """
+    scfg = as_config(SearchConfig, cfg, "search")
+    if teacher is not None:
+        if isinstance(teacher, WithPreprocess):
+            teacher = teacher.net
+        if not isinstance(teacher, nn.Module):
+            teacher, _ = load_model_checkpoint(resolve_model_file(teacher, prefer=("teacher",)))
+        teacher_state = teacher.state_dict()
+    dev = pick_device(device) if isinstance(device, str) else device
+    return _search(
+        model,
+        as_array_dataset(train_data, "train"),
+        scfg,
+        out_dir,
+        teacher_state=teacher_state,
+        device=dev,
+        progress=progress,
+        augment=augment,
+        tensorboard=tensorboard,
+    )
+
+
 def distill(
     shape: Shape | str | Path,
     teacher: nn.Module | str | Path,
@@ -176,7 +227,7 @@ def distill(
     ``teacher`` a module (then ``model`` is required) or a run folder / model.pt; a module
     returned by :func:`load` is unwrapped to its network. ``augment`` as in :func:`train`.
     """
-    dcfg = cfg if isinstance(cfg, DistillConfig) else validate_model(DistillConfig, cfg, "distill")
+    dcfg = as_config(DistillConfig, cfg, "distill")
     name = model
     if not isinstance(shape, Shape):
         shape, info = Shape.load(shape)

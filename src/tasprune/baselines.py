@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from tasprune.budget import Budget
+from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError, ConfigError, ShapeError
 from tasprune.models import create_model, get_model_spec
-from tasprune.search.space import SpaceOptions
 from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)

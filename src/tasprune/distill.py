@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasprune.config import DistillConfig
+from tasprune.config import DistillConfig, SpaceOptions
 from tasprune.contract import FORMAT_VERSION, contract_of
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
@@ -24,7 +24,6 @@ from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model
-from tasprune.search.space import SpaceOptions
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
 

@@ -27,11 +27,11 @@ from pydantic import ValidationError
 
 from tasprune.budget import Budget
 from tasprune.checkpoint import checkpoint_exists
+from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
 from tasprune.export import export_model, load_exportable
 from tasprune.latency import measure_latency, measure_onnx_latency
-from tasprune.search.config import SearchConfig
 from tasprune.shape import Shape
 from tasprune.utils import (
     JsonlLogger,

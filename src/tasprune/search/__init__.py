@@ -1,8 +1,8 @@
 """TAS search: searchable units, the supernet and the search loop (the budget: tasprune.budget)."""
 
-from tasprune.search.config import SearchConfig
+from tasprune.config import SearchConfig, SpaceOptions
 from tasprune.search.loop import SearchResult, search
-from tasprune.search.space import SpaceOptions, depth_candidates, smallest_shape, width_candidates
+from tasprune.search.space import depth_candidates, smallest_shape, width_candidates
 from tasprune.search.supernet import SuperNet
 
 __all__ = [

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from tasprune import distributed as ddp
 from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, DeviceLoader, search_loaders
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
 from tasprune.errors import BudgetError, ConfigError, TrainingError
-from tasprune.search.config import SearchConfig
 from tasprune.search.space import smallest_shape
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape

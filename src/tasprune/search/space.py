@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from tasprune.config.search import DEFAULT_FRACTIONS, SpaceOptions
 from tasprune.shape import Shape
-
-DEFAULT_FRACTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def width_candidates(
@@ -54,16 +52,3 @@ def smallest_shape(model: str, options: SpaceOptions | None = None) -> Shape:
     }
     depths = {s: depth_candidates(d)[0] if opts.search_depth else d for s, d in full.depths.items()}
     return full.replace(widths=widths, depths=depths)
-
-
-@dataclass(frozen=True)
-class SpaceOptions:
-    """What is searched and how candidates are mixed (the paper's ablation axes)."""
-
-    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    search_width: bool = True
-    search_depth: bool = True
-    num_sampled: int | None = 2  # I: candidates mixed per conv and forward; None = all
-    align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
-    tie_residual: bool = False  # one width per stage for the residual stream (no projections)
-    width_multiple: int = 1  # round width candidates to multiples of this (8: kernel-friendly)

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import ConfigError
 from tasprune.models import get_model_spec
 from tasprune.models.algebra import Counter
 from tasprune.models.ops import Add
-from tasprune.search.space import SpaceOptions, depth_candidates, width_candidates
+from tasprune.search.space import depth_candidates, width_candidates
 from tasprune.search.units import (
     Choice,
     PadAdd,

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasprune.config.search import SearchConfig
+from tasprune.config.train import TrainConfig
 from tasprune.data import Augment
-from tasprune.engine import TrainConfig
 from tasprune.errors import ConfigError
-from tasprune.search.config import SearchConfig
 
 
 class DataConfig(BaseModel):

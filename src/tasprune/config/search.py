@@ -1,13 +1,31 @@
-"""Validated hyper-parameters of a TAS search (the reference CIFAR values are the defaults)."""
+"""The settings of a TAS search: `SearchConfig` (budget, schedule, architecture optimiser) and
+the search-space options it yields (`SpaceOptions`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasprune.budget import Budget
-from tasprune.search.space import DEFAULT_FRACTIONS, SpaceOptions
+
+__all__ = ["DEFAULT_FRACTIONS", "SearchConfig", "SpaceOptions"]
+
+DEFAULT_FRACTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class SpaceOptions:
+    """What is searched and how candidates are mixed (the paper's ablation axes)."""
+
+    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    search_width: bool = True
+    search_depth: bool = True
+    num_sampled: int | None = 2  # I: candidates mixed per conv and forward; None = all
+    align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
+    tie_residual: bool = False  # one width per stage for the residual stream (no projections)
+    width_multiple: int = 1  # round width candidates to multiples of this (8: kernel-friendly)
 
 
 class SearchConfig(BaseModel):
