@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tasprune.budget import Budget
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, load_dataset, stratified_split
-from tasprune.errors import BudgetError
+from tasprune.errors import BudgetError, TrainingError
 from tasprune.models import create_model
 from tasprune.search import (
     SearchConfig,
@@ -70,6 +70,44 @@ def test_expected_cost_equals_exact_on_one_hot(model: str, opts: SpaceOptions) -
         flops, params = net.shape_cost(shape)
         assert round(float(exp_flops.detach())) == flops
         assert round(float(exp_params.detach())) == params
+
+
+@pytest.mark.parametrize("model,opts", SPACES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(SPACES)])
+def test_argmax_cost_on_the_device_is_the_exact_cost_of_the_derived_shape(
+    model: str, opts: SpaceOptions
+) -> None:
+    """What the budget loss reads every step (no host round trip) is the argmax shape's exact
+    cost, for soft (not one-hot) distributions too."""
+    torch.manual_seed(0)
+    net = SuperNet(model, num_classes=10, in_channels=1, input_size=(28, 28), options=opts)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.arch_parameters():
+                p.normal_()
+        flops, params = net.argmax_cost()
+        assert not flops.requires_grad
+        assert (round(float(flops)), round(float(params))) == net.shape_cost(net.derive())
+
+
+def test_search_divergence_names_the_exact_step(tmp_path, monkeypatch) -> None:
+    """Losses are read on the host only every CHECK_EVERY steps; the device-side marker still
+    names the first bad step."""
+    import tasprune.search.loop as loop
+
+    data = _subset(256)
+    cfg = SearchConfig(epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6)
+    real_step = loop.SearchStepper.step
+    calls = {"n": 0}
+
+    def poisoned(self, *args):  # type: ignore[no-untyped-def]
+        out = real_step(self, *args)
+        calls["n"] += 1
+        return (out[0] * float("nan"), *out[1:]) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(loop.SearchStepper, "step", poisoned)
+    with pytest.raises(TrainingError, match=r"nan at epoch 1 step 3;.*Fix:"):
+        search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
+    assert calls["n"] == 8  # ran on to the end of the epoch's first check window (8 steps)
 
 
 def test_expected_cost_is_between_extremes_and_differentiable() -> None:

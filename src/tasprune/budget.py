@@ -70,16 +70,15 @@ class Budget:
         """Whether a shape of ``cost`` is accepted (``full``: the unpruned network's cost)."""
         return self.contains_ratio(cost / full)
 
-    def loss(self, expected: Tensor, current: float, full: float, weight: float) -> Tensor:
+    def loss(self, expected: Tensor, current: float | Tensor, full: float, weight: float) -> Tensor:
         """Log-barrier loss on the expected cost (differentiable in the architecture):
         ``weight * log E[cost]`` while the argmax shape's exact ``current`` cost is over the
-        target, ``-weight * log E[cost]`` while it is under the band, else 0."""
+        target, ``-weight * log E[cost]`` while it is under the band, else 0. ``current`` may
+        be a tensor on the device (no host synchronisation then)."""
         low, high = self.bounds(full)
-        if current > high:
-            return weight * torch.log(expected)
-        if current < low:
-            return -weight * torch.log(expected)
-        return expected.new_zeros(())
+        now = torch.as_tensor(current, dtype=expected.dtype, device=expected.device)
+        sign = (now > high).to(expected.dtype) - (now < low).to(expected.dtype)
+        return sign * weight * torch.log(expected)
 
     def check_reachable(self, smallest: float, full: float, model: str) -> None:
         """Refuse, before any training, a target below the smallest shape of the space."""

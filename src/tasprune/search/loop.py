@@ -62,6 +62,23 @@ class SearchResult:
         }
 
 
+#: Steps between two host reads of the device-side divergence marker.
+CHECK_EVERY = 50
+
+
+def _check_finite(first_bad: Tensor, acc: Tensor, epoch: int) -> None:
+    """Stop a diverged search, naming the first step whose loss was NaN/Inf (recorded on the
+    device, so the step is exact although the host reads it only every CHECK_EVERY steps)."""
+    step = int(first_bad)
+    if step < 0:
+        return
+    kind = "nan" if bool(torch.isnan(acc).any()) else "inf"
+    raise TrainingError(
+        f"search loss became {kind} at epoch {epoch + 1} step {step + 1}; the last good "
+        "checkpoint is kept. Fix: lower lr or arch_lr, then rerun to resume"
+    )
+
+
 def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
     """Cosine-annealed Gumbel temperature: tau_max at epoch 0, tau_min at the end."""
     return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
@@ -187,8 +204,12 @@ class SearchStepper:
 
     def step(
         self, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Returns (weight loss, architecture loss, budget loss, FLOPs of the argmax shape)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
+        """Returns (weight loss, architecture loss, budget loss, FLOPs of the argmax shape).
+
+        On an accelerator the argmax shape's cost is computed on the device
+        (`SuperNet.argmax_cost`), so a step never waits for the host; on the CPU, where a
+        host read is free, it is the memoised exact cost of ``derive()`` (cheaper there)."""
         net, cfg = self.net, self.cfg
         # Weight step on split A: the sampled widths carry no gradient to the logits here.
         for p in self.arch:
@@ -203,7 +224,10 @@ class SearchStepper:
             p.requires_grad_(True)
         # Architecture step on split B: gradients for the logits only, none for the weights.
         ce = F.cross_entropy(net(xb), yb)
-        current = self.exact(net.derive())
+        on_cpu = xb.device.type == "cpu"
+        current: tuple[Tensor | int, Tensor | int] = (
+            self.exact(net.derive()) if on_cpu else net.argmax_cost()
+        )
         expected = net.expected_cost()
         full = (net.full_flops, net.full_params)
         bl = sum(
@@ -214,7 +238,6 @@ class SearchStepper:
             ),
             start=expected[0].new_zeros(()),
         )
-        cur_flops = current[0]
         arch_loss = ce + bl.to(ce.dtype)
         grads: tuple[Tensor | None, ...] = torch.autograd.grad(
             arch_loss, self.arch, allow_unused=True
@@ -224,7 +247,7 @@ class SearchStepper:
         for p, g in zip(self.arch, grads, strict=True):
             p.grad = g
         self.a_opt.step()
-        return loss.detach(), arch_loss.detach(), bl.detach(), cur_flops
+        return loss.detach(), arch_loss.detach(), bl.detach(), current[0]
 
 
 def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
@@ -381,7 +404,10 @@ def search(
         loader_a.set_epoch(epoch)
         loader_b.set_epoch(epoch)
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "arch_loss": 0.0, "budget": 0.0}
+        # (weight loss, arch loss, budget loss) summed on the device; read every CHECK_EVERY
+        # steps (divergence stops the run) and at the end of the epoch.
+        acc = torch.zeros(3, dtype=torch.float64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         bar = tqdm(
             zip(loader_a, loader_b, strict=False),
             total=steps,
@@ -396,19 +422,17 @@ def search(
                 xa = xa.contiguous(memory_format=torch.channels_last)
                 xb = xb.contiguous(memory_format=torch.channels_last)
             loss, arch_loss, bl, cur_flops = stepper.step(xa, ya, xb, yb)
-            lv, av = loss.item(), arch_loss.item()
-            if not (math.isfinite(lv) and math.isfinite(av)):
-                raise TrainingError(
-                    f"search loss became {'nan' if lv != lv or av != av else 'inf'} at epoch "
-                    f"{epoch + 1} step {step + 1}; the last good checkpoint is kept. "
-                    "Fix: lower lr or arch_lr, then rerun to resume"
-                )
-            sums["loss"] += lv
-            sums["arch_loss"] += av
-            sums["budget"] += float(bl)
-            if bar_on and step % 10 == 0:
-                bar.set_postfix(loss=f"{lv:.3f}", ratio=f"{cur_flops / full_flops:.3f}")
+            losses = torch.stack([loss, arch_loss, bl]).to(acc.dtype)
+            bad = ~torch.isfinite(losses).all()
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            acc += losses
+            if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                _check_finite(first_bad, acc, epoch)
+            if bar_on and step % 10 == 0:  # a host read for the bar only
+                ratio = float(cur_flops) / full_flops
+                bar.set_postfix(loss=f"{float(loss):.3f}", ratio=f"{ratio:.3f}")
         bar.close()
+        sums = dict(zip(("loss", "arch_loss", "budget"), acc.tolist(), strict=True))
         seconds = time.perf_counter() - t0
         if use_ddp:
             # Everything below (shape, best, checkpoint) must be the same on every rank.

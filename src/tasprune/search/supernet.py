@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasprune.config import SpaceOptions
@@ -75,20 +76,31 @@ class Dist:
 
 
 class ExpectedAlgebra:
-    """Cost algebra over the plain-softmax (no Gumbel) width and depth distributions."""
+    """Cost algebra over the plain-softmax (no Gumbel) width and depth distributions.
 
-    def __init__(self, net: SuperNet) -> None:
+    ``hard``: every distribution one-hot at its argmax, so the result is the exact cost of the
+    argmax shape, computed on the logits' device without a host round trip."""
+
+    def __init__(self, net: SuperNet, *, hard: bool = False) -> None:
         self._keys = itertools.count(-1, -1)
         self.net = net
         dtype = torch.float64
+        self.device = net._device()
+
+        def probs(choice: Choice) -> Tensor:
+            p = net.probs(choice).to(dtype)
+            if hard:
+                p = F.one_hot(p.argmax(), p.numel()).to(dtype)
+            return p
+
         self.dists: dict[str, Dist] = {}
         for i, choice in enumerate(net.width_choices.values()):
-            values = torch.tensor(choice.candidates, dtype=dtype)
-            self.dists[choice.name] = Dist(i, values, net.probs(choice).to(dtype))
-        self.depth_probs = {c.name: net.probs(c).to(dtype) for c in net.depth_choices.values()}
+            values = torch.tensor(choice.candidates, dtype=dtype, device=self.device)
+            self.dists[choice.name] = Dist(i, values, probs(choice))
+        self.depth_probs = {c.name: probs(c) for c in net.depth_choices.values()}
 
     def const(self, channels: int) -> Dist:
-        one = torch.ones(1, dtype=torch.float64)
+        one = torch.ones(1, dtype=torch.float64, device=self.device)
         return Dist(next(self._keys), one * channels, one)
 
     def width(self, name: str) -> Dist:
@@ -336,6 +348,14 @@ class SuperNet(nn.Module):
         spec = get_model_spec(self.model_name)
         spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
         return counter.flops, counter.params
+
+    def argmax_cost(self) -> tuple[Tensor, Tensor]:
+        """Exact (FLOPs, params) of the argmax shape as 0-d tensors on the logits' device
+        (equal to ``shape_cost(derive())``; no host synchronisation)."""
+        counter = Counter(ExpectedAlgebra(self, hard=True))
+        spec = get_model_spec(self.model_name)
+        spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
+        return counter.flops.detach(), counter.params.detach()
 
     def derive(self) -> Shape:
         """The argmax shape: the most probable width of every conv and depth of every stage."""
