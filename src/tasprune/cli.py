@@ -228,7 +228,8 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
     size = (train_data.in_channels, *train_data.image_size)
     check_budget(recipe.model, recipe.search, size, train_data.num_classes)  # before writing
     _write_config(out, recipe)
-    result = search_shape(StageContext(recipe, data, _device(recipe), progress), out, net)
+    ctx = StageContext(recipe, data, _device(recipe), progress)
+    result = search_shape(ctx, out, ctx.ordered(net) if net is not None else None)
     _say(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
         f"{result.params / 1e6:.3f} M params"
@@ -261,7 +262,7 @@ def cmd_distill(
         supernet = load_supernet_state(shape.parent / "supernet.pt")
     _write_config(out, recipe)
     ctx = StageContext(recipe, data, _device(recipe), progress)
-    metrics = train_student(ctx, out, sh, net, supernet_state=supernet)
+    metrics = train_student(ctx, out, sh, ctx.ordered(net), supernet_state=supernet)
     _say(
         f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%, "
         f"{metrics['flops'] / 1e6:.2f} MFLOPs"

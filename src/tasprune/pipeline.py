@@ -258,8 +258,9 @@ class _Run:
 
     @cached_property
     def teacher(self) -> nn.Module:
+        """The trained teacher, channels ordered per ``teacher.order`` (the same function)."""
         model, _ = load_model_checkpoint(self.out / "teacher" / "model.pt")
-        return model
+        return self.ctx.ordered(model)
 
     def stage_teacher(self) -> dict[str, Any]:
         source = self.recipe.teacher.checkpoint
@@ -268,7 +269,7 @@ class _Run:
             model, metrics = import_teacher(self.ctx, source, folder)
         else:
             model, metrics = train_teacher(self.ctx, folder)
-        self.__dict__["teacher"] = model
+        self.__dict__["teacher"] = self.ctx.ordered(model)
         return metrics
 
     def stage_search(self) -> dict[str, Any]:

@@ -73,6 +73,23 @@ class StageContext:
     def recipe_meta(self) -> dict[str, Any]:
         return {"recipe": self.recipe.model_dump(mode="json")}
 
+    def ordered(self, teacher: nn.Module) -> nn.Module:
+        """The teacher as the search and the student see it: its coupled channels sorted by
+        ``teacher.order`` (the same function; unchanged for ``none``)."""
+        order = self.recipe.teacher.order
+        if order == "none":
+            return teacher
+        from tasprune.importance import order_channels
+
+        train = self.data[0]
+        size = (train.in_channels, *train.image_size)
+        batches = None
+        if order == "taylor":  # un-augmented training batches, on the CPU where ordering runs
+            plain = {"crop_padding": 0, "flip": False}
+            loader, _ = train_test_loaders(*self.data, 64, augment=plain, device="cpu")
+            batches = iter(loader)
+        return order_channels(teacher, order, size, batches=batches)
+
 
 # --------------------------------------------------------------------------- checks
 

@@ -197,7 +197,8 @@ class _Bench:
     @property
     def teacher(self) -> nn.Module:
         if self._teacher is None:
-            self._teacher, _ = load_model_checkpoint(self.root / "teacher" / "model.pt")
+            model, _ = load_model_checkpoint(self.root / "teacher" / "model.pt")
+            self._teacher = self.ctx.ordered(model)  # every method starts from the same teacher
         return self._teacher
 
     # ---------------------------------------------------------------- stages
@@ -209,9 +210,10 @@ class _Bench:
         t0 = self._start("teacher")
         source = self.recipe.teacher.checkpoint
         if source:
-            self._teacher, _ = import_teacher(self.ctx, source, self.root / "teacher")
+            model, _ = import_teacher(self.ctx, source, self.root / "teacher")
         else:
-            self._teacher, _ = train_teacher(self.ctx, self.root / "teacher")
+            model, _ = train_teacher(self.ctx, self.root / "teacher")
+        self._teacher = self.ctx.ordered(model)
         self._timed("teacher", time.perf_counter() - t0)
 
     def stage_search(self, seed: int) -> None:

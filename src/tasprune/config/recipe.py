@@ -56,6 +56,11 @@ class TeacherConfig(BaseModel):
 
     checkpoint: str | None = None  # run folder or model.pt of a trained unpruned network
     train: TrainConfig = TrainConfig(epochs=30)
+    # Reorder the teacher's coupled channels by importance (most important first) before the
+    # warm-started search and the student's initialisation, so kept prefixes are the important
+    # channels (tasprune.importance; the same function). none: as trained (not yet measured
+    # end to end against l1/bn/taylor, so not the default).
+    order: Literal["none", "l1", "bn", "taylor"] = "none"
 
 
 class DistillConfig(BaseModel):
