@@ -368,8 +368,7 @@ def _deterministic_flags(on: bool) -> dict[str, Any]:
     }
 
 
-def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
+def _set_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         dest="sets",
@@ -381,6 +380,11 @@ def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument(
         "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
     )
+
+
+def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
+    _set_device_args(p)
     if data:
         p.add_argument(
             "--data",
@@ -419,6 +423,42 @@ def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--seed", type=int, default=None, help=f"random seed (default {_D.seed})")
     _deterministic_arg(p)
     _log_arg(p)
+
+
+def _schedule_args(p: argparse.ArgumentParser, key: str, cfg: Any, lr: bool = True) -> None:
+    """--epochs, --batch-size (and --lr) of the stage config ``cfg`` at recipe key ``key``."""
+    p.add_argument("--epochs", type=int, default=None, help=f"{key}.epochs (default {cfg.epochs})")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"images per step (default {cfg.batch_size})",
+    )
+    if lr:
+        p.add_argument(
+            "--lr", type=float, default=None, help=f"peak learning rate (default {cfg.lr})"
+        )
+
+
+def _out_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
+    )
+
+
+def _size_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        default=None,
+        help=f"input size (default: {default})",
+    )
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
 
 
 def _log_arg(p: argparse.ArgumentParser) -> None:
@@ -463,56 +503,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", cmd_train, "train an unpruned network")
     p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"teacher.train.epochs (default {_D.teacher.train.epochs})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"images per step (default {_D.teacher.train.batch_size})",
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help=f"peak learning rate (default {_D.teacher.train.lr})"
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
-    )
+    _schedule_args(p, "teacher.train", _D.teacher.train)
+    _out_arg(p)
     _recipe_args(p)
 
     p = add("flops", cmd_flops, "exact FLOPs and params of a (pruned) model")
     p.add_argument("--model", default=None, help="registered model (default: shape's model)")
     p.add_argument("--shape", type=Path, default=None, help="shape.json of a pruned network")
-    p.add_argument(
-        "--input-size",
-        type=int,
-        nargs=3,
-        metavar=("C", "H", "W"),
-        default=None,
-        help="input size (default: the shape's, else the model's 3 32 32)",
-    )
+    _size_args(p, "the shape's, else the model's 3 32 32")
     p.add_argument(
         "--num-classes", type=int, default=None, help="classes (default: the shape's, else 10)"
     )
-    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
 
     p = add("space", cmd_space, "the search space of a model")
     p.add_argument("--model", required=True, help="registered model")
-    p.add_argument(
-        "--input-size",
-        type=int,
-        nargs=3,
-        metavar=("C", "H", "W"),
-        default=None,
-        help="input size (default: the model's)",
-    )
-    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    _size_args(p, "the model's")
 
     p = add("search", cmd_search, "search a pruned shape under a FLOPs budget")
     p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
@@ -522,15 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"target FLOPs / unpruned FLOPs (default {_D.search.flops_ratio})",
     )
-    p.add_argument(
-        "--epochs", type=int, default=None, help=f"search.epochs (default {_D.search.epochs})"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"images per step per split (default {_D.search.batch_size})",
-    )
+    _schedule_args(p, "search", _D.search, lr=False)
     p.add_argument(
         "--arch-lr",
         type=float,
@@ -540,44 +537,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher", type=Path, default=None, help="run folder or model.pt to warm-start"
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
-    )
+    _out_arg(p)
     _recipe_args(p)
 
     p = add("distill", cmd_distill, "train a pruned shape with knowledge distillation")
     p.add_argument("--shape", type=Path, required=True, help="shape.json from a search")
     p.add_argument("--teacher", type=Path, required=True, help="run folder or model.pt")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"distill.train.epochs (default {_D.distill.train.epochs})",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"images per step (default {_D.teacher.train.batch_size})",
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help=f"peak learning rate (default {_D.teacher.train.lr})"
-    )
+    _schedule_args(p, "distill.train", _D.distill.train)
     p.add_argument(
         "--init",
         choices=("scratch", "supernet", "teacher"),
         default=None,
         help=f"student initialisation (default {_D.distill.init})",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="output folder (resumes there; the resolved recipe goes to config.yaml)",
-    )
+    _out_arg(p)
     _recipe_args(p)
 
     p = add("run", cmd_run, "the whole pipeline from a recipe")
@@ -589,17 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="rerun this stage and the later ones (old outputs are moved aside)",
     )
-    p.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set distill.train.epochs=5 (repeatable)",
-    )
-    p.add_argument(
-        "--device", default=None, help=f"auto | cpu | cuda | cuda:N (default {_D.device})"
-    )
+    _set_device_args(p)
     _deterministic_arg(p)
     _log_arg(p)
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 from tasprune.contract import FORMAT_VERSION, WithPreprocess, contract_from_meta
 from tasprune.errors import CheckpointError, ConfigError, TaspruneError
+from tasprune.latency import ort_session
 from tasprune.models import create_model, get_model_spec
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_bytes, atomic_write_text
@@ -180,24 +181,13 @@ def _contract_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def _verify_onnx(model: nn.Module, meta: dict[str, Any], path: Path, atol: float) -> None:
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise ExportError(
-            "onnxruntime is not installed, so the ONNX export cannot be verified. "
-            "Fix: pip install 'tasprune[export]'"
-        ) from err
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own untyped exception classes
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ExportError(
-            f"onnxruntime cannot load the exported {meta['model']} ({first[:200]}). "
-            "Fix: export to torchscript or safetensors instead"
-        ) from err
+    session = ort_session(
+        path,
+        None,
+        "the ONNX export cannot be verified",
+        "export to torchscript or safetensors instead",
+        ExportError,
+    )
     x = _random_batch(meta, VERIFY_BATCH, seed=1)
     with torch.inference_mode():
         ref = model(x)

@@ -122,6 +122,33 @@ def measure_latency(
     return result
 
 
+def ort_session(
+    path: Path,
+    threads: int | None,
+    purpose: str,
+    fix: str,
+    error_cls: type[TaspruneError] = TaspruneError,
+) -> Any:
+    """An ONNX Runtime CPU session of ``path`` (``threads`` intra-op threads, default torch's;
+    one inter-op thread; errors only in its log). A missing onnxruntime or a file it cannot
+    load is one ``error_cls`` line naming ``purpose`` and ``fix``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise error_cls(
+            f"onnxruntime is not installed, so {purpose}. Fix: pip install 'tasprune[export]'"
+        ) from err
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: no graph-optimisation chatter on stderr
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own untyped exception classes
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error_cls(f"onnxruntime cannot load {path} ({first[:200]}). Fix: {fix}") from err
+
+
 def measure_onnx_latency(
     onnx_path: str | os.PathLike[str],
     input_size: tuple[int, int, int],
@@ -142,24 +169,7 @@ def measure_onnx_latency(
         raise TaspruneError(
             f"ONNX file {path} does not exist. Fix: export it first (`tasprune export`)"
         )
-    try:
-        import onnxruntime as ort
-    except ImportError as err:
-        raise TaspruneError(
-            "onnxruntime is not installed, so ONNX latency cannot be measured. "
-            "Fix: pip install 'tasprune[export]'"
-        ) from err
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only: no graph-optimisation chatter on stderr
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own untyped exception classes
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TaspruneError(
-            f"onnxruntime cannot load {path} ({first[:200]}). Fix: re-export the model"
-        ) from err
+    session = ort_session(path, threads, "ONNX latency cannot be measured", "re-export the model")
     name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
     times = _time_calls(lambda: session.run(None, {name: x}), repeats, warmup)
