@@ -530,14 +530,21 @@ def _finish(
                 last_ratio,
             )
         kept = best_shape
-    if not last_ok and best_shape is None and ddp.is_main():
-        log.warning(
-            "no epoch ended inside the budget band [%.3f, %.3f]; the last shape has ratio %.3f. "
-            "Search longer or raise arch_lr",
-            lower,
-            upper,
-            last_ratio,
-        )
+    source = "best" if kept is best_shape else "last"
+    if not last_ok and best_shape is None:
+        kept = net.project(last, cfg.budget)
+        source = "projected"
+        ratio = net.shape_cost(kept)[0] / net.full_flops
+        if ddp.is_main():
+            log.warning(
+                "no epoch ended inside the budget band [%.3f, %.3f] (the last shape has ratio "
+                "%.3f); keeping it projected onto the budget (ratio %.3f). A longer search or a "
+                "higher arch_lr decides the shape itself",
+                lower,
+                upper,
+                last_ratio,
+                ratio,
+            )
     flops, params = net.shape_cost(kept)
     result = SearchResult(
         model=net.model_name,
@@ -566,7 +573,7 @@ def _finish(
             flops=flops,
             params=params,
             flops_ratio=result.flops_ratio,
-            source="best" if kept is best_shape else "last",
+            source=source,
         )
         atomic_write_text(out / "search_done.json", '{"complete": true}\n')
     return result

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasprune.budget import Budget
 from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import ConfigError
@@ -365,6 +366,56 @@ class SuperNet(nn.Module):
             widths[name] = c.candidates[int(self.probs(c).argmax())]
         depths = {s: c.candidates[int(self.probs(c).argmax())] for s, c in self.depth_of.items()}
         return Shape(widths=widths, depths=depths)
+
+    def project(self, shape: Shape, budget: Budget) -> Shape:
+        """The shape nearest to ``shape`` (in the architecture's log-probabilities) whose
+        exact FLOPs lie in ``budget``'s band, moving one choice one candidate at a time.
+
+        Over budget: repeatedly take the step down (narrower width or shallower stage) that
+        saves the most FLOPs per unit of log-probability given up; under the band: the step up
+        that adds the most FLOPs per unit given up without overshooting the target. A short
+        search that ends outside the band still yields an in-band shape this way (the
+        smallest shape of the space permitting); ``shape`` itself when already inside.
+        """
+        full = self.full_flops
+        low, high = budget.bounds(full)
+        choices = [c for c in self.all_choices() if len(c.candidates) > 1]
+        logp = {c.name: self.probs(c).detach().double().clamp_min(1e-12).log() for c in choices}
+        index: dict[str, int] = {}
+        for c in choices:
+            member = c.members[0]
+            value = shape.widths[member] if c.kind == "width" else shape.depths[member]
+            index[c.name] = c.candidates.index(value)
+
+        def build(idx: dict[str, int]) -> Shape:
+            widths, depths = dict(shape.widths), dict(shape.depths)
+            for c in choices:
+                target = widths if c.kind == "width" else depths
+                for member in c.members:
+                    target[member] = c.candidates[idx[c.name]]
+            return Shape(widths=widths, depths=depths)
+
+        cost = self.shape_cost(shape)[0]
+        while not low <= cost <= high:
+            down = cost > high
+            best: tuple[float, dict[str, int], int] | None = None
+            for c in choices:
+                i = index[c.name] + (-1 if down else 1)
+                if not 0 <= i < len(c.candidates):
+                    continue
+                trial = {**index, c.name: i}
+                new = self.shape_cost(build(trial))[0]
+                gain = cost - new if down else new - cost
+                if gain <= 0 or (not down and new > high):
+                    continue
+                given_up = float(logp[c.name][index[c.name]] - logp[c.name][i])
+                score = gain / (max(given_up, 0.0) + 1e-6)
+                if best is None or score > best[0]:
+                    best = (score, trial, new)
+            if best is None:
+                break  # at the space's edge (over) or every step up overshoots (under)
+            _, index, cost = best
+        return build(index)
 
     def shape_cost(self, shape: Shape) -> tuple[int, int]:
         """Exact (FLOPs, params) of the pruned network of ``shape`` at this input size."""
