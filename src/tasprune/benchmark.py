@@ -458,7 +458,7 @@ class _Bench:
                 supernet = load_supernet_state(
                     self.root / f"seed-{seed}" / "search" / "supernet.pt"
                 )
-            needs_teacher = cfg.kd or cfg.init == "teacher"
+            needs_teacher = cfg.kd or cfg.init == "teacher" or cfg.feature_loss != "none"
             metrics = distill(
                 r.model,
                 shape,

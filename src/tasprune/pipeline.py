@@ -525,7 +525,7 @@ class _Run:
         supernet = None
         if cfg.init == "supernet":
             supernet = load_supernet_state(self.out / "search" / "supernet.pt")
-        needs_teacher = cfg.kd or cfg.init == "teacher"
+        needs_teacher = cfg.kd or cfg.init == "teacher" or cfg.feature_loss != "none"
         train, test = self.data
         return distill(
             r.model,
