@@ -14,7 +14,9 @@ padding 2, flip) this script
    0.05, batch 128, seed 0), one variant after another (most informative first): CE only,
    KD (0.9, 4), KD (0.5, 2), KD (0.9, 4) with alpha ramped up over 3 epochs, supernet init
    with BN recalibration, the rest of the alpha x T grid, attention transfer (on CE and on the
-   best KD setting), and a second student seed of CE and of the best loss.
+   best KD setting), a second student seed of CE and of the best KD setting; then (added once
+   the ramp and the supernet init had won) seeds 1-2 of those, the supernet init with CE and
+   without recalibration, and the ramp's length and target (alpha, T) varied.
 
 Resumable: rerun the same command and it continues (every finished piece is in
 ``bench/results/kd-study.json`` before the next starts; a student interrupted mid-way resumes
@@ -68,6 +70,8 @@ RAMP_EPOCHS = 3.0
 # student's training seed). "loss" takes the loss settings of a finished variant: "best4" of the
 # best of the first four (so the init comparison is made at the best loss measured by then),
 # "best" / "bestkd" of the best seed-0, teacher-init, feature-loss-free variant (with KD).
+RAMP: dict[str, Any] = {"alpha": 0.9, "temperature": 4.0, "alpha_ramp_epochs": RAMP_EPOCHS}
+SUPERNET: dict[str, Any] = {"init": "supernet", "recalibrate_bn": RECAL_BATCHES}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("ce", {"kd": False}),
     ("kd a0.9 T4", {"alpha": 0.9, "temperature": 4.0}),
@@ -87,6 +91,19 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     # A second student seed for CE and for the best KD setting, to size the seed noise.
     ("ce seed1", {"kd": False, "seed": 1}),
     ("best kd seed1", {"loss": "bestkd", "seed": 1}),
+    # Added after the first five: the ramp and the supernet init won; size their seed noise,
+    # separate the init's effect from the loss's, and vary the ramp.
+    ("supernet+recal seed1", {**SUPERNET, **RAMP, "seed": 1}),
+    ("ce seed2", {"kd": False, "seed": 2}),
+    ("kd a0.9 T4 ramp3 seed2", {**RAMP, "seed": 2}),
+    ("supernet+recal seed2", {**SUPERNET, **RAMP, "seed": 2}),
+    ("supernet+recal ce", {**SUPERNET, "kd": False}),
+    ("supernet, no recal", {"init": "supernet", **RAMP}),  # recal cannot change training
+    ("kd a0.9 T4 ramp1", {**RAMP, "alpha_ramp_epochs": 1.0}),
+    ("kd a0.9 T4 ramp5", {**RAMP, "alpha_ramp_epochs": 5.0}),
+    ("kd a0.7 T4 ramp3", {**RAMP, "alpha": 0.7}),
+    ("kd a0.9 T2 ramp3", {**RAMP, "temperature": 2.0}),
+    ("kd a0.5 T2 ramp3", {**RAMP, "alpha": 0.5, "temperature": 2.0}),
 ]
 LOSS_KEYS = ("kd", "alpha", "temperature", "alpha_ramp_epochs")
 
