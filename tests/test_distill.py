@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from tasprune.config import DistillConfig, TrainConfig
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset
-from tasprune.distill import build_student, distill, kd_loss, kd_loss_fn, leading_slice_state
+from tasprune.data import ArrayDataset, DeviceLoader
+from tasprune.distill import (
+    StepCounter,
+    at_loss,
+    attention_map,
+    build_student,
+    distill,
+    kd_alpha,
+    kd_loss,
+    kd_loss_fn,
+    leading_slice_state,
+    recalibrate_bn,
+    with_attention_transfer,
+)
+from tasprune.engine import cross_entropy_loss
+from tasprune.errors import ConfigError
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.shape import Shape
@@ -158,3 +174,227 @@ def test_distill_trains_and_writes_student_meta(tmp_path: object) -> None:
     meta = load_checkpoint(out / "model.pt")["meta"]
     assert meta["role"] == "student" and meta["input_size"] == [1, 12, 12]
     assert Shape.from_dict(meta["shape"]) == _pruned_shape()
+
+
+def test_kd_alpha_ramps_linearly_then_holds() -> None:
+    assert kd_alpha(0.9, 0, 0) == 0.9  # no ramp
+    assert kd_alpha(0.9, 0, 10) == pytest.approx(0.09)
+    assert kd_alpha(0.9, 4, 10) == pytest.approx(0.45)
+    assert kd_alpha(0.9, 9, 10) == pytest.approx(0.9)
+    assert kd_alpha(0.9, 500, 10) == pytest.approx(0.9)
+    with pytest.raises(ValidationError):
+        DistillConfig(alpha_ramp_epochs=-1, train=TrainConfig(epochs=1))
+
+
+class _ListLoader:
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+        self.epochs: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": 7}
+
+
+def test_step_counter_follows_set_epoch_across_a_resume() -> None:
+    batches = [(torch.zeros(1), torch.zeros(1)) for _ in range(3)]
+    inner = _ListLoader(batches)
+    counter = StepCounter(inner)
+    assert len(counter) == 3 and counter.state_dict() == {"epoch": 7}  # delegated
+    assert [counter.step for _ in counter] == [0, 1, 2]
+    assert [counter.step for _ in counter] == [3, 4, 5]  # no set_epoch: the next epoch
+    counter = StepCounter(inner)  # a resumed fit starts at epoch 2
+    counter.set_epoch(2)
+    assert inner.epochs[-1] == 2  # forwarded to the wrapped loader
+    assert [counter.step for _ in counter] == [6, 7, 8]
+
+
+def test_kd_loss_fn_uses_the_ramped_alpha() -> None:
+    torch.manual_seed(5)
+    teacher = create_model(MODEL, num_classes=10, in_channels=1)
+    student = create_model(MODEL, _pruned_shape(), num_classes=10, in_channels=1)
+    student.eval()
+    teacher.eval()
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    step = [0]
+    fn = kd_loss_fn(teacher, 0.8, 2.0, ramp_steps=4, step_of=lambda: step[0])
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    for k, a in [(0, 0.2), (1, 0.4), (3, 0.8), (10, 0.8)]:
+        step[0] = k
+        loss, _ = fn(student, x, y)
+        assert loss.item() == pytest.approx(kd_loss(s, t, y, a, 2.0).item(), rel=1e-5)
+    with pytest.raises(ConfigError):
+        kd_loss_fn(teacher, 0.8, 2.0, ramp_steps=4)  # a ramp needs the step
+
+
+def _noise_data(n: int = 64, size: int = 12) -> ArrayDataset:
+    return ArrayDataset(
+        images=torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8),
+        labels=torch.arange(n) % 4,
+        num_classes=4,
+        mean=(0.5,),
+        std=(0.25,),
+        name="noise",
+    )
+
+
+def test_distill_ramps_alpha_per_step(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasprune.distill as distill_mod
+
+    torch.manual_seed(6)
+    data = _noise_data()
+    teacher = create_model(MODEL, num_classes=4, in_channels=1)
+    seen: list[float] = []
+    real = distill_mod.kd_loss
+
+    def spy(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, a: float, temp: float):  # type: ignore[no-untyped-def]
+        seen.append(a)
+        return real(s, t, y, a, temp)
+
+    monkeypatch.setattr(distill_mod, "kd_loss", spy)
+    train = TrainConfig(epochs=2, batch_size=32)  # 2 steps per epoch
+    cfg = DistillConfig(alpha=0.9, alpha_ramp_epochs=1.5, train=train)  # ramp over 3 steps
+    out = Path(str(tmp_path)) / "student"
+    distill(MODEL, _pruned_shape(), teacher, data, data, cfg, out, device="cpu", progress=False)
+    assert seen == pytest.approx([0.3, 0.6, 0.9, 0.9])
+
+
+def test_recalibrate_bn_averages_batch_statistics() -> None:
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    model.eval()
+    bn = model[1]
+    bn.running_mean.fill_(5.0)  # stale statistics that must go
+    batches = [(torch.randn(8, 1, 6, 6) * (i + 1), torch.zeros(8)) for i in range(3)]
+    used = recalibrate_bn(model, batches, batches=2)
+    assert used == 2
+    with torch.no_grad():
+        acts = [model[0](x) for x, _ in batches[:2]]
+    mean = torch.stack([a.mean(dim=(0, 2, 3)) for a in acts]).mean(0)
+    var = torch.stack([a.transpose(0, 1).reshape(3, -1).var(dim=1) for a in acts]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, var, rtol=1e-4)
+    assert bn.momentum == 0.1 and not model.training  # restored
+    assert recalibrate_bn(model, batches, batches=0) == 0
+
+
+def test_recalibrated_supernet_student_has_its_own_statistics(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasprune.distill as distill_mod
+
+    torch.manual_seed(8)
+    data = _noise_data(size=16)
+    shape = _candidate_shape()
+    space = SearchConfig().space()
+    sup = SuperNet(MODEL, num_classes=4, in_channels=1, input_size=(16, 16), options=space)
+    state = sup.state_dict()
+    student = build_student(MODEL, shape, 4, 1, "supernet", supernet_state=state, space=space)
+    loader = DeviceLoader(data, 32, train=False, device="cpu")  # 2 equal batches, no augmentation
+    assert recalibrate_bn(student, loader, batches=10) == len(loader)
+    first = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    inputs: list[torch.Tensor] = []
+    handle = first.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+    assert student.training  # the mode it was built in is restored
+    student.eval()  # (a train-mode pass would move the running statistics again)
+    with torch.no_grad():
+        for x, _ in loader:
+            student(x)
+    handle.remove()
+    # Equal batches: the average of the batch means is the data set's mean of the BN's input.
+    assert torch.allclose(first.running_mean, torch.cat(inputs).mean(dim=(0, 2, 3)), atol=1e-5)
+    calls: list[int] = []
+    real = distill_mod.recalibrate_bn
+
+    def spy(model, loader, batches, device="cpu"):  # type: ignore[no-untyped-def]
+        calls.append(real(model, loader, batches, device))
+        return calls[-1]
+
+    monkeypatch.setattr(distill_mod, "recalibrate_bn", spy)
+    train = TrainConfig(epochs=1, batch_size=32)
+    cfg = DistillConfig(kd=False, init="supernet", recalibrate_bn=1, train=train)
+    out = Path(str(tmp_path)) / "student"
+    distill(
+        MODEL,
+        shape,
+        None,
+        data,
+        data,
+        cfg,
+        out,
+        supernet_state=state,
+        space=space,
+        device="cpu",
+        progress=False,
+    )
+    assert calls == [1]
+
+
+def test_attention_transfer_ignores_channel_counts() -> None:
+    torch.manual_seed(9)
+    s = torch.randn(2, 3, 5, 5)
+    q = attention_map(s)
+    assert q.shape == (2, 25) and torch.allclose(q.norm(dim=1), torch.ones(2))
+    # A teacher map holding the student's channels twice has the same attention.
+    assert at_loss([s], [torch.cat([s, s], dim=1)]).item() == pytest.approx(0.0, abs=1e-7)
+    assert at_loss([s], [torch.randn(2, 8, 5, 5)]).item() > 0
+    with pytest.raises(ConfigError):
+        at_loss([s], [])
+
+
+def test_attention_transfer_adds_the_weighted_stage_term() -> None:
+    torch.manual_seed(10)
+    teacher = create_model(MODEL, num_classes=10, in_channels=1)
+    student = create_model(MODEL, _pruned_shape(), num_classes=10, in_channels=1)
+    teacher.eval()
+    student.eval()
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    fn = with_attention_transfer(cross_entropy_loss(), student, teacher, weight=10.0)
+    loss, logits = fn(student, x, y)
+    feats: dict[str, list[torch.Tensor]] = {"s": [], "t": []}
+    handles = [
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, key=key: feats[key].append(o.detach())
+        )
+        for key, net in (("s", student), ("t", teacher))
+        for name in ("layer1", "layer2", "layer3")
+    ]
+    with torch.no_grad():
+        student(x), teacher(x)
+    for h in handles:
+        h.remove()
+    expected = F.cross_entropy(logits, y) + 5.0 * at_loss(feats["s"], feats["t"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distill_with_kd_and_attention_transfer(tmp_path: object) -> None:
+    torch.manual_seed(11)
+    data = _noise_data()
+    teacher = create_model(MODEL, num_classes=4, in_channels=1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = DistillConfig(feature_loss="at", train=TrainConfig(epochs=1, batch_size=32))
+    out = Path(str(tmp_path)) / "student"
+    metrics = distill(
+        MODEL, _pruned_shape(), teacher, data, data, cfg, out, device="cpu", progress=False
+    )
+    assert metrics["epochs"] == 1 and math.isfinite(metrics["train_loss"])
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_attention_transfer_hooks_come_off() -> None:
+    teacher = create_model(MODEL, num_classes=10, in_channels=1)
+    student = create_model(MODEL, _pruned_shape(), num_classes=10, in_channels=1)
+    fn = with_attention_transfer(cross_entropy_loss(), student, teacher, weight=1.0)
+    assert all(len(net.layer1._forward_hooks) == 1 for net in (student, teacher))
+    fn.remove()
+    assert all(len(net.layer1._forward_hooks) == 0 for net in (student, teacher))

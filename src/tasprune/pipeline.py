@@ -282,7 +282,7 @@ class _Run:
         if self.recipe.distill.init == "supernet":
             supernet = load_supernet_state(self.out / "search" / "supernet.pt")
         cfg = self.recipe.distill
-        teacher = self.teacher if cfg.kd or cfg.init == "teacher" else None
+        teacher = self.teacher if cfg.needs_teacher else None
         return train_student(
             self.ctx, self.out / "student", shape, teacher, supernet_state=supernet
         )

@@ -237,12 +237,11 @@ def train_student(
     ``init: supernet``. Returns fit's metrics plus the student's FLOPs and params."""
     r = ctx.recipe
     cfg = cfg if cfg is not None else r.distill
-    needs_teacher = cfg.kd or cfg.init == "teacher"
     train, test = ctx.data
     return distill(
         r.model,
         shape,
-        teacher if needs_teacher else None,
+        teacher if cfg.needs_teacher else None,
         train,
         test,
         cfg,

@@ -282,7 +282,7 @@ class _Bench:
                 supernet = load_supernet_state(
                     self.root / f"seed-{seed}" / "search" / "supernet.pt"
                 )
-            teacher = self.teacher if cfg.kd or cfg.init == "teacher" else None
+            teacher = self.teacher if cfg.needs_teacher else None
             metrics = train_student(
                 self.ctx, folder, shape, teacher, cfg=cfg, supernet_state=supernet, meta=meta
             )

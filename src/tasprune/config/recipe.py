@@ -71,10 +71,27 @@ class DistillConfig(BaseModel):
     kd: bool = True  # distil from the teacher (False: plain cross-entropy)
     alpha: float = Field(default=0.9, ge=0, le=1)  # weight of the KD term
     temperature: float = Field(default=4.0, gt=0)  # softmax temperature T
+    # KD weight ramp: alpha rises linearly (per step) from 0 to `alpha` over the first N epochs
+    # (0 = constant alpha), so the freshly cut student first repairs itself on the labels.
+    alpha_ramp_epochs: float = Field(default=0.0, ge=0)
+    # Recompute the student's BN running statistics on this many training batches after its
+    # initialisation (0 = keep the copied ones). Only evaluation uses running statistics, so
+    # this changes the untrained student's test accuracy, not the trained one.
+    recalibrate_bn: int = Field(default=0, ge=0)
+    # Feature-map loss on the stage outputs: "at" = attention transfer (Zagoruyko & Komodakis
+    # 2017), + feature_weight / 2 * sum over stages of mean((q_s - q_t)^2), q = normalised
+    # channel mean of squared activations; independent of the student's channel counts.
+    feature_loss: Literal["none", "at"] = "none"
+    feature_weight: float = Field(default=1000.0, ge=0)  # beta of attention transfer
     # Student initialisation: the teacher's leading channels (measured best of the three on the
     # demo recipe, bench/results/choices.md), the searched supernet's, or random (the reference).
     init: Literal["scratch", "supernet", "teacher"] = "teacher"
     train: TrainConfig = TrainConfig(epochs=30)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether these settings read the teacher (KD, its weights, its feature maps)."""
+        return self.kd or self.init == "teacher" or self.feature_loss != "none"
 
 
 class ReportConfig(BaseModel):
