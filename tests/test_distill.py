@@ -182,6 +182,7 @@ def test_kd_alpha_ramps_linearly_then_holds() -> None:
     assert kd_alpha(0.9, 4, 10) == pytest.approx(0.45)
     assert kd_alpha(0.9, 9, 10) == pytest.approx(0.9)
     assert kd_alpha(0.9, 500, 10) == pytest.approx(0.9)
+    assert DistillConfig(train=TrainConfig(epochs=1)).alpha_ramp_epochs == 3.0  # measured best
     with pytest.raises(ValidationError):
         DistillConfig(alpha_ramp_epochs=-1, train=TrainConfig(epochs=1))
 
