@@ -43,12 +43,11 @@ from tasprune.bench import load_protocol, machine_info
 from tasprune.checkpoint import load_model_checkpoint
 from tasprune.config import DistillConfig, Recipe, TeacherConfig, TrainConfig
 from tasprune.data import ArrayDataset, DeviceLoader
-from tasprune.distill import build_student, distill, recalibrate_bn
+from tasprune.distill import build_student, recalibrate_bn
 from tasprune.engine import evaluate
 from tasprune.pipeline import load_run_data, load_supernet_state
-from tasprune.search import search
 from tasprune.shape import Shape
-from tasprune.stages import StageContext, train_teacher
+from tasprune.stages import StageContext, search_shape, train_student, train_teacher
 from tasprune.utils import JsonlLogger, atomic_write_text, read_json_object
 
 logger = logging.getLogger("bench_kd")
@@ -135,6 +134,10 @@ class Study:
 
     # ------------------------------------------------------------------ helpers
     @property
+    def ctx(self) -> StageContext:
+        return StageContext(self.recipe, self.data, self.device, progress=False)
+
+    @property
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:
         if self._data is None:
             self._data = load_run_data(self.recipe)
@@ -177,9 +180,7 @@ class Study:
         if not done:
             logger.info("teacher: %d epochs into %s", TEACHER.epochs, self.teacher_dir)
             t0 = time.perf_counter()
-            recipe = self.recipe.model_copy(update={"teacher": TeacherConfig(train=TEACHER)})
-            ctx = StageContext(recipe, self.data, self.device, progress=False)
-            train_teacher(ctx, self.teacher_dir)
+            train_teacher(self.ctx, self.teacher_dir)  # self.recipe's teacher.train is TEACHER
             logger.info("teacher done in %.0f s", time.perf_counter() - t0)
         rows = JsonlLogger(self.teacher_dir / "history.jsonl").rows()
         curve = [
@@ -215,16 +216,7 @@ class Study:
         cfg = r.search.model_copy(update={"seed": SEED})
         done = (self.search_dir / "search_done.json").is_file()
         t0 = time.perf_counter()
-        res = search(
-            r.model,
-            self.data[0],
-            cfg,
-            self.search_dir,
-            teacher_state=self.teacher.state_dict(),
-            device=self.device,
-            progress=False,
-            augment=r.data.augment,
-        )
+        res = search_shape(self.ctx, self.search_dir, self.teacher, cfg)
         entry = self.results.get("search", {}) if done else {}
         hist = res.history
         entry.update(
@@ -314,7 +306,6 @@ class Study:
         if name in self.results["variants"]:
             return
         r = self.recipe
-        train, test = self.data
         spec = self.variant_cfg(name, spec)
         loss_from = spec.pop("loss_from", None)
         seed = spec.pop("seed", SEED)
@@ -327,22 +318,14 @@ class Study:
             supernet = load_supernet_state(self.search_dir / "supernet.pt")
         logger.info("variant %r: %s", name, cfg.model_dump(mode="json", exclude={"train"}))
         t0 = time.perf_counter()
-        metrics = distill(
-            r.model,
-            self.shape(),
-            self.teacher
-            if (cfg.kd or cfg.init == "teacher" or cfg.feature_loss != "none")
-            else None,
-            train,
-            test,
-            cfg,
+        metrics = train_student(
+            self.ctx,
             folder,
+            self.shape(),
+            self.teacher,
+            cfg=cfg,
             supernet_state=supernet,
-            space=r.search.space(),
-            device=self.device,
             meta={"study": "kd-study", "variant": name},
-            progress=False,
-            augment=r.data.augment,
         )
         wall = time.perf_counter() - t0
         rows = JsonlLogger(folder / "history.jsonl").rows()
