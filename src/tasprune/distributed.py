@@ -21,6 +21,7 @@ Outside ``torchrun`` (``WORLD_SIZE`` unset or 1) every helper here is a cheap no
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -168,6 +169,9 @@ def init_from_env(device: str = "auto", *, timeout_s: float = 1800.0) -> DistInf
         dist.init_process_group("nccl", timeout=timeout, device_id=dev)
     else:
         dist.init_process_group("gloo", timeout=timeout)
+    # Leave the group while the interpreter is still whole: a process that exits with the
+    # group alive can abort (SIGABRT) in gloo's worker threads during finalisation.
+    atexit.register(cleanup)
     info = DistInfo(rank, local_rank, world_size, dev)
     if info.is_main:
         logger.info(
