@@ -28,7 +28,7 @@ from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError
 from tasprune.imagefolder import StreamingFolder
-from tasprune.models import create_model
+from tasprune.models import create_model, get_model_spec
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
 
@@ -365,7 +365,11 @@ def build_student(
             raise ConfigError(
                 "distill.init = teacher but no teacher weights were given. Fix: pass a teacher"
             )
-        state, _ = leading_slice_state(teacher_state, student.state_dict())
+        spec = get_model_spec(model)
+        if spec.transfer is not None:  # a traced model: the teacher pruned to the shape
+            state = spec.transfer(teacher_state, shape, num_classes, in_channels)
+        else:
+            state, _ = leading_slice_state(teacher_state, student.state_dict())
     else:
         raise ConfigError(f"unknown student init {init!r}. Fix: use scratch, supernet or teacher")
     missing = student.load_state_dict(state, strict=False).missing_keys

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
 from tasprune.models.algebra import Counter
@@ -32,6 +33,13 @@ class ModelSpec:
     # Convs the Shape does not list because their width is tied to a listed one (e.g. the
     # depthwise conv of an inverted residual block): conv name -> the Shape key it follows.
     tied_widths: Callable[[], dict[str, str]] | None = None
+    # Traced models (`tasprune.models.traced`): the step candidates of a width must keep
+    # (0: not searchable), the searchable network of a SuperNet, and the weights of a pruned
+    # network cut from unpruned ones. Families leave them None (any width; `SearchOps`;
+    # leading slices).
+    width_step: Callable[[str], int] | None = None
+    searchable: Callable[[Any], nn.Module] | None = None
+    transfer: Callable[[dict[str, Tensor], Shape, int, int], dict[str, Tensor]] | None = None
 
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
@@ -48,8 +56,15 @@ def list_models() -> list[str]:
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    from tasprune.models.traced import is_traced, traced_spec
+
+    if is_traced(name):
+        return traced_spec(name)
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model '{name}'. Fix: use one of {', '.join(list_models())}")
+        raise ConfigError(
+            f"unknown model '{name}'. Fix: use one of {', '.join(list_models())}, or "
+            "torchvision:NAME / timm:NAME"
+        )
     return _REGISTRY[name]()
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tasprune.config.search import DEFAULT_FRACTIONS, SpaceOptions
 from tasprune.shape import Shape
+
+if TYPE_CHECKING:
+    from tasprune.models.registry import ModelSpec
 
 
 def width_candidates(
@@ -27,6 +31,21 @@ def width_candidates(
     return sorted(values)
 
 
+def choice_widths(spec: ModelSpec, name: str, full: int, opts: SpaceOptions) -> list[int]:
+    """The candidate widths of one width choice of ``spec``: `width_candidates`, restricted
+    to the steps the model needs (whole groups of a grouped conv; a width that cannot be
+    searched keeps its full value)."""
+    if not opts.search_width:
+        return [full]
+    step = spec.width_step(name) if spec.width_step is not None else 1
+    if step == 0:
+        return [full]
+    values = width_candidates(full, opts.width_fractions, opts.width_multiple)
+    if step > 1:
+        values = sorted({max(step, v // step * step) for v in values} | {full})
+    return values
+
+
 def depth_candidates(blocks: int) -> list[int]:
     """Kept-block counts of a stage: 1..N for N <= 3, else 1, 3, 5, ... plus N."""
     if blocks <= 3:
@@ -43,12 +62,8 @@ def smallest_shape(model: str, options: SpaceOptions | None = None) -> Shape:
     from tasprune.models import get_model_spec
 
     opts = options or SpaceOptions()
-    full = get_model_spec(model).full_shape()
-    widths = {
-        n: width_candidates(w, opts.width_fractions, opts.width_multiple)[0]
-        if opts.search_width
-        else w
-        for n, w in full.widths.items()
-    }
+    spec = get_model_spec(model)
+    full = spec.full_shape()
+    widths = {n: choice_widths(spec, n, w, opts)[0] for n, w in full.widths.items()}
     depths = {s: depth_candidates(d)[0] if opts.search_depth else d for s, d in full.depths.items()}
     return full.replace(widths=widths, depths=depths)

@@ -26,7 +26,7 @@ from tasprune.errors import ConfigError
 from tasprune.models import get_model_spec
 from tasprune.models.algebra import Counter
 from tasprune.models.ops import Add
-from tasprune.search.space import depth_candidates, width_candidates
+from tasprune.search.space import choice_widths, depth_candidates
 from tasprune.search.units import (
     Choice,
     PadAdd,
@@ -239,11 +239,7 @@ class SuperNet(nn.Module):
         logits: dict[str, nn.Parameter] = {}
         for group in groups:
             full = self.full_shape.widths[group[0]]
-            cands = (
-                width_candidates(full, opts.width_fractions, opts.width_multiple)
-                if opts.search_width
-                else [full]
-            )
+            cands = choice_widths(spec, group[0], full, opts)
             name = group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}"
             key = _key(name) if len(cands) > 1 else None
             choice = Choice(name, "width", cands, key, members=list(group))
@@ -267,9 +263,12 @@ class SuperNet(nn.Module):
 
         for c in self.all_choices():
             c.select_full()
-        self.net = spec.build(
-            self.full_shape, num_classes, in_channels, SearchOps(self, opts.align)
-        )
+        if spec.searchable is not None:  # a traced model: its own network, made searchable
+            self.net = spec.searchable(self)
+        else:
+            self.net = spec.build(
+                self.full_shape, num_classes, in_channels, SearchOps(self, opts.align)
+            )
         self.full_flops, self.full_params = model_cost(
             model, None, (in_channels, *self.input_size), num_classes
         )
@@ -469,6 +468,9 @@ class SuperNet(nn.Module):
         """
         from tasprune.models import create_model
 
+        spec = get_model_spec(self.model_name)
+        if spec.transfer is not None:
+            return spec.transfer(self.net.state_dict(), shape, self.num_classes, self.in_channels)
         target = create_model(
             self.model_name, shape, num_classes=self.num_classes, in_channels=self.in_channels
         ).state_dict()

@@ -1,0 +1,718 @@
+"""Any torchvision or timm CNN as a tasprune model: its search space read off the traced graph.
+
+A name ``torchvision:NAME`` or ``timm:NAME`` is a model like the registered ones: it has an
+unpruned `Shape`, a cost written against the same algebra as the families (so the search's
+expected cost and the exact cost of a shape come from one derivation), and it builds at any
+shape. Nothing is written per network:
+
+- **Width choices** are the channel groups of Torch-Pruning's dependency graph: every set of
+  layers whose channels must change together (a residual stream, a depthwise conv and its
+  producer, the segments a concatenation passes on) is one choice, named after its first
+  layer. A grouped conv ties its input and output groups and restricts the candidates to
+  whole groups. The network's input and the classifier's outputs are never pruned.
+- **Depth choices** are runs of consecutive residual blocks (output = input + f(input) at the
+  same shape) in one ``nn.Sequential``; a stage is the block before such a run plus the run,
+  and its depth d keeps the first d blocks (the skipped ones become ``nn.Identity``).
+- **Cost**: per conv/linear the expected in and out widths of its groups, its kernel, groups
+  and the output size seen in one shape pass; other parameters scale with their group's width;
+  each block weighted by its keep probability.
+- **The pruned network**: TAS keeps the first k channels of every group, so the physically
+  smaller network is the unpruned one with channels k.. of each group removed by the
+  dependency graph (in every producer and consumer, through concatenations), plus skipped
+  blocks replaced by identities. Weights are carried over by the same operation.
+
+The source (name + build arguments) and the shape rebuild the network; no module is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import math
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tasprune.errors import ConfigError
+from tasprune.models.algebra import Counter
+from tasprune.shape import Shape
+
+logger = logging.getLogger(__name__)
+
+PREFIXES = ("torchvision:", "timm:")
+TRACE_SIZE = (
+    64  # side of the example input the graph is traced on (any valid size gives the same groups)
+)
+_MIN_SIDE = {"inception_v3": 96, "googlenet": 64}  # networks that need a larger input to run
+
+
+def is_traced(name: str) -> bool:
+    return name.startswith(PREFIXES)
+
+
+def min_side(name: str) -> int:
+    """The smallest input side a source runs at (its trace and tests use at least this)."""
+    return _MIN_SIDE.get(name.split(":", 1)[1], 32)
+
+
+# ---------------------------------------------------------------------------- sources
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(
+            "timm: models need the timm package. Fix: pip install 'tasprune[timm]'"
+        ) from None
+    return timm
+
+
+def _unknown(name: str, known: list[str], kind: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(f'{kind}:{c}' for c in close)}?" if close else ""
+    return ConfigError(
+        f"unknown {kind} model {name!r}. Fix: {hint or f'pick a name from {kind}'}"
+        + ("" if close else "'s model list")
+    )
+
+
+def build_source(model: str, num_classes: int, in_channels: int) -> nn.Module:
+    """The unpruned network of ``model`` with random weights, adapted to the data: its first
+    conv takes ``in_channels`` and its classifier gives ``num_classes`` outputs."""
+    kind, name = model.split(":", 1)
+    if kind == "timm":
+        timm = _timm()
+        if not timm.is_model(name):
+            raise _unknown(name, timm.list_models(), "timm")
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels
+        )
+    import torchvision
+
+    known = _torchvision_names()
+    if name not in known:
+        raise _unknown(name, known, "torchvision")
+    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    net = torchvision.models.get_model(name, **kwargs)
+    if in_channels != 3:
+        _replace_first_conv(net, in_channels)
+    return net
+
+
+def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
+    """Swap the first conv that reads the 3 image channels for one reading ``in_channels``
+    (its RGB filters averaged into each new channel, so loaded weights stay meaningful)."""
+    for name, conv in net.named_modules():
+        if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+            new = nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                conv.kernel_size,  # type: ignore[arg-type]
+                conv.stride,  # type: ignore[arg-type]
+                conv.padding,  # type: ignore[arg-type]
+                conv.dilation,  # type: ignore[arg-type]
+                conv.groups,
+                conv.bias is not None,
+            )
+            with torch.no_grad():
+                new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)  # type: ignore[union-attr]
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, new)
+            return
+    raise ConfigError("found no conv reading 3 image channels to adapt. Fix: use 3-channel data")
+
+
+# ---------------------------------------------------------------------------- analysis
+@dataclass
+class Group:
+    """One width choice: the layers whose channels change together."""
+
+    name: str
+    full: int
+    roots: list[tuple[str, bool]]  # (layer, out?) roots of Torch-Pruning groups merged here
+    multiple: int = 1  # candidates must be multiples (grouped convs keep whole groups)
+    fixed: str | None = None  # why the width cannot be searched
+
+
+@dataclass
+class Stage:
+    """One depth choice: consecutive children of one container; depth d keeps the first d."""
+
+    name: str
+    container: str
+    children: list[str]  # their names in the container
+    blocks: list[str]  # their full module names
+
+
+@dataclass
+class Layer:
+    """What the cost of one conv/linear depends on."""
+
+    name: str
+    kind: str  # conv | linear
+    cin: int
+    cout: int
+    in_groups: tuple[str, ...]  # the groups of its input channels (the rest is fixed)
+    out_groups: tuple[str, ...]
+    kernel: int  # kh * kw
+    groups: int
+    hw: int  # output positions (H*W for a conv, tokens for a linear)
+    bias: bool
+    stage: str | None
+    index: int
+
+
+class Traced:
+    """The search space of one source, read off its traced graph (cached per name)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        side = max(TRACE_SIZE, min_side(model))
+        self.trace_input = (3, side, side)
+        net = build_source(model, 10, 3).eval()
+        self.groups, self.group_of, self.masks = _channel_groups(net, model, self.trace_input)
+        self.stages = _depth_stages(net, model, self.trace_input)
+        self.stage_of: dict[str, tuple[str, int]] = {}
+        for st in self.stages.values():
+            for i, b in enumerate(st.blocks):
+                self.stage_of[b] = (st.name, i)
+        searched = set(self.groups)
+        self.group_of = {k: [g for g in v if g in searched] for k, v in self.group_of.items()}
+
+    def full_shape(self) -> Shape:
+        return Shape(
+            widths={g.name: g.full for g in self.groups.values()},
+            depths={s.name: len(s.blocks) for s in self.stages.values()},
+        )
+
+    def searchable_groups(self) -> dict[str, Group]:
+        return {n: g for n, g in self.groups.items() if g.fixed is None}
+
+    def where(self, module_name: str) -> tuple[str | None, int]:
+        """(stage, block index) of a layer inside a skippable block, else (None, 0)."""
+        for block, (stage, i) in self.stage_of.items():
+            if module_name == block or module_name.startswith(block + "."):
+                return stage, i
+        return None, 0
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (one Traced per model, cached itself)
+    def layers(self, in_channels: int, hw: tuple[int, int], num_classes: int) -> tuple[Any, ...]:
+        """The conv/linear layers and the other parameters, with output sizes at ``hw``."""
+        net = build_source(self.model, num_classes, in_channels).eval()
+        sizes: dict[str, tuple[int, ...]] = {}
+        hooks = []
+        for name, mod in net.named_modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                hooks.append(
+                    mod.register_forward_hook(
+                        lambda m, i, o, n=name: sizes.__setitem__(n, tuple(o.shape))
+                    )
+                )
+        try:
+            with torch.no_grad():
+                net(torch.zeros(1, in_channels, *hw))
+        except Exception as err:  # the model's own message, in one line
+            raise ConfigError(
+                f"{self.model} does not run on a {in_channels}x{hw[0]}x{hw[1]} input: "
+                f"{str(err).splitlines()[0][:200]}. Fix: use larger images (at least "
+                f"{min_side(self.model)}px) or another model"
+            ) from None
+        finally:
+            for h in hooks:
+                h.remove()
+        layers: list[Layer] = []
+        others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
+        for name, mod in net.named_modules():
+            stage, index = self.where(name)
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                if name not in sizes:
+                    continue  # never called (an unused head)
+                out = sizes[name]
+                conv = isinstance(mod, nn.Conv2d)
+                pos = out[2] * out[3] if conv else int(torch.tensor(out[1:-1]).prod())
+                layers.append(
+                    Layer(
+                        name,
+                        "conv" if conv else "linear",
+                        mod.in_channels if conv else mod.in_features,  # type: ignore[arg-type]
+                        mod.out_channels if conv else mod.out_features,  # type: ignore[arg-type]
+                        tuple(self.group_of.get((name, False), ())),
+                        tuple(self.group_of.get((name, True), ())),
+                        int(mod.kernel_size[0] * mod.kernel_size[1]) if conv else 1,  # type: ignore[index]
+                        mod.groups if conv else 1,  # type: ignore[arg-type]
+                        pos,
+                        mod.bias is not None,
+                        stage,
+                        index,
+                    )
+                )
+                continue
+            own = list(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            groups = tuple(self.group_of.get((name, True), ()))
+            if groups:  # a normalisation layer of a group: all its parameters scale
+                channels = _channels(mod, sum(self.groups[g].full for g in groups))
+                numel = sum(p.numel() for _, p in own)
+                others.append((name, numel, groups, channels, stage, index))
+                continue
+            for pname, p in own:  # a parameter the graph prunes itself (a layer scale)
+                full = f"{name}.{pname}" if name else pname
+                groups = tuple(self.group_of.get((f"param:{full}", True), ()))
+                channels = sum(self.groups[g].full for g in groups) or 1
+                others.append((full, p.numel(), groups, channels, stage, index))
+        return tuple(layers), tuple(others)
+
+
+def _resolve(parent: dict[str, str], g: str) -> str:
+    while parent[g] != g:
+        g = parent[g]
+    return g
+
+
+def _channel_groups(
+    net: nn.Module, model: str, size: tuple[int, int, int]
+) -> tuple[
+    dict[str, Group], dict[tuple[str, bool], list[str]], dict[str, list[tuple[str, int, bool]]]
+]:
+    """Torch-Pruning's coupled channel groups of ``net`` as width choices.
+
+    Returns the groups and, for every (layer, out?) pair, the groups its channels belong to
+    (several for the input of a layer after a concatenation), in channel order.
+    """
+
+    names: dict[Any, str] = {m: n for n, m in net.named_modules()}
+    names.update({p: f"param:{n}" for n, p in net.named_parameters()})  # unwrapped parameters
+    classifier = _classifier(net)
+    try:
+        dg = _dependency_graph(net, torch.zeros(1, *size))
+    except Exception as err:
+        raise ConfigError(
+            f"{model}: its graph cannot be traced ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}). Fix: use another model, "
+            "or a module without data-dependent control flow"
+        ) from None
+    groups: dict[str, Group] = {}
+    group_of: dict[tuple[str, bool], list[str]] = {}  # the groups of a layer's in/out channels
+    offsets: dict[tuple[str, bool, str], int] = {}  # where a group's channels start in a layer
+    parent: dict[str, str] = {}
+    convs = (nn.Conv2d, nn.Linear)
+    for tp_group in dg.get_all_groups(ignored_layers=[classifier], root_module_types=convs):
+        root_dep = tp_group[0].dep
+        root = names.get(root_dep.target.module)
+        if root is None:
+            continue
+        root_out = root_dep.handler.__name__ == "prune_out_channels"
+        full = len(tp_group[0].idxs)
+        gname = root
+        g = Group(gname, full, [(root, root_out)])
+        touches_classifier = False
+        for dep, idxs in tp_group:
+            mod = dep.target.module
+            layer = names.get(mod)
+            if layer is None:
+                continue
+            out = dep.handler.__name__ == "prune_out_channels" or layer.startswith("param:")
+            if mod is classifier and out:
+                touches_classifier = True
+            seg = group_of.setdefault((layer, out), [])
+            if gname not in seg:
+                seg.append(gname)
+                offsets[(layer, out, gname)] = min(int(i) for i in idxs)
+        if touches_classifier:
+            g.fixed = "feeds the classifier's outputs"
+        groups[gname] = g
+        parent[gname] = gname
+    # A grouped (not depthwise) conv keeps whole groups: its input and output widths are tied
+    # and move in steps of the group size.
+    for layer, mod in net.named_modules():
+        if not isinstance(mod, nn.Conv2d) or mod.groups == 1:
+            continue
+        gi, go = group_of.get((layer, False)), group_of.get((layer, True))
+        if gi is None or go is None or len(gi) != 1 or len(go) != 1:
+            continue
+        ri, ro = _resolve(parent, gi[0]), _resolve(parent, go[0])
+        if mod.in_channels != mod.out_channels:
+            for r in (ri, ro):
+                groups[r].fixed = f"grouped conv {layer} changes the width"
+            continue
+        if ri != ro:
+            parent[ro] = ri
+            groups[ri].roots += groups[ro].roots
+            groups[ri].fixed = groups[ri].fixed or groups[ro].fixed
+        per = mod.out_channels // mod.groups
+        g = groups[ri]
+        g.multiple = g.multiple * per // math.gcd(g.multiple, per)
+    merged = {n: g for n, g in groups.items() if parent[n] == n}
+    group_of = {k: list(dict.fromkeys(_resolve(parent, g) for g in v)) for k, v in group_of.items()}
+    for grp in merged.values():
+        if grp.full % grp.multiple:
+            grp.fixed = grp.fixed or f"width {grp.full} is not a multiple of its conv groups"
+    resolved: dict[tuple[str, bool, str], int] = {}
+    for (layer, out, gn), off in offsets.items():
+        key = (layer, out, _resolve(parent, gn))
+        resolved[key] = min(off, resolved.get(key, off))
+    masks = _mask_sites(net, dg, names, group_of, resolved, parent)
+    return merged, group_of, masks
+
+
+def _mask_sites(
+    net: nn.Module,
+    dg: Any,
+    names: dict[Any, str],
+    group_of: dict[tuple[str, bool], list[str]],
+    offsets: dict[tuple[str, bool, str], int],
+    parent: dict[str, str],
+) -> dict[str, list[tuple[str, int, bool]]]:
+    """Where the search applies each group's width mixture: layer -> [(group, first channel,
+    mix?)]. A group's mixture is applied once per branch, after the normalisation that
+    follows its conv (mix); layers whose input already carries the mixture (a depthwise conv
+    tied to its producer, a norm after a concatenation) only zero the channels beyond the
+    widest sampled candidate (support)."""
+    norm = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    prunable = (nn.Conv2d, nn.Linear)
+
+    def neighbour(node: Any, forward: bool) -> Any:
+        """The next (or previous) named layer through single-input element-wise ops."""
+        for _ in range(8):
+            nxt = node.outputs if forward else node.inputs
+            if len(nxt) != 1:
+                return None
+            node = nxt[0]
+            if names.get(node.module) is not None:
+                return node
+        return None
+
+    sites: dict[str, list[tuple[str, int, bool]]] = {}
+    modules = dict(net.named_modules())
+    for (layer, out), groups in group_of.items():
+        mod = modules.get(layer)
+        if not out or mod is None or not isinstance(mod, (*prunable, *norm)):
+            continue
+        node = dg.module2node.get(mod)
+        roots = [_resolve(parent, g) for g in groups]
+        if isinstance(mod, prunable):
+            after = neighbour(node, True) if node is not None else None
+            if (
+                after is not None
+                and isinstance(after.module, norm)
+                and group_of.get((names[after.module], True)) == groups
+            ):
+                continue  # its norm carries the mixture
+            tied = set(roots) if _tied(mod) else set()
+            tied |= {_resolve(parent, g) for g in group_of.get((layer, False), [])}
+            sites[layer] = [
+                (r, offsets[(layer, True, g)], r not in tied)
+                for g, r in zip(groups, roots, strict=True)
+            ]
+            continue
+        before = neighbour(node, False) if node is not None else None
+        conv = names.get(before.module) if before is not None else None
+        entry: set[str] = set()
+        if conv is not None and isinstance(modules.get(conv), prunable):
+            tied = {_resolve(parent, g) for g in group_of.get((conv, False), [])}
+            entry = set() if _tied(modules[conv]) else {r for r in roots if r not in tied}
+        sites[layer] = [
+            (r, offsets[(layer, True, g)], r in entry) for g, r in zip(groups, roots, strict=True)
+        ]
+    return sites
+
+
+def _classifier(net: nn.Module) -> nn.Module:
+    """The layer that produces the logits: the last Linear (or last conv for conv heads)."""
+    last: nn.Module | None = None
+    for mod in net.modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            last = mod
+    assert last is not None
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else last
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_residual(block: nn.Module) -> bool:
+    """Does ``block`` add its own input to its output (y = x + f(x))?"""
+    import torch.fx as fx
+
+    try:
+        graph = fx.symbolic_trace(block).graph
+    except Exception:
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return False
+    x = inputs[0]
+    modules = dict(block.named_modules())
+    for n in graph.nodes:
+        is_add = (n.op == "call_function" and n.target in _ADDS) or (
+            n.op == "call_method" and n.target in ("add", "add_")
+        )
+        if is_add and any(a is x for a in n.args[:2]) and _reaches_output(n, modules):
+            return True
+    return False
+
+
+def _reaches_output(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Does ``node`` flow to the graph's output through parameter-free ops only?"""
+    while node.op != "output":
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
+            return False
+    return True
+
+
+def _depth_stages(net: nn.Module, model: str, size: tuple[int, int, int]) -> dict[str, Stage]:
+    """Runs of residual blocks of the same input and output shape in one ``nn.Sequential``."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+    containers = [
+        (n, m)
+        for n, m in net.named_modules()
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    ]
+    for cname, cont in containers:
+        for child, block in cont.named_children():
+            bname = f"{cname}.{child}" if cname else child
+
+            def hook(m: nn.Module, args: Any, out: Any, n: str = bname) -> None:
+                if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    shapes[n] = (tuple(args[0].shape), tuple(out.shape))
+
+            hooks.append(block.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *size))
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: dict[str, Stage] = {}
+    for cname, cont in containers:
+        skippable = []
+        children = list(cont.named_children())
+        for child, block in children:
+            bname = f"{cname}.{child}" if cname else child
+            io = shapes.get(bname)
+            ok = (
+                io is not None
+                and io[0] == io[1]
+                and any(p.requires_grad for p in block.parameters())
+                and _is_residual(block)
+            )
+            skippable.append(ok)
+        i = 0
+        while i < len(cont):
+            if not skippable[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(cont) and skippable[j]:
+                j += 1
+            first = i - 1 if i > 0 and _is_block(children[i - 1][1]) else i
+            kids = [children[k][0] for k in range(first, j)]
+            blocks = [f"{cname}.{k}" if cname else k for k in kids]
+            if len(blocks) > 1:
+                stages[blocks[0]] = Stage(blocks[0], cname, kids, blocks)
+            i = j
+    return stages
+
+
+def _is_block(mod: nn.Module) -> bool:
+    """A module with parameters (the downsampling block before a run), not an activation."""
+    return any(True for _ in mod.parameters())
+
+
+# ---------------------------------------------------------------------------- cost
+def traced_cost(
+    tr: Traced, c: Counter, in_channels: int, hw: tuple[int, int], num_classes: int
+) -> None:
+    """The cost of a traced network, written once for the exact and the expected algebra."""
+    a = c.alg
+    layers, others = tr.layers(in_channels, tuple(hw), num_classes)
+
+    def parts(groups: tuple[str, ...], total: int) -> list[Any]:
+        """The channel counts making up ``total`` channels: searched groups, then the rest."""
+        out = [a.width(g) for g in groups]
+        rest = total - sum(tr.groups[g].full for g in groups)
+        return [*out, a.const(rest)] if rest > 0 else out
+
+    def mean(ps: list[Any]) -> Any:
+        return sum(a.mean(p) for p in ps)
+
+    for ly in layers:
+        keep = a.keep(ly.stage, ly.index) if ly.stage else 1
+        cin, cout = parts(ly.in_groups, ly.cin), parts(ly.out_groups, ly.cout)
+        if ly.groups > 1:  # whole groups are kept: in-channels per group stay fixed
+            weights = mean(cout) * (ly.cin // ly.groups)
+        else:
+            weights = sum(a.prod(x, y) for x in cin for y in cout)
+        c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
+        c.params = c.params + keep * weights * ly.kernel
+        if ly.bias:
+            c.params = c.params + keep * mean(cout)
+    for _, numel, groups, channels, stage, index in others:
+        keep = a.keep(stage, index) if stage else 1
+        if groups:
+            c.params = c.params + keep * mean(parts(groups, channels)) * (numel // channels)
+        else:
+            c.params = c.params + keep * numel
+
+
+def _channels(mod: nn.Module, covered: int) -> int:
+    """The channel count of a normalisation-like layer (its parameters scale with it)."""
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(mod, attr, None), int):
+            return int(getattr(mod, attr))
+    shape = getattr(mod, "normalized_shape", None)
+    if shape:
+        return int(shape[0])
+    return max(covered, 1)
+
+
+# ---------------------------------------------------------------------------- pruning
+@functools.lru_cache(maxsize=32)
+def traced(model: str) -> Traced:
+    return Traced(model)
+
+
+def prune(net: nn.Module, model: str, shape: Shape, in_channels: int) -> nn.Module:
+    """Make ``net`` (the unpruned network of ``model``, any weights) the network of ``shape``,
+    in place: channels k.. of every group removed everywhere, skipped blocks replaced by
+    identities. Returns ``net``."""
+    import torch_pruning as tp
+
+    tr = traced(model)
+    cut = {n: shape.widths[n] for n, g in tr.groups.items() if shape.widths[n] < g.full}
+    if cut:
+        mods = dict(net.named_modules())
+        grouped = {  # (weight, groups) of grouped convs before pruning
+            n: (m.weight.detach().clone(), m.groups)
+            for n, m in mods.items()
+            if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+        }
+        side = tr.trace_input[1]
+        with _eval(net):
+            dg = _dependency_graph(net, torch.zeros(1, in_channels, side, side))
+        for gname, k in cut.items():
+            g = tr.groups[gname]
+            for layer, out in g.roots:
+                mod = mods[layer]
+                linear = isinstance(mod, nn.Linear)
+                if out:
+                    fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
+                else:
+                    fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
+                dg.get_pruning_group(mod, fn, idxs=list(range(k, g.full))).prune()
+        for n, (weight, groups) in grouped.items():
+            # Whole groups are kept (Torch-Pruning would keep their count and thin each).
+            conv = mods[n]
+            assert isinstance(conv, nn.Conv2d)
+            k, per_out = conv.out_channels, weight.shape[0] // groups
+            conv.groups, conv.in_channels = k // per_out, k
+            conv.weight = nn.Parameter(weight[:k].contiguous())
+    for st in tr.stages.values():
+        cont = net.get_submodule(st.container)
+        for child in st.children[shape.depths[st.name] :]:
+            setattr(cont, child, nn.Identity())
+    return net
+
+
+def _tied(mod: nn.Module) -> bool:
+    """A grouped or depthwise conv: its output channels follow its input channels."""
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1
+
+
+def _dependency_graph(net: nn.Module, example: Tensor) -> Any:
+    """Torch-Pruning's dependency graph of ``net`` (its notices about unwrapped parameters
+    such as layer scales are expected: they are pruned along their channel dimension)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(net, example_inputs=example)
+
+
+@contextlib.contextmanager
+def _eval(net: nn.Module) -> Iterator[None]:
+    was = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was)
+
+
+def pruned_state(
+    model: str, state: dict[str, Tensor], shape: Shape, num_classes: int, in_channels: int
+) -> dict[str, Tensor]:
+    """The weights of ``model`` at ``shape`` taken from an unpruned network's ``state``."""
+    net = build_source(model, num_classes, in_channels)
+    net.load_state_dict(state)
+    return prune(net, model, shape, in_channels).state_dict()
+
+
+def build_pruned(model: str, shape: Shape, num_classes: int, in_channels: int) -> nn.Module:
+    return prune(build_source(model, num_classes, in_channels), model, shape, in_channels)
+
+
+@functools.lru_cache(maxsize=32)
+def traced_spec(model: str) -> Any:
+    """The `ModelSpec` of a traced source: built, costed and searched from its graph."""
+    from tasprune.models.registry import ModelSpec
+
+    tr = traced(model)
+
+    def build(shape: Shape, num_classes: int, in_channels: int, ops: Any) -> nn.Module:
+        return build_pruned(model, shape, num_classes, in_channels)
+
+    def cost(counter: Counter, in_channels: int, hw: tuple[int, int], num_classes: int) -> None:
+        traced_cost(tr, counter, in_channels, hw, num_classes)
+
+    def width_step(name: str) -> int:
+        g = tr.groups[name]
+        return 0 if g.fixed else g.multiple
+
+    def searchable(net: Any) -> nn.Module:
+        from tasprune.search.traced import searchable_network
+
+        return searchable_network(net, model)
+
+    def transfer(
+        state: dict[str, Tensor], shape: Shape, num_classes: int, in_channels: int
+    ) -> dict[str, Tensor]:
+        return pruned_state(model, state, shape, num_classes, in_channels)
+
+    return ModelSpec(
+        name=model,
+        family="traced",
+        build=build,
+        full_shape=tr.full_shape,
+        cost=cost,
+        default_input=tr.trace_input,
+        description=f"{model} traced: {len(tr.groups)} channel groups, {len(tr.stages)} stages",
+        residual_groups=lambda: [],  # residual streams are one group already
+        width_step=width_step,
+        searchable=searchable,
+        transfer=transfer,
+    )
