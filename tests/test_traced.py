@@ -1,0 +1,229 @@
+"""Traced models (torchvision:NAME, timm:NAME): groups from the graph, cost equal to the count
+of the physically pruned network, the searchable network equal to it at a fixed shape, save ->
+load, ONNX, and a short `tasprune run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import needs_fashion_mnist
+from tasprune.config import SpaceOptions
+from tasprune.cost import model_cost
+from tasprune.errors import ConfigError
+from tasprune.models import create_model, get_model_spec
+from tasprune.models.traced import traced
+from tasprune.search.space import choice_widths, depth_candidates
+from tasprune.search.supernet import SuperNet
+from tasprune.shape import Shape
+
+pytestmark = pytest.mark.usefixtures("fast_cpu")
+
+BN_MODELS = [
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:efficientnet_b0",
+    "torchvision:regnet_x_400mf",
+    "torchvision:densenet121",
+    "timm:resnet18",
+    "timm:mobilenetv3_small_050",
+    "timm:regnetx_002",
+]
+LN_MODELS = ["timm:convnext_atto"]  # LayerNorm: searched approximately (see docs/design.md)
+SIDE = 32
+
+
+def candidate_shape(model: str, seed: int) -> Shape:
+    """A random shape of the model's search space (every width a candidate)."""
+    rng = random.Random(f"{model}-{seed}")
+    spec = get_model_spec(model)
+    full = spec.full_shape()
+    opts = SpaceOptions()
+    return Shape(
+        widths={n: rng.choice(choice_widths(spec, n, w, opts)) for n, w in full.widths.items()},
+        depths={s: rng.choice(depth_candidates(d)) for s, d in full.depths.items()},
+    )
+
+
+def counted(net: torch.nn.Module, side: int = SIDE) -> tuple[int, int, tuple[int, ...]]:
+    """(MACs counted by torch.utils.flop_counter, params, output shape) of one image."""
+    net.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        y = net(torch.randn(1, 3, side, side))
+    return counter.get_total_flops() // 2, sum(p.numel() for p in net.parameters()), y.shape
+
+
+def test_resnet18_groups_and_stages() -> None:
+    """4 residual streams (stem + each downsampling) + 8 inner widths; one stage per layer."""
+    tr = traced("torchvision:resnet18")
+    assert len(tr.groups) == 12
+    assert all(g.fixed is None for g in tr.groups.values())
+    entries = [g for sites in tr.masks.values() for g, _, mix in sites if mix]
+    residual = [g for g in tr.groups.values() if entries.count(g.name) > 1]
+    assert sorted(g.full for g in residual) == [64, 128, 256, 512]
+    assert {s: len(st.blocks) for s, st in tr.stages.items()} == {
+        "layer1.0": 2,
+        "layer2.0": 2,
+        "layer3.0": 2,
+        "layer4.0": 2,
+    }
+
+
+def test_grouped_convs_keep_whole_groups() -> None:
+    """RegNet's group convs tie their input and output and step by the group width."""
+    tr = traced("torchvision:regnet_x_400mf")
+    stepped = [g for g in tr.groups.values() if g.multiple > 1]
+    assert stepped and all(g.multiple == 16 for g in stepped)
+    spec = get_model_spec("torchvision:regnet_x_400mf")
+    for g in stepped:
+        assert all(c % 16 == 0 for c in choice_widths(spec, g.name, g.full, SpaceOptions()))
+
+
+@pytest.mark.parametrize("model", BN_MODELS + LN_MODELS)
+def test_prediction_equals_count_of_the_pruned_network(model: str) -> None:
+    for seed in range(2):
+        shape = candidate_shape(model, seed)
+        flops, params = model_cost(model, shape, (3, SIDE, SIDE), 10)
+        macs, n, out = counted(create_model(model, shape, num_classes=10, in_channels=3))
+        assert (macs, n, tuple(out)) == (flops, params, (1, 10))
+
+
+@pytest.mark.parametrize("model", BN_MODELS[:3] + ["timm:regnetx_002"])
+def test_expected_cost_is_exact_at_one_hot(model: str) -> None:
+    torch.manual_seed(0)
+    net = SuperNet(model, num_classes=10, in_channels=3, input_size=(SIDE, SIDE))
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.copy_(F.one_hot(torch.randint(p.numel(), ()), p.numel()).float() * 50)
+    flops, params = (v.detach() for v in net.expected_cost())
+    exact = model_cost(model, net.derive(), (3, SIDE, SIDE), 10)
+    assert float(flops) == pytest.approx(exact[0], rel=1e-9)
+    assert float(params) == pytest.approx(exact[1], rel=1e-9)
+    assert tuple(int(v) for v in net.argmax_cost()) == exact
+
+
+@pytest.mark.parametrize("model", BN_MODELS)
+def test_supernet_at_a_shape_computes_the_pruned_network(model: str) -> None:
+    """Width masks + depth mixture at one-hot == the physically smaller network, and the
+    weights it hands on (plain_state_dict) are that network's."""
+    torch.manual_seed(0)
+    net = SuperNet(model, num_classes=10, in_channels=3, input_size=(SIDE, SIDE)).eval()
+    shape = candidate_shape(model, 3)
+    student = create_model(model, shape, num_classes=10, in_channels=3).eval()
+    student.load_state_dict(net.plain_state_dict(shape))
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad(), net.fixed(shape):
+        ref = net(x)
+    with torch.no_grad():
+        got = student(x)
+    assert torch.allclose(ref, got, atol=1e-5 * max(1.0, float(ref.abs().max())))
+
+
+def test_search_gradients_reach_every_logit() -> None:
+    net = SuperNet("torchvision:mobilenet_v3_small", input_size=(SIDE, SIDE)).train()
+    net.generator = torch.Generator().manual_seed(0)
+    y = net(torch.randn(4, 3, SIDE, SIDE))
+    flops, _ = net.expected_cost()
+    (F.cross_entropy(y, torch.randint(0, 10, (4,))) + flops / net.full_flops).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+
+
+def test_teacher_weights_carry_into_the_pruned_network() -> None:
+    """A student initialised from the teacher is the teacher with channels removed: at the
+    full shape it is the teacher itself."""
+    model = "torchvision:resnet18"
+    teacher = create_model(model).eval()
+    spec = get_model_spec(model)
+    full = spec.full_shape()
+    assert spec.transfer is not None
+    same = create_model(model, full).eval()
+    same.load_state_dict(spec.transfer(teacher.state_dict(), full, 10, 3))
+    x = torch.randn(2, 3, SIDE, SIDE)
+    with torch.no_grad():
+        assert torch.equal(same(x), teacher(x))
+
+
+def test_first_conv_and_classifier_adapt_to_the_data() -> None:
+    net = create_model("torchvision:resnet18", num_classes=7, in_channels=1).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    timm_net = create_model("timm:resnet18", num_classes=7, in_channels=1).eval()
+    with torch.no_grad():
+        assert timm_net(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_unknown_names_suggest_close_matches() -> None:
+    with pytest.raises(ConfigError, match="torchvision:resnet18"):
+        get_model_spec("torchvision:resnet81")
+    with pytest.raises(ConfigError, match="timm:"):
+        get_model_spec("timm:efficientnet_b00")
+
+
+def test_too_small_an_input_is_one_clear_line() -> None:
+    with pytest.raises(ConfigError, match="does not run on a 3x8x8 input.*Fix"):
+        model_cost("torchvision:googlenet", None, (3, 8, 8), 10)
+
+
+def test_pruned_network_exports_to_onnx(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    model = "torchvision:mobilenet_v3_small"
+    net = create_model(model, candidate_shape(model, 1)).eval()
+    x = torch.rand(2, 3, SIDE, SIDE)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net, (x,), str(path), input_names=["x"], dynamo=False)
+    got = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_tasprune_run_on_a_torchvision_model(tmp_path: Path) -> None:
+    """teacher -> search -> distill -> report -> export on torchvision:resnet18; the saved
+    student loads by name + shape (no pickled module) and predicts raw images."""
+    recipe = tmp_path / "tv.yaml"
+    recipe.write_text(
+        "model: torchvision:resnet18\ndevice: cpu\n"
+        "data: {name: fashion-mnist, train_subset: 256, test_subset: 128}\n"
+        "teacher: {train: {epochs: 2, batch_size: 64, lr: 0.05}}\n"
+        "search: {epochs: 2, batch_size: 64, valid_batches: 1}\n"
+        "distill: {train: {epochs: 2, batch_size: 64, lr: 0.05}}\n"
+        "report: {latency_batches: [1], latency_repeats: 1}\n"
+    )
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TASPRUNE_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "tasprune.cli", "run", str(recipe), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    shape = json.loads((out / "search" / "shape.json").read_text())
+    assert report["pruned"]["flops"] == shape["flops"] < report["teacher"]["flops"]
+    import tasprune
+
+    loaded = tasprune.load(out / "student" / "model.pt")
+    raw = torch.rand(3, 1, 28, 28)  # images in [0, 1], as the contract says
+    with torch.no_grad():
+        assert loaded(raw).shape == (3, 10)
+    onnx = tmp_path / "student.onnx"
+    cmd = [sys.executable, "-m", "tasprune.cli", "export", str(out / "student" / "model.pt")]
+    r = subprocess.run(
+        [*cmd, "--format", "onnx", "--out", str(onnx)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert onnx.is_file()
