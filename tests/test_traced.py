@@ -227,3 +227,33 @@ def test_tasprune_run_on_a_torchvision_model(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert onnx.is_file()
+
+
+def test_weights_of_the_original_architecture_are_loaded_then_adapted(tmp_path: Path) -> None:
+    import torchvision
+
+    from tasprune.models.traced import from_weights
+
+    original = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(original.state_dict(), path)
+    net = from_weights("torchvision:resnet18", str(path), num_classes=7, in_channels=1)
+    assert torch.equal(net.layer1[0].conv1.weight, original.layer1[0].conv1.weight)
+    assert torch.allclose(net.conv1.weight[:, 0], original.conv1.weight.mean(1))
+    assert net.fc.out_features == 7
+    with torch.no_grad():
+        assert net.eval()(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_weights_of_another_architecture_are_refused_before_writing(tmp_path: Path) -> None:
+    import torchvision
+
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "tasprune.cli", "train", "--model", "torchvision:resnet18"]
+    cmd += ["--weights", str(path), "--epochs", "1", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "does not fit torchvision:resnet18" in r.stderr and "Fix:" in r.stderr
+    assert not out.exists()

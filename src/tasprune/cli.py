@@ -194,6 +194,11 @@ def cmd_train(recipe: Recipe, out: Path, progress: bool = True) -> int:
     from tasprune.stages import StageContext, train_teacher
 
     data = load_run_data(recipe)  # before writing: bad data writes nothing
+    if recipe.teacher.weights is not None:  # weights that do not fit: refused before writing
+        from tasprune.models.traced import from_weights
+
+        train = data[0]
+        from_weights(recipe.model, recipe.teacher.weights, train.num_classes, train.in_channels)
     _write_config(out, recipe)
     _, metrics = train_teacher(StageContext(recipe, data, _device(recipe), progress), out)
     _say(f"{out}/model.pt: test top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}%")
@@ -382,6 +387,9 @@ def _set_device_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+_MODEL_HELP = "registered model, or torchvision:NAME / timm:NAME (any CNN of those libraries)"
+
+
 def _recipe_args(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
     _set_device_args(p)
@@ -502,7 +510,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("train", cmd_train, "train an unpruned network")
-    p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
+    p.add_argument("--model", default=None, help=f"{_MODEL_HELP} (default {_D.model})")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="state dict of the torchvision:/timm: model's original architecture to start "
+        "from (adapted to the data, then fine-tuned)",
+    )
     _schedule_args(p, "teacher.train", _D.teacher.train)
     _out_arg(p)
     _recipe_args(p)
@@ -520,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     _size_args(p, "the model's")
 
     p = add("search", cmd_search, "search a pruned shape under a FLOPs budget")
-    p.add_argument("--model", default=None, help=f"registered model (default {_D.model})")
+    p.add_argument("--model", default=None, help=f"{_MODEL_HELP} (default {_D.model})")
     p.add_argument(
         "--flops-ratio",
         type=float,
@@ -608,7 +623,10 @@ def _dispatch(a: argparse.Namespace) -> int:
     flags = _data_flags(a)
     if a.command == "train":
         flags.update(model=a.model)
-        flags["teacher"] = {"train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr}}
+        flags["teacher"] = {
+            "weights": str(a.weights) if a.weights is not None else None,
+            "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr},
+        }
         recipe = _recipe(a.config, a.sets, deep_merge(flags, det))
         return _stage_command(recipe, a.out, lambda: cmd_train(recipe, a.out, progress))
     if a.command == "search":

@@ -55,6 +55,7 @@ from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneErr
 from tasprune.imagefolder import StreamingFolder
 from tasprune.lock import run_lock
 from tasprune.models import get_model_spec
+from tasprune.models.traced import from_weights
 from tasprune.search.loop import check_budget
 from tasprune.shape import Shape
 from tasprune.stages import (
@@ -336,6 +337,8 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
     train, _ = ctx.data
     if "teacher" in pending and r.teacher.checkpoint:
         checked_teacher(ctx.ctx, r.teacher.checkpoint)
+    if "teacher" in pending and r.teacher.weights:
+        from_weights(r.model, r.teacher.weights, train.num_classes, train.in_channels)
     sizes: list[tuple[str, int, int]] = []  # (batch-size key, images, batch size)
     if "teacher" in pending and not r.teacher.checkpoint:
         sizes.append(("teacher.train.batch_size", len(train), r.teacher.train.batch_size))

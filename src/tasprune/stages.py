@@ -138,7 +138,12 @@ def train_teacher(ctx: StageContext, out: Path) -> tuple[nn.Module, dict[str, An
     r, cfg = ctx.recipe, ctx.recipe.teacher.train
     train = ctx.data[0]
     torch.manual_seed(cfg.seed)
-    model = create_model(r.model, num_classes=train.num_classes, in_channels=train.in_channels)
+    if r.teacher.weights is not None:
+        from tasprune.models.traced import from_weights
+
+        model = from_weights(r.model, r.teacher.weights, train.num_classes, train.in_channels)
+    else:
+        model = create_model(r.model, num_classes=train.num_classes, in_channels=train.in_channels)
     full = get_model_spec(r.model).full_shape()
     meta = model_meta(r.model, full, train, "teacher", augment=ctx.augment, **ctx.recipe_meta())
     metrics = fit(

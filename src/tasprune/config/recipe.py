@@ -55,6 +55,10 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = None  # run folder or model.pt of a trained unpruned network
+    # A state dict of a torchvision:/timm: model's original architecture (e.g. an ImageNet
+    # checkpoint, .pth or .safetensors): loaded, adapted to the data's channels and classes,
+    # then trained as the teacher for teacher.train.epochs (fine-tuned).
+    weights: str | None = None
     train: TrainConfig = TrainConfig(epochs=30)
     # Reorder the teacher's coupled channels by importance (most important first) before the
     # warm-started search and the student's initialisation, so kept prefixes are the important

@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from tasprune.errors import ConfigError
-from tasprune.models.algebra import Counter
 from tasprune.models.ops import Ops, PlainOps
+from tasprune.models.spec import BuildFn, CostFn, ModelSpec
 from tasprune.shape import Shape
 
-BuildFn = Callable[[Shape, int, int, Ops], nn.Module]
-CostFn = Callable[[Counter, int, tuple[int, int], int], None]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything tasprune needs to know about one registered model."""
-
-    name: str
-    family: str
-    build: BuildFn  # (shape, num_classes, in_channels, ops) -> module
-    full_shape: Callable[[], Shape]
-    cost: CostFn  # (counter, in_channels, (H, W), num_classes) -> accumulates into counter
-    default_input: tuple[int, int, int] = (3, 32, 32)
-    description: str = ""
-    # Conv names whose out-widths form one residual stream (tied in "tie_residual" search).
-    residual_groups: Callable[[], list[list[str]]] | None = None
-    # Convs the Shape does not list because their width is tied to a listed one (e.g. the
-    # depthwise conv of an inverted residual block): conv name -> the Shape key it follows.
-    tied_widths: Callable[[], dict[str, str]] | None = None
-    # Traced models (`tasprune.models.traced`): the step candidates of a width must keep
-    # (0: not searchable), the searchable network of a SuperNet, and the weights of a pruned
-    # network cut from unpruned ones. Families leave them None (any width; `SearchOps`;
-    # leading slices).
-    width_step: Callable[[str], int] | None = None
-    searchable: Callable[[Any], nn.Module] | None = None
-    transfer: Callable[[dict[str, Tensor], Shape, int, int], dict[str, Tensor]] | None = None
-
+__all__ = ["BuildFn", "CostFn", "ModelSpec", "create_model", "get_model_spec", "register_model"]
 
 _REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
 

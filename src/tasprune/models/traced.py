@@ -137,6 +137,82 @@ def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
     raise ConfigError("found no conv reading 3 image channels to adapt. Fix: use 3-channel data")
 
 
+def from_weights(model: str, path: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``model`` with the weights of ``path`` (a state dict of its original architecture:
+    3 input channels, the original classes), then adapted to the data: the first conv's RGB
+    filters averaged into ``in_channels``, a new classifier for ``num_classes``."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not is_traced(model):
+        raise ConfigError(
+            f"teacher.weights is for torchvision:/timm: models, not {model}. Fix: use "
+            "teacher.checkpoint for a tasprune model.pt"
+        )
+    if not file.is_file():
+        raise ConfigError(f"weights file {file} does not exist. Fix: pass an existing file")
+    try:
+        state: Any
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"weights file {file} cannot be read as a state dict ({type(err).__name__}). "
+            "Fix: save it with torch.save(model.state_dict(), path)"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    original = _original(model)
+    try:
+        original.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        first = (lines[1] if len(lines) > 1 else lines[0]) if lines else type(err).__name__
+        raise ConfigError(
+            f"weights file {file} does not fit {model} ({first[:200]}). Fix: pass weights "
+            f"saved from {model} itself"
+        ) from None
+    if in_channels != 3:
+        _replace_first_conv(original, in_channels)
+    _replace_classifier(original, num_classes)
+    return original
+
+
+def _original(model: str) -> nn.Module:
+    """``model`` with its original head (as its published weights have it)."""
+    kind, name = model.split(":", 1)
+    if kind == "timm":
+        return _timm().create_model(name, pretrained=False)
+    import torchvision
+
+    kwargs: dict[str, Any] = {"weights": None}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    build_source(model, 10, 3)  # checks the name
+    return torchvision.models.get_model(name, **kwargs)
+
+
+def _replace_classifier(net: nn.Module, num_classes: int) -> None:
+    """A fresh classifier layer with ``num_classes`` outputs in place of the last one."""
+    reset = getattr(net, "reset_classifier", None)
+    if callable(reset):  # timm
+        reset(num_classes)
+        return
+    last = _classifier(net)
+    name = next(n for n, m in net.named_modules() if m is last)
+    if isinstance(last, nn.Linear):
+        new: nn.Module = nn.Linear(last.in_features, num_classes, last.bias is not None)
+    else:
+        assert isinstance(last, nn.Conv2d)
+        new = nn.Conv2d(last.in_channels, num_classes, last.kernel_size, last.stride)  # type: ignore[arg-type]
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, leaf, new)
+
+
 # ---------------------------------------------------------------------------- analysis
 @dataclass
 class Group:
@@ -679,7 +755,7 @@ def build_pruned(model: str, shape: Shape, num_classes: int, in_channels: int) -
 @functools.lru_cache(maxsize=32)
 def traced_spec(model: str) -> Any:
     """The `ModelSpec` of a traced source: built, costed and searched from its graph."""
-    from tasprune.models.registry import ModelSpec
+    from tasprune.models.spec import ModelSpec
 
     tr = traced(model)
 
@@ -692,11 +768,6 @@ def traced_spec(model: str) -> Any:
     def width_step(name: str) -> int:
         g = tr.groups[name]
         return 0 if g.fixed else g.multiple
-
-    def searchable(net: Any) -> nn.Module:
-        from tasprune.search.traced import searchable_network
-
-        return searchable_network(net, model)
 
     def transfer(
         state: dict[str, Tensor], shape: Shape, num_classes: int, in_channels: int
@@ -713,6 +784,5 @@ def traced_spec(model: str) -> Any:
         description=f"{model} traced: {len(tr.groups)} channel groups, {len(tr.stages)} stages",
         residual_groups=lambda: [],  # residual streams are one group already
         width_step=width_step,
-        searchable=searchable,
         transfer=transfer,
     )

@@ -263,8 +263,10 @@ class SuperNet(nn.Module):
 
         for c in self.all_choices():
             c.select_full()
-        if spec.searchable is not None:  # a traced model: its own network, made searchable
-            self.net = spec.searchable(self)
+        if spec.family == "traced":  # its own network, made searchable in place
+            from tasprune.search.traced import searchable_network
+
+            self.net = searchable_network(self, model)
         else:
             self.net = spec.build(
                 self.full_shape, num_classes, in_channels, SearchOps(self, opts.align)

@@ -15,15 +15,14 @@ name-based.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from tasprune.models.traced import Stage, build_source, traced
 
-if TYPE_CHECKING:
-    from tasprune.search.supernet import SuperNet
+SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 
 
 class _Widths:
