@@ -34,6 +34,7 @@ BN_MODELS = [
     "torchvision:efficientnet_b0",
     "torchvision:regnet_x_400mf",
     "torchvision:densenet121",
+    "torchvision:shufflenet_v2_x0_5",
     "timm:resnet18",
     "timm:mobilenetv3_small_050",
     "timm:regnetx_002",
@@ -76,6 +77,26 @@ def test_resnet18_groups_and_stages() -> None:
         "layer3.0": 2,
         "layer4.0": 2,
     }
+
+
+def test_shufflenet_is_searched_inside_its_blocks() -> None:
+    """The channel shuffle defeats the whole-network graph: the widths inside each block are
+    searched, those crossing the shuffle keep theirs."""
+    tr = traced("torchvision:shufflenet_v2_x0_5")
+    assert len(tr.searchable_groups()) >= 12
+    assert all(g.scope for g in tr.groups.values())
+
+
+def test_ops_the_graph_cannot_follow_leave_their_groups_unsearched() -> None:
+    """GhostNet slices its concatenation: the groups mapped through the slice are fixed with
+    the reason, the others are searched, and the cost stays exact."""
+    model = "timm:ghostnet_050"
+    tr = traced(model)
+    fixed = [g for g in tr.groups.values() if g.fixed]
+    assert fixed and all("channel slice" in str(g.fixed) for g in fixed)
+    assert len(tr.searchable_groups()) >= 10
+    shape = candidate_shape(model, 0)
+    assert counted(create_model(model, shape))[:2] == model_cost(model, shape, (3, SIDE, SIDE), 10)
 
 
 def test_grouped_convs_keep_whole_groups() -> None:

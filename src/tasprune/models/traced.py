@@ -223,6 +223,7 @@ class Group:
     roots: list[tuple[str, bool]]  # (layer, out?) roots of Torch-Pruning groups merged here
     multiple: int = 1  # candidates must be multiples (grouped convs keep whole groups)
     fixed: str | None = None  # why the width cannot be searched
+    scope: str = ""  # the sub-module traced for it ("" = the whole network)
 
 
 @dataclass
@@ -261,14 +262,78 @@ class Traced:
         side = max(TRACE_SIZE, min_side(model))
         self.trace_input = (3, side, side)
         net = build_source(model, 10, 3).eval()
-        self.groups, self.group_of, self.masks = _channel_groups(net, model, self.trace_input)
+        self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
+            net, model, self.trace_input
+        )
         self.stages = _depth_stages(net, model, self.trace_input)
         self.stage_of: dict[str, tuple[str, int]] = {}
         for st in self.stages.values():
             for i, b in enumerate(st.blocks):
                 self.stage_of[b] = (st.name, i)
-        searched = set(self.groups)
-        self.group_of = {k: [g for g in v if g in searched] for k, v in self.group_of.items()}
+        self._drop_overlaps(net)
+        self._verify()
+
+    def _drop_overlaps(self, net: nn.Module) -> None:
+        """Groups that the graph maps onto more channels of a layer than it has (an op it
+        cannot follow, such as a channel slice) keep their width, and that layer's channels
+        count as fixed."""
+        modules = dict(net.named_modules())
+        for (layer, out), groups in list(self.group_of.items()):
+            mod = modules.get(layer)
+            if isinstance(mod, nn.Conv2d):
+                channels = mod.out_channels if out else mod.in_channels
+            elif isinstance(mod, nn.Linear):
+                channels = mod.out_features if out else mod.in_features
+            elif mod is not None and out and _channels(mod, 0) > 0:
+                channels = _channels(mod, 0)
+            else:
+                continue
+            spans = sum(
+                self.groups[g].full * self.per_channel.get((layer, out, g), 1) for g in groups
+            )
+            if spans > channels:
+                for g in groups:
+                    self.groups[g].fixed = (
+                        f"its channels do not map onto {layer} (an op the graph cannot "
+                        "follow, such as a channel slice)"
+                    )
+                self.group_of[(layer, out)] = []
+
+    def _verify(self) -> None:
+        """Prune every searchable group to about half on a copy and check that the network
+        runs and its counted FLOPs equal the prediction; when not, find the groups that
+        break it (the graph missed an op, e.g. a channel slice) and leave them unsearched."""
+        names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
+        if names and (why := self._trial(names)) is not None:
+            logger.info("%s: pruning all groups fails (%s); checking each", self.model, why)
+            for n in names:
+                if (why := self._trial([n])) is not None:
+                    self.groups[n].fixed = f"pruning it breaks the network ({why})"
+
+    def _trial(self, names: list[str]) -> str | None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from tasprune.models.algebra import ExactAlgebra
+
+        half = {}
+        for n in names:
+            g = self.groups[n]
+            half[n] = max(g.multiple, g.full // 2 // g.multiple * g.multiple)
+        shape = self.full_shape().replace(widths=half)
+        side = self.trace_input[1]
+        try:
+            net = _prune_with(self, build_source(self.model, 10, 3), shape, 3).eval()
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                y = net(torch.zeros(1, 3, side, side))
+            c = Counter(ExactAlgebra(shape))
+            traced_cost(self, c, 3, (side, side), 10)
+        except Exception as err:
+            return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        if tuple(y.shape) != (1, 10):
+            return f"output {tuple(y.shape)}"
+        if fc.get_total_flops() // 2 != int(c.flops):
+            return f"counted {fc.get_total_flops() // 2} MACs, predicted {int(c.flops)}"
+        return None
 
     def full_shape(self) -> Shape:
         return Shape(
@@ -364,7 +429,10 @@ def _resolve(parent: dict[str, str], g: str) -> str:
 def _channel_groups(
     net: nn.Module, model: str, size: tuple[int, int, int]
 ) -> tuple[
-    dict[str, Group], dict[tuple[str, bool], list[str]], dict[str, list[tuple[str, int, bool]]]
+    dict[str, Group],
+    dict[tuple[str, bool], list[str]],
+    dict[str, list[tuple[str, int, bool]]],
+    dict[tuple[str, bool, str], int],
 ]:
     """Torch-Pruning's coupled channel groups of ``net`` as width choices.
 
@@ -375,45 +443,44 @@ def _channel_groups(
     names: dict[Any, str] = {m: n for n, m in net.named_modules()}
     names.update({p: f"param:{n}" for n, p in net.named_parameters()})  # unwrapped parameters
     classifier = _classifier(net)
-    try:
-        dg = _dependency_graph(net, torch.zeros(1, *size))
-    except Exception as err:
-        raise ConfigError(
-            f"{model}: its graph cannot be traced ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''}). Fix: use another model, "
-            "or a module without data-dependent control flow"
-        ) from None
     groups: dict[str, Group] = {}
     group_of: dict[tuple[str, bool], list[str]] = {}  # the groups of a layer's in/out channels
     offsets: dict[tuple[str, bool, str], int] = {}  # where a group's channels start in a layer
+    spans: dict[tuple[str, bool, str], int] = {}  # how many of the layer's channels it spans
     parent: dict[str, str] = {}
+    nodes: dict[Any, Any] = {}
     convs = (nn.Conv2d, nn.Linear)
-    for tp_group in dg.get_all_groups(ignored_layers=[classifier], root_module_types=convs):
-        root_dep = tp_group[0].dep
-        root = names.get(root_dep.target.module)
-        if root is None:
-            continue
-        root_out = root_dep.handler.__name__ == "prune_out_channels"
-        full = len(tp_group[0].idxs)
-        gname = root
-        g = Group(gname, full, [(root, root_out)])
-        touches_classifier = False
-        for dep, idxs in tp_group:
-            mod = dep.target.module
-            layer = names.get(mod)
-            if layer is None:
+    for scope, mod_scope, example, dg in _scopes(net, model, size):
+        nodes.update(dg.module2node)
+        for tp_group in dg.get_all_groups(ignored_layers=[classifier], root_module_types=convs):
+            root_dep = tp_group[0].dep
+            root = names.get(root_dep.target.module)
+            if root is None:
                 continue
-            out = dep.handler.__name__ == "prune_out_channels" or layer.startswith("param:")
-            if mod is classifier and out:
-                touches_classifier = True
-            seg = group_of.setdefault((layer, out), [])
-            if gname not in seg:
-                seg.append(gname)
-                offsets[(layer, out, gname)] = min(int(i) for i in idxs)
-        if touches_classifier:
-            g.fixed = "feeds the classifier's outputs"
-        groups[gname] = g
-        parent[gname] = gname
+            full = len(tp_group[0].idxs)
+            if scope and not _internal(mod_scope, example, root_dep, full, names, scope):
+                continue  # crosses the traced block's boundary: left unsearched
+            root_out = root_dep.handler.__name__ == "prune_out_channels"
+            gname = root
+            g = Group(gname, full, [(root, root_out)], scope=scope)
+            touches_classifier = False
+            for dep, idxs in tp_group:
+                mod = dep.target.module
+                layer = names.get(mod)
+                if layer is None:
+                    continue
+                out = dep.handler.__name__ == "prune_out_channels" or layer.startswith("param:")
+                if mod is classifier and out:
+                    touches_classifier = True
+                seg = group_of.setdefault((layer, out), [])
+                if gname not in seg:
+                    seg.append(gname)
+                    offsets[(layer, out, gname)] = min(int(i) for i in idxs)
+                    spans[(layer, out, gname)] = len(idxs)
+            if touches_classifier:
+                g.fixed = "feeds the classifier's outputs"
+            groups[gname] = g
+            parent[gname] = gname
     # A grouped (not depthwise) conv keeps whole groups: its input and output widths are tied
     # and move in steps of the group size.
     for layer, mod in net.named_modules():
@@ -443,13 +510,18 @@ def _channel_groups(
     for (layer, out, gn), off in offsets.items():
         key = (layer, out, _resolve(parent, gn))
         resolved[key] = min(off, resolved.get(key, off))
-    masks = _mask_sites(net, dg, names, group_of, resolved, parent)
-    return merged, group_of, masks
+    masks = _mask_sites(net, nodes, names, group_of, resolved, parent)
+    per_channel = {  # layer channels per group channel (a flatten before a Linear: H*W)
+        (layer, out, _resolve(parent, gn)): n // groups[_resolve(parent, gn)].full
+        for (layer, out, gn), n in spans.items()
+        if n > groups[_resolve(parent, gn)].full
+    }
+    return merged, group_of, masks, per_channel
 
 
 def _mask_sites(
     net: nn.Module,
-    dg: Any,
+    nodes: dict[Any, Any],
     names: dict[Any, str],
     group_of: dict[tuple[str, bool], list[str]],
     offsets: dict[tuple[str, bool, str], int],
@@ -480,7 +552,7 @@ def _mask_sites(
         mod = modules.get(layer)
         if not out or mod is None or not isinstance(mod, (*prunable, *norm)):
             continue
-        node = dg.module2node.get(mod)
+        node = nodes.get(mod)
         roots = [_resolve(parent, g) for g in groups]
         if isinstance(mod, prunable):
             after = neighbour(node, True) if node is not None else None
@@ -625,30 +697,36 @@ def traced_cost(
     a = c.alg
     layers, others = tr.layers(in_channels, tuple(hw), num_classes)
 
-    def parts(groups: tuple[str, ...], total: int) -> list[Any]:
-        """The channel counts making up ``total`` channels: searched groups, then the rest."""
-        out = [a.width(g) for g in groups]
-        rest = total - sum(tr.groups[g].full for g in groups)
-        return [*out, a.const(rest)] if rest > 0 else out
+    def parts(layer: str, out: bool, groups: tuple[str, ...], total: int) -> list[Any]:
+        """(count, channels per count) making up the ``total`` channels of a layer side:
+        its searched groups (a group may span several channels per group channel, after a
+        flatten), then the fixed rest."""
+        out_parts = [(a.width(g), tr.per_channel.get((layer, out, g), 1)) for g in groups]
+        rest = total - sum(
+            tr.groups[g].full * m for g, (_, m) in zip(groups, out_parts, strict=False)
+        )
+        return [*out_parts, (a.const(rest), 1)] if rest > 0 else out_parts
 
     def mean(ps: list[Any]) -> Any:
-        return sum(a.mean(p) for p in ps)
+        return sum(a.mean(p) * m for p, m in ps)
 
     for ly in layers:
         keep = a.keep(ly.stage, ly.index) if ly.stage else 1
-        cin, cout = parts(ly.in_groups, ly.cin), parts(ly.out_groups, ly.cout)
+        cin = parts(ly.name, False, ly.in_groups, ly.cin)
+        cout = parts(ly.name, True, ly.out_groups, ly.cout)
         if ly.groups > 1:  # whole groups are kept: in-channels per group stay fixed
             weights = mean(cout) * (ly.cin // ly.groups)
         else:
-            weights = sum(a.prod(x, y) for x in cin for y in cout)
+            weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
         c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
         c.params = c.params + keep * weights * ly.kernel
         if ly.bias:
             c.params = c.params + keep * mean(cout)
-    for _, numel, groups, channels, stage, index in others:
+    for name, numel, groups, channels, stage, index in others:
         keep = a.keep(stage, index) if stage else 1
         if groups:
-            c.params = c.params + keep * mean(parts(groups, channels)) * (numel // channels)
+            share = mean(parts(name, True, groups, channels))
+            c.params = c.params + keep * share * (numel // channels)
         else:
             c.params = c.params + keep * numel
 
@@ -661,7 +739,7 @@ def _channels(mod: nn.Module, covered: int) -> int:
     shape = getattr(mod, "normalized_shape", None)
     if shape:
         return int(shape[0])
-    return max(covered, 1)
+    return max(covered, 1) if covered else 0
 
 
 # ---------------------------------------------------------------------------- pruning
@@ -674,9 +752,12 @@ def prune(net: nn.Module, model: str, shape: Shape, in_channels: int) -> nn.Modu
     """Make ``net`` (the unpruned network of ``model``, any weights) the network of ``shape``,
     in place: channels k.. of every group removed everywhere, skipped blocks replaced by
     identities. Returns ``net``."""
+    return _prune_with(traced(model), net, shape, in_channels)
+
+
+def _prune_with(tr: Traced, net: nn.Module, shape: Shape, in_channels: int) -> nn.Module:
     import torch_pruning as tp
 
-    tr = traced(model)
     cut = {n: shape.widths[n] for n, g in tr.groups.items() if shape.widths[n] < g.full}
     if cut:
         mods = dict(net.named_modules())
@@ -686,10 +767,18 @@ def prune(net: nn.Module, model: str, shape: Shape, in_channels: int) -> nn.Modu
             if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
         }
         side = tr.trace_input[1]
+        example = torch.zeros(1, in_channels, side, side)
+        scopes = {tr.groups[n].scope for n in cut}
+        inputs = _module_inputs(net, example) if scopes != {""} else {}
+        graphs: dict[str, Any] = {}
         with _eval(net):
-            dg = _dependency_graph(net, torch.zeros(1, in_channels, side, side))
+            for scope in scopes:
+                mod = net.get_submodule(scope) if scope else net
+                x = torch.zeros(inputs[scope]) if scope else example
+                graphs[scope] = _dependency_graph(mod, x)
         for gname, k in cut.items():
             g = tr.groups[gname]
+            dg = graphs[g.scope]
             for layer, out in g.roots:
                 mod = mods[layer]
                 linear = isinstance(mod, nn.Linear)
@@ -710,6 +799,90 @@ def prune(net: nn.Module, model: str, shape: Shape, in_channels: int) -> nn.Modu
         for child in st.children[shape.depths[st.name] :]:
             setattr(cont, child, nn.Identity())
     return net
+
+
+def _scopes(
+    net: nn.Module, model: str, size: tuple[int, int, int]
+) -> list[tuple[str, nn.Module, Tensor, Any]]:
+    """(name, module, example input, dependency graph) of what can be traced: the whole
+    network, or, when its graph cannot be followed (e.g. a channel shuffle), the largest
+    sub-modules that can; groups inside those are searched, the rest keeps its width."""
+    example = torch.zeros(1, *size)
+    try:
+        return [("", net, example, _dependency_graph(net, example))]
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    inputs = _module_inputs(net, example)
+    found: list[tuple[str, nn.Module, Tensor, Any]] = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for child, sub in mod.named_children():
+            name = f"{prefix}.{child}" if prefix else child
+            if name not in inputs or not any(True for _ in sub.children()):
+                continue
+            x = torch.zeros(inputs[name])
+            try:
+                found.append((name, sub, x, _dependency_graph(sub, x)))
+            except Exception:
+                visit(name, sub)
+
+    visit("", net)
+    if not found:
+        raise ConfigError(
+            f"{model}: its graph cannot be traced ({reason}). Fix: use another model, or a "
+            "module without data-dependent control flow"
+        )
+    logger.info(
+        "%s: the whole graph cannot be traced (%s); searching inside %d blocks",
+        model,
+        reason,
+        len(found),
+    )
+    return found
+
+
+def _module_inputs(net: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]]:
+    """The shape of the (single tensor) input of every sub-module in one forward."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, mod in net.named_modules():
+        if name:
+
+            def hook(m: nn.Module, args: Any, n: str = name) -> None:
+                if len(args) == 1 and isinstance(args[0], Tensor):
+                    shapes.setdefault(n, tuple(args[0].shape))
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with _eval(net), torch.no_grad():
+            net(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _internal(
+    block: nn.Module, example: Tensor, root_dep: Any, full: int, names: dict[Any, str], scope: str
+) -> bool:
+    """Does pruning this group leave ``block``'s output shape as it is (a group that lives
+    inside the block)? Tried on a copy with its last channel removed."""
+    import copy
+
+    if full < 2:
+        return False
+    with _eval(block), torch.no_grad():
+        ref = block(example)
+    twin = copy.deepcopy(block)
+    mod = twin.get_submodule(names[root_dep.target.module][len(scope) + 1 :])
+    try:
+        dg = _dependency_graph(twin, example)
+        dg.get_pruning_group(mod, root_dep.handler, idxs=[full - 1]).prune()
+        with _eval(twin), torch.no_grad():
+            out = twin(example)
+    except Exception:
+        return False
+    return isinstance(out, Tensor) and isinstance(ref, Tensor) and out.shape == ref.shape
 
 
 def _tied(mod: nn.Module) -> bool:
