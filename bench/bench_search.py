@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasprune.models import create_model
+from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.search.loop import SearchStepper, make_optimizers
 
@@ -41,10 +41,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def input_size(model: str) -> tuple[int, int, int]:
+    """The model's default input: 3x32x32 for the CIFAR families, 3x64x64 for traced ones."""
+    return get_model_spec(model).default_input
+
+
 def make_plain(model: str, batch: int, device: torch.device) -> Any:
     net = create_model(model).to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    size = input_size(model)
+    x = torch.randn(batch, *size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
@@ -58,14 +64,15 @@ def make_plain(model: str, batch: int, device: torch.device) -> Any:
 
 def make_search(model: str, batch: int, device: torch.device, **space: Any) -> Any:
     cfg = SearchConfig(epochs=1, batch_size=batch, **space)
-    net = SuperNet(model, options=cfg.space()).to(device)
+    size = input_size(model)
+    net = SuperNet(model, input_size=size[1:], options=cfg.space()).to(device)
     net = net.to(memory_format=torch.channels_last).train()
     net.generator = torch.Generator().manual_seed(0)
     w_opt, _, a_opt = make_optimizers(net, cfg, steps_per_epoch=1000)
     stepper = SearchStepper(net, w_opt, None, a_opt, cfg)
     cl = torch.channels_last
-    xa = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=cl)
-    xb = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=cl)
+    xa = torch.randn(batch, *size, device=device).contiguous(memory_format=cl)
+    xb = torch.randn(batch, *size, device=device).contiguous(memory_format=cl)
     ya = torch.randint(0, 10, (batch,), device=device)
     yb = torch.randint(0, 10, (batch,), device=device)
 
@@ -159,6 +166,7 @@ def main() -> None:
         row: dict[str, Any] = {
             "model": model,
             "batch": args.batch_size,
+            "input": list(input_size(model)),
             "plain_step_ms": 1e3 * statistics.median(tp),
             "search_iter_ms": 1e3 * statistics.median(ts),
         }

@@ -93,15 +93,17 @@ def test_streaming_folder_search_split_is_stratified_and_disjoint(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_imagenet_recipe_runs_end_to_end_streamed(tmp_path: Path) -> None:
-    """`tasprune run` with data.name imagenet: every stage reads the tree through DataLoaders."""
+@pytest.mark.parametrize("model", ["resnet18", "torchvision:resnet18"])
+def test_imagenet_recipe_runs_end_to_end_streamed(tmp_path: Path, model: str) -> None:
+    """`tasprune run` with data.name imagenet: every stage reads the tree through DataLoaders
+    (a shipped family and the same network traced from torchvision)."""
     import yaml
 
     from tasprune.cli import main
 
     root = _tree(tmp_path / "tree", per_class=8)
     recipe = {
-        "model": "resnet18",
+        "model": model,
         "device": "cpu",
         "data": {"name": "imagenet", "root": str(root), "image_size": 32, "workers": 0},
         "teacher": {"train": {"epochs": 1, "batch_size": 8}},

@@ -278,3 +278,46 @@ def test_weights_of_another_architecture_are_refused_before_writing(tmp_path: Pa
     assert r.returncode == 2
     assert "does not fit torchvision:resnet18" in r.stderr and "Fix:" in r.stderr
     assert not out.exists()
+
+
+def test_a_users_own_module_through_its_factory() -> None:
+    """A factory is named by its import path; the network is searched like any other and
+    `tasprune.prune` gives the pruned module with the unpruned weights' kept channels."""
+    import tasprune
+    from tasprune.models.traced import source_name
+    from user_nets import tiny_net
+
+    name = source_name(tiny_net)
+    assert name == "py:user_nets:tiny_net"
+    tr = traced(name)
+    assert len(tr.groups) == 4  # the residual stream + one inner width per block
+    assert {s: len(st.blocks) for s, st in tr.stages.items()} == {"blocks.0": 3}
+    full = tiny_net().eval()
+    shape = candidate_shape(name, 0).replace(depths={"blocks.0": 3})
+    pruned = tasprune.prune(tiny_net, shape, state=full.state_dict()).eval()
+    assert counted(pruned)[:2] == model_cost(name, shape, (3, 32, 32), 10)
+    same = tasprune.prune(tiny_net, tr.full_shape(), state=full.state_dict()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(same(x), full(x))
+
+
+def test_a_factory_that_cannot_be_imported_is_refused() -> None:
+    from tasprune.models.traced import source_name
+
+    with pytest.raises(ConfigError, match="not an importable factory"):
+        source_name(lambda num_classes, in_channels: None)
+    with pytest.raises(ConfigError, match="cannot import the factory"):
+        get_model_spec("py:no_such_module:f")
+
+
+def test_a_shipped_family_traced_costs_what_its_own_cost_function_says() -> None:
+    """tasprune:cifar_resnet20 (the family's plain network, traced) finds the tied residual
+    space of the family (3 streams + 9 inner widths, 3 stages of 3) and the same cost."""
+    tr = traced("tasprune:cifar_resnet20")
+    assert len(tr.groups) == 12
+    assert sorted(len(st.blocks) for st in tr.stages.values()) == [3, 3, 3]
+    size = (3, 32, 32)
+    assert model_cost("tasprune:cifar_resnet20", None, size) == model_cost(
+        "cifar_resnet20", None, size
+    )

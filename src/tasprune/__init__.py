@@ -6,7 +6,7 @@ from typing import Any
 
 from tasprune import distill as _distill_mod
 from tasprune import search as _search_mod
-from tasprune.api import as_array_dataset, load, run, train
+from tasprune.api import as_array_dataset, load, prune, run, train
 from tasprune.api import distill as _distill_fn
 from tasprune.api import search as _search_fn
 from tasprune.config import DistillConfig, Recipe, SearchConfig, TrainConfig, load_recipe
@@ -42,6 +42,7 @@ search = _make_callable(_search_mod, _search_fn)
 distill = _make_callable(_distill_mod, _distill_fn)
 
 __all__ = [
+    "prune",
     "ArrayDataset",
     "DistillConfig",
     "Recipe",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,11 @@ from tasprune.config import (
 from tasprune.contract import WithPreprocess, contract_from_meta
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
 from tasprune.distill import distill as _distill
-from tasprune.distill import model_meta
+from tasprune.distill import leading_slice_state, model_meta
 from tasprune.engine import fit
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
+from tasprune.models.traced import source_name
 from tasprune.pipeline import run as _run
 from tasprune.search import SearchResult
 from tasprune.search import search as _search
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["as_array_dataset", "distill", "load", "run", "search", "train"]
 
 DataLike = ArrayDataset | Dataset[Any]
+# A model name (registered, torchvision:NAME, timm:NAME, py:module:factory) or a factory:
+# a module-level function returning the network, called with num_classes= and in_channels=.
+ModelLike = str | Callable[..., nn.Module]
 
 
 def as_array_dataset(
@@ -117,7 +121,7 @@ def _train_test(train_data: DataLike, test_data: DataLike) -> tuple[ArrayDataset
 
 
 def train(
-    model: str,
+    model: ModelLike,
     train_data: DataLike,
     test_data: DataLike,
     cfg: TrainConfig | dict[str, Any],
@@ -138,6 +142,7 @@ def train(
     input contract included), final.json, history.jsonl. Returns the final test metrics.
     """
     tcfg = as_config(TrainConfig, cfg, "train")
+    model = source_name(model)
     train_ds, test_ds = _train_test(train_data, test_data)
     full = get_model_spec(model).full_shape()
     shape = shape or full
@@ -166,7 +171,7 @@ def train(
 
 
 def search(
-    model: str,
+    model: ModelLike,
     train_data: DataLike,
     cfg: SearchConfig | dict[str, Any],
     out_dir: str | Path | None,
@@ -186,6 +191,7 @@ def search(
     history.jsonl, checkpoints. Returns the kept shape with its cost.
     """
     scfg = as_config(SearchConfig, cfg, "search")
+    model = source_name(model)
     if teacher is not None:
         if isinstance(teacher, WithPreprocess):
             teacher = teacher.net
@@ -214,7 +220,7 @@ def distill(
     cfg: DistillConfig | dict[str, Any],
     out_dir: str | Path | None,
     *,
-    model: str | None = None,
+    model: ModelLike | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
     augment: Augment | dict[str, Any] | None = None,
@@ -228,7 +234,7 @@ def distill(
     returned by :func:`load` is unwrapped to its network. ``augment`` as in :func:`train`.
     """
     dcfg = as_config(DistillConfig, cfg, "distill")
-    name = model
+    name = source_name(model) if model is not None else None
     if not isinstance(shape, Shape):
         shape, info = Shape.load(shape)
         name = name or info.get("model")
@@ -286,6 +292,30 @@ def run(
     else:
         recipe = load_recipe(recipe_or_path, nested)
     return _run(recipe, Path(out_dir), from_stage=from_stage, progress=progress)
+
+
+def prune(
+    model: ModelLike,
+    shape: Shape | str | Path,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    state: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The physically pruned network of ``shape`` (a Shape or a shape.json), for your own
+    training loop: with ``state`` (an unpruned network's state_dict) its weights are cut from
+    it (the kept channels of every group), else freshly initialised."""
+    name = source_name(model)
+    if not isinstance(shape, Shape):
+        shape, _ = Shape.load(shape)
+    net = create_model(name, shape, num_classes=num_classes, in_channels=in_channels)
+    if state is not None:
+        spec = get_model_spec(name)
+        if spec.transfer is not None:
+            net.load_state_dict(spec.transfer(state, shape, num_classes, in_channels))
+        else:
+            net.load_state_dict(leading_slice_state(state, net.state_dict())[0], strict=False)
+    return net
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> WithPreprocess:

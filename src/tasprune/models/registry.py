@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from tasprune.errors import ConfigError
 from tasprune.models.ops import Ops, PlainOps
-from tasprune.models.spec import BuildFn, CostFn, ModelSpec
+from tasprune.models.spec import _REGISTRY, BuildFn, CostFn, ModelSpec, list_models, register_model
 from tasprune.shape import Shape
 
-__all__ = ["BuildFn", "CostFn", "ModelSpec", "create_model", "get_model_spec", "register_model"]
-
-_REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
-
-
-def register_model(fn: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
-    """Decorator: the function's name is the model name; it returns the model's spec."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+__all__ = [
+    "BuildFn",
+    "CostFn",
+    "ModelSpec",
+    "create_model",
+    "get_model_spec",
+    "list_models",
+    "register_model",
+]
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -38,3 +38,22 @@ class ModelSpec:
     # leave them None (any width; leading slices).
     width_step: Callable[[str], int] | None = None
     transfer: Callable[[dict[str, Tensor], Shape, int, int], dict[str, Tensor]] | None = None
+
+
+_REGISTRY: dict[str, Callable[[], ModelSpec]] = {}
+
+
+def register_model(fn: Callable[[], ModelSpec]) -> Callable[[], ModelSpec]:
+    """Decorator: the function's name is the model name; it returns the model's spec."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """The registered family models (traced sources are named, not listed)."""
+    return sorted(_REGISTRY)
+
+
+def registered_spec(name: str) -> ModelSpec | None:
+    factory = _REGISTRY.get(name)
+    return factory() if factory is not None else None

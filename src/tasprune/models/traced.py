@@ -45,7 +45,10 @@ from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)
 
-PREFIXES = ("torchvision:", "timm:")
+# torchvision:NAME, timm:NAME; tasprune:NAME traces a registered family's plain network (the
+# same mechanism as for any other CNN); py:MODULE:FUNCTION is a user's factory, called as
+# FUNCTION(num_classes=..., in_channels=...) -> nn.Module.
+PREFIXES = ("torchvision:", "timm:", "tasprune:", "py:")
 TRACE_SIZE = (
     64  # side of the example input the graph is traced on (any valid size gives the same groups)
 )
@@ -91,6 +94,16 @@ def build_source(model: str, num_classes: int, in_channels: int) -> nn.Module:
     """The unpruned network of ``model`` with random weights, adapted to the data: its first
     conv takes ``in_channels`` and its classifier gives ``num_classes`` outputs."""
     kind, name = model.split(":", 1)
+    if kind == "py":
+        return _from_factory(name, num_classes, in_channels)
+    if kind == "tasprune":
+        from tasprune.models.ops import PlainOps
+        from tasprune.models.spec import list_models, registered_spec
+
+        spec = registered_spec(name)
+        if spec is None:
+            raise _unknown(name, list_models(), "tasprune")
+        return spec.build(spec.full_shape(), num_classes, in_channels, PlainOps())
     if kind == "timm":
         timm = _timm()
         if not timm.is_model(name):
@@ -109,6 +122,41 @@ def build_source(model: str, num_classes: int, in_channels: int) -> nn.Module:
     net = torchvision.models.get_model(name, **kwargs)
     if in_channels != 3:
         _replace_first_conv(net, in_channels)
+    return net
+
+
+def source_name(model: Any) -> str:
+    """The model name of ``model``: a name as given, or for a factory (a module-level
+    function or class returning the network, called with num_classes= and in_channels=) its
+    import path ``py:module:name``, which `tasprune.load` uses to rebuild it (no pickling)."""
+    if isinstance(model, str):
+        return model
+    mod, qual = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
+    if not callable(model) or not mod or "<" in qual or mod == "__main__":
+        raise ConfigError(
+            f"{model!r} is not an importable factory. Fix: pass a model name, or a function "
+            "defined at module level in an importable module (not __main__, not a lambda)"
+        )
+    return f"py:{mod}:{qual}"
+
+
+def _from_factory(path: str, num_classes: int, in_channels: int) -> nn.Module:
+    """``py:package.module:function`` -> function(num_classes=..., in_channels=...)."""
+    import importlib
+
+    module, _, attr = path.partition(":")
+    fix = "Fix: name an importable factory as py:package.module:function"
+    try:
+        fn: Any = importlib.import_module(module)
+        for part in attr.split(".") if attr else [None]:
+            fn = getattr(fn, part) if part else None
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import the factory {path!r} ({err}). {fix}") from None
+    if not callable(fn):
+        raise ConfigError(f"py:{path} is not a callable factory. {fix}")
+    net = fn(num_classes=num_classes, in_channels=in_channels)
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"py:{path} returned a {type(net).__name__}, not an nn.Module. {fix}")
     return net
 
 
@@ -144,10 +192,10 @@ def from_weights(model: str, path: str, num_classes: int, in_channels: int) -> n
     from pathlib import Path
 
     file = Path(path)
-    if not is_traced(model):
+    if not model.startswith(("torchvision:", "timm:")):
         raise ConfigError(
             f"teacher.weights is for torchvision:/timm: models, not {model}. Fix: use "
-            "teacher.checkpoint for a tasprune model.pt"
+            "teacher.checkpoint for a tasprune model.pt (or load them in your factory)"
         )
     if not file.is_file():
         raise ConfigError(f"weights file {file} does not exist. Fix: pass an existing file")
@@ -261,6 +309,12 @@ class Traced:
         self.model = model
         side = max(TRACE_SIZE, min_side(model))
         self.trace_input = (3, side, side)
+        if model.startswith("tasprune:"):  # the family's own input size
+            from tasprune.models.spec import registered_spec
+
+            family = registered_spec(model.split(":", 1)[1])
+            if family is not None:
+                self.trace_input = family.default_input
         net = build_source(model, 10, 3).eval()
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
             net, model, self.trace_input
@@ -606,13 +660,17 @@ def _is_residual(block: nn.Module) -> bool:
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return False
-    x = inputs[0]
     modules = dict(block.named_modules())
+    same = {inputs[0]}  # the input, and the input through identities (a shortcut)
     for n in graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], nn.Identity) and n.args:
+            if n.args[0] in same:
+                same.add(n)
+            continue
         is_add = (n.op == "call_function" and n.target in _ADDS) or (
             n.op == "call_method" and n.target in ("add", "add_")
         )
-        if is_add and any(a is x for a in n.args[:2]) and _reaches_output(n, modules):
+        if is_add and any(a in same for a in n.args[:2]) and _reaches_output(n, modules):
             return True
     return False
 

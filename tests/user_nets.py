@@ -1,0 +1,35 @@
+"""A user's own network, importable by the tests (tests/ is on sys.path): what
+``py:user_nets:tiny_net`` names."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn1(self.conv1(x)).relu()
+        return (x + self.bn2(self.conv2(y))).relu()
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.blocks = nn.Sequential(Block(16), Block(16), Block(16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x).relu())
+        return self.head(x.mean((2, 3)))
+
+
+def tiny_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return TinyNet(num_classes, in_channels)
