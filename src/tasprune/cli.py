@@ -307,11 +307,15 @@ def cmd_report(run_dir: Path) -> int:
     return 0
 
 
-def cmd_export(source: Path, fmt: str = "onnx", out: Path | None = None) -> int:
+def cmd_export(
+    source: Path, fmt: str = "onnx", out: Path | None = None, pad_channels: int = 8
+) -> int:
     """Export the pruned network of a run folder (or a model.pt) to ONNX/TorchScript/safetensors."""
     from tasprune.export import export_model
 
-    path = export_model(source, fmt, out)  # type: ignore[arg-type]
+    if pad_channels < 0:
+        raise ConfigError(f"--pad-channels {pad_channels} is negative. Fix: 0 (off), 8 or 16")
+    path = export_model(source, fmt, out, pad_channels=pad_channels)  # type: ignore[arg-type]
     print(path)
     return 0
 
@@ -596,6 +600,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=None, help="file or folder (default: DIR/export/pruned.EXT)"
     )
+    p.add_argument(
+        "--pad-channels",
+        type=int,
+        default=8,
+        help="onnx: zero-pad every channel group to a multiple of N (same outputs, faster in "
+        "ONNX Runtime); 0 = as pruned",
+    )
 
     p = add("bench", cmd_bench, "run a benchmark protocol (tasprune.bench)")
     p.add_argument(
@@ -613,7 +624,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "report":
         return cmd_report(a.run_dir)
     if a.command == "export":
-        return cmd_export(a.source, a.fmt, a.out)
+        return cmd_export(a.source, a.fmt, a.out, a.pad_channels)
     if a.command == "bench":
         return cmd_bench(a.args)
     det = _deterministic_flags(a.deterministic)

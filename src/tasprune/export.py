@@ -134,13 +134,20 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path, atol: float) -> None:
-    """ONNX (opset 17, dynamic batch axis) via the TorchScript-based exporter, then verified.
+def _export_onnx(
+    model: nn.Module, meta: dict[str, Any], out: Path, atol: float, pad: int = 0
+) -> None:
+    """ONNX (opset 17, dynamic batch axis) via the TorchScript-based exporter, then verified
+    against ``model``. ``pad`` > 1: the exported copy's channel groups are zero-padded to
+    multiples of it first (`tasprune.padding`: same outputs, faster in ONNX Runtime).
 
     The torch.export-based exporter (``dynamo=True``) needs onnxscript, which is not a
     dependency; the legacy exporter covers every op these CNNs use.
     """
     example = _random_batch(meta, TRACE_BATCH, seed=0)
+    reference = model
+    if pad > 1:
+        model = _padded(model, example, pad)
     with tempfile.TemporaryDirectory(prefix="tasprune-onnx-") as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         try:
@@ -161,8 +168,25 @@ def _export_onnx(model: nn.Module, meta: dict[str, Any], out: Path, atol: float)
                 f"ONNX export of {meta['model']} failed ({first[:200]}). "
                 "Fix: export to torchscript or safetensors instead"
             ) from err
-        _verify_onnx(model, meta, tmp_file, atol)
+        _verify_onnx(reference, meta, tmp_file, atol)
         atomic_write_bytes(out, _with_onnx_meta(tmp_file, model, meta), error_cls=ExportError)
+
+
+def _padded(model: nn.Module, example: Tensor, multiple: int) -> nn.Module:
+    """A copy of ``model`` with its channel groups zero-padded to ``multiple`` (the original
+    when the graph cannot be padded: the export stays correct, only not padded)."""
+    import copy
+
+    from tasprune.padding import pad_channels
+
+    twin = copy.deepcopy(model)
+    net = twin.net if isinstance(twin, WithPreprocess) else twin
+    try:
+        pad_channels(net, multiple, example[:1])
+    except Exception as err:  # a graph the tracer cannot follow: export unpadded
+        logger.info("channel padding skipped (%s: %s)", type(err).__name__, str(err)[:120])
+        return model
+    return twin
 
 
 def _with_onnx_meta(path: Path, model: nn.Module, meta: dict[str, Any]) -> bytes:
@@ -259,8 +283,12 @@ def export_model(
     out: str | os.PathLike[str] | None = None,
     *,
     atol: float = 1e-4,
+    pad_channels: int = 8,
 ) -> Path:
     """Export the network in ``source`` as ``fmt`` and return the written file.
+
+    ``pad_channels`` (ONNX only): zero-pad every channel group to a multiple of it (outputs
+    unchanged; ONNX Runtime on CPU runs 8-channel blocks faster); 0 or 1 exports as is.
 
     ``source``: a run folder (its pruned ``student/model.pt``), a fit folder, or a model.pt
     file (e.g. ``DIR/teacher/model.pt``). ``out`` defaults to ``DIR/export/pruned.<ext>``
@@ -278,7 +306,7 @@ def export_model(
         given = Path(out).expanduser()
         target = given / target.name if given.is_dir() else given
     if fmt == "onnx":
-        _export_onnx(model, meta, target, atol)
+        _export_onnx(model, meta, target, atol, pad_channels)
     elif fmt == "torchscript":
         _export_torchscript(model, meta, target, atol)
     else:

@@ -63,22 +63,25 @@ class _Widths:
                 dim = out.dim() - 1  # channels-last (a Linear or LayerNorm on N,H,W,C)
             else:
                 return out
-            scale: Tensor | None = None
-            for group, offset, mix in sites:
-                m, s = self.vectors(group, out.device)
-                seg = m if mix else s
-                if seg is None:
-                    continue
-                if scale is None:
-                    scale = out.new_ones(out.shape[dim])
-                scale = torch.cat(
-                    [scale[:offset], seg.to(out.dtype), scale[offset + seg.numel() :]]
-                )
+            if len(sites) == 1 and sites[0][1] == 0 and self.full[sites[0][0]] == channels:
+                m, sup = self.vectors(sites[0][0], out.device)  # the usual case: one group
+                scale = m if sites[0][2] else sup
+            else:
+                scale = None
+                for group, offset, mix in sites:
+                    m, sup = self.vectors(group, out.device)
+                    seg = m if mix else sup
+                    if seg is None:
+                        continue
+                    if scale is None:
+                        scale = out.new_ones(out.shape[dim])
+                    scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
             if scale is None:
                 return out
-            view = [1] * out.dim()
-            view[dim] = -1
-            return out * scale.view(view)
+            scale = scale.to(out.dtype)
+            if dim == out.dim() - 1:
+                return out * scale
+            return out * scale.view(-1, *([1] * (out.dim() - 2)))
 
         return apply
 
