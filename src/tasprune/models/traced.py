@@ -334,7 +334,7 @@ class Traced:
         modules = dict(net.named_modules())
         for (layer, out), groups in list(self.group_of.items()):
             mod = modules.get(layer)
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
                 channels = mod.out_channels if out else mod.in_channels
             elif isinstance(mod, nn.Linear):
                 channels = mod.out_features if out else mod.in_features
@@ -349,7 +349,7 @@ class Traced:
                 for g in groups:
                     self.groups[g].fixed = (
                         f"its channels do not map onto {layer} (an op the graph cannot "
-                        "follow, such as a channel slice)"
+                        "follow, such as a channel slice or a conv along the channels)"
                     )
                 self.group_of[(layer, out)] = []
 
@@ -357,6 +357,11 @@ class Traced:
         """Prune every searchable group to about half on a copy and check that the network
         runs and its counted FLOPs equal the prediction; when not, find the groups that
         break it (the graph missed an op, e.g. a channel slice) and leave them unsearched."""
+        if (why := self._trial([])) is not None:
+            raise ConfigError(
+                f"{self.model}: the traced graph does not describe the network ({why}). Fix: "
+                "use another model, or report it with the model name"
+            )
         names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
         if names and (why := self._trial(names)) is not None:
             logger.info("%s: pruning all groups fails (%s); checking each", self.model, why)
@@ -412,7 +417,7 @@ class Traced:
         sizes: dict[str, tuple[int, ...]] = {}
         hooks = []
         for name, mod in net.named_modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 hooks.append(
                     mod.register_forward_hook(
                         lambda m, i, o, n=name: sizes.__setitem__(n, tuple(o.shape))
@@ -434,12 +439,12 @@ class Traced:
         others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
         for name, mod in net.named_modules():
             stage, index = self.where(name)
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 if name not in sizes:
                     continue  # never called (an unused head)
                 out = sizes[name]
-                conv = isinstance(mod, nn.Conv2d)
-                pos = out[2] * out[3] if conv else int(torch.tensor(out[1:-1]).prod())
+                conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
+                pos = math.prod(out[2:]) if conv else math.prod(out[1:-1])
                 layers.append(
                     Layer(
                         name,
@@ -448,7 +453,7 @@ class Traced:
                         mod.out_channels if conv else mod.out_features,  # type: ignore[arg-type]
                         tuple(self.group_of.get((name, False), ())),
                         tuple(self.group_of.get((name, True), ())),
-                        int(mod.kernel_size[0] * mod.kernel_size[1]) if conv else 1,  # type: ignore[index]
+                        math.prod(mod.kernel_size) if conv else 1,  # type: ignore[arg-type]
                         mod.groups if conv else 1,  # type: ignore[arg-type]
                         pos,
                         mod.bias is not None,
