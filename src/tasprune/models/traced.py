@@ -364,10 +364,23 @@ class Traced:
             )
         names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
         if names and (why := self._trial(names)) is not None:
-            logger.info("%s: pruning all groups fails (%s); checking each", self.model, why)
-            for n in names:
-                if (why := self._trial([n])) is not None:
-                    self.groups[n].fixed = f"pruning it breaks the network ({why})"
+            logger.info("%s: pruning all groups fails (%s); finding which", self.model, why)
+            self._bisect(names)
+            left = [n for n in names if self.groups[n].fixed is None]
+            if left and (why := self._trial(left)) is not None:  # only in combination
+                for n in left:
+                    self.groups[n].fixed = f"pruning it with the others breaks the network ({why})"
+
+    def _bisect(self, names: list[str]) -> None:
+        """Fix the groups of ``names`` whose pruning breaks the network (``names`` as a whole
+        is known to): halves that prune cleanly are cleared in one trial."""
+        if len(names) == 1:
+            why = self._trial(names)
+            self.groups[names[0]].fixed = f"pruning it breaks the network ({why})"
+            return
+        for half in (names[: len(names) // 2], names[len(names) // 2 :]):
+            if self._trial(half) is not None:
+                self._bisect(half)
 
     def _trial(self, names: list[str]) -> str | None:
         from torch.utils.flop_counter import FlopCounterMode
