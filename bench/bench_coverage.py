@@ -125,7 +125,7 @@ def run_one(model: str) -> dict[str, Any]:
     torch.manual_seed(0)
     out: dict[str, Any] = {"model": model}
     side = max(SIDE, min_side(model))
-    if model.split(":", 1)[1].startswith("vgg"):
+    if model.split(":", 1)[1].startswith(("vgg", "alexnet")):
         side = 224  # ONNX's adaptive average pool needs the 7x7 grid to divide the feature map
     step = "build"
     t0 = time.perf_counter()

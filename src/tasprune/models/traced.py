@@ -300,6 +300,7 @@ class Layer:
     bias: bool
     stage: str | None
     index: int
+    extra: int = 0  # per-filter parameters of its own besides weight and bias (a conv's gain)
 
 
 class Traced:
@@ -472,6 +473,11 @@ class Traced:
                         mod.bias is not None,
                         stage,
                         index,
+                        sum(
+                            p.numel()
+                            for n, p in mod.named_parameters(recurse=False)
+                            if n not in ("weight", "bias")
+                        ),
                     )
                 )
                 continue
@@ -798,6 +804,8 @@ def traced_cost(
         c.params = c.params + keep * weights * ly.kernel
         if ly.bias:
             c.params = c.params + keep * mean(cout)
+        if ly.extra:
+            c.params = c.params + keep * mean(cout) * (ly.extra // ly.cout)
     for name, numel, groups, channels, stage, index in others:
         keep = a.keep(stage, index) if stage else 1
         if groups:
@@ -842,6 +850,12 @@ def _prune_with(tr: Traced, net: nn.Module, shape: Shape, in_channels: int) -> n
             for n, m in mods.items()
             if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
         }
+        extra = {  # convs with per-filter parameters of their own, and their width
+            n: m.out_channels
+            for n, m in mods.items()
+            if isinstance(m, nn.Conv2d)
+            and any(p not in ("weight", "bias") for p, _ in m.named_parameters(recurse=False))
+        }
         side = tr.trace_input[1]
         example = torch.zeros(1, in_channels, side, side)
         scopes = {tr.groups[n].scope for n in cut}
@@ -863,6 +877,14 @@ def _prune_with(tr: Traced, net: nn.Module, shape: Shape, in_channels: int) -> n
                 else:
                     fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
                 dg.get_pruning_group(mod, fn, idxs=list(range(k, g.full))).prune()
+        for n, full_out in extra.items():
+            # A conv subclass's own per-filter tensors (e.g. the gain of a weight-standardised
+            # conv) that the graph does not prune: the kept filters are the first ones.
+            conv = mods[n]
+            assert isinstance(conv, nn.Conv2d)
+            for pname, p in list(conv.named_parameters(recurse=False)):
+                if pname not in ("weight", "bias") and p.shape[:1] == (full_out,):
+                    setattr(conv, pname, nn.Parameter(p.detach()[: conv.out_channels].clone()))
         for n, (weight, groups) in grouped.items():
             # Whole groups are kept (Torch-Pruning would keep their count and thin each).
             conv = mods[n]
