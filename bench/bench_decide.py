@@ -1,0 +1,105 @@
+"""Do the searches decide? Final entropy and seed agreement of TAS searches on the fmnist-r20
+protocol's data and converged teacher, over architecture learning rates (and epochs).
+
+Per (arch_lr, epochs, seed): one search warm-started from the converged teacher (the KD
+study's, runs/cache/teacher-fmnist-r20-converged), the protocol's other search settings. The
+table gives the last epoch's mean / max normalised entropy (1 = uniform), the FLOPs ratio of
+the kept shape and where it came from, and per setting the agreement of the seeds' shapes
+(fraction of width and depth choices with the same value). The issue's goal: mean entropy
+<= 0.3 with the seeds agreeing.
+
+    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--epochs 10] [--seeds 0 1]
+
+Resumable (each search resumes in runs/decide/...). Writes bench/results/decide.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tasprune.checkpoint import load_model_checkpoint
+from tasprune.config import Recipe
+from tasprune.pipeline import load_run_data
+from tasprune.shape import Shape
+from tasprune.stages import StageContext, search_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TEACHER = ROOT / "runs" / "cache" / "teacher-fmnist-r20-converged" / "model.pt"
+
+
+def agreement(shapes: list[Shape]) -> float:
+    """Fraction of choices on which every seed's shape has the same value."""
+    keys = [("w", k) for k in shapes[0].widths] + [("d", k) for k in shapes[0].depths]
+    same = 0
+    for part, k in keys:
+        values = {(s.widths if part == "w" else s.depths)[k] for s in shapes}
+        same += len(values) == 1
+    return same / len(keys)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch-lrs", type=float, nargs="+", default=[0.05, 0.15, 0.5])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[10])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "decide")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    protocol = yaml.safe_load((ROOT / "bench" / "protocols" / "fmnist-r20.yaml").read_text())
+    recipe = Recipe.model_validate(protocol["recipe"])
+    data = load_run_data(recipe)
+    teacher, _ = load_model_checkpoint(TEACHER)
+    ctx = StageContext(recipe, data, torch.device("cpu"), progress=False)
+    rows: list[dict[str, Any]] = []
+    for lr, epochs in itertools.product(args.arch_lrs, args.epochs):
+        shapes = []
+        for seed in args.seeds:
+            cfg = recipe.search.model_copy(update={"arch_lr": lr, "epochs": epochs, "seed": seed})
+            out = args.out / f"lr{lr}-e{epochs}-s{seed}"
+            result = search_shape(ctx, out, ctx.ordered(teacher), cfg)
+            last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+            info = json.loads((out / "shape.json").read_text())
+            shapes.append(result.shape)
+            rows.append(
+                {
+                    "arch_lr": lr,
+                    "epochs": epochs,
+                    "seed": seed,
+                    "entropy_mean": last["entropy_mean"],
+                    "entropy_max": last["entropy_max"],
+                    "flops_ratio": result.flops_ratio,
+                    "source": info.get("source"),
+                    "valid_top1": last["valid_top1"],
+                    "shape": result.shape.to_dict(),
+                }
+            )
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "shape"}), flush=True)
+        for r in rows[-len(args.seeds) :]:
+            r["seed_agreement"] = agreement(shapes)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "decide.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    lines = [
+        "| arch_lr | epochs | seed | entropy mean | entropy max | FLOPs ratio | kept | "
+        "valid top-1 | seed agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch_lr']} | {r['epochs']} | {r['seed']} | {r['entropy_mean']:.3f} | "
+            f"{r['entropy_max']:.3f} | {r['flops_ratio']:.3f} | {r['source']} | "
+            f"{r['valid_top1']:.2f} | {r['seed_agreement']:.2f} |"
+        )
+    (RESULTS / "decide.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
