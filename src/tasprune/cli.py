@@ -127,6 +127,7 @@ def cmd_flops(
 def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool = False) -> int:
     """Width candidates per conv, depth candidates per stage, and the reachable FLOPs range."""
     from tasprune.cost import model_cost
+    from tasprune.models.traced import is_traced, traced
     from tasprune.search import SearchConfig, SuperNet
     from tasprune.search.space import smallest_shape
 
@@ -137,8 +138,12 @@ def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool
     largest = net.full_flops
     widths = {n: net.width_of[n].candidates for n in net.full_shape.widths}
     depths = {s: c.candidates for s, c in net.depth_of.items()}
+    fixed: dict[str, str] = {}
+    if is_traced(model):  # widths the traced graph leaves unsearched, and why
+        fixed = {n: str(g.fixed) for n, g in traced(model).groups.items() if g.fixed}
     obj = {
         "model": model,
+        "fixed_widths": fixed,
         "input_size": list(size),
         "widths": widths,
         "depths": depths,
@@ -149,6 +154,7 @@ def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool
     lines = [f"{model} @ {'x'.join(map(str, size))}"]
     lines += [f"  width {n}: {c}" for n, c in widths.items()]
     lines += [f"  depth {s}: {c}" for s, c in depths.items()]
+    lines += [f"  fixed {n}: {why}" for n, why in fixed.items()]
     lines.append(
         f"  FLOPs: {smallest / 1e6:.2f} .. {largest / 1e6:.2f} M "
         f"(smallest ratio {smallest / largest:.3f})"

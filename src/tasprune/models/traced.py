@@ -327,6 +327,16 @@ class Traced:
                 self.stage_of[b] = (st.name, i)
         self._drop_overlaps(net)
         self._verify()
+        fixed = [g for g in self.groups.values() if g.fixed]
+        logger.info(
+            "%s: %d width choices (%d kept at full width; `tasprune space --model %s` says why), "
+            "%d depth choices",
+            model,
+            len(self.groups),
+            len(fixed),
+            model,
+            len(self.stages),
+        )
 
     def _drop_overlaps(self, net: nn.Module) -> None:
         """Groups that the graph maps onto more channels of a layer than it has (an op it
