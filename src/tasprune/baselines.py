@@ -32,6 +32,7 @@ from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError, ConfigError, ShapeError
 from tasprune.models import create_model, get_model_spec
+from tasprune.models.traced import dependency_graph
 from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def l1_prune(
     network is checked to load the pruned weights strictly and to reproduce the pruned
     module's outputs. Raises `BudgetError` when the FLOPs cannot be brought into the band.
     """
-    tp = _tp()
+    _tp()  # the clear error when Torch-Pruning is missing
     full, budget = flops_band(model, ratio, input_size, num_classes, tolerance)
     high = budget.bounds(full)[1]
     work = copy.deepcopy(teacher_module).cpu().float().eval()
@@ -327,7 +328,7 @@ def l1_prune(
     fc = getattr(work, "fc", None)
     ignored = [fc] if isinstance(fc, nn.Module) else []
     example = torch.randn(1, *input_size)  # N, C, H, W
-    dg = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+    dg = dependency_graph(work, example)
     plans = _plan_groups(dg, ignored, work, model)
 
     def cost(p: float) -> int:

@@ -49,8 +49,10 @@ def _tp() -> Any:
 def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     """(dependency graph, every coupled group rooted on a conv's output channels). The
     classifier's outputs are never permuted (its inputs are, as a consumer)."""
-    tp = _tp()
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    from tasprune.models.traced import dependency_graph
+
+    _tp()  # the clear error when Torch-Pruning is missing
+    dg = dependency_graph(model, example)
     heads = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=[nn.Conv2d]))
     return dg, groups

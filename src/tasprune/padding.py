@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -37,25 +36,20 @@ def pad_channels(net: nn.Module, multiple: int, example: Tensor) -> int:
     """Pad ``net`` in place (every channel group to a multiple of ``multiple``); returns the
     number of groups padded. Groups that touch a layer other than conv, linear or BatchNorm
     (e.g. a LayerNorm) are left as they are."""
-    import torch_pruning as tp
+    from tasprune.models.traced import classifier_of, dependency_graph, eval_mode
 
     if multiple <= 1:
         return 0
     names = {m: n for n, m in net.named_modules()}
-    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    head = linears[-1] if linears else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        was = net.training
-        net.eval()
-        dg = tp.DependencyGraph().build_dependency(net, example_inputs=example)
-        net.train(was)
+    head = classifier_of(net)
+    with eval_mode(net):
+        dg = dependency_graph(net, example)
     roots = (nn.Conv2d, nn.Linear)
     # (module, dim) -> [(position, count)]: all insertions, from one graph, applied at the end
     # from the highest position down so that earlier positions stay valid.
     plan: dict[tuple[nn.Module, str], list[tuple[int, int]]] = {}
     padded = 0
-    for group in dg.get_all_groups(ignored_layers=[head] if head else [], root_module_types=roots):
+    for group in dg.get_all_groups(ignored_layers=[head], root_module_types=roots):
         k = len(group[0].idxs)
         n = math.ceil(k / multiple) * multiple - k
         if n == 0:

@@ -49,9 +49,8 @@ logger = logging.getLogger(__name__)
 # same mechanism as for any other CNN); py:MODULE:FUNCTION is a user's factory, called as
 # FUNCTION(num_classes=..., in_channels=...) -> nn.Module.
 PREFIXES = ("torchvision:", "timm:", "tasprune:", "py:")
-TRACE_SIZE = (
-    64  # side of the example input the graph is traced on (any valid size gives the same groups)
-)
+# Side of the example input the graph is traced on (any valid size gives the same groups).
+TRACE_SIZE = 64
 _MIN_SIDE = {"inception_v3": 96, "googlenet": 64}  # networks that need a larger input to run
 
 
@@ -111,18 +110,22 @@ def build_source(model: str, num_classes: int, in_channels: int) -> nn.Module:
         return timm.create_model(
             name, pretrained=False, num_classes=num_classes, in_chans=in_channels
         )
+    net = _torchvision(name, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_first_conv(net, in_channels)
+    return net
+
+
+def _torchvision(name: str, **kwargs: Any) -> nn.Module:
+    """torchvision's ``name`` with random weights (single-output heads for the Inceptions)."""
     import torchvision
 
     known = _torchvision_names()
     if name not in known:
         raise _unknown(name, known, "torchvision")
-    kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)
-    net = torchvision.models.get_model(name, **kwargs)
-    if in_channels != 3:
-        _replace_first_conv(net, in_channels)
-    return net
+    return torchvision.models.get_model(name, weights=None, **kwargs)
 
 
 def source_name(model: Any) -> str:
@@ -179,8 +182,7 @@ def _replace_first_conv(net: nn.Module, in_channels: int) -> None:
                 new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight))
                 if conv.bias is not None:
                     new.bias.copy_(conv.bias)  # type: ignore[union-attr]
-            parent, _, leaf = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, leaf, new)
+            net.set_submodule(name, new)
             return
     raise ConfigError("found no conv reading 3 image channels to adapt. Fix: use 3-channel data")
 
@@ -226,7 +228,7 @@ def from_weights(model: str, path: str, num_classes: int, in_channels: int) -> n
         ) from None
     if in_channels != 3:
         _replace_first_conv(original, in_channels)
-    _replace_classifier(original, num_classes)
+    _replaceclassifier_of(original, num_classes)
     return original
 
 
@@ -235,30 +237,23 @@ def _original(model: str) -> nn.Module:
     kind, name = model.split(":", 1)
     if kind == "timm":
         return _timm().create_model(name, pretrained=False)
-    import torchvision
-
-    kwargs: dict[str, Any] = {"weights": None}
-    if name in ("googlenet", "inception_v3"):
-        kwargs.update(aux_logits=False, init_weights=True)
-    build_source(model, 10, 3)  # checks the name
-    return torchvision.models.get_model(name, **kwargs)
+    return _torchvision(name)
 
 
-def _replace_classifier(net: nn.Module, num_classes: int) -> None:
+def _replaceclassifier_of(net: nn.Module, num_classes: int) -> None:
     """A fresh classifier layer with ``num_classes`` outputs in place of the last one."""
     reset = getattr(net, "reset_classifier", None)
     if callable(reset):  # timm
         reset(num_classes)
         return
-    last = _classifier(net)
+    last = classifier_of(net)
     name = next(n for n, m in net.named_modules() if m is last)
     if isinstance(last, nn.Linear):
         new: nn.Module = nn.Linear(last.in_features, num_classes, last.bias is not None)
     else:
         assert isinstance(last, nn.Conv2d)
         new = nn.Conv2d(last.in_channels, num_classes, last.kernel_size, last.stride)  # type: ignore[arg-type]
-    parent, _, leaf = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, leaf, new)
+    net.set_submodule(name, new)
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -289,7 +284,6 @@ class Layer:
     """What the cost of one conv/linear depends on."""
 
     name: str
-    kind: str  # conv | linear
     cin: int
     cout: int
     in_groups: tuple[str, ...]  # the groups of its input channels (the rest is fixed)
@@ -349,8 +343,8 @@ class Traced:
                 channels = mod.out_channels if out else mod.in_channels
             elif isinstance(mod, nn.Linear):
                 channels = mod.out_features if out else mod.in_features
-            elif mod is not None and out and _channels(mod, 0) > 0:
-                channels = _channels(mod, 0)
+            elif mod is not None and out and out_channels_of(mod) > 0:
+                channels = out_channels_of(mod)
             else:
                 continue
             spans = sum(
@@ -472,7 +466,6 @@ class Traced:
                 layers.append(
                     Layer(
                         name,
-                        "conv" if conv else "linear",
                         mod.in_channels if conv else mod.in_features,  # type: ignore[arg-type]
                         mod.out_channels if conv else mod.out_features,  # type: ignore[arg-type]
                         tuple(self.group_of.get((name, False), ())),
@@ -496,7 +489,7 @@ class Traced:
                 continue
             groups = tuple(self.group_of.get((name, True), ()))
             if groups:  # a normalisation layer of a group: all its parameters scale
-                channels = _channels(mod, sum(self.groups[g].full for g in groups))
+                channels = out_channels_of(mod) or sum(self.groups[g].full for g in groups)
                 numel = sum(p.numel() for _, p in own)
                 others.append((name, numel, groups, channels, stage, index))
                 continue
@@ -530,7 +523,7 @@ def _channel_groups(
 
     names: dict[Any, str] = {m: n for n, m in net.named_modules()}
     names.update({p: f"param:{n}" for n, p in net.named_parameters()})  # unwrapped parameters
-    classifier = _classifier(net)
+    classifier = classifier_of(net)
     groups: dict[str, Group] = {}
     group_of: dict[tuple[str, bool], list[str]] = {}  # the groups of a layer's in/out channels
     offsets: dict[tuple[str, bool, str], int] = {}  # where a group's channels start in a layer
@@ -598,7 +591,7 @@ def _channel_groups(
     for (layer, out, gn), off in offsets.items():
         key = (layer, out, _resolve(parent, gn))
         resolved[key] = min(off, resolved.get(key, off))
-    masks = _mask_sites(net, nodes, names, group_of, resolved, parent)
+    masks = _mask_sites(net, nodes, names, group_of, resolved)
     per_channel = {  # layer channels per group channel (a flatten before a Linear: H*W)
         (layer, out, _resolve(parent, gn)): n // groups[_resolve(parent, gn)].full
         for (layer, out, gn), n in spans.items()
@@ -613,13 +606,12 @@ def _mask_sites(
     names: dict[Any, str],
     group_of: dict[tuple[str, bool], list[str]],
     offsets: dict[tuple[str, bool, str], int],
-    parent: dict[str, str],
 ) -> dict[str, list[tuple[str, int, bool]]]:
     """Where the search applies each group's width mixture: layer -> [(group, first channel,
     mix?)]. A group's mixture is applied once per branch, after the normalisation that
     follows its conv (mix); layers whose input already carries the mixture (a depthwise conv
     tied to its producer, a norm after a concatenation) only zero the channels beyond the
-    widest sampled candidate (support)."""
+    widest sampled candidate (support). ``group_of`` and ``offsets`` name merged groups."""
     norm = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     prunable = (nn.Conv2d, nn.Linear)
 
@@ -641,7 +633,6 @@ def _mask_sites(
         if not out or mod is None or not isinstance(mod, (*prunable, *norm)):
             continue
         node = nodes.get(mod)
-        roots = [_resolve(parent, g) for g in groups]
         if isinstance(mod, prunable):
             after = neighbour(node, True) if node is not None else None
             if (
@@ -650,34 +641,26 @@ def _mask_sites(
                 and group_of.get((names[after.module], True)) == groups
             ):
                 continue  # its norm carries the mixture
-            tied = set(roots) if _tied(mod) else set()
-            tied |= {_resolve(parent, g) for g in group_of.get((layer, False), [])}
-            sites[layer] = [
-                (r, offsets[(layer, True, g)], r not in tied)
-                for g, r in zip(groups, roots, strict=True)
-            ]
+            tied = set(groups) if _tied(mod) else set()
+            tied |= set(group_of.get((layer, False), []))
+            sites[layer] = [(g, offsets[(layer, True, g)], g not in tied) for g in groups]
             continue
         before = neighbour(node, False) if node is not None else None
         conv = names.get(before.module) if before is not None else None
         entry: set[str] = set()
         if conv is not None and isinstance(modules.get(conv), prunable):
-            tied = {_resolve(parent, g) for g in group_of.get((conv, False), [])}
-            entry = set() if _tied(modules[conv]) else {r for r in roots if r not in tied}
-        sites[layer] = [
-            (r, offsets[(layer, True, g)], r in entry) for g, r in zip(groups, roots, strict=True)
-        ]
+            tied = set(group_of.get((conv, False), []))
+            entry = set() if _tied(modules[conv]) else {g for g in groups if g not in tied}
+        sites[layer] = [(g, offsets[(layer, True, g)], g in entry) for g in groups]
     return sites
 
 
-def _classifier(net: nn.Module) -> nn.Module:
-    """The layer that produces the logits: the last Linear (or last conv for conv heads)."""
-    last: nn.Module | None = None
-    for mod in net.modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            last = mod
-    assert last is not None
+def classifier_of(net: nn.Module) -> nn.Module:
+    """The layer that produces the logits: the last Linear (the last conv for conv heads)."""
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else last
+    if linears:
+        return linears[-1]
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -825,15 +808,14 @@ def traced_cost(
             c.params = c.params + keep * numel
 
 
-def _channels(mod: nn.Module, covered: int) -> int:
-    """The channel count of a normalisation-like layer (its parameters scale with it)."""
-    for attr in ("num_features", "num_channels"):
-        if isinstance(getattr(mod, attr, None), int):
-            return int(getattr(mod, attr))
+def out_channels_of(mod: nn.Module) -> int:
+    """The output channels of a conv, linear or normalisation layer (0 when it has none)."""
+    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
+        value = getattr(mod, attr, None)
+        if isinstance(value, int):
+            return value
     shape = getattr(mod, "normalized_shape", None)
-    if shape:
-        return int(shape[0])
-    return max(covered, 1) if covered else 0
+    return int(shape[0]) if shape else 0
 
 
 # ---------------------------------------------------------------------------- pruning
@@ -871,11 +853,11 @@ def _prune_with(tr: Traced, net: nn.Module, shape: Shape, in_channels: int) -> n
         scopes = {tr.groups[n].scope for n in cut}
         inputs = _module_inputs(net, example) if scopes != {""} else {}
         graphs: dict[str, Any] = {}
-        with _eval(net):
+        with eval_mode(net):
             for scope in scopes:
                 mod = net.get_submodule(scope) if scope else net
                 x = torch.zeros(inputs[scope]) if scope else example
-                graphs[scope] = _dependency_graph(mod, x)
+                graphs[scope] = dependency_graph(mod, x)
         for gname, k in cut.items():
             g = tr.groups[gname]
             dg = graphs[g.scope]
@@ -917,7 +899,7 @@ def _scopes(
     sub-modules that can; groups inside those are searched, the rest keeps its width."""
     example = torch.zeros(1, *size)
     try:
-        return [("", net, example, _dependency_graph(net, example))]
+        return [("", net, example, dependency_graph(net, example))]
     except Exception as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     inputs = _module_inputs(net, example)
@@ -930,7 +912,7 @@ def _scopes(
                 continue
             x = torch.zeros(inputs[name])
             try:
-                found.append((name, sub, x, _dependency_graph(sub, x)))
+                found.append((name, sub, x, dependency_graph(sub, x)))
             except Exception:
                 visit(name, sub)
 
@@ -962,7 +944,7 @@ def _module_inputs(net: nn.Module, example: Tensor) -> dict[str, tuple[int, ...]
 
             hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        with _eval(net), torch.no_grad():
+        with eval_mode(net), torch.no_grad():
             net(example)
     finally:
         for h in hooks:
@@ -979,14 +961,14 @@ def _internal(
 
     if full < 2:
         return False
-    with _eval(block), torch.no_grad():
+    with eval_mode(block), torch.no_grad():
         ref = block(example)
     twin = copy.deepcopy(block)
     mod = twin.get_submodule(names[root_dep.target.module][len(scope) + 1 :])
     try:
-        dg = _dependency_graph(twin, example)
+        dg = dependency_graph(twin, example)
         dg.get_pruning_group(mod, root_dep.handler, idxs=[full - 1]).prune()
-        with _eval(twin), torch.no_grad():
+        with eval_mode(twin), torch.no_grad():
             out = twin(example)
     except Exception:
         return False
@@ -998,7 +980,7 @@ def _tied(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Conv2d) and mod.groups > 1
 
 
-def _dependency_graph(net: nn.Module, example: Tensor) -> Any:
+def dependency_graph(net: nn.Module, example: Tensor) -> Any:
     """Torch-Pruning's dependency graph of ``net`` (its notices about unwrapped parameters
     such as layer scales are expected: they are pruned along their channel dimension)."""
     import warnings
@@ -1011,7 +993,7 @@ def _dependency_graph(net: nn.Module, example: Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def _eval(net: nn.Module) -> Iterator[None]:
+def eval_mode(net: nn.Module) -> Iterator[None]:
     was = net.training
     net.eval()
     try:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasprune.models.traced import Stage, build_source, traced
+from tasprune.models.traced import Stage, build_source, out_channels_of, traced
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 
@@ -56,7 +56,7 @@ class _Widths:
         def apply(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             if not isinstance(out, Tensor) or out.dim() < 2:
                 return out
-            channels = _out_channels(module)
+            channels = out_channels_of(module)
             if out.shape[1] == channels:
                 dim = 1
             elif out.shape[-1] == channels:
@@ -84,15 +84,6 @@ class _Widths:
             return out * scale.view(-1, *([1] * (out.dim() - 2)))
 
         return apply
-
-
-def _out_channels(mod: nn.Module) -> int:
-    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
-        value = getattr(mod, attr, None)
-        if isinstance(value, int):
-            return value
-    shape = getattr(mod, "normalized_shape", None)
-    return int(shape[0]) if shape else -1
 
 
 def _stage_forward(net: SuperNet, container: nn.Sequential, stages: list[Stage]) -> Any:
