@@ -146,17 +146,9 @@ def random_shape(
         input_size=(input_size[1], input_size[2]),
         options=space,
     )
-    width_choices = list(net.width_choices.values())
-    depth_choices = list(net.depth_choices.values())
     rng = random.Random(seed)
     for attempt in range(1, max_tries + 1):
-        widths: dict[str, int] = {}
-        for c in width_choices:
-            value = rng.choice(c.candidates)
-            for member in c.members:
-                widths[member] = value
-        depths = {c.name: rng.choice(c.candidates) for c in depth_choices}
-        shape = Shape(widths=widths, depths=depths)
+        shape = net.sample(rng)
         flops = _flops(model, shape, input_size, num_classes)
         if budget.contains(flops, full):
             logger.info(

@@ -1,6 +1,6 @@
 """The budget: one home for "how much of the unpruned network's cost may the pruned one keep".
 
-A `Budget` is a ratio of a cost metric (FLOPs, params; latency later) relative to the
+A `Budget` is a ratio of a cost metric (FLOPs, params, predicted latency) relative to the
 unpruned network, with a band below it: a shape is accepted when its cost lies in
 ``[ratio - tolerance, ratio] x unpruned``, never above the target (a user asking for 50%
 never gets 51%), and not so far below that the budget goes unspent. The search's loss, the
@@ -19,8 +19,8 @@ from tasprune.errors import BudgetError, ConfigError
 __all__ = ["Budget"]
 
 _EPS = 1e-9  # ratios computed from integers: tolerate float rounding at the band's edges
-_METRICS = ("flops", "params")
-_LABEL = {"flops": "FLOPs", "params": "params"}
+_METRICS = ("flops", "params", "latency")
+_LABEL = {"flops": "FLOPs", "params": "params", "latency": "latency"}
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,17 @@ class Budget:
         if target < smallest:
             floor = smallest / full
             raise BudgetError(
-                f"{self.metric}_ratio {self.ratio} asks for {target / 1e6:.2f} M {self.label} "
-                f"but the smallest shape of {model} costs {smallest / 1e6:.2f} M "
+                f"{self.metric}_ratio {self.ratio} asks for {self.amount(target)} "
+                f"but the smallest shape of {model} costs {self.amount(smallest)} "
                 f"(ratio {floor:.3f}). Fix: use {self.metric}_ratio >= {floor:.3f} or smaller "
                 "width_fractions"
             )
+
+    def amount(self, cost: float) -> str:
+        """``"12.34 M FLOPs"``, ``"3.21 ms"``."""
+        if self.metric == "latency":
+            return f"{cost:.2f} ms"
+        return f"{cost / 1e6:.2f} M {self.label}"
 
     def describe(self) -> str:
         """``"FLOPs ratio 0.500 (band 0.450-0.500)"``."""

@@ -224,6 +224,84 @@ def _teacher_from(path: Path, model: str | None) -> tuple[Any, dict[str, Any], P
     return net, meta, file
 
 
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    s = _D.search
+    p.add_argument(
+        "--latency-ratio",
+        type=float,
+        default=None,
+        help="target predicted latency / unpruned latency (a measured per-layer table)",
+    )
+    p.add_argument(
+        "--latency-runtime",
+        choices=("eager", "onnxruntime"),
+        default=None,
+        help=f"runtime the latency is measured in (default {s.latency_runtime})",
+    )
+    p.add_argument(
+        "--latency-batch", type=int, default=None, help=f"its batch (default {s.latency_batch})"
+    )
+    p.add_argument(
+        "--latency-threads",
+        type=int,
+        default=None,
+        help=f"its intra-op threads (default {s.latency_threads})",
+    )
+
+
+def cmd_latency_table(
+    model: str,
+    backend: str,
+    batch: int,
+    threads: int,
+    input_size: Sequence[int] | None,
+    num_classes: int,
+    out: Path | None,
+    progress: bool = True,
+) -> int:
+    """Build (or complete) the latency table of ``model``'s search space and say where it is."""
+    from tasprune.config import SearchConfig, validate_model
+    from tasprune.search import SuperNet
+    from tasprune.search.latency import build_table
+
+    size = _input_size(model, input_size)
+    cfg = validate_model(
+        SearchConfig,
+        {
+            "latency_ratio": 0.5,
+            "latency_runtime": backend,
+            "latency_batch": batch,
+            "latency_threads": threads,
+        },
+        "latency-table",
+    )
+    net = SuperNet(
+        model,
+        num_classes=num_classes,
+        in_channels=size[0],
+        input_size=size[1:],
+        options=cfg.space(),
+    )
+    if out is not None and out.exists() and not out.is_file():
+        raise ConfigError(f"--out {out} is not a file. Fix: name a .json file")
+    if out is not None:  # a named file: extended when it holds this machine's table
+        cfg = cfg.model_copy(update={"latency_table": str(out) if out.is_file() else None})
+    table, (scale, rest), path = build_table(net, cfg, progress=progress)
+    if out is not None and path != out:
+        if out.is_file():
+            raise ConfigError(
+                f"--out {out} holds a latency table of another machine, runtime, thread count "
+                "or batch (see the log); it is left as it is. Fix: name a new file"
+            )
+        table.save(out)
+        path = out
+    _say(
+        f"{path}: {len(table.entries)} layer latencies ({backend}, {threads} threads, batch "
+        f"{batch}); {model} predicted as {scale:.3f} x its layers {rest:+.3f} ms"
+    )
+    return 0
+
+
 def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool = True) -> int:
     """Search a shape for the recipe's model under ``search.flops_ratio`` into ``out``."""
     from tasprune.pipeline import load_run_data
@@ -237,13 +315,22 @@ def cmd_search(recipe: Recipe, out: Path, teacher: Path | None, progress: bool =
         net, meta, path = _teacher_from(teacher, recipe.model)
         check_model_fits_data(meta, path, train_data)
     size = (train_data.in_channels, *train_data.image_size)
-    check_budget(recipe.model, recipe.search, size, train_data.num_classes)  # before writing
+    check_budget(  # before writing
+        recipe.model, recipe.search, size, train_data.num_classes, progress=progress
+    )
     _write_config(out, recipe)
     ctx = StageContext(recipe, data, _device(recipe), progress)
     result = search_shape(ctx, out, ctx.ordered(net) if net is not None else None)
+    lat = result.latency
+    lat_text = (
+        f", predicted {lat['runtime']} latency {lat['predicted_ms']:.2f} ms "
+        f"(ratio {lat['predicted_ratio']:.3f})"
+        if lat
+        else ""
+    )
     _say(
         f"{out}/shape.json: {result.flops / 1e6:.2f} MFLOPs (ratio {result.flops_ratio:.3f}), "
-        f"{result.params / 1e6:.3f} M params"
+        f"{result.params / 1e6:.3f} M params{lat_text}"
     )
     return 0
 
@@ -550,8 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--flops-ratio",
         type=float,
         default=None,
-        help=f"target FLOPs / unpruned FLOPs (default {_D.search.flops_ratio})",
+        help=f"target FLOPs / unpruned FLOPs (default {_D.search.flops_ratio}; with "
+        "--latency-ratio only when given)",
     )
+    _latency_args(p)
     _schedule_args(p, "search", _D.search, lr=False)
     p.add_argument(
         "--arch-lr",
@@ -564,6 +653,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _out_arg(p)
     _recipe_args(p)
+
+    p = add(
+        "latency-table",
+        cmd_latency_table,
+        "measure the per-layer latency table of a model's search space",
+    )
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument(
+        "--backend",
+        choices=("eager", "onnxruntime"),
+        default=_D.search.latency_runtime,
+        help=f"runtime to measure (default {_D.search.latency_runtime})",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=_D.search.latency_batch,
+        help="batch size (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_D.search.latency_threads,
+        help="intra-op threads (default %(default)s)",
+    )
+    _size_args(p, "the model's")
+    p.add_argument("--num-classes", type=int, default=10, help="classes (default 10)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="table file (default: the cache's file for the key)"
+    )
 
     p = add("distill", cmd_distill, "train a pruned shape with knowledge distillation")
     p.add_argument("--shape", type=Path, required=True, help="shape.json from a search")
@@ -633,6 +752,10 @@ def _dispatch(a: argparse.Namespace) -> int:
         return cmd_export(a.source, a.fmt, a.out, a.pad_channels)
     if a.command == "bench":
         return cmd_bench(a.args)
+    if a.command == "latency-table":
+        return cmd_latency_table(
+            a.model, a.backend, a.batch, a.threads, a.input_size, a.num_classes, a.out, progress
+        )
     det = _deterministic_flags(a.deterministic)
     if a.command == "run":
         recipe = _recipe(a.recipe, a.sets, deep_merge({"device": a.device, "log": a.log}, det))
@@ -650,6 +773,10 @@ def _dispatch(a: argparse.Namespace) -> int:
         flags.update(model=a.model)
         flags["search"] = {
             "flops_ratio": a.flops_ratio,
+            "latency_ratio": a.latency_ratio,
+            "latency_runtime": a.latency_runtime,
+            "latency_batch": a.latency_batch,
+            "latency_threads": a.latency_threads,
             "epochs": a.epochs,
             "batch_size": a.batch_size,
             "arch_lr": a.arch_lr,

@@ -76,7 +76,7 @@ class ExportError(TaspruneError):
 
 
 @contextmanager
-def _quiet_exporters() -> Iterator[None]:
+def quiet_exporters() -> Iterator[None]:
     """Hide the exporters' deprecation chatter (legacy ONNX exporter, torch.jit)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -151,7 +151,7 @@ def _export_onnx(
     with tempfile.TemporaryDirectory(prefix="tasprune-onnx-") as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         try:
-            with _quiet_exporters():
+            with quiet_exporters():
                 torch.onnx.export(
                     model,
                     (example,),
@@ -237,7 +237,7 @@ def _export_torchscript(model: nn.Module, meta: dict[str, Any], out: Path, atol:
     example = _random_batch(meta, TRACE_BATCH, seed=0)
     x = _random_batch(meta, VERIFY_BATCH, seed=1)
     try:
-        with _quiet_exporters(), torch.no_grad():
+        with quiet_exporters(), torch.no_grad():
             traced = torch.jit.trace(model, (example,), check_trace=False)
             ref = model(x)
             got = traced(x)

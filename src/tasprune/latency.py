@@ -51,7 +51,7 @@ def _summary(times_ms: list[float], batch: int) -> dict[str, Any]:
     }
 
 
-def _time_calls(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -63,7 +63,7 @@ def _time_calls(fn: Callable[[], object], repeats: int, warmup: int) -> list[flo
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
     """Run with ``threads`` intra-op threads, restoring the previous count afterwards."""
     if threads is None:
         yield
@@ -113,8 +113,8 @@ def measure_latency(
     was_training = model.training
     model.eval()
     try:
-        with _torch_threads(threads), torch.inference_mode():
-            times = _time_calls(call, repeats, warmup)
+        with torch_threads(threads), torch.inference_mode():
+            times = time_calls(call, repeats, warmup)
     finally:
         model.train(was_training)
     result = _summary(times, batch)
@@ -172,7 +172,7 @@ def measure_onnx_latency(
     session = ort_session(path, threads, "ONNX latency cannot be measured", "re-export the model")
     name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
-    times = _time_calls(lambda: session.run(None, {name: x}), repeats, warmup)
+    times = time_calls(lambda: session.run(None, {name: x}), repeats, warmup)
     result = _summary(times, batch)
     logger.debug("onnx latency batch %d: %.3f ms", batch, result["median_ms"])
     return result

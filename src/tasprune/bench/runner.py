@@ -235,7 +235,7 @@ class _Bench:
             module, shape = l1_prune(
                 self.teacher,
                 r.model,
-                r.search.flops_ratio,
+                r.search.flops_budget.ratio,
                 self.input_size,
                 train.num_classes,
                 r.search.tolerance,
@@ -246,7 +246,7 @@ class _Bench:
     def method_shape(self, method: str, seed: int) -> Shape:
         r = self.recipe
         classes = self.data[0].num_classes
-        ratio, tol = r.search.flops_ratio, r.search.tolerance
+        ratio, tol = r.search.flops_budget.ratio, r.search.tolerance
         if method in ("tas_kd", "tas_nokd"):
             return Shape.load(self.root / f"seed-{seed}" / "search" / "shape.json")[0]
         if method == "uniform_kd":

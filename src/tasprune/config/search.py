@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasprune.budget import Budget
+from tasprune.errors import ConfigError
 
 __all__ = ["DEFAULT_FRACTIONS", "SearchConfig", "SpaceOptions"]
 
@@ -34,10 +35,20 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Budget: keep the argmax shape's FLOPs in [flops_ratio - tolerance, flops_ratio] x unpruned.
-    flops_ratio: float = Field(default=0.5, gt=0, le=1)  # target FLOPs / unpruned FLOPs
+    # With latency_ratio, the predicted latency is the budget (and FLOPs only when flops_ratio
+    # is given as well).
+    flops_ratio: float | None = Field(default=0.5, gt=0, le=1)  # target FLOPs / unpruned
     tolerance: float = Field(default=0.05, ge=0, lt=1)  # width of the band below the target
     budget_weight: float = Field(default=2.0, ge=0)  # lambda of the log-barrier budget loss
     params_ratio: float | None = Field(default=None, gt=0, le=1)  # optional params budget
+
+    # Latency budget: predicted latency / the unpruned network's, from a per-layer table
+    # measured in the runtime, thread count and batch size the network deploys with.
+    latency_ratio: float | None = Field(default=None, gt=0, le=1)
+    latency_runtime: Literal["eager", "onnxruntime"] = "onnxruntime"
+    latency_batch: int = Field(default=64, ge=1)
+    latency_threads: int = Field(default=1, ge=1)
+    latency_table: str | None = None  # a table file; None: the cache's file for the key
 
     # Schedule of the network weights (split A of the training set).
     epochs: int = Field(default=600, ge=1)  # passes over split A
@@ -75,9 +86,13 @@ class SearchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:
+        if self.latency_ratio is not None and "flops_ratio" not in self.model_fields_set:
+            self.flops_ratio = None  # a latency budget alone: the FLOPs default does not apply
+        if self.flops_ratio is None and self.latency_ratio is None:
+            raise ValueError("set flops_ratio or latency_ratio (or both)")
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
-        for name in ("flops_ratio", "params_ratio"):
+        for name in ("flops_ratio", "params_ratio", "latency_ratio"):
             ratio = getattr(self, name)
             if ratio is not None and self.tolerance >= ratio:
                 raise ValueError(f"tolerance ({self.tolerance}) must be below {name} ({ratio})")
@@ -91,15 +106,30 @@ class SearchConfig(BaseModel):
 
     @property
     def budget(self) -> Budget:
-        """The FLOPs budget (``flops_ratio``, ``tolerance``)."""
-        return Budget(self.flops_ratio, self.tolerance, "flops")
+        """The primary budget: latency when ``latency_ratio`` is set, else FLOPs. The kept
+        shape and a projection onto the band follow it."""
+        return self.budgets()[0]
 
     def budgets(self) -> list[Budget]:
-        """Every budget the search enforces: FLOPs, and params when ``params_ratio`` is set."""
-        out = [self.budget]
-        if self.params_ratio is not None:
-            out.append(Budget(self.params_ratio, self.tolerance, "params"))
+        """Every budget the search enforces, the primary first: latency (when set), FLOPs
+        (when set), params (when set)."""
+        out = []
+        for metric in ("latency", "flops", "params"):
+            ratio = getattr(self, f"{metric}_ratio")
+            if ratio is not None:
+                out.append(Budget(ratio, self.tolerance, metric))
         return out
+
+    @property
+    def flops_budget(self) -> Budget:
+        """The FLOPs budget the same-budget baselines meet: ``flops_ratio``, or (a latency
+        budget alone) none; callers that need one refuse that case themselves."""
+        if self.flops_ratio is None:
+            raise ConfigError(
+                "the FLOPs-budget baselines need search.flops_ratio, but only latency_ratio is "
+                "set. Fix: set search.flops_ratio as well"
+            )
+        return Budget(self.flops_ratio, self.tolerance, "flops")
 
     def space(self) -> SpaceOptions:
         return SpaceOptions(

@@ -9,9 +9,12 @@ exact cost whenever every distribution is one-hot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tasprune.shape import Shape
+
+if TYPE_CHECKING:
+    from tasprune.latency_table import LatencyTable, Op
 
 Num = Any  # int under the exact algebra, a 0-d tensor under the expected one
 
@@ -42,6 +45,15 @@ class CostAlgebra(Protocol):
 
     def proj_out(self, a: Any, b: Any, stride: int) -> Num:
         """E[b*1[projection]]: the out channels of a projection shortcut, if it exists."""
+        ...
+
+    def lookup(self, table: LatencyTable, op: Op, a: Any, b: Any, *, differ: bool = False) -> Num:
+        """E[latency of ``op`` at widths (a, b)] from ``table`` (``differ``: only where
+        a != b, a projection that exists only when a block changes width)."""
+        ...
+
+    def total(self, parts: Sequence[tuple[Any, int]]) -> Any:
+        """The channel count sum(m * x) of several independent parts ``(x, m)``."""
         ...
 
 
@@ -75,46 +87,82 @@ class ExactAlgebra:
     def proj_out(self, a: int, b: int, stride: int) -> int:
         return b if needs_projection(a, b, stride) else 0
 
+    def lookup(self, table: LatencyTable, op: Op, a: int, b: int, *, differ: bool = False) -> float:
+        return 0.0 if differ and a == b else table.value(op, a, b)
+
+    def total(self, parts: Sequence[tuple[int, int]]) -> int:
+        return sum(x * m for x, m in parts)
+
 
 class Counter:
-    """Accumulates FLOPs and params for one evaluation of a cost function."""
+    """Accumulates FLOPs and params (and, given a latency table, latency in ms) for one
+    evaluation of a cost function."""
 
-    def __init__(self, alg: CostAlgebra) -> None:
+    def __init__(self, alg: CostAlgebra, table: LatencyTable | None = None) -> None:
         self.alg = alg
+        self.table = table
         self.flops: Num = 0
         self.params: Num = 0
+        self.latency: Num = 0
+
+    def layer_latency(self, op: Op, cin: Any, cout: Any, keep: Num = 1, **kw: bool) -> None:
+        """Add the table's latency of ``op`` at widths (cin, cout) (nothing without a table)."""
+        if self.table is not None:
+            self.latency = self.latency + keep * self.alg.lookup(self.table, op, cin, cout, **kw)
 
     def conv(
         self,
         cin: Any,
         cout: Any,
         kernel: int,
-        hw_out: int,
+        out_size: tuple[int, int],
         keep: Num = 1,
         *,
+        stride: int = 1,
+        in_size: tuple[int, int] | None = None,
         depthwise: bool = False,
         bn: bool = True,
+        image: bool = False,
     ) -> None:
-        """A conv (+BN): MACs = Cin*Cout*k^2*H*W (Cout*k^2*H*W when depthwise)."""
+        """A conv (+BN) of output size ``out_size``: MACs = Cin*Cout*k^2*H*W (Cout*k^2*H*W
+        when depthwise). A strided conv names its ``in_size``; ``image``: its input is the
+        network's input (the latency table needs both)."""
+        from tasprune.latency_table import Op
+
         a = self.alg
+        hw_out = out_size[0] * out_size[1]
         weights = a.mean(cout) if depthwise else a.prod(cin, cout)
         self.flops = self.flops + keep * weights * (kernel * kernel * hw_out)
         self.params = self.params + keep * weights * (kernel * kernel)
         if bn:
             self.params = self.params + keep * 2 * a.mean(cout)
+        if self.table is not None:
+            size = in_size if in_size is not None else out_size
+            op = Op.conv(kernel, stride, size, depthwise=depthwise, image=image)
+            self.layer_latency(op, cout if depthwise else cin, cout, keep)
 
-    def projection(self, cin: Any, cout: Any, stride: int, hw_out: int, keep: Num = 1) -> None:
+    def projection(
+        self, cin: Any, cout: Any, stride: int, out_size: tuple[int, int], keep: Num = 1
+    ) -> None:
         """Projection shortcut (1x1 conv + BN), present iff stride != 1 or widths differ."""
+        from tasprune.latency_table import Op
+
         a = self.alg
+        hw_out = out_size[0] * out_size[1]
         pairs = a.proj(cin, cout, stride)
         self.flops = self.flops + keep * pairs * hw_out
         self.params = self.params + keep * pairs
         self.params = self.params + keep * 2 * a.proj_out(cin, cout, stride)  # its BN
+        if self.table is not None:  # pooled (or strided) input, 1x1 conv at the output size
+            self.layer_latency(Op.conv(1, 1, out_size), cin, cout, keep, differ=stride == 1)
 
     def linear(self, cin: Any, cout: int) -> None:
+        from tasprune.latency_table import Op
+
         m = self.alg.mean(cin)
         self.flops = self.flops + m * cout
         self.params = self.params + m * cout + cout
+        self.layer_latency(Op("linear", head=True), cin, self.alg.const(cout))
 
 
 def conv_out(size: int, kernel: int, stride: int) -> int:

@@ -171,7 +171,7 @@ def cifar_resnet_cost(
     a = c.alg
     h, w = hw
     x = a.width("stem")
-    c.conv(a.const(in_channels), x, 3, h * w)
+    c.conv(a.const(in_channels), x, 3, (h, w), image=True)
     for s in range(1, STAGES + 1):
         stage = f"layer{s}"
         outs = []
@@ -185,10 +185,12 @@ def cifar_resnet_cost(
                 kernel = 3 if (arch.block == "basic" or i == 1) else 1
                 # The strided conv is the first 3x3 one; 1x1 convs before it see the input size.
                 before_stride = arch.block != "basic" and i == 0
-                size = h * w if before_stride else bh * bw
-                c.conv(cin, cout, kernel, size, keep)
+                strided = i == (0 if arch.block == "basic" else 1)
+                size = (h, w) if before_stride else (bh, bw)
+                seen = (h, w) if strided or before_stride else (bh, bw)  # its input's size
+                c.conv(cin, cout, kernel, size, keep, stride=stride if strided else 1, in_size=seen)
                 cin = cout
-            c.projection(x, cin, stride, bh * bw, keep)
+            c.projection(x, cin, stride, (bh, bw), keep)
             x = cin
             outs.append(x)
             if j == 0:

@@ -179,7 +179,7 @@ def imagenet_resnet_cost(
     a = c.alg
     h, w = conv_out(hw[0], 7, 2), conv_out(hw[1], 7, 2)
     x = a.width("stem")
-    c.conv(a.const(in_channels), x, 7, h * w)
+    c.conv(a.const(in_channels), x, 7, (h, w), stride=2, in_size=hw, image=True)
     h, w = conv_out(h, 3, 2), conv_out(w, 3, 2)  # max-pool 3x3/2, padding 1: no MACs
     for s in range(1, len(PLANES) + 1):
         stage = f"layer{s}"
@@ -191,11 +191,13 @@ def imagenet_resnet_cost(
             cin = x
             for i, (name, kernel) in enumerate(zip(arch.conv_names, arch.kernels, strict=True)):
                 cout = a.width(f"{stage}.{j}.{name}")
-                size = h * w if i < arch.strided_index else bh * bw  # convs before the stride
-                c.conv(cin, cout, kernel, size, keep)
+                size = (h, w) if i < arch.strided_index else (bh, bw)  # convs before the stride
+                conv_stride = stride if i == arch.strided_index else 1
+                seen = (h, w) if i <= arch.strided_index else (bh, bw)  # its input's size
+                c.conv(cin, cout, kernel, size, keep, stride=conv_stride, in_size=seen)
                 cin = cout
             # Strided 1x1 conv: at the output resolution, as many MACs as pool + 1x1 conv.
-            c.projection(x, cin, stride, bh * bw, keep)
+            c.projection(x, cin, stride, (bh, bw), keep)
             x = cin
             outs.append(x)
             if j == 0:

@@ -214,7 +214,7 @@ def mobilenet_v2_cost(
     a = c.alg
     h, w = conv_out(hw[0], 3, 2), conv_out(hw[1], 3, 2)
     x = a.width("stem")
-    c.conv(a.const(in_channels), x, 3, h * w)
+    c.conv(a.const(in_channels), x, 3, (h, w), stride=2, in_size=hw, image=True)
     for stage, infos in arch.stages():
         outs = []
         for info in infos:
@@ -223,19 +223,28 @@ def mobilenet_v2_cost(
             hidden = x
             if info.expansion != 1:
                 hidden = a.width(f"{info.name}.expand")
-                c.conv(x, hidden, 1, h * w, keep)
-            c.conv(hidden, hidden, 3, bh * bw, keep, depthwise=True)  # width tied to `hidden`
+                c.conv(x, hidden, 1, (h, w), keep)
+            c.conv(  # width tied to `hidden`
+                hidden,
+                hidden,
+                3,
+                (bh, bw),
+                keep,
+                stride=info.stride,
+                in_size=(h, w),
+                depthwise=True,
+            )
             out = a.width(f"{info.name}.project")
-            c.conv(hidden, out, 1, bh * bw, keep)
+            c.conv(hidden, out, 1, (bh, bw), keep)
             if info.residual:
-                c.projection(x, out, 1, bh * bw, keep)  # only when the widths differ
+                c.projection(x, out, 1, (bh, bw), keep)  # only when the widths differ
             x = out
             outs.append(out)
             if info.index == 0:
                 h, w = bh, bw
         x = a.stage_output(stage, outs)
     head = a.width("head")
-    c.conv(x, head, 1, h * w)
+    c.conv(x, head, 1, (h, w))
     c.linear(head, num_classes)
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
+from tasprune.latency_table import Op
 from tasprune.models.algebra import Counter
 from tasprune.shape import Shape
 
@@ -295,6 +296,7 @@ class Layer:
     stage: str | None
     index: int
     extra: int = 0  # per-filter parameters of its own besides weight and bias (a conv's gain)
+    op: Op | None = None  # its geometry, for the latency table
 
 
 class Traced:
@@ -432,13 +434,15 @@ class Traced:
     def layers(self, in_channels: int, hw: tuple[int, int], num_classes: int) -> tuple[Any, ...]:
         """The conv/linear layers and the other parameters, with output sizes at ``hw``."""
         net = build_source(self.model, num_classes, in_channels).eval()
-        sizes: dict[str, tuple[int, ...]] = {}
+        sizes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         hooks = []
         for name, mod in net.named_modules():
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 hooks.append(
                     mod.register_forward_hook(
-                        lambda m, i, o, n=name: sizes.__setitem__(n, tuple(o.shape))
+                        lambda m, i, o, n=name: sizes.__setitem__(
+                            n, (tuple(i[0].shape), tuple(o.shape))
+                        )
                     )
                 )
         try:
@@ -455,12 +459,13 @@ class Traced:
                 h.remove()
         layers: list[Layer] = []
         others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
+        head = classifier_of(net)
         for name, mod in net.named_modules():
             stage, index = self.where(name)
             if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 if name not in sizes:
                     continue  # never called (an unused head)
-                out = sizes[name]
+                inp, out = sizes[name]
                 conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
                 pos = math.prod(out[2:]) if conv else math.prod(out[1:-1])
                 layers.append(
@@ -481,6 +486,7 @@ class Traced:
                             for n, p in mod.named_parameters(recurse=False)
                             if n not in ("weight", "bias")
                         ),
+                        _op_of(mod, inp, in_channels, mod is head),
                     )
                 )
                 continue
@@ -795,6 +801,11 @@ def traced_cost(
             weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
         c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
         c.params = c.params + keep * weights * ly.kernel
+        if c.table is not None and ly.op is not None:
+            tied = ly.op.per_group is not None
+            width_out = a.total([(x, m) for x, m in cout])
+            width_in = width_out if tied else a.total([(x, m) for x, m in cin])
+            c.layer_latency(ly.op, width_in, width_out, keep)
         if ly.bias:
             c.params = c.params + keep * mean(cout)
         if ly.extra:
@@ -806,6 +817,29 @@ def traced_cost(
             c.params = c.params + keep * share * (numel // channels)
         else:
             c.params = c.params + keep * numel
+
+
+def _op_of(mod: nn.Module, inp: tuple[int, ...], in_channels: int, head: bool) -> Op:
+    """The latency-table geometry of a conv or linear that saw an input of shape ``inp``
+    (``head``: the classifier, whose outputs are never padded)."""
+    if isinstance(mod, nn.Linear):
+        return Op("linear", size=tuple(inp[1:-1]), head=head)
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
+    pad = mod.padding if isinstance(mod.padding, tuple) else (0,) * len(mod.kernel_size)
+    per_group = None
+    if mod.groups > 1:
+        per_group = (mod.in_channels // mod.groups, mod.out_channels // mod.groups)
+    return Op(
+        "conv2d" if isinstance(mod, nn.Conv2d) else "conv1d",
+        tuple(mod.kernel_size),
+        tuple(mod.stride),
+        tuple(int(p) for p in pad),
+        tuple(mod.dilation),
+        tuple(inp[2:]),
+        per_group,
+        image=mod.in_channels == in_channels and inp[1] == in_channels,
+        head=head,
+    )
 
 
 def out_channels_of(mod: nn.Module) -> int:

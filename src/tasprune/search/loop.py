@@ -32,6 +32,7 @@ from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, DeviceLoader, search_loaders
 from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
 from tasprune.errors import BudgetError, ConfigError, TrainingError
+from tasprune.search.latency import attach_latency
 from tasprune.search.space import smallest_shape
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
@@ -52,14 +53,18 @@ class SearchResult:
     last_shape: Shape
     best_shape: Shape | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] | None = None  # a latency budget's prediction (shape.json's)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "model": self.model,
             "flops": self.flops,
             "params": self.params,
             "flops_ratio": self.flops_ratio,
         }
+        if self.latency is not None:
+            out["latency"] = self.latency
+        return out
 
 
 #: Steps between two host reads of the device-side divergence marker.
@@ -89,19 +94,39 @@ def check_budget(
     cfg: SearchConfig,
     input_size: tuple[int, int, int],
     num_classes: int,
+    *,
+    progress: bool = True,
 ) -> None:
-    """Refuse, before any training, a budget the search space cannot reach. Computed from the
-    candidate lists and the cost model alone (no network is built)."""
+    """Refuse, before any training, a budget the search space cannot reach. FLOPs and params
+    are computed from the candidate lists and the cost model alone (no network is built); a
+    latency budget needs the latency table (built or loaded here, so the search reuses it)."""
     small = smallest_shape(model, cfg.space())
     costs = model_cost(model, small, input_size, num_classes)
     full = model_cost(model, None, input_size, num_classes)
     for budget in cfg.budgets():
+        if budget.metric == "latency":
+            net = SuperNet(
+                model,
+                num_classes=num_classes,
+                in_channels=input_size[0],
+                input_size=input_size[1:],
+                options=cfg.space(),
+            )
+            attach_latency(net, cfg, progress=progress)
+            smallest = net.shape_costs(small)["latency"]
+            budget.check_reachable(smallest, net.full_latency, model)
+            continue
         i = 0 if budget.metric == "flops" else 1
         budget.check_reachable(costs[i], full[i], model)
 
 
 def build_supernet(
-    model: str, data: ArrayDataset, cfg: SearchConfig, teacher_state: dict[str, Tensor] | None
+    model: str,
+    data: ArrayDataset,
+    cfg: SearchConfig,
+    teacher_state: dict[str, Tensor] | None,
+    *,
+    progress: bool = True,
 ) -> SuperNet:
     net = SuperNet(
         model,
@@ -110,7 +135,10 @@ def build_supernet(
         input_size=data.image_size,
         options=cfg.space(),
     )
-    check_budget(model, cfg, (data.in_channels, *data.image_size), data.num_classes)
+    size = (data.in_channels, *data.image_size)
+    check_budget(model, cfg, size, data.num_classes, progress=progress)
+    if cfg.latency_ratio is not None:
+        attach_latency(net, cfg, progress=progress)
     if teacher_state is not None and cfg.warm_start:
         net.load_plain_weights(teacher_state)
     return net
@@ -193,19 +221,21 @@ class SearchStepper:
         self.distributed = distributed
         self.arch = net.arch_parameters()
         self.budgets = cfg.budgets()
-        self._cost_cache: dict[str, tuple[int, int]] = {}
+        self.primary = self.budgets[0].metric
+        self._cost_cache: dict[str, dict[str, float]] = {}
 
-    def exact(self, shape: Shape) -> tuple[int, int]:
-        """Exact (FLOPs, params) of a shape, memoised (the argmax rarely changes per step)."""
+    def exact(self, shape: Shape) -> dict[str, float]:
+        """Exact cost of a shape per metric, memoised (the argmax rarely changes per step)."""
         key = shape.to_json()
         if key not in self._cost_cache:
-            self._cost_cache[key] = self.net.shape_cost(shape)
+            self._cost_cache[key] = self.net.shape_costs(shape)
         return self._cost_cache[key]
 
     def step(
         self, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | int]:
-        """Returns (weight loss, architecture loss, budget loss, FLOPs of the argmax shape).
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | float]:
+        """Returns (weight loss, architecture loss, budget loss, the argmax shape's cost in the
+        primary budget's metric).
 
         On an accelerator the argmax shape's cost is computed on the device
         (`SuperNet.argmax_cost`), so a step never waits for the host; on the CPU, where a
@@ -225,18 +255,21 @@ class SearchStepper:
         # Architecture step on split B: gradients for the logits only, none for the weights.
         ce = F.cross_entropy(net(xb), yb)
         on_cpu = xb.device.type == "cpu"
-        current: tuple[Tensor | int, Tensor | int] = (
-            self.exact(net.derive()) if on_cpu else net.argmax_cost()
+        current: dict[str, Tensor] | dict[str, float] = (
+            self.exact(net.derive()) if on_cpu else net.argmax_costs()
         )
-        expected = net.expected_cost()
-        full = (net.full_flops, net.full_params)
+        expected = net.expected_costs()
         bl = sum(
             (
-                b.loss(expected[i], current[i], full[i], cfg.budget_weight)
+                b.loss(
+                    expected[b.metric],
+                    current[b.metric],
+                    net.full_cost(b.metric),
+                    cfg.budget_weight,
+                )
                 for b in self.budgets
-                for i in (0 if b.metric == "flops" else 1,)
             ),
-            start=expected[0].new_zeros(()),
+            start=expected["flops"].new_zeros(()),
         )
         arch_loss = ce + bl.to(ce.dtype)
         grads: tuple[Tensor | None, ...] = torch.autograd.grad(
@@ -247,7 +280,7 @@ class SearchStepper:
         for p, g in zip(self.arch, grads, strict=True):
             p.grad = g
         self.a_opt.step()
-        return loss.detach(), arch_loss.detach(), bl.detach(), current[0]
+        return loss.detach(), arch_loss.detach(), bl.detach(), current[self.primary]
 
 
 def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
@@ -346,7 +379,7 @@ def search(
         if done is not None:
             return done
     seed_everything(cfg.seed, cfg.deterministic)
-    net = build_supernet(model, data, cfg, teacher_state).to(device)
+    net = build_supernet(model, data, cfg, teacher_state, progress=progress).to(device)
     cl = resolve_channels_last(cfg.channels_last, device, net)
     if cl:
         net = net.to(memory_format=torch.channels_last)
@@ -364,8 +397,8 @@ def search(
 
     w_opt, w_sched, a_opt = make_optimizers(net, cfg, steps)
 
-    full_flops = net.full_flops
-    budget = cfg.budget
+    budget = cfg.budget  # the primary one: the kept shape and the log line follow it
+    full_primary = net.full_cost(budget.metric)
 
     start, best = 0, None
     # Only rank 0 writes; every rank reads the checkpoint on resume.
@@ -421,7 +454,7 @@ def search(
             if cl:
                 xa = xa.contiguous(memory_format=torch.channels_last)
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            loss, arch_loss, bl, cur_flops = stepper.step(xa, ya, xb, yb)
+            loss, arch_loss, bl, cur_cost = stepper.step(xa, ya, xb, yb)
             losses = torch.stack([loss, arch_loss, bl]).to(acc.dtype)
             bad = ~torch.isfinite(losses).all()
             first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
@@ -429,7 +462,7 @@ def search(
             if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
                 _check_finite(first_bad, acc, epoch)
             if bar_on and step % 10 == 0:  # a host read for the bar only
-                ratio = float(cur_flops) / full_flops
+                ratio = float(cur_cost) / full_primary
                 bar.set_postfix(loss=f"{float(loss):.3f}", ratio=f"{ratio:.3f}")
         bar.close()
         sums = dict(zip(("loss", "arch_loss", "budget"), acc.tolist(), strict=True))
@@ -442,11 +475,12 @@ def search(
             ddp.all_reduce_mean(loss_sums)
             sums = dict(zip(sums, loss_sums.tolist(), strict=True))
         shape = net.derive()
-        flops, params = stepper.exact(shape)
-        ratio = flops / full_flops
+        costs = stepper.exact(shape)
+        flops, params = int(costs["flops"]), int(costs["params"])
+        ratio = costs[budget.metric] / full_primary
         top1 = valid_top1(net, valid, cfg.valid_batches, cl, distributed=use_ddp)
         ent = net.entropy()
-        in_band = budget.contains(flops, full_flops)
+        in_band = all(b.contains(costs[b.metric], net.full_cost(b.metric)) for b in stepper.budgets)
         row = {
             "epoch": epoch,
             "tau": net.tau,
@@ -456,7 +490,15 @@ def search(
             "budget_loss": sums["budget"] / steps,
             "flops": flops,
             "params": params,
-            "flops_ratio": ratio,
+            "flops_ratio": flops / net.full_flops,
+            **(
+                {
+                    "latency_ms": costs["latency"],
+                    "latency_ratio": costs["latency"] / net.full_latency,
+                }
+                if "latency" in costs
+                else {}
+            ),
             "in_band": in_band,
             "valid_top1": top1,
             "entropy_mean": sum(ent.values()) / max(1, len(ent)),
@@ -469,10 +511,11 @@ def search(
             best = {"epoch": epoch, "valid_top1": top1, "shape": shape.to_dict()}
         if main:
             log.info(
-                "search epoch %d/%d: FLOPs ratio %.3f (band %.3f-%.3f) valid top-1 %.2f%% "
+                "search epoch %d/%d: %s ratio %.3f (band %.3f-%.3f) valid top-1 %.2f%% "
                 "entropy %.3f tau %.2f (%.0f img/s)",
                 epoch + 1,
                 cfg.epochs,
+                budget.label,
                 ratio,
                 *budget.band,
                 top1,
@@ -515,9 +558,14 @@ def _finish(
 ) -> SearchResult:
     last = net.derive()
     best_shape = Shape.from_dict(best["shape"]) if best is not None else None
-    lower, upper = cfg.budget.band
-    last_ratio = net.shape_cost(last)[0] / net.full_flops
-    last_ok = cfg.budget.contains_ratio(last_ratio)
+    budget = cfg.budget
+    lower, upper = budget.band
+
+    def ratio_of(shape: Shape) -> float:
+        return net.shape_costs(shape)[budget.metric] / net.full_cost(budget.metric)
+
+    last_ratio = ratio_of(last)
+    last_ok = budget.contains_ratio(last_ratio)
     if cfg.keep == "best" and best_shape is not None:
         kept = best_shape
     elif last_ok or best_shape is None:
@@ -525,16 +573,16 @@ def _finish(
     else:
         if ddp.is_main():
             log.warning(
-                "the last shape (FLOPs ratio %.3f) is outside the band; "
-                "keeping the best in-band one",
+                "the last shape (%s ratio %.3f) is outside the band; keeping the best in-band one",
+                budget.label,
                 last_ratio,
             )
         kept = best_shape
     source = "best" if kept is best_shape else "last"
     if not last_ok and best_shape is None:
-        kept = net.project(last, cfg.budget)
+        kept = net.project(last, budget)
         source = "projected"
-        ratio = net.shape_cost(kept)[0] / net.full_flops
+        ratio = ratio_of(kept)
         if ddp.is_main():
             log.warning(
                 "no epoch ended inside the budget band [%.3f, %.3f] (the last shape has ratio "
@@ -546,6 +594,14 @@ def _finish(
                 ratio,
             )
     flops, params = net.shape_cost(kept)
+    latency = None
+    if net.latency_table is not None:
+        predicted = net.shape_costs(kept)["latency"]
+        latency = {
+            "predicted_ms": predicted,
+            "predicted_ratio": predicted / net.full_latency,
+            **(net.latency_info or {}),
+        }
     result = SearchResult(
         model=net.model_name,
         shape=kept,
@@ -555,6 +611,7 @@ def _finish(
         last_shape=last,
         best_shape=best_shape,
         history=rows,
+        latency=latency,
     )
     if out is not None:
         extra = {
@@ -574,6 +631,7 @@ def _finish(
             params=params,
             flops_ratio=result.flops_ratio,
             source=source,
+            **({"latency": latency} if latency is not None else {}),
         )
         atomic_write_text(out / "search_done.json", '{"complete": true}\n')
     return result
@@ -595,6 +653,7 @@ def _load_finished(out: Path, model: str) -> SearchResult | None:
         last_shape=last,
         best_shape=best,
         history=rows,
+        latency=data.get("latency"),
     )
 
 

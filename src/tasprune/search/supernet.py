@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import ConfigError
 from tasprune.models import get_model_spec
-from tasprune.models.algebra import Counter
+from tasprune.models.algebra import CostAlgebra, Counter, ExactAlgebra
 from tasprune.models.ops import Add
 from tasprune.search.space import choice_widths, depth_candidates
 from tasprune.search.units import (
@@ -36,6 +38,9 @@ from tasprune.search.units import (
     SliceLinear,
 )
 from tasprune.shape import Shape
+
+if TYPE_CHECKING:
+    from tasprune.latency_table import LatencyTable, Op
 
 
 def gumbel_select(
@@ -71,6 +76,7 @@ class Dist:
     key: int
     values: Tensor
     probs: Tensor
+    host: tuple[int, ...]  # ``values`` on the host (table lookups without a device read)
 
     def mean(self) -> Tensor:
         return (self.values * self.probs).sum()
@@ -97,12 +103,12 @@ class ExpectedAlgebra:
         self.dists: dict[str, Dist] = {}
         for i, choice in enumerate(net.width_choices.values()):
             values = torch.tensor(choice.candidates, dtype=dtype, device=self.device)
-            self.dists[choice.name] = Dist(i, values, probs(choice))
+            self.dists[choice.name] = Dist(i, values, probs(choice), tuple(choice.candidates))
         self.depth_probs = {c.name: probs(c) for c in net.depth_choices.values()}
 
     def const(self, channels: int) -> Dist:
         one = torch.ones(1, dtype=torch.float64, device=self.device)
-        return Dist(next(self._keys), one * channels, one)
+        return Dist(next(self._keys), one * channels, one, (channels,))
 
     def width(self, name: str) -> Dist:
         return self.dists[self.net.width_of[name].name]
@@ -121,7 +127,8 @@ class ExpectedAlgebra:
             return parts[0][0]
         values = torch.cat([d.values for d, _ in parts])
         mixed = torch.cat([d.probs * p for d, p in parts])
-        return Dist(next(self._keys), values, mixed)
+        host = tuple(v for d, _ in parts for v in d.host)
+        return Dist(next(self._keys), values, mixed, host)
 
     def mean(self, d: Dist) -> Tensor:
         return d.mean()
@@ -149,6 +156,35 @@ class ExpectedAlgebra:
         if a.key == b.key:
             return 0
         return (self._differ(a, b) * b.values[None, :]).sum()
+
+    def lookup(
+        self, table: LatencyTable, op: Op, a: Dist, b: Dist, *, differ: bool = False
+    ) -> Tensor | int:
+        m = table.matrix(op, a.host, b.host, self.device)
+        if a.key == b.key:  # one channel count on both sides (a depthwise conv)
+            return 0 if differ else (torch.diagonal(m) * a.probs).sum()
+        joint = self._differ(a, b) if differ else a.probs[:, None] * b.probs[None, :]
+        return (joint * m).sum()
+
+    def total(self, parts: Sequence[tuple[Dist, int]]) -> Dist:
+        """The distribution of sum(m * x) over independent parts: equal sums merged, so it
+        has at most (full channel count + 1) values."""
+        if len(parts) == 1 and parts[0][1] == 1:
+            return parts[0][0]
+        host: list[int] = [0]
+        probs = torch.ones(1, dtype=torch.float64, device=self.device)
+        for d, m in parts:
+            sums = [h + v * m for h in host for v in d.host]
+            joint = (probs[:, None] * d.probs[None, :]).reshape(-1)
+            merged = sorted(set(sums))
+            where = {v: i for i, v in enumerate(merged)}
+            index = torch.tensor([where[v] for v in sums], device=self.device)
+            probs = torch.zeros(len(merged), dtype=joint.dtype, device=self.device).index_add(
+                0, index, joint
+            )
+            host = merged
+        values = torch.tensor(host, dtype=torch.float64, device=self.device)
+        return Dist(next(self._keys), values, probs, tuple(host))
 
 
 class SearchOps:
@@ -274,6 +310,16 @@ class SuperNet(nn.Module):
         self.full_flops, self.full_params = model_cost(
             model, None, (in_channels, *self.input_size), num_classes
         )
+        # Latency: a measured table and the model's rest (`tasprune.search.latency`).
+        self.latency_table: LatencyTable | None = None
+        self.latency_fit = (1.0, 0.0)
+        self.full_latency = 0.0
+        self.latency_info: dict[str, Any] | None = None  # what shape.json records of the table
+
+    def attach_latency(self, table: LatencyTable, fit: tuple[float, float]) -> None:
+        """Predict latency as ``scale * (the table's layers) + rest_ms`` (``fit``) from now on."""
+        self.latency_table, self.latency_fit = table, fit
+        self.full_latency = self.shape_costs(self.full_shape)["latency"]
 
     # ---------------------------------------------------------------- choices and logits
     def all_choices(self) -> list[Choice]:
@@ -344,20 +390,61 @@ class SuperNet(nn.Module):
             self._fixed = previous
 
     # ---------------------------------------------------------------- cost and result
+    def _count(self, alg: CostAlgebra) -> dict[str, Any]:
+        counter = Counter(alg, self.latency_table)
+        spec = get_model_spec(self.model_name)
+        spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
+        out = {"flops": counter.flops, "params": counter.params}
+        if self.latency_table is not None:
+            scale, rest = self.latency_fit
+            out["latency"] = scale * counter.latency + rest
+        return out
+
+    def expected_costs(self) -> dict[str, Tensor]:
+        """Differentiable expected cost under the architecture distributions, per metric
+        ("flops", "params", and "latency" in ms when a latency table is attached)."""
+        return self._count(ExpectedAlgebra(self))
+
+    def argmax_costs(self) -> dict[str, Tensor]:
+        """Exact cost of the argmax shape per metric as 0-d tensors on the logits' device
+        (equal to ``shape_costs(derive())``; no host synchronisation)."""
+        return {k: v.detach() for k, v in self._count(ExpectedAlgebra(self, hard=True)).items()}
+
+    def shape_costs(self, shape: Shape) -> dict[str, float]:
+        """Exact cost of the pruned network of ``shape`` per metric (latency: predicted)."""
+        flops, params = self.shape_cost(shape)
+        out: dict[str, float] = {"flops": flops, "params": params}
+        if self.latency_table is not None:
+            shape.validate_against(self.full_shape, self.model_name)
+            out["latency"] = float(self._count(ExactAlgebra(shape))["latency"])
+        return out
+
+    def full_cost(self, metric: str) -> float:
+        """The unpruned network's cost in ``metric``."""
+        return {"flops": self.full_flops, "params": self.full_params, "latency": self.full_latency}[
+            metric
+        ]
+
     def expected_cost(self) -> tuple[Tensor, Tensor]:
         """Differentiable expected (FLOPs, params) under the architecture distributions."""
-        counter = Counter(ExpectedAlgebra(self))
-        spec = get_model_spec(self.model_name)
-        spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
-        return counter.flops, counter.params
+        costs = self.expected_costs()
+        return costs["flops"], costs["params"]
 
     def argmax_cost(self) -> tuple[Tensor, Tensor]:
-        """Exact (FLOPs, params) of the argmax shape as 0-d tensors on the logits' device
-        (equal to ``shape_cost(derive())``; no host synchronisation)."""
-        counter = Counter(ExpectedAlgebra(self, hard=True))
-        spec = get_model_spec(self.model_name)
-        spec.cost(counter, self.in_channels, self.input_size, self.num_classes)
-        return counter.flops.detach(), counter.params.detach()
+        """Exact (FLOPs, params) of the argmax shape as 0-d tensors on the logits' device."""
+        costs = self.argmax_costs()
+        return costs["flops"], costs["params"]
+
+    def sample(self, rng: random.Random) -> Shape:
+        """A shape drawn uniformly from the space: every width and depth choice takes a
+        uniformly drawn candidate (tied widths one value)."""
+        widths: dict[str, int] = {}
+        for c in self.width_choices.values():
+            value = rng.choice(c.candidates)
+            for member in c.members:
+                widths[member] = value
+        depths = {c.name: rng.choice(c.candidates) for c in self.depth_choices.values()}
+        return Shape(widths=widths, depths=depths)
 
     def derive(self) -> Shape:
         """The argmax shape: the most probable width of every conv and depth of every stage."""
@@ -370,7 +457,7 @@ class SuperNet(nn.Module):
 
     def project(self, shape: Shape, budget: Budget) -> Shape:
         """The shape nearest to ``shape`` (in the architecture's log-probabilities) whose
-        exact FLOPs lie in ``budget``'s band, moving one choice one candidate at a time.
+        exact cost (``budget``'s metric) lies in its band, moving one choice one candidate at a time.
 
         Over budget: repeatedly take the step down (narrower width or shallower stage) that
         saves the most FLOPs per unit of log-probability given up; under the band: the step up
@@ -378,8 +465,8 @@ class SuperNet(nn.Module):
         search that ends outside the band still yields an in-band shape this way (the
         smallest shape of the space permitting); ``shape`` itself when already inside.
         """
-        full = self.full_flops
-        low, high = budget.bounds(full)
+        metric = budget.metric
+        low, high = budget.bounds(self.full_cost(metric))
         choices = [c for c in self.all_choices() if len(c.candidates) > 1]
         logp = {c.name: self.probs(c).detach().double().clamp_min(1e-12).log() for c in choices}
         index: dict[str, int] = {}
@@ -396,16 +483,16 @@ class SuperNet(nn.Module):
                     target[member] = c.candidates[idx[c.name]]
             return Shape(widths=widths, depths=depths)
 
-        cost = self.shape_cost(shape)[0]
+        cost = self.shape_costs(shape)[metric]
         while not low <= cost <= high:
             down = cost > high
-            best: tuple[float, dict[str, int], int] | None = None
+            best: tuple[float, dict[str, int], float] | None = None
             for c in choices:
                 i = index[c.name] + (-1 if down else 1)
                 if not 0 <= i < len(c.candidates):
                     continue
                 trial = {**index, c.name: i}
-                new = self.shape_cost(build(trial))[0]
+                new = self.shape_costs(build(trial))[metric]
                 gain = cost - new if down else new - cost
                 if gain <= 0 or (not down and new > high):
                     continue
