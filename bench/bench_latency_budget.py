@@ -1,7 +1,8 @@
 """The latency budget against the FLOPs budget on a protocol's data, schedule and distillation.
 
 For each variant (a search budget) and seed this script runs the protocol's TAS search
-(warm-started from ``--teacher-dir`` when given) and, with a teacher, trains the student with
+(warm-started from ``--teacher-dir`` when given; the protocol's teacher is trained there
+first when the folder holds none) and, with a teacher, trains the student with
 the protocol's distillation; then, alone (``--only latency``, or last in a full run), it times
 every searched network whole at one thread and batch 64: eager PyTorch, and ONNX Runtime on
 the network exported padded to 8 channels as `tasprune export` does (median of 3 rounds of
@@ -42,7 +43,7 @@ from tasprune.models import create_model
 from tasprune.pipeline import load_run_data
 from tasprune.search.latency import measure_network
 from tasprune.shape import Shape
-from tasprune.stages import StageContext, search_shape, train_student
+from tasprune.stages import StageContext, search_shape, train_student, train_teacher
 from tasprune.utils import atomic_write_text, read_json_object
 
 logger = logging.getLogger("bench_latency_budget")
@@ -75,7 +76,11 @@ class Study:
         self.ctx = StageContext(self.recipe, self.data, torch.device("cpu"), progress=False)
         self.teacher = None
         if self.teacher_dir is not None:
+            if not (self.teacher_dir / "final.json").is_file():  # the protocol's teacher
+                logger.info("training the protocol's teacher into %s", self.teacher_dir)
+                train_teacher(self.ctx, self.teacher_dir)
             self.teacher, _ = load_model_checkpoint(self.teacher_dir / "model.pt")
+            self.res["teacher_dir"] = str(self.teacher_dir)
         train = self.data[0]
         self.input_size = (train.in_channels, *train.image_size)
 

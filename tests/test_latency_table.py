@@ -212,3 +212,45 @@ def test_a_latency_search_records_its_prediction(cache, tmp_path, one_thread: No
     attach_latency(net, cfg, progress=False)  # the cached table: the same prediction
     assert net.shape_costs(result.shape)["latency"] == pytest.approx(lat["predicted_ms"])
     assert result.history[-1]["latency_ratio"] > 0
+
+
+def test_onnx_latency_budget_snaps_candidates_up_to_the_block() -> None:
+    snapped = SearchConfig(latency_ratio=0.5).space()
+    assert snapped.width_snap == 8
+    net = SuperNet(
+        "cifar_resnet20", num_classes=10, in_channels=1, input_size=(8, 8), options=snapped
+    )
+    for c in net.width_choices.values():
+        assert all(v % 8 == 0 or v == net.full_shape.widths[c.members[0]] for v in c.candidates)
+    plain = SuperNet("cifar_resnet20", num_classes=10, in_channels=1, input_size=(8, 8))
+    for name, c in plain.width_choices.items():  # every plain candidate, rounded up, is one
+        assert {min(-(-v // 8) * 8, c.candidates[-1]) for v in c.candidates} == set(
+            net.width_choices[name].candidates
+        )
+    assert SearchConfig(latency_ratio=0.5, latency_snap=False).space().width_snap == 1
+    assert SearchConfig(latency_ratio=0.5, latency_runtime="eager").space().width_snap == 1
+    assert SearchConfig().space().width_snap == 1
+
+
+def test_latency_table_command_writes_the_named_file_and_refuses_another_machines(
+    cache, tmp_path, capsys, one_thread: None
+) -> None:
+    from tasprune.cli import main
+
+    out = tmp_path / "r20.json"
+    args = ["latency-table", "--model", "cifar_resnet20", "--backend", "eager", "--batch", "2"]
+    args += ["--input-size", "1", "8", "8", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    assert f"{out}:" in capsys.readouterr().out
+    table = LatencyTable.load(out, TableKey.here("eager", 1, 2))
+    assert table is not None and table.entries
+    assert "cifar_resnet20 1x8x8 classes 10" in table.models
+    # Run again: the named file is extended in place (nothing new to measure here).
+    assert main(args) == 0
+    assert LatencyTable.load(out, TableKey.here("eager", 1, 2)).entries == table.entries  # type: ignore[union-attr]
+    # A file of another key is neither used nor overwritten.
+    LatencyTable(TableKey("elsewhere", "eager", "v", 1, 2), {"x": 1.0}).save(out)
+    before = out.read_text()
+    assert main(args) == 2
+    assert "holds a latency table of another machine" in capsys.readouterr().err
+    assert out.read_text() == before

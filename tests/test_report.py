@@ -197,3 +197,29 @@ def test_missing_model_names_it_and_the_fix(tmp_path: Path, missing: str) -> Non
     assert f"{missing}/model.pt" in msg and "Fix: run `tasprune run RECIPE --out" in msg
     assert "\n" not in msg
     assert not (out / "report.json").exists()
+
+
+def test_a_latency_budget_is_reported_predicted_against_measured(tmp_path: Path) -> None:
+    """The report re-times both networks in the runtime, threads and batch of the search's
+    table and checks the band on the latency ratio, not the FLOPs ratio."""
+    out = make_run(tmp_path / "run")
+    (out / "recipe.yaml").write_text(
+        f"model: {MODEL}\nsearch:\n  latency_ratio: {TARGET}\n  tolerance: {TOL}\n"
+        "  latency_runtime: eager\n  latency_batch: 4\n"
+    )
+    shape, data = Shape.load(out / "search" / "shape.json")
+    latency = {"runtime": "eager", "threads": 1, "batch": 4, "predicted_ratio": 0.48}
+    shape.save(
+        out / "search" / "shape.json", **{**data, "latency": {**latency, "predicted_ms": 1.0}}
+    )
+    report = write_report(out, latency_batches=(1,), repeats=3)
+    lb = report["search"]["latency_budget"]  # type: ignore[index]
+    assert lb["measured_ms"] > 0 and lb["teacher_measured_ms"] > 0
+    assert lb["measured_ratio"] == pytest.approx(lb["measured_ms"] / lb["teacher_measured_ms"])
+    assert report["search"]["metric"] == "latency"  # type: ignore[index]
+    assert report["search"]["pruned_in_band"] is True  # type: ignore[index]
+    assert not any("outside the target band" in n for n in report["notes"])  # type: ignore[attr-defined]
+    md = (out / "report.md").read_text()
+    assert (
+        "target latency ratio 0.500" in md and "latency budget (eager, 1 thread(s), batch 4)" in md
+    )

@@ -113,7 +113,12 @@ def _search_section(
             notes.append("the recipe's search settings do not validate: target band unknown")
     if budget is not None:
         section.update(
-            {"target_ratio": budget.ratio, "tolerance": budget.tolerance, "band": list(budget.band)}
+            {
+                "metric": budget.metric,
+                "target_ratio": budget.ratio,
+                "tolerance": budget.tolerance,
+                "band": list(budget.band),
+            }
         )
 
     folder = run_dir / "search"
@@ -125,6 +130,8 @@ def _search_section(
         search_shape, data = Shape.load(shape_file)
         section["kept_shape_source"] = str(data.get("source", "search"))
         section["shape_flops_ratio"] = _number(data.get("flops_ratio"))
+        if isinstance(data.get("latency"), dict):
+            section["latency_budget"] = dict(data["latency"])
         section["student_matches_search"] = search_shape == student_shape
         if search_shape != student_shape:
             notes.append("the student's shape differs from search/shape.json")
@@ -211,6 +218,36 @@ def _measure(
         {k: round(v, 3) for k, v in onnx_latency.items()},
     )
     return entry, meta
+
+
+def _measure_latency_budget(
+    lat: dict[str, Any], metas: dict[str, dict[str, Any]], notes: list[str]
+) -> None:
+    """Time the teacher and the pruned network the way the search's table was measured
+    (runtime, threads, batch; ONNX exported padded) and put measured next to predicted."""
+    from tasprune.latency_table import TableKey
+    from tasprune.models import create_model
+    from tasprune.search.latency import measure_network
+
+    try:
+        key = TableKey.here(str(lat["runtime"]), int(lat["threads"]), int(lat["batch"]))
+    except (KeyError, ValueError, TaspruneError) as err:
+        notes.append(f"the latency budget's prediction is not re-measured: {err}")
+        return
+    ms = {}
+    for role in ("teacher", "pruned"):
+        meta = metas[role]
+        c, h, w = (int(v) for v in meta["input_size"])
+        net = create_model(
+            str(meta["model"]),
+            Shape.from_dict(meta["shape"]),
+            num_classes=int(meta.get("num_classes", 10)),
+            in_channels=c,
+        )
+        ms[role] = min(measure_network(net, key, (c, h, w), 20) for _ in range(3))
+    lat["measured_ms"] = ms["pruned"]
+    lat["teacher_measured_ms"] = ms["teacher"]
+    lat["measured_ratio"] = ms["pruned"] / ms["teacher"]
 
 
 def _ratios(pruned: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
@@ -508,12 +545,22 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             "## Search",
             "",
-            f"- target FLOPs ratio {_fmt(search.get('target_ratio'), '.3f')}, band {band_txt}; "
+            f"- target {search.get('metric', 'flops').replace('flops', 'FLOPs')} ratio "
+            f"{_fmt(search.get('target_ratio'), '.3f')}, band {band_txt}; "
             f"pruned FLOPs ratio {_fmt((report.get('pruned') or {}).get('flops_ratio'), '.3f')}",
             f"- {search.get('epochs', 0)} search epochs ({search.get('epochs_in_band', 0)} in the "
             f"band), final mean entropy {_fmt(search.get('final_entropy'), '.3f')}",
             f"- kept shape: {search.get('kept_shape_source')}",
         ]
+        lb = search.get("latency_budget")
+        if lb:
+            lines.append(
+                f"- latency budget ({lb.get('runtime')}, {lb.get('threads')} thread(s), batch "
+                f"{lb.get('batch')}): predicted ratio {_fmt(lb.get('predicted_ratio'), '.3f')} "
+                f"({_fmt(lb.get('predicted_ms'), '.2f')} ms), measured "
+                f"{_fmt(lb.get('measured_ratio'), '.3f')} ({_fmt(lb.get('measured_ms'), '.2f')} "
+                f"of {_fmt(lb.get('teacher_measured_ms'), '.2f')} ms)"
+            )
     plots = report.get("plots") or {}
     if plots:
         lines += ["", "## Plots", ""]
@@ -609,13 +656,21 @@ def write_report(
 
     search, search_rows, budget = _search_section(out, metas["pruned"], notes)
     band = budget.band if budget is not None else None
+    lat_budget = search.get("latency_budget")
+    if lat_budget is not None:
+        _measure_latency_budget(lat_budget, metas, notes)
     if budget is not None and band is not None:
-        inside = budget.contains_ratio(pruned["flops_ratio"])
+        if budget.metric == "latency":
+            achieved = (lat_budget or {}).get("predicted_ratio")
+        else:
+            achieved = pruned["flops_ratio"]
+        inside = achieved is not None and budget.contains_ratio(achieved)
         search["pruned_in_band"] = inside
         if not inside:
             notes.append(
-                f"the pruned FLOPs ratio {pruned['flops_ratio']:.3f} is outside the target band "
-                f"[{band[0]:.3f}, {band[1]:.3f}]: search longer or raise search.arch_lr"
+                f"the pruned {budget.label} ratio {_fmt(achieved, '.3f')} is outside the "
+                f"target band [{band[0]:.3f}, {band[1]:.3f}]: search longer or raise "
+                "search.arch_lr"
             )
     model_name = str(metas["pruned"]["model"])
     full = Shape.from_dict(metas["teacher"]["shape"])

@@ -27,6 +27,7 @@ class SpaceOptions:
     align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
     tie_residual: bool = False  # one width per stage for the residual stream (no projections)
     width_multiple: int = 1  # round width candidates to multiples of this (8: kernel-friendly)
+    width_snap: int = 1  # round width candidates *up* to multiples of this (a runtime's block)
 
 
 class SearchConfig(BaseModel):
@@ -49,6 +50,9 @@ class SearchConfig(BaseModel):
     latency_batch: int = Field(default=64, ge=1)
     latency_threads: int = Field(default=1, ge=1)
     latency_table: str | None = None  # a table file; None: the cache's file for the key
+    # ONNX Runtime latency budget: width candidates rounded up to the runtime's 8-channel
+    # blocks (the padded export runs those widths anyway, so the extra channels are free).
+    latency_snap: bool = True
 
     # Schedule of the network weights (split A of the training set).
     epochs: int = Field(default=600, ge=1)  # passes over split A
@@ -140,4 +144,13 @@ class SearchConfig(BaseModel):
             align=self.align,
             tie_residual=self.tie_residual,
             width_multiple=self.width_multiple,
+            width_snap=self.snap_block,
         )
+
+    @property
+    def snap_block(self) -> int:
+        """The channel block width candidates are snapped up to (1: none)."""
+        from tasprune.latency_table import ORT_BLOCK
+
+        on = self.latency_ratio is not None and self.latency_snap
+        return ORT_BLOCK if on and self.latency_runtime == "onnxruntime" else 1

@@ -14,19 +14,23 @@ if TYPE_CHECKING:
 
 
 def width_candidates(
-    full: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, multiple: int = 1
+    full: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, multiple: int = 1, snap: int = 1
 ) -> list[int]:
     """floor(f * full) for each fraction, de-duplicated, at least 1, always including ``full``.
 
     16 -> [4, 6, 8, 9, 11, 12, 14, 16]; 64 -> [19, 25, 32, 38, 44, 51, 57, 64].
     With ``multiple`` m > 1 each value is rounded to the nearest multiple of m (at least m,
     at most ``full``), which CPU and GPU kernels run faster: 64, m=8 -> [16, 24, ..., 64].
+    With ``snap`` b > 1 each value is rounded *up* to a multiple of b (at most ``full``): a
+    runtime that works in blocks of b channels runs those widths anyway. 16, b=8 -> [8, 16].
     """
     if multiple < 1:
         raise ValueError(f"width multiple must be >= 1, got {multiple}")
     values = {max(1, math.floor(f * full + 1e-9)) for f in fractions if 0 < f <= 1}
     if multiple > 1:
         values = {min(full, max(multiple, multiple * round(v / multiple))) for v in values}
+    if snap > 1:
+        values = {min(full, snap * math.ceil(v / snap)) for v in values}
     values.add(full)
     return sorted(values)
 
@@ -40,7 +44,7 @@ def choice_widths(spec: ModelSpec, name: str, full: int, opts: SpaceOptions) -> 
     step = spec.width_step(name) if spec.width_step is not None else 1
     if step == 0:
         return [full]
-    values = width_candidates(full, opts.width_fractions, opts.width_multiple)
+    values = width_candidates(full, opts.width_fractions, opts.width_multiple, opts.width_snap)
     if step > 1:
         values = sorted({max(step, v // step * step) for v in values} | {full})
     return values
