@@ -1,7 +1,7 @@
 """Registered model families (importing this module registers them)."""
 
-from tasprune.models import resnet as _resnet  # noqa: F401  (registers models)
 from tasprune.models import mobilenetv2 as _mobilenetv2  # noqa: F401  (registers models)
+from tasprune.models import resnet as _resnet  # noqa: F401  (registers models)
 from tasprune.models.registry import (
     ModelSpec,
     create_model,
