@@ -51,7 +51,7 @@ PLOTS: dict[str, str] = {
     "widths": "out-channels of every conv: unpruned (grey) vs pruned (blue); "
     "hatched red = conv of a removed block",
     "depths": "residual blocks per stage: unpruned vs pruned",
-    "search_trajectory": "search: FLOPs ratio of the argmax shape per epoch with the target "
+    "search_trajectory": "search: the budget's ratio (FLOPs or latency) of the argmax shape per epoch with the target "
     "band shaded, validation top-1 (right axis), and mean choice entropy below",
     "training": "test top-1 per epoch of the teacher and the distilled pruned network "
     "(dashed: train top-1)",
@@ -377,8 +377,15 @@ def plot_depths(full: Shape, pruned: Shape, path: Path, model: str) -> Path:
     return _save(fig, path)
 
 
-def plot_search(rows: list[dict[str, Any]], band: tuple[float, float] | None, path: Path) -> Path:
-    """FLOPs ratio (band shaded) + valid top-1 on a twin axis; entropy (and tau) below."""
+def plot_search(
+    rows: list[dict[str, Any]],
+    band: tuple[float, float] | None,
+    path: Path,
+    metric: str = "flops",
+) -> Path:
+    """The budget's ratio (``metric``: flops | latency; band shaded) + valid top-1 on a twin
+    axis; entropy (and tau) below."""
+    label = "FLOPs" if metric == "flops" else metric
     epochs = [int(r["epoch"]) + 1 for r in rows]
     ms = 4 if len(rows) <= 40 else 0  # point markers only while they stay distinguishable
     fig, (top, bottom) = _new_figure(8.0, 6.5, rows=2)
@@ -388,10 +395,10 @@ def plot_search(rows: list[dict[str, Any]], band: tuple[float, float] | None, pa
             top.axhspan(band[0], band[1], color="#2ca02c", alpha=0.18, label="target band")
         )
         top.axhline(band[1], color="#2ca02c", linestyle="--", linewidth=1)
-    ratio = [_number(r.get("flops_ratio")) for r in rows]
-    (line,) = top.plot(epochs, ratio, "o-", color=PRUNED_COLOR, ms=ms, label="FLOPs ratio")
+    ratio = [_number(r.get(f"{metric}_ratio")) for r in rows]
+    (line,) = top.plot(epochs, ratio, "o-", color=PRUNED_COLOR, ms=ms, label=f"{label} ratio")
     handles.insert(0, line)
-    top.set_ylabel("FLOPs ratio (pruned / unpruned)")
+    top.set_ylabel(f"{label} ratio (pruned / unpruned)")
     top.set_ylim(0, 1.3)  # headroom above 1.0 for the legend row
     top.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     top.grid(alpha=0.3)
@@ -687,7 +694,8 @@ def write_report(
     plot_depths(full, small, plot_dir / "depths.png", model_name)
     plots["depths"] = "plots/depths.png"
     if search_rows:
-        plot_search(search_rows, band, plot_dir / "search_trajectory.png")
+        metric = budget.metric if budget is not None else "flops"
+        plot_search(search_rows, band, plot_dir / "search_trajectory.png", metric)
         plots["search_trajectory"] = "plots/search_trajectory.png"
     else:
         notes.append("search_trajectory.png skipped: no search/history.jsonl rows")
