@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tasprune.budget import Budget
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, load_dataset, stratified_split
-from tasprune.errors import BudgetError, TrainingError
-from tasprune.models import create_model
+from tasprune.errors import BudgetError, ConfigError, TrainingError
+from tasprune.models import create_model, get_model_spec
 from tasprune.search import (
     SearchConfig,
     SpaceOptions,
@@ -346,3 +346,16 @@ def test_width_multiple_rounds_candidates_and_the_searched_widths() -> None:
         assert all(w % 8 == 0 for w in shape.widths.values())
         flops, _ = net.expected_cost()
         assert abs(float(flops.detach()) - model_cost("cifar_resnet20", shape)[0]) < 1.0
+
+
+def test_a_folder_with_another_models_finished_search_is_refused(tmp_path) -> None:
+    """Resuming must not hand back a finished search of another model as this one's."""
+    out = tmp_path / "s"
+    out.mkdir()
+    full = get_model_spec("cifar_resnet20").full_shape()
+    full.save(out / "shape.json", model="cifar_resnet20", flops=1, params=1, flops_ratio=1.0)
+    full.save(out / "shape_last.json", model="cifar_resnet20")
+    (out / "search_done.json").write_text('{"complete": true}\n')
+    cfg = SearchConfig(epochs=1, batch_size=16)
+    with pytest.raises(ConfigError, match="finished search of cifar_resnet20, not cifar_resnet56"):
+        search("cifar_resnet56", _subset(100), cfg, out, progress=False)

@@ -641,6 +641,11 @@ def _load_finished(out: Path, model: str) -> SearchResult | None:
     if not (out / "search_done.json").is_file() or not (out / "shape.json").is_file():
         return None
     shape, data = Shape.load(out / "shape.json")
+    if data.get("model", model) != model:  # never hand back another model's search
+        raise ConfigError(
+            f"{out} holds a finished search of {data['model']}, not {model}. Fix: use another "
+            "output folder"
+        )
     last, _ = Shape.load(out / "shape_last.json")
     best = Shape.load(out / "shape_best.json")[0] if (out / "shape_best.json").is_file() else None
     rows = JsonlLogger(out / "history.jsonl").rows()
