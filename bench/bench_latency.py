@@ -1,9 +1,10 @@
 """Validate the per-layer latency table: predicted against measured whole-network latency.
 
 For each runtime (eager PyTorch, ONNX Runtime) the search's table is built (or loaded from
-the cache) for the model's search space, then random in-space shapes (every width and depth
-choice drawn uniformly from its candidates) are built with random weights and timed whole
-(ONNX: exported padded to 8 channels, as `tasprune export` does), alone, at one thread. The
+the cache) for the model's search space, then random in-space shapes (`SuperNet.sample`:
+every width and depth choice drawn uniformly from its candidates) are built with random
+weights and timed whole (ONNX: exported padded to 8 channels, as `tasprune export` does),
+alone, at one thread. The
 relative error |predicted - measured| / measured is reported per shape, with its median and
 worst, and the same for the latency *ratio* to the unpruned network (what the budget uses).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -25,23 +27,8 @@ from tasprune.latency_table import TableKey
 from tasprune.models import create_model
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.search.latency import attach_latency, measure_network
-from tasprune.shape import Shape
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def random_shape(net: SuperNet, gen: torch.Generator) -> Shape:
-    widths, depths = {}, {}
-    for name in net.full_shape.widths:
-        c = net.width_of[name]
-        widths[name] = c.candidates[int(torch.randint(len(c.candidates), (1,), generator=gen))]
-    for stage, c in net.depth_of.items():
-        depths[stage] = c.candidates[int(torch.randint(len(c.candidates), (1,), generator=gen))]
-    # tied choices: one value per choice
-    for c in net.width_choices.values():
-        for m in c.members:
-            widths[m] = widths[c.members[0]]
-    return Shape(widths=widths, depths=depths)
 
 
 def main() -> None:
@@ -96,10 +83,10 @@ def main() -> None:
         full_meas = measure_network(
             create_model(args.model, num_classes=10, in_channels=c), key, (c, h, w), args.repeats
         )
-        gen = torch.Generator().manual_seed(args.seed)
+        rng = random.Random(args.seed)
         rows = []
         for i in range(args.shapes):
-            shape = random_shape(net, gen)
+            shape = net.sample(rng)
             pred = net.shape_costs(shape)["latency"]
             model = create_model(args.model, shape, num_classes=10, in_channels=c)
             meas = measure_network(model, key, (c, h, w), args.repeats)

@@ -147,7 +147,7 @@ def _export_onnx(
     example = _random_batch(meta, TRACE_BATCH, seed=0)
     reference = model
     if pad > 1:
-        model = _padded(model, example, pad)
+        model = padded_copy(model, example, pad)
     with tempfile.TemporaryDirectory(prefix="tasprune-onnx-") as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         try:
@@ -172,7 +172,7 @@ def _export_onnx(
         atomic_write_bytes(out, _with_onnx_meta(tmp_file, model, meta), error_cls=ExportError)
 
 
-def _padded(model: nn.Module, example: Tensor, multiple: int) -> nn.Module:
+def padded_copy(model: nn.Module, example: Tensor, multiple: int) -> nn.Module:
     """A copy of ``model`` with its channel groups zero-padded to ``multiple`` (the original
     when the graph cannot be padded: the export stays correct, only not padded)."""
     import copy

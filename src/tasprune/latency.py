@@ -123,15 +123,16 @@ def measure_latency(
 
 
 def ort_session(
-    path: Path,
+    path: Path | bytes,
     threads: int | None,
     purpose: str,
     fix: str,
     error_cls: type[TaspruneError] = TaspruneError,
 ) -> Any:
-    """An ONNX Runtime CPU session of ``path`` (``threads`` intra-op threads, default torch's;
-    one inter-op thread; errors only in its log). A missing onnxruntime or a file it cannot
-    load is one ``error_cls`` line naming ``purpose`` and ``fix``."""
+    """An ONNX Runtime CPU session of ``path`` (a file, or a serialised model's bytes;
+    ``threads`` intra-op threads, default torch's; one inter-op thread; errors only in its log).
+    A missing onnxruntime or a model it cannot load is one ``error_cls`` line naming
+    ``purpose`` and ``fix``."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -142,11 +143,13 @@ def ort_session(
     opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: no graph-optimisation chatter on stderr
+    source = path if isinstance(path, bytes) else str(path)
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own untyped exception classes
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise error_cls(f"onnxruntime cannot load {path} ({first[:200]}). Fix: {fix}") from err
+        what = "the exported graph" if isinstance(path, bytes) else str(path)
+        raise error_cls(f"onnxruntime cannot load {what} ({first[:200]}). Fix: {fix}") from err
 
 
 def measure_onnx_latency(

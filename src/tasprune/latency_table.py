@@ -3,9 +3,9 @@
 The table holds the measured time of single layers (conv + BatchNorm + ReLU, or a linear) at
 the input/output widths the search space can produce, for one runtime (eager PyTorch or ONNX
 Runtime), device, intra-op thread count and batch size (the table's `TableKey`). A network's
-predicted latency is the sum over its layers plus a per-model constant, ``rest_ms``: the
-measured time of the unpruned network minus its layers' sum (pooling, adds, the call itself),
-so the prediction of the unpruned network is its measurement.
+predicted latency is ``scale * (the sum over its layers) + rest_ms``, a per-model fit on a few
+whole networks of the search space measured in the same runtime (what single layers miss:
+adds, pooling, the call itself, caches); `tasprune.search.latency` measures and fits.
 
 The search needs the latency of every candidate; the cost function of the model (written once
 against `tasprune.models.algebra`) asks for it layer by layer (`Counter` with a table), so
@@ -138,10 +138,10 @@ class Op:
         return nn.Sequential(conv, bn_cls(cout), nn.ReLU())
 
     def example(self, batch: int, cin: int, cout: int) -> Tensor:
-        cin = self.channels(cin, cout)[0] if self.kind != "linear" else cin
+        """A random input batch of the layer at widths (``cin``, ``cout``)."""
         if self.kind == "linear":
             return torch.rand(batch, *self.size, cin)
-        return torch.rand(batch, cin, *self.size)
+        return torch.rand(batch, self.channels(cin, cout)[0], *self.size)
 
 
 def _device_name(device: str) -> str:
@@ -220,7 +220,7 @@ def default_table_path(key: TableKey) -> Path:
 @dataclass
 class LatencyTable:
     """Measured per-layer latencies (ms per batch) for one `TableKey`, plus each model's
-    constant ``rest_ms`` (see the module docstring)."""
+    calibration (``scale``, ``rest_ms``; see the module docstring)."""
 
     key: TableKey
     entries: dict[str, float] = field(default_factory=dict)
@@ -302,6 +302,16 @@ class LatencyTable:
             "entries": dict(sorted(self.entries.items())),
         }
 
+    @staticmethod
+    def from_dict(raw: dict[str, Any], key: TableKey) -> LatencyTable:
+        """The table of a `to_dict` object (measured for ``key``)."""
+        return LatencyTable(
+            key,
+            {str(k): float(v) for k, v in raw["entries"].items()},
+            {str(k): dict(v) for k, v in raw.get("models", {}).items()},
+            int(raw.get("repeats", 15)),
+        )
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
@@ -324,9 +334,4 @@ class LatencyTable:
                 "latency table %s is not used: it was measured for %s", path, "; ".join(diff)
             )
             return None
-        return LatencyTable(
-            key,
-            {str(k): float(v) for k, v in raw["entries"].items()},
-            {str(k): dict(v) for k, v in raw.get("models", {}).items()},
-            int(raw.get("repeats", 15)),
-        )
+        return LatencyTable.from_dict(raw, key)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tasprune.latency_table import Op
 from tasprune.shape import Shape
 
 if TYPE_CHECKING:
-    from tasprune.latency_table import LatencyTable, Op
+    from tasprune.latency_table import LatencyTable
 
 Num = Any  # int under the exact algebra, a 0-d tensor under the expected one
 
@@ -127,8 +128,6 @@ class Counter:
         """A conv (+BN) of output size ``out_size``: MACs = Cin*Cout*k^2*H*W (Cout*k^2*H*W
         when depthwise). A strided conv names its ``in_size``; ``image``: its input is the
         network's input (the latency table needs both)."""
-        from tasprune.latency_table import Op
-
         a = self.alg
         hw_out = out_size[0] * out_size[1]
         weights = a.mean(cout) if depthwise else a.prod(cin, cout)
@@ -145,8 +144,6 @@ class Counter:
         self, cin: Any, cout: Any, stride: int, out_size: tuple[int, int], keep: Num = 1
     ) -> None:
         """Projection shortcut (1x1 conv + BN), present iff stride != 1 or widths differ."""
-        from tasprune.latency_table import Op
-
         a = self.alg
         hw_out = out_size[0] * out_size[1]
         pairs = a.proj(cin, cout, stride)
@@ -157,8 +154,6 @@ class Counter:
             self.layer_latency(Op.conv(1, 1, out_size), cin, cout, keep, differ=stride == 1)
 
     def linear(self, cin: Any, cout: int) -> None:
-        from tasprune.latency_table import Op
-
         m = self.alg.mean(cin)
         self.flops = self.flops + m * cout
         self.params = self.params + m * cout + cout

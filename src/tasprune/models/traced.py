@@ -803,8 +803,8 @@ def traced_cost(
         c.params = c.params + keep * weights * ly.kernel
         if c.table is not None and ly.op is not None:
             tied = ly.op.per_group is not None
-            width_out = a.total([(x, m) for x, m in cout])
-            width_in = width_out if tied else a.total([(x, m) for x, m in cin])
+            width_out = a.total(cout)
+            width_in = width_out if tied else a.total(cin)
             c.layer_latency(ly.op, width_in, width_out, keep)
         if ly.bias:
             c.params = c.params + keep * mean(cout)

@@ -1,11 +1,10 @@
 """The latency budget's model for one search: the table for the search's runtime, thread
 count and batch (loaded from its file or the cache, measured where points are missing), and
-the model's ``rest_ms``, attached to the `SuperNet` so that its cost function predicts latency
+the model's calibration (scale, ``rest_ms``), attached to the `SuperNet` so that its cost function predicts latency
 the way it counts FLOPs (`tasprune.latency_table`)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import random
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from tasprune import distributed as ddp
 from tasprune.config import SearchConfig
 from tasprune.errors import ConfigError
-from tasprune.latency import time_calls, torch_threads
+from tasprune.latency import ort_session, time_calls, torch_threads
 from tasprune.latency_table import ORT_BLOCK, LatencyTable, Op, TableKey, default_table_path
 from tasprune.models import create_model
 from tasprune.search.supernet import ExpectedAlgebra, SuperNet
@@ -147,8 +146,7 @@ def attach_latency(
     assert state is not None
     raw, (scale, rest), path_s = state
     key = TableKey(**raw["key"])
-    table = LatencyTable(key, dict(raw["entries"]), dict(raw["models"]), int(raw["repeats"]))
-    net.attach_latency(table, (scale, rest))
+    net.attach_latency(LatencyTable.from_dict(raw, key), (scale, rest))
     net.latency_info = {
         "runtime": key.runtime,
         "version": key.version,
@@ -235,14 +233,7 @@ def _bound_run(session: Any, x: Tensor, net: nn.Module) -> Callable[[], None]:
 
 
 def _ort_sessions(threads: int) -> Callable[[nn.Module, Tensor], Any]:
-    import onnxruntime as ort
-
     from tasprune.export import OPSET, quiet_exporters
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
 
     def session(layer: nn.Module, x: Tensor) -> Any:
         buf = io.BytesIO()
@@ -255,7 +246,13 @@ def _ort_sessions(threads: int) -> Callable[[nn.Module, Tensor], Any]:
                 opset_version=OPSET,
                 input_names=["input"],
             )
-        return ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        return ort_session(
+            buf.getvalue(),
+            threads,
+            "no ONNX Runtime latency can be measured",
+            "use latency_runtime: eager",
+            ConfigError,
+        )
 
     return session
 
@@ -281,12 +278,8 @@ def measure_network(
         if key.runtime == "eager":
             with torch.inference_mode():
                 return _median_ms(lambda: net(x), repeats)
-        import copy
+        from tasprune.export import padded_copy
 
-        from tasprune.padding import pad_channels
-
-        twin = copy.deepcopy(net)
-        with contextlib.suppress(Exception):  # a graph that cannot be padded runs unpadded
-            pad_channels(twin, ORT_BLOCK, x[:1])
+        twin = padded_copy(net, x, ORT_BLOCK)  # unpadded when the graph cannot be padded
         session = _ort_sessions(key.threads)(twin, x)
         return _median_ms(_bound_run(session, x, twin), repeats)

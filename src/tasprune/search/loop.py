@@ -96,23 +96,27 @@ def check_budget(
     num_classes: int,
     *,
     progress: bool = True,
+    net: SuperNet | None = None,
 ) -> None:
     """Refuse, before any training, a budget the search space cannot reach. FLOPs and params
     are computed from the candidate lists and the cost model alone (no network is built); a
-    latency budget needs the latency table (built or loaded here, so the search reuses it)."""
+    latency budget needs the latency table, attached here to ``net`` (or to a supernet built
+    for the check; the table is cached, so the search reuses it), and is checked last."""
     small = smallest_shape(model, cfg.space())
     costs = model_cost(model, small, input_size, num_classes)
     full = model_cost(model, None, input_size, num_classes)
-    for budget in cfg.budgets():
+    for budget in sorted(cfg.budgets(), key=lambda b: b.metric == "latency"):
         if budget.metric == "latency":
-            net = SuperNet(
-                model,
-                num_classes=num_classes,
-                in_channels=input_size[0],
-                input_size=input_size[1:],
-                options=cfg.space(),
-            )
-            attach_latency(net, cfg, progress=progress)
+            if net is None:
+                net = SuperNet(
+                    model,
+                    num_classes=num_classes,
+                    in_channels=input_size[0],
+                    input_size=input_size[1:],
+                    options=cfg.space(),
+                )
+            if net.latency_table is None:
+                attach_latency(net, cfg, progress=progress)
             smallest = net.shape_costs(small)["latency"]
             budget.check_reachable(smallest, net.full_latency, model)
             continue
@@ -136,9 +140,8 @@ def build_supernet(
         options=cfg.space(),
     )
     size = (data.in_channels, *data.image_size)
-    check_budget(model, cfg, size, data.num_classes, progress=progress)
-    if cfg.latency_ratio is not None:
-        attach_latency(net, cfg, progress=progress)
+    # Also attaches the latency model to net when the budget is one.
+    check_budget(model, cfg, size, data.num_classes, progress=progress, net=net)
     if teacher_state is not None and cfg.warm_start:
         net.load_plain_weights(teacher_state)
     return net

@@ -411,12 +411,13 @@ class SuperNet(nn.Module):
         return {k: v.detach() for k, v in self._count(ExpectedAlgebra(self, hard=True)).items()}
 
     def shape_costs(self, shape: Shape) -> dict[str, float]:
-        """Exact cost of the pruned network of ``shape`` per metric (latency: predicted)."""
-        flops, params = self.shape_cost(shape)
-        out: dict[str, float] = {"flops": flops, "params": params}
-        if self.latency_table is not None:
-            shape.validate_against(self.full_shape, self.model_name)
-            out["latency"] = float(self._count(ExactAlgebra(shape))["latency"])
+        """Exact cost of the pruned network of ``shape`` per metric (latency: predicted), from
+        one evaluation of the cost function."""
+        shape.validate_against(self.full_shape, self.model_name)
+        out = self._count(ExactAlgebra(shape))
+        out["flops"], out["params"] = int(out["flops"]), int(out["params"])
+        if "latency" in out:
+            out["latency"] = float(out["latency"])
         return out
 
     def full_cost(self, metric: str) -> float:
