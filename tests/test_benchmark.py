@@ -69,6 +69,8 @@ def test_shipped_protocols_load(path: Path) -> None:
         assert abs(recipe.search.flops_ratio - 0.47) < 0.005
         epochs = (recipe.teacher.train.epochs, recipe.search.epochs, recipe.distill.train.epochs)
         assert epochs == (300, 600, 300)
+    elif proto.name.endswith("-f30"):  # the harder budget
+        assert recipe.search.flops_ratio == 0.3
     else:
         assert recipe.search.flops_ratio == 0.5
     quick, qrecipe = bench.load_protocol(path, quick=True, seeds=3)

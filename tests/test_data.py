@@ -21,6 +21,7 @@ from tasprune.data import (
     Augment,
     DeviceLoader,
     load_dataset,
+    search_loaders,
     stratified_split,
 )
 from tasprune.errors import DataError, TaspruneError
@@ -274,6 +275,35 @@ def test_stratified_split_invariants() -> None:
 
 
 # ---- DeviceLoader ----------------------------------------------------------------------------
+
+
+def test_search_holdout_is_part_of_split_b_the_architecture_never_sees() -> None:
+    ds = _toy(200, channels=1, size=4)
+    ds = ArrayDataset(  # image i holds the value i, so a batch names its images
+        images=torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 1, 4, 4),
+        labels=ds.labels,
+        num_classes=ds.num_classes,
+        mean=ds.mean,
+        std=ds.std,
+        name="toy",
+    )
+
+    def ids(loader: DeviceLoader) -> set[int]:
+        out: set[int] = set()
+        for x, _ in loader:
+            out |= {round(float(v)) for v in x[:, 0, 0, 0] * ds.std[0] * 255 + ds.mean[0] * 255}
+        return out
+
+    a, b, valid = search_loaders(ds, 10, seed=0, holdout=0.2)
+    ia, ib, iv = ids(a), ids(b), ids(valid)
+    assert len(ia) == 100 and len(ib) == 80 and len(iv) == 20
+    assert not (ia & ib or ia & iv or ib & iv) and len(ia | ib | iv) == 200
+    yv = torch.cat([y for _, y in valid])
+    assert torch.bincount(yv, minlength=4).tolist() == [5, 5, 5, 5]  # stratified
+    _, b0, valid0 = search_loaders(ds, 10, seed=0)  # holdout 0: validate on B itself
+    assert ids(valid0) == ids(b0) == ib | iv
+    with pytest.raises(TaspruneError, match="holdout"):
+        search_loaders(_toy(8), 2, holdout=0.01)
 
 
 def test_subset_and_properties() -> None:

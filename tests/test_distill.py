@@ -399,3 +399,25 @@ def test_attention_transfer_hooks_come_off() -> None:
     assert all(len(net.layer1._forward_hooks) == 1 for net in (student, teacher))
     fn.remove()
     assert all(len(net.layer1._forward_hooks) == 0 for net in (student, teacher))
+
+
+def test_supernet_init_of_a_non_candidate_shape_takes_the_next_wider_bn() -> None:
+    """A same-budget baseline's widths need not be candidates: every tensor is still copied,
+    the BN affine from the narrowest candidate at least as wide."""
+    space = SearchConfig().space()
+    sup = SuperNet(MODEL, num_classes=10, in_channels=1, input_size=(28, 28), options=space)
+    name = "layer3.0.conv1"
+    module = dict(sup.net.named_modules())[name]
+    cands = module.choice.candidates
+    width = next(c - 1 for c in cands if c - 1 not in cands and c - 1 > 0)
+    expected = min((j for j, c in enumerate(cands) if c >= width), key=lambda j: cands[j])
+    with torch.no_grad():
+        for i in range(len(module.cand_weight)):
+            module.cand_weight[i].fill_(float(i))
+    shape = _candidate_shape()
+    shape = shape.replace(widths={**shape.widths, name: width})
+    state = sup.plain_state_dict(shape)
+    student = create_model(MODEL, shape, num_classes=10, in_channels=1)
+    assert state[f"{name}.bn.weight"].shape == (width,)
+    assert torch.all(state[f"{name}.bn.weight"] == float(expected))
+    assert student.load_state_dict(state, strict=False).missing_keys == []

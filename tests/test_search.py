@@ -97,7 +97,7 @@ def test_search_divergence_names_the_exact_step(tmp_path, monkeypatch) -> None:
     import tasprune.search.loop as loop
 
     data = _subset(256)
-    cfg = SearchConfig(epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6)
+    cfg = SearchConfig(epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6, holdout=0)
     real_step = loop.SearchStepper.step
     calls = {"n": 0}
 

@@ -678,12 +678,25 @@ def search_loaders(
     device: torch.device | str = "cpu",
     seed: int = 0,
     world: tuple[int, int] | None = None,
+    holdout: float = 0.0,
 ) -> tuple[Any, Any, Any]:
-    """(split A, split B, validation on B) loaders of a TAS search: a stratified 50/50 split
-    of the training images (weights train on A, the architecture on B), both augmented and
-    sharded per rank under torchrun (``world`` = (rank, world size) overrides the process
-    group's); in-memory or streamed as :func:`train_test_loaders`."""
+    """(split A, split B, validation) loaders of a TAS search: a stratified 50/50 split of the
+    training images (weights train on A, the architecture on B), both augmented and sharded
+    per rank under torchrun (``world`` = (rank, world size) overrides the process group's);
+    in-memory or streamed as :func:`train_test_loaders`.
+
+    ``holdout`` (a fraction of B, stratified) is kept from the architecture steps and is the
+    validation set that ranks the in-band shapes; 0 validates on B itself, as the paper."""
     idx_a, idx_b = stratified_split(train.labels, 0.5, seed)
+    idx_val = idx_b
+    if holdout > 0:
+        keep, held = stratified_split(train.labels[idx_b], 1.0 - holdout, seed + 1)
+        if held.numel() == 0 or keep.numel() == 0:
+            raise ConfigError(
+                f"search.holdout {holdout} leaves no images on one side of split B "
+                f"({idx_b.numel()} images). Fix: use more training images or holdout 0"
+            )
+        idx_b, idx_val = idx_b[keep], idx_b[held]
     rank, size = world if world is not None else (ddp.get_rank(), ddp.get_world_size())
     batch = ddp.per_rank_batch(batch_size, size)
     if isinstance(train, StreamingFolder):
@@ -692,7 +705,7 @@ def search_loaders(
             train.loader(
                 batch, train=True, seed=seed + 10_000, rank=rank, world_size=size, part=idx_b
             ),
-            train.loader(batch, train=False, rank=rank, world_size=size, part=idx_b),
+            train.loader(batch, train=False, rank=rank, world_size=size, part=idx_val),
         )
     aug = as_augment(augment).resolve(train.name, train.image_size)
     logger.info("search augmentation: %s", aug.describe())
@@ -709,4 +722,4 @@ def search_loaders(
             world_size=size,
         )
 
-    return half(idx_a, True, 0), half(idx_b, True, 10_000), half(idx_b, False, 0)
+    return half(idx_a, True, 0), half(idx_b, True, 10_000), half(idx_val, False, 0)

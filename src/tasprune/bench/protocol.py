@@ -136,10 +136,4 @@ def load_protocol(
             nxt += 1
         update["seeds"] = chosen
     proto = proto.model_copy(update=update)
-    recipe = load_recipe(None, data)
-    if recipe.distill.init == "supernet" and "uniform_kd" in proto.methods:
-        raise ConfigError(
-            f"{file}: distill.init = supernet cannot initialise uniform_kd (its widths are not "
-            "candidates of the search space). Fix: use distill.init teacher or scratch"
-        )
-    return proto, recipe
+    return proto, load_recipe(None, data)

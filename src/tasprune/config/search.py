@@ -83,7 +83,10 @@ class SearchConfig(BaseModel):
 
     warm_start: bool = True  # start supernet weights from the teacher when one is given
     keep: Literal["last", "best"] = "last"  # which in-band shape becomes shape.json
-    valid_batches: int | None = Field(default=20, ge=1)  # split-B batches per epoch for accuracy
+    # Fraction of split B the architecture steps never see: the validation images that rank
+    # the in-band shapes (keep: best) and give the epochs' valid_top1. 0: validate on B itself.
+    holdout: float = Field(default=0.1, ge=0, lt=1)
+    valid_batches: int | None = Field(default=20, ge=1)  # validation batches per epoch
     seed: int = Field(default=0, ge=0)
     deterministic: bool = False
     channels_last: Literal["auto", "on", "off"] = "auto"

@@ -389,7 +389,13 @@ def search(
     net.generator = torch.Generator().manual_seed(cfg.seed)
 
     loader_a, loader_b, valid = search_loaders(
-        data, cfg.batch_size, augment=augment, device=device, seed=cfg.seed, world=(rank, world)
+        data,
+        cfg.batch_size,
+        augment=augment,
+        device=device,
+        seed=cfg.seed,
+        world=(rank, world),
+        holdout=cfg.holdout,
     )
     steps = min(len(loader_a), len(loader_b))
     if steps < 1:

@@ -568,7 +568,11 @@ class SuperNet(nn.Module):
         affine: dict[str, Tensor] = {}
         for name, module in self.net.named_modules():
             if isinstance(module, SearchableConvBN):
-                i = module.choice.candidates.index(shape.widths[name])
+                # A width that is not a candidate (a same-budget baseline's shape) takes the
+                # BN affine of the narrowest candidate at least as wide, sliced.
+                cands, width = module.choice.candidates, shape.widths[name]
+                wider = [j for j, c in enumerate(cands) if c >= width]
+                i = min(wider, key=lambda j: cands[j]) if wider else len(cands) - 1
                 affine[f"{name}.bn.weight"] = module.cand_weight[i].detach()
                 affine[f"{name}.bn.bias"] = module.cand_bias[i].detach()
         out: dict[str, Tensor] = {}
