@@ -303,7 +303,13 @@ def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
     torch.set_num_threads(2)
     data = _subset(512)
     cfg = SearchConfig(
-        flops_ratio=ratio, epochs=6, batch_size=64, arch_lr=0.1, valid_batches=2, seed=0
+        flops_ratio=ratio,
+        epochs=6,
+        batch_size=64,
+        arch_lr=0.1,
+        valid_batches=2,
+        seed=0,
+        holdout=0,  # calibrated on all of split B (256 images here)
     )
     # The augmentation this short search was calibrated with: the search itself must land in
     # the band (not only the projection that rescues searches which do not).
@@ -359,3 +365,32 @@ def test_a_folder_with_another_models_finished_search_is_refused(tmp_path) -> No
     cfg = SearchConfig(epochs=1, batch_size=16)
     with pytest.raises(ConfigError, match="finished search of cifar_resnet20, not cifar_resnet56"):
         search("cifar_resnet56", _subset(100), cfg, out, progress=False)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_search_grad_clip_bounds_the_weight_gradients(clip: float | None) -> None:
+    """search.grad_clip clips the weight step's gradients (as the engine's), not the logits'."""
+    from tasprune.search.loop import SearchStepper, make_optimizers
+
+    torch.manual_seed(0)
+    cfg = SearchConfig(flops_ratio=0.6, grad_clip=clip)
+    net = SuperNet("cifar_resnet20", num_classes=10, in_channels=1, input_size=(28, 28))
+    w_opt, w_sched, a_opt = make_optimizers(net, cfg, 10)
+    norms: list[float] = []
+    real_step = w_opt.step
+
+    def recording_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        grads = [p.grad for g in w_opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return real_step(*args, **kwargs)
+
+    w_opt.step = recording_step  # type: ignore[method-assign]
+    stepper = SearchStepper(net, w_opt, w_sched, a_opt, cfg)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    stepper.step(x, y, x, y)
+    assert len(norms) == 1
+    if clip is None:
+        assert norms[0] > 10 * 1e-3  # the unclipped norm is far above the clip below
+    else:
+        assert norms[0] <= clip * (1 + 1e-4)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,9 @@ from tasprune.utils import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EpochTask",
     "LossFn",
+    "autocast",
     "build_optimizer",
     "build_scheduler",
     "cross_entropy_loss",
@@ -54,6 +56,9 @@ __all__ = [
     "lr_factor",
     "progress_enabled",
     "resolve_channels_last",
+    "resume",
+    "run_epoch",
+    "save_epoch",
     "train_one_epoch",
 ]
 
@@ -168,7 +173,7 @@ def progress_enabled(progress: bool) -> bool:
         return False
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU autocast is slower here)."""
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -200,6 +205,147 @@ def _loader_len(loader: Iterable[Any], what: str) -> int:
 # --------------------------------------------------------------------------- epochs
 
 
+class EpochTask(Protocol):
+    """What :func:`run_epoch` trains: the supervised step of :func:`fit`, or the search's
+    weight + architecture step (`tasprune.search.loop`). One loop for both: progress bar,
+    device-side sums, NaN/Inf stop naming the exact step, no per-step host read."""
+
+    def step(self, batch: Any, step: int) -> Tensor:
+        """Train on one batch; return a 1-D tensor of per-step sums (on the device), every
+        entry finite while training is healthy."""
+        ...
+
+    def postfix(self, sums: Tensor, steps: int, seconds: float) -> dict[str, str]:
+        """The progress bar's figures from the running sums (read every 10 steps, bar only)."""
+        ...
+
+    def diverged(self, value: float, epoch: int, step: int) -> TrainingError:
+        """The error for a non-finite sum first seen at ``step`` (0-based) of ``epoch``."""
+        ...
+
+
+def run_epoch(
+    task: EpochTask,
+    batches: Iterable[Any],
+    steps: int,
+    device: torch.device,
+    epoch: int,
+    *,
+    desc: str,
+    progress: bool = True,
+    check_every: int | None = None,
+) -> tuple[Tensor, float]:
+    """One pass of ``task`` over ``steps`` of ``batches``: (the summed step tensors, seconds).
+
+    Sums stay on the device. The health check reads the host every ``check_every`` steps
+    (default: every step on the CPU, where a read is free; 25 on accelerators) and at the end;
+    between reads a device-side "first bad step" marker keeps the step named in the error exact.
+    """
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else 25
+    check_every = max(1, check_every)
+    sums: Tensor | None = None
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    show = progress_enabled(progress)
+    bar: Any = None
+    iterator: Iterable[Any] = batches
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            batches,
+            total=steps,
+            desc=desc,
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        iterator = bar
+
+    def check() -> None:
+        assert sums is not None
+        bad = int(first_bad.item())
+        if bad >= 0:
+            values = [v for v in sums.tolist() if not math.isfinite(v)]
+            raise task.diverged(values[0] if values else math.nan, epoch, bad)
+
+    start = time.perf_counter()
+    step = -1
+    for step, batch in enumerate(iterator):
+        values = task.step(batch, step).detach().to(torch.float64)
+        sums = values.clone() if sums is None else sums.add_(values)
+        if check_every == 1:
+            if not bool(torch.isfinite(values).all()):
+                value = next(v for v in values.tolist() if not math.isfinite(v))
+                raise task.diverged(value, epoch, step)
+        else:
+            bad = ~torch.isfinite(values).all()
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            if (step + 1) % check_every == 0:
+                check()
+        if bar is not None and step % 10 == 0:
+            bar.set_postfix(
+                task.postfix(sums, step + 1, time.perf_counter() - start), refresh=False
+            )
+    if sums is None:
+        raise DataError("the training loader yielded no batches. Fix: check the data")
+    if check_every > 1:
+        check()
+    if bar is not None:
+        bar.close()
+    return sums, time.perf_counter() - start
+
+
+class _SupervisedTask:
+    """The step of :func:`fit`: forward under autocast, backward, clip, optimiser, scheduler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        device: torch.device,
+        *,
+        amp: bool,
+        channels_last: bool,
+        grad_clip: float | None,
+    ) -> None:
+        self.model, self.loss_fn, self.device = model, loss_fn, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.amp, self.channels_last, self.grad_clip = amp, channels_last, grad_clip
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def step(self, batch: tuple[Tensor, Tensor], step: int) -> Tensor:
+        x, y = _to_device(batch[0], batch[1], self.device, self.channels_last)
+        with autocast(self.device, self.amp):
+            loss, logits = self.loss_fn(self.model, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        with torch.no_grad():
+            n = y.shape[0]
+            correct = (logits.detach().argmax(dim=1) == y).sum()
+            seen = correct.new_tensor(n).double()
+            return torch.stack([loss.detach().double() * n, correct.double(), seen])
+
+    def postfix(self, sums: Tensor, steps: int, seconds: float) -> dict[str, str]:
+        loss, _, seen = sums.tolist()
+        return {"loss": f"{loss / seen:.3f}", "img_s": f"{seen / max(seconds, 1e-9):.0f}"}
+
+    def diverged(self, value: float, epoch: int, step: int) -> TrainingError:
+        return TrainingError(
+            f"loss became {value} at epoch {epoch} step {step}; the last good checkpoint is "
+            "kept. Fix: lower the lr or set grad_clip, then rerun (under `run`: add "
+            "--from-stage STAGE)"
+        )
+
+
 def train_one_epoch(
     model: nn.Module,
     loss_fn: LossFn,
@@ -221,105 +367,42 @@ def train_one_epoch(
     With ``distributed`` (every rank calls it, ``model`` DDP-wrapped, ``loader`` this rank's
     shard) the returned loss, top-1 and throughput cover all ranks' samples.
 
-    The scheduler steps once per batch. Running sums stay on the device; on CPU the loss is
-    checked every step (``.item()`` is free there), on accelerators every ``check_every``
-    (default 25) steps and at the end through a device-side "first bad step" marker, so the
-    loop does not sync the GPU per step; the step named in the error is exact either way.
-    Raises :class:`TrainingError` naming epoch and step when the loss becomes NaN/Inf.
+    The scheduler steps once per batch. See :func:`run_epoch` for the health checks; raises
+    :class:`TrainingError` naming epoch and step when the loss becomes NaN/Inf.
     """
     n_batches = _loader_len(loader, "training")
     model.train()
     if channels_last:
         model.to(memory_format=torch.channels_last)  # no-op when already NHWC
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if check_every is None:
-        check_every = 1 if device.type == "cpu" else 25
-    sync_every = max(1, check_every)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    seen = 0
-    show = progress_enabled(progress)
-    bar: Any = None
-    iterator: Iterable[tuple[Tensor, Tensor]] = loader
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            loader,
-            total=n_batches,
-            desc=f"epoch {epoch}",
-            unit="batch",
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        iterator = bar
-    start = time.perf_counter()
-    step = -1
-    for step, (xb, yb) in enumerate(iterator):
-        x, y = _to_device(xb, yb, device, channels_last)
-        with _autocast(device, amp):
-            loss, logits = loss_fn(model, x, y)
-        if sync_every == 1:
-            value = loss.item()
-            if not math.isfinite(value):
-                _raise_nonfinite(value, epoch, step)
-        else:
-            bad = ~torch.isfinite(loss.detach())
-            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        n = y.shape[0]
-        seen += n
-        with torch.no_grad():
-            loss_sum += loss.detach().double() * n
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-        if sync_every > 1 and (step + 1) % sync_every == 0:
-            _check_bad(first_bad, loss_sum, epoch)
-        if bar is not None and step % 10 == 0:
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.3f}",
-                img_s=f"{seen / max(elapsed, 1e-9):.0f}",
-                refresh=False,
-            )
-    if step < 0:
-        raise DataError("the training loader yielded no batches. Fix: check the data")
-    if sync_every > 1:
-        _check_bad(first_bad, loss_sum, epoch)
+    task = _SupervisedTask(
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        device,
+        amp=amp,
+        channels_last=channels_last,
+        grad_clip=grad_clip,
+    )
+    sums, seconds = run_epoch(
+        task,
+        loader,
+        n_batches,
+        device,
+        epoch,
+        desc=f"epoch {epoch}",
+        progress=progress,
+        check_every=check_every,
+    )
     if distributed:
-        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))])
-        ddp.all_reduce_sum(totals)
-        loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
+        ddp.all_reduce_sum(sums)
+    loss_sum, correct, seen = sums.tolist()
     return {
-        "loss": loss_sum.item() / seen,
-        "top1": 100.0 * correct.item() / seen,
+        "loss": loss_sum / seen,
+        "top1": 100.0 * correct / seen,
         "img_per_s": seen / max(seconds, 1e-9),
         "seconds": seconds,
     }
-
-
-def _raise_nonfinite(value: float, epoch: int, step: int) -> None:
-    raise TrainingError(
-        f"loss became {value} at epoch {epoch} step {step}; the last good checkpoint is kept. "
-        "Fix: lower the lr or set grad_clip, then rerun (under `run`: add --from-stage STAGE)"
-    )
-
-
-def _check_bad(first_bad: Tensor, loss_sum: Tensor, epoch: int) -> None:
-    step = int(first_bad.item())
-    if step >= 0:
-        value = loss_sum.item()
-        _raise_nonfinite(value if not math.isfinite(value) else math.nan, epoch, step)
 
 
 @torch.no_grad()
@@ -348,7 +431,7 @@ def evaluate(
     try:
         for xb, yb in loader:
             x, y = _to_device(xb, yb, device, channels_last)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(x)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -376,6 +459,45 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- fit
+
+
+def resume(
+    ckpt_path: Path | None,
+    restore: Callable[[dict[str, Any]], None],
+    history: JsonlLogger | None,
+    *,
+    map_location: torch.device | str = "cpu",
+) -> tuple[int, dict[str, Any] | None]:
+    """(the first epoch to run, the checkpoint's payload or None) of a resumable loop.
+
+    ``restore(payload)`` loads the payload into the loop's objects (model, optimisers, ...);
+    the RNG state saved by :func:`save_epoch` is restored after it. The history keeps the rows
+    the checkpoint covers (none on a start from scratch). A checkpoint that does not fit is a
+    :class:`CheckpointError` naming the fix.
+    """
+    if ckpt_path is None or not checkpoint_exists(ckpt_path):
+        if history is not None:
+            history.truncate_after(-1)  # a start from scratch: no stale rows
+        return 0, None
+    payload = load_checkpoint(ckpt_path, map_location=map_location)
+    try:
+        restore(payload)
+        last = int(payload["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} does not fit this model/optimiser ({first}). "
+            "Fix: delete it to restart the stage, or use the --out of a matching run"
+        ) from err
+    set_rng_state(payload["rng"])
+    if history is not None:
+        history.truncate_after(last)
+    return last + 1, payload
+
+
+def save_epoch(ckpt_path: Path, epoch: int, state: dict[str, Any]) -> None:
+    """The resumable checkpoint after ``epoch``: ``state`` plus the epoch and the RNG state."""
+    save_checkpoint(ckpt_path, {**state, "epoch": epoch, "rng": rng_state()})
 
 
 def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
@@ -507,23 +629,16 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     cfg_dump = cfg.model_dump(mode="json")
 
-    start_epoch = 0
     train_stats: dict[str, float] | None = None
     test_stats: dict[str, float] | None = None
-    if ckpt_path is not None and checkpoint_exists(ckpt_path):
-        payload = load_checkpoint(ckpt_path, map_location="cpu")
-        try:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-            last = int(payload["epoch"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} does not fit this model/optimiser ({first}). "
-                "Fix: delete it to restart the stage, or use the --out of a matching run"
-            ) from err
-        set_rng_state(payload["rng"])
+
+    def restore(payload: dict[str, Any]) -> None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+
+    start_epoch, payload = resume(ckpt_path, restore, history)
+    if payload is not None:
         loader_state = payload.get("loader")
         if loader_state is not None and hasattr(train_loader, "load_state_dict"):
             train_loader.load_state_dict(loader_state)
@@ -538,13 +653,10 @@ def fit(
             )
         train_stats = payload.get("train_stats")
         test_stats = payload.get("test_stats")
-        start_epoch = last + 1
         if main:
-            logger.info("resuming from %s: epoch %d of %d done", ckpt_path, last, cfg.epochs)
-        if history is not None:
-            history.truncate_after(last)
-    elif history is not None:
-        history.truncate_after(-1)  # a restart from scratch: no stale rows
+            logger.info(
+                "resuming from %s: epoch %d of %d done", ckpt_path, start_epoch - 1, cfg.epochs
+            )
 
     # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
     net = ddp.wrap_ddp(model, device, sync_bn=sync_bn) if use_ddp else model
@@ -671,8 +783,6 @@ def _fit_epochs(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "rng": rng_state(),
                 "meta": meta,
                 "train_config": cfg_dump,
                 "train_stats": dict(train_stats),
@@ -681,7 +791,7 @@ def _fit_epochs(
             state_dict_fn = getattr(train_loader, "state_dict", None)
             if callable(state_dict_fn):
                 payload["loader"] = state_dict_fn()
-            save_checkpoint(ckpt_path, payload)
+            save_epoch(ckpt_path, epoch, payload)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
 

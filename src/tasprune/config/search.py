@@ -90,6 +90,11 @@ class SearchConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     deterministic: bool = False
     channels_last: Literal["auto", "on", "off"] = "auto"
+    # As the training engine's (TrainConfig): bf16 autocast of both forwards on CUDA, a max
+    # global L2 norm of the weight gradients, torch.compile of the weight step's forward.
+    amp: bool = True
+    grad_clip: float | None = Field(default=None, gt=0)
+    compile: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> SearchConfig:

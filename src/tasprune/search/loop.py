@@ -15,28 +15,33 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from tasprune import distributed as ddp
-from tasprune.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from tasprune.checkpoint import save_checkpoint
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, DeviceLoader, search_loaders
-from tasprune.engine import lr_factor, progress_enabled, resolve_channels_last
+from tasprune.engine import (
+    autocast,
+    lr_factor,
+    resolve_channels_last,
+    resume,
+    run_epoch,
+    save_epoch,
+)
 from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.search.latency import attach_latency
 from tasprune.search.space import smallest_shape
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
-from tasprune.utils import JsonlLogger, atomic_write_text, rng_state, seed_everything, set_rng_state
+from tasprune.utils import JsonlLogger, atomic_write_text, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +74,6 @@ class SearchResult:
 
 #: Steps between two host reads of the device-side divergence marker.
 CHECK_EVERY = 50
-
-
-def _check_finite(first_bad: Tensor, acc: Tensor, epoch: int) -> None:
-    """Stop a diverged search, naming the first step whose loss was NaN/Inf (recorded on the
-    device, so the step is exact although the host reads it only every CHECK_EVERY steps)."""
-    step = int(first_bad)
-    if step < 0:
-        return
-    kind = "nan" if bool(torch.isnan(acc).any()) else "inf"
-    raise TrainingError(
-        f"search loss became {kind} at epoch {epoch + 1} step {step + 1}; the last good "
-        "checkpoint is kept. Fix: lower lr or arch_lr, then rerun to resume"
-    )
 
 
 def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
@@ -223,6 +215,8 @@ class SearchStepper:
         self.weight_model = weight_model if weight_model is not None else net
         self.distributed = distributed
         self.arch = net.arch_parameters()
+        arch = {id(p) for p in self.arch}
+        self.weights = [p for p in net.parameters() if id(p) not in arch]
         self.budgets = cfg.budgets()
         self.primary = self.budgets[0].metric
         self._cost_cache: dict[str, dict[str, float]] = {}
@@ -247,16 +241,22 @@ class SearchStepper:
         # Weight step on split A: the sampled widths carry no gradient to the logits here.
         for p in self.arch:
             p.requires_grad_(False)
-        loss = F.cross_entropy(self.weight_model(xa), ya)
+        with autocast(xa.device, cfg.amp):
+            logits = self.weight_model(xa)
+        loss = F.cross_entropy(logits.float(), ya)
         self.w_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
         self.w_opt.step()
         if self.w_sched is not None:
             self.w_sched.step()
         for p in self.arch:
             p.requires_grad_(True)
         # Architecture step on split B: gradients for the logits only, none for the weights.
-        ce = F.cross_entropy(net(xb), yb)
+        with autocast(xb.device, cfg.amp):
+            logits = net(xb)
+        ce = F.cross_entropy(logits.float(), yb)
         on_cpu = xb.device.type == "cpu"
         current: dict[str, Tensor] | dict[str, float] = (
             self.exact(net.derive()) if on_cpu else net.argmax_costs()
@@ -284,6 +284,39 @@ class SearchStepper:
             p.grad = g
         self.a_opt.step()
         return loss.detach(), arch_loss.detach(), bl.detach(), current[self.primary]
+
+
+class _SearchTask:
+    """The search's step for the engine's :func:`run_epoch`: batches of splits A and B to the
+    device, one :class:`SearchStepper` step, sums (weight, architecture, budget loss)."""
+
+    def __init__(self, stepper: SearchStepper, device: torch.device, cl: bool) -> None:
+        self.stepper, self.device, self.cl = stepper, device, cl
+        self.full = stepper.net.full_cost(stepper.primary)
+        self.cost: Tensor | float = 0.0  # the argmax shape's cost at the last step
+
+    def step(self, batch: Any, step: int) -> Tensor:
+        (xa, ya), (xb, yb) = batch
+        # No-ops for device-resident batches; streamed ones arrive on the CPU.
+        xa, ya, xb, yb = (t.to(self.device, non_blocking=True) for t in (xa, ya, xb, yb))
+        if self.cl:
+            xa = xa.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        loss, arch_loss, bl, self.cost = self.stepper.step(xa, ya, xb, yb)
+        return torch.stack([loss, arch_loss, bl])
+
+    def postfix(self, sums: Tensor, steps: int, seconds: float) -> dict[str, str]:
+        return {
+            "loss": f"{float(sums[0]) / steps:.3f}",
+            "ratio": f"{float(self.cost) / self.full:.3f}",
+        }
+
+    def diverged(self, value: float, epoch: int, step: int) -> TrainingError:
+        kind = "nan" if math.isnan(value) else "inf"
+        return TrainingError(
+            f"search loss became {kind} at epoch {epoch + 1} step {step + 1}; the last good "
+            "checkpoint is kept. Fix: lower lr or arch_lr, then rerun to resume"
+        )
 
 
 def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
@@ -386,7 +419,7 @@ def search(
     cl = resolve_channels_last(cfg.channels_last, device, net)
     if cl:
         net = net.to(memory_format=torch.channels_last)
-    net.generator = torch.Generator().manual_seed(cfg.seed)
+    gumbel = net.generator = torch.Generator().manual_seed(cfg.seed)
 
     loader_a, loader_b, valid = search_loaders(
         data,
@@ -409,7 +442,7 @@ def search(
     budget = cfg.budget  # the primary one: the kept shape and the log line follow it
     full_primary = net.full_cost(budget.metric)
 
-    start, best = 0, None
+    best = None
     # Only rank 0 writes; every rank reads the checkpoint on resume.
     history = (
         JsonlLogger(out / "history.jsonl", tensorboard=tensorboard)
@@ -417,65 +450,45 @@ def search(
         else None
     )
     ckpt = out / "checkpoint.pt" if out is not None else None
-    if ckpt is not None and checkpoint_exists(ckpt):
-        state = load_checkpoint(ckpt, map_location=device)
+
+    def restore(state: dict[str, Any]) -> None:
         net.load_state_dict(state["model"])
         w_opt.load_state_dict(state["optimizer"])
         a_opt.load_state_dict(state["arch_optimizer"])
         w_sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"]) + 1
-        set_rng_state(state["rng"])
-        net.generator.set_state(state["gumbel_rng"])
+        gumbel.set_state(state["gumbel_rng"])
+
+    start, state = resume(ckpt, restore, history, map_location=device)
+    if state is not None:
         best = state["meta"].get("best")
-        if history is not None:
-            history.truncate_after(start - 1)
         if main:
             log.info("resuming search from epoch %d", start)
-    elif history is not None:
-        history.truncate_after(-1)  # rows logged before the first checkpoint are redone
 
     # Wrapped after loading, so DDP's initial broadcast from rank 0 sees the resumed weights.
-    weight_model = wrap_search_ddp(net, device) if use_ddp else None
+    weight_model: nn.Module | None = wrap_search_ddp(net, device) if use_ddp else None
+    if cfg.compile:
+        # Compiles the weight step's forward; the architecture step runs the plain module.
+        weight_model = cast(nn.Module, torch.compile(weight_model or net))
     stepper = SearchStepper(
         net, w_opt, w_sched, a_opt, cfg, weight_model=weight_model, distributed=use_ddp
     )
-    bar_on = progress_enabled(progress)
+    task = _SearchTask(stepper, device, cl)
     for epoch in range(start, cfg.epochs):
         net.train()
         net.tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
         loader_a.set_epoch(epoch)
         loader_b.set_epoch(epoch)
-        t0 = time.perf_counter()
-        # (weight loss, arch loss, budget loss) summed on the device; read every CHECK_EVERY
-        # steps (divergence stops the run) and at the end of the epoch.
-        acc = torch.zeros(3, dtype=torch.float64, device=device)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        bar = tqdm(
+        acc, seconds = run_epoch(
+            task,
             zip(loader_a, loader_b, strict=False),
-            total=steps,
+            steps,
+            device,
+            epoch,
             desc=f"search {epoch + 1}/{cfg.epochs}",
-            disable=not bar_on,
-            leave=False,
+            progress=progress,
+            check_every=CHECK_EVERY,
         )
-        for step, ((xa, ya), (xb, yb)) in enumerate(bar):
-            # No-ops for device-resident batches; streamed ones arrive on the CPU.
-            xa, ya, xb, yb = (t.to(device, non_blocking=True) for t in (xa, ya, xb, yb))
-            if cl:
-                xa = xa.contiguous(memory_format=torch.channels_last)
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            loss, arch_loss, bl, cur_cost = stepper.step(xa, ya, xb, yb)
-            losses = torch.stack([loss, arch_loss, bl]).to(acc.dtype)
-            bad = ~torch.isfinite(losses).all()
-            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-            acc += losses
-            if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-                _check_finite(first_bad, acc, epoch)
-            if bar_on and step % 10 == 0:  # a host read for the bar only
-                ratio = float(cur_cost) / full_primary
-                bar.set_postfix(loss=f"{float(loss):.3f}", ratio=f"{ratio:.3f}")
-        bar.close()
         sums = dict(zip(("loss", "arch_loss", "budget"), acc.tolist(), strict=True))
-        seconds = time.perf_counter() - t0
         if use_ddp:
             # Everything below (shape, best, checkpoint) must be the same on every rank.
             ddp.assert_same(net.arch_parameters(), f"architecture logits after epoch {epoch}")
@@ -535,16 +548,15 @@ def search(
         if history is not None:
             history.log(row)
         if ckpt is not None and main:
-            save_checkpoint(
+            save_epoch(
                 ckpt,
+                epoch,
                 {
                     "model": net.state_dict(),
                     "optimizer": w_opt.state_dict(),
                     "arch_optimizer": a_opt.state_dict(),
                     "scheduler": w_sched.state_dict(),
-                    "epoch": epoch,
-                    "rng": rng_state(),
-                    "gumbel_rng": net.generator.get_state(),
+                    "gumbel_rng": gumbel.get_state(),
                     "meta": {"model": model, "config": cfg.model_dump(mode="json"), "best": best},
                 },
             )
