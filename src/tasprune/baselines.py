@@ -139,13 +139,7 @@ def random_shape(
     from tasprune.search.supernet import SuperNet
 
     full, budget = flops_band(model, ratio, input_size, num_classes, tolerance)
-    net = SuperNet(
-        model,
-        num_classes=num_classes,
-        in_channels=input_size[0],
-        input_size=(input_size[1], input_size[2]),
-        options=space,
-    )
+    net = SuperNet.for_input(model, input_size, num_classes, space)
     rng = random.Random(seed)
     for attempt in range(1, max_tries + 1):
         shape = net.sample(rng)

@@ -275,13 +275,7 @@ def cmd_latency_table(
         },
         "latency-table",
     )
-    net = SuperNet(
-        model,
-        num_classes=num_classes,
-        in_channels=size[0],
-        input_size=size[1:],
-        options=cfg.space(),
-    )
+    net = SuperNet.for_input(model, size, num_classes, cfg.space())
     if out is not None and out.exists() and not out.is_file():
         raise ConfigError(f"--out {out} is not a file. Fix: name a .json file")
     if out is not None:  # a named file: extended when it holds this machine's table

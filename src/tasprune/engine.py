@@ -720,6 +720,17 @@ def _fit_epochs(
     main = ddp.is_main() if use_ddp else True
     cfg_dump = cfg.model_dump(mode="json")
     run_start = time.perf_counter()
+
+    def evaluate_test() -> dict[str, float]:
+        return evaluate(
+            model,
+            test_loader,
+            device,
+            channels_last=channels_last,
+            amp=cfg.amp,
+            distributed=use_ddp,
+        )
+
     for epoch in range(start_epoch, cfg.epochs):
         set_epoch = getattr(train_loader, "set_epoch", None)
         if callable(set_epoch):
@@ -745,14 +756,7 @@ def _fit_epochs(
             ddp.sync_buffers(model)
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
         if evaluated:
-            test_stats = evaluate(
-                model,
-                test_loader,
-                device,
-                channels_last=channels_last,
-                amp=cfg.amp,
-                distributed=use_ddp,
-            )
+            test_stats = evaluate_test()
         row: dict[str, Any] = {
             "epoch": epoch,
             "lr": lr,
@@ -796,14 +800,7 @@ def _fit_epochs(
             on_epoch_end(epoch, row)
 
     if test_stats is None:  # e.g. resumed with nothing left to do and no stored metrics
-        test_stats = evaluate(
-            model,
-            test_loader,
-            device,
-            channels_last=channels_last,
-            amp=cfg.amp,
-            distributed=use_ddp,
-        )
+        test_stats = evaluate_test()
     metrics = _final_metrics(train_stats, test_stats, cfg.epochs)
     if out_dir is not None and main:
         save_checkpoint(out_dir / "model.pt", {"model": _cpu_state_dict(model), "meta": meta})

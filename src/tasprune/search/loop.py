@@ -100,13 +100,7 @@ def check_budget(
     for budget in sorted(cfg.budgets(), key=lambda b: b.metric == "latency"):
         if budget.metric == "latency":
             if net is None:
-                net = SuperNet(
-                    model,
-                    num_classes=num_classes,
-                    in_channels=input_size[0],
-                    input_size=input_size[1:],
-                    options=cfg.space(),
-                )
+                net = SuperNet.for_input(model, input_size, num_classes, cfg.space())
             if net.latency_table is None:
                 attach_latency(net, cfg, progress=progress)
             smallest = net.shape_costs(small)["latency"]
@@ -124,14 +118,8 @@ def build_supernet(
     *,
     progress: bool = True,
 ) -> SuperNet:
-    net = SuperNet(
-        model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        input_size=data.image_size,
-        options=cfg.space(),
-    )
     size = (data.in_channels, *data.image_size)
+    net = SuperNet.for_input(model, size, data.num_classes, cfg.space())
     # Also attaches the latency model to net when the budget is one.
     check_budget(model, cfg, size, data.num_classes, progress=progress, net=net)
     if teacher_state is not None and cfg.warm_start:

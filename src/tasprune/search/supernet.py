@@ -232,6 +232,23 @@ def _key(name: str) -> str:
 class SuperNet(nn.Module):
     """A registered model turned into a TAS search space with learnable width/depth logits."""
 
+    @classmethod
+    def for_input(
+        cls,
+        model: str,
+        input_size: tuple[int, ...],
+        num_classes: int,
+        options: SpaceOptions | None = None,
+    ) -> SuperNet:
+        """The supernet for inputs of ``input_size`` (C, H, W) and ``num_classes`` outputs."""
+        return cls(
+            model,
+            num_classes=num_classes,
+            in_channels=input_size[0],
+            input_size=(input_size[1], input_size[2]),
+            options=options,
+        )
+
     def __init__(
         self,
         model: str,

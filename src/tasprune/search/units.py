@@ -176,18 +176,7 @@ class SearchProjection(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         k = self.follow.max_selected
         y = F.conv2d(self.pool(x), self.conv.weight[:k, : x.shape[1]], None, self.conv.stride)
-        bn = self.bn
-        assert bn.running_mean is not None and bn.running_var is not None
-        return F.batch_norm(
-            y,
-            bn.running_mean[:k],
-            bn.running_var[:k],
-            bn.weight[:k],
-            bn.bias[:k],
-            self.training,
-            bn.momentum if bn.momentum is not None else 0.1,
-            bn.eps,
-        )
+        return _bn_prefix(self.bn, y, k, self.training)
 
 
 class SearchableDepthwiseBN(nn.Module):
@@ -214,20 +203,24 @@ class SearchableDepthwiseBN(nn.Module):
         conv = self.conv
         y = F.conv2d(x, conv.weight[:k], None, conv.stride, conv.padding, 1, k)  # N, K, H', W'
         bn = self.bn
-        assert bn.running_mean is not None and bn.running_var is not None
         if self.training and bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
-        y = F.batch_norm(
-            y,
-            bn.running_mean[:k],
-            bn.running_var[:k],
-            bn.weight[:k],
-            bn.bias[:k],
-            self.training,
-            bn.momentum if bn.momentum is not None else 0.1,
-            bn.eps,
-        )
-        return self.act(y)
+        return self.act(_bn_prefix(bn, y, k, self.training))
+
+
+def _bn_prefix(bn: nn.BatchNorm2d, y: Tensor, k: int, training: bool) -> Tensor:
+    """``bn`` restricted to its first ``k`` channels (statistics, affine) applied to ``y``."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    return F.batch_norm(
+        y,
+        bn.running_mean[:k],
+        bn.running_var[:k],
+        bn.weight[:k],
+        bn.bias[:k],
+        training,
+        bn.momentum if bn.momentum is not None else 0.1,
+        bn.eps,
+    )
 
 
 class PadAdd(nn.Module):
