@@ -302,8 +302,12 @@ def test_search_holdout_is_part_of_split_b_the_architecture_never_sees() -> None
     assert torch.bincount(yv, minlength=4).tolist() == [5, 5, 5, 5]  # stratified
     _, b0, valid0 = search_loaders(ds, 10, seed=0)  # holdout 0: validate on B itself
     assert ids(valid0) == ids(b0) == ib | iv
+    # Small data: at least one image of every class is held out, none is left only there.
+    _, b_small, valid_small = search_loaders(_toy(16), 2, holdout=0.01)
+    assert torch.cat([y for _, y in valid_small]).sort().values.tolist() == [0, 1, 2, 3]
+    assert len(b_small) == 2  # 4 of split B's 8 images stay for the architecture steps
     with pytest.raises(TaspruneError, match="holdout"):
-        search_loaders(_toy(8), 2, holdout=0.01)
+        search_loaders(_toy(4), 1, holdout=0.5)  # one image per class in B: none left
 
 
 def test_subset_and_properties() -> None:

@@ -377,14 +377,12 @@ def test_search_grad_clip_bounds_the_weight_gradients(clip: float | None) -> Non
     net = SuperNet("cifar_resnet20", num_classes=10, in_channels=1, input_size=(28, 28))
     w_opt, w_sched, a_opt = make_optimizers(net, cfg, 10)
     norms: list[float] = []
-    real_step = w_opt.step
 
-    def recording_step(*args, **kwargs):  # type: ignore[no-untyped-def]
-        grads = [p.grad for g in w_opt.param_groups for p in g["params"] if p.grad is not None]
+    def record(opt, args, kwargs):  # type: ignore[no-untyped-def]
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
         norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
-        return real_step(*args, **kwargs)
 
-    w_opt.step = recording_step  # type: ignore[method-assign]
+    w_opt.register_step_pre_hook(record)
     stepper = SearchStepper(net, w_opt, w_sched, a_opt, cfg)
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
     stepper.step(x, y, x, y)

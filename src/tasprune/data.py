@@ -443,7 +443,7 @@ def _parse_cifar_batch(
 
 
 def stratified_split(
-    labels: torch.Tensor, fraction: float = 0.5, seed: int = 0
+    labels: torch.Tensor, fraction: float = 0.5, seed: int = 0, *, min_b: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split sample indices into two disjoint, class-balanced, sorted index tensors (A, B).
 
@@ -451,6 +451,7 @@ def stratified_split(
     stratifying keeps every class represented in both. Per class ``c`` with ``n_c`` samples,
     the first ``round(fraction * n_c)`` entries of a seeded permutation go to A, the rest to B.
     Deterministic for a given ``seed``; A and B together cover every index exactly once.
+    ``min_b``: B gets at least that many of every class that has more than ``min_b`` samples.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ConfigError(
@@ -464,6 +465,8 @@ def stratified_split(
         members = torch.nonzero(labels == cls, as_tuple=False).reshape(-1)
         shuffled = members[torch.randperm(members.numel(), generator=gen)]
         k = round(fraction * members.numel())
+        if members.numel() > min_b:
+            k = min(k, members.numel() - min_b)
         part_a.append(shuffled[:k])
         part_b.append(shuffled[k:])
     empty = torch.empty(0, dtype=torch.int64)
@@ -690,7 +693,8 @@ def search_loaders(
     idx_a, idx_b = stratified_split(train.labels, 0.5, seed)
     idx_val = idx_b
     if holdout > 0:
-        keep, held = stratified_split(train.labels[idx_b], 1.0 - holdout, seed + 1)
+        # At least one image of every class is held out (small data sets).
+        keep, held = stratified_split(train.labels[idx_b], 1.0 - holdout, seed + 1, min_b=1)
         if held.numel() == 0 or keep.numel() == 0:
             raise ConfigError(
                 f"search.holdout {holdout} leaves no images on one side of split B "
