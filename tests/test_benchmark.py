@@ -179,3 +179,34 @@ def test_changed_recipe_in_the_same_folder_is_refused(
     path = _write(tmp / "changed.yaml", proto)
     with pytest.raises(ConfigError, match="different recipe"):
         bench.run_protocol(path, tmp / "runs", results_dir=tmp / "results3", progress=False)
+
+
+def test_targets_need_a_margin_above_the_seed_noise() -> None:
+    from tasprune.bench.runner import _evaluate_targets
+    from tasprune.budget import Budget
+
+    def row(mean: float, std: float) -> dict[str, object]:
+        return {
+            "top1_mean": mean,
+            "top1_std": std,
+            "flops_ratio_mean": 0.48,
+            "flops_ratio_per_seed": {"0": 0.48, "1": 0.48},
+            "latency_ratio": {"eager": {"64": 0.6}},
+            "latency_over_flops_ratio": {"eager": {"64": 1.25}, "onnx": {}},
+        }
+
+    rows = {
+        "tas_kd": row(91.0, 0.2),
+        "tas_nokd": row(91.1, 0.2),
+        "uniform_kd": row(90.5, 0.2),  # +0.5 > hypot(0.2, 0.2) = 0.28: a win
+        "random_kd": row(90.8, 0.2),  # +0.2: inside the noise
+        "l1_kd": row(91.5, 0.1),  # below
+    }
+    got = _evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)
+    assert [t["status"] for t in got] == ["PASS", "PASS", "MISS", "MISS", "MISS", "MISS"]
+    assert [t["target"] for t in got] == list(bench.TARGETS)
+    del rows["tas_nokd"]
+    assert (
+        _evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)[4]["status"]
+        == "n/a"
+    )
