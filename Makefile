@@ -50,9 +50,9 @@ lint: setup
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
-# make bench [PROTOCOL=fmnist-r20|fmnist-r56|cifar10-r56-paper] [BENCH_FLAGS=--threads 1]
+# make bench [PROTOCOL=fmnist-r20|fmnist-r20-f30|fmnist-r56|cifar10-r56-paper] [BENCH_FLAGS=--threads 1]
 PROTOCOL ?= fmnist-r20
-BENCH_FLAGS ?=
+BENCH_FLAGS ?= --threads 1
 bench: setup
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_search.py
