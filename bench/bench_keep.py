@@ -1,0 +1,115 @@
+"""Which search epoch to keep: the last in-band shape or the best in-band one by held-out
+validation accuracy? Decided by the students' test accuracy, on a finished protocol run.
+
+For every seed of the run whose search ended in the band with a different best-by-validation
+shape, the TAS+KD student of that best shape is trained with the protocol's own recipe
+(schedule, distillation, the seed's supernet as init) and set beside the protocol's TAS+KD
+student of the kept (last) shape. Resumable (one folder per seed under RUN/keep-best/).
+
+    python bench/bench_keep.py bench/protocols/fmnist-r20.yaml bench/protocols/fmnist-r20-f30.yaml \\
+        --out-root runs/bench-win --threads 1
+
+Writes bench/results/keep.json and keep.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasprune.bench.protocol import load_protocol
+from tasprune.bench.runner import _Bench
+from tasprune.pipeline import load_supernet_state
+from tasprune.shape import Shape
+from tasprune.stages import train_student
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rows(history: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+
+
+def study(protocol: str, out_root: Path) -> list[dict[str, Any]]:
+    proto, recipe = load_protocol(protocol)
+    bench = _Bench(proto, recipe, out_root / proto.name, progress=False)
+    out = []
+    for seed in proto.seeds:
+        search = bench.root / f"seed-{seed}" / "search"
+        kept, meta = Shape.load(search / "shape.json")
+        best_file = search / "shape_best.json"
+        if meta.get("source") != "last" or not best_file.is_file():
+            continue  # the kept shape already is the best in-band one (or projected)
+        best, _ = Shape.load(best_file)
+        if best == kept:
+            continue
+        rows = _rows(search / "history.jsonl")
+        in_band = [r for r in rows if r["in_band"]]
+        best_row = max(in_band, key=lambda r: r["valid_top1"])
+        folder = bench.root / "keep-best" / f"seed-{seed}"
+        result_file = folder / "result.json"
+        if not result_file.is_file():
+            tcfg = recipe.distill.train.model_copy(update={"seed": seed})
+            cfg = recipe.distill.model_copy(update={"train": tcfg})
+            supernet = load_supernet_state(search / "supernet.pt")
+            folder.mkdir(parents=True, exist_ok=True)
+            metrics = train_student(
+                bench.ctx, folder, best, bench.teacher, cfg=cfg, supernet_state=supernet
+            )
+            result_file.write_text(json.dumps({"top1": metrics["top1"]}) + "\n")
+        tas = json.loads((bench.root / f"seed-{seed}" / "tas_kd" / "result.json").read_text())
+        out.append(
+            {
+                "protocol": proto.name,
+                "seed": seed,
+                "last_epoch": rows[-1]["epoch"],
+                "last_valid_top1": rows[-1]["valid_top1"],
+                "last_flops_ratio": rows[-1]["flops_ratio"],
+                "last_student_top1": tas["top1"],
+                "best_epoch": best_row["epoch"],
+                "best_valid_top1": best_row["valid_top1"],
+                "best_flops_ratio": best_row["flops_ratio"],
+                "best_student_top1": json.loads(result_file.read_text())["top1"],
+            }
+        )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("protocols", nargs="+")
+    ap.add_argument("--out-root", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r for p in args.protocols for r in study(p, args.out_root)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "keep.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    lines = [
+        "# Keep the last in-band shape or the best by held-out validation?",
+        "",
+        "Command: `python " + " ".join(sys.argv) + "`",
+        "",
+        "| protocol | seed | last: epoch, valid %, FLOPs | last: student % | "
+        "best: epoch, valid %, FLOPs | best: student % | best - last (pt) |",
+        "|---|---:|---|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['protocol']} | {r['seed']} | {r['last_epoch']}, {r['last_valid_top1']:.1f}, "
+            f"{r['last_flops_ratio']:.3f} | {r['last_student_top1']:.2f} | {r['best_epoch']}, "
+            f"{r['best_valid_top1']:.1f}, {r['best_flops_ratio']:.3f} | "
+            f"{r['best_student_top1']:.2f} | {r['best_student_top1'] - r['last_student_top1']:+.2f} |"
+        )
+    (RESULTS / "keep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
