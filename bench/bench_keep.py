@@ -9,6 +9,8 @@ student of the kept (last) shape. Resumable (one folder per seed under RUN/keep-
     python bench/bench_keep.py bench/protocols/fmnist-r20.yaml bench/protocols/fmnist-r20-f30.yaml \\
         --out-root runs/bench-win --threads 1
 
+Also, for the searches whose last shape ended outside the band, the kept best in-band shape
+of an earlier epoch against the last shape projected onto the band (`SuperNet.project`).
 Writes bench/results/keep.json and keep.md.
 """
 
@@ -25,6 +27,7 @@ import torch
 from tasprune.bench.protocol import load_protocol
 from tasprune.bench.runner import _Bench
 from tasprune.pipeline import load_supernet_state
+from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 from tasprune.stages import train_student
 
@@ -33,6 +36,57 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _rows(history: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+
+
+def _student(bench: _Bench, seed: int, shape: Shape, folder: Path) -> float:
+    """Top-1 of the TAS+KD student of ``shape`` under the protocol's recipe (resumable)."""
+    result_file = folder / "result.json"
+    if not result_file.is_file():
+        recipe = bench.recipe
+        tcfg = recipe.distill.train.model_copy(update={"seed": seed})
+        cfg = recipe.distill.model_copy(update={"train": tcfg})
+        supernet = load_supernet_state(bench.root / f"seed-{seed}" / "search" / "supernet.pt")
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics = train_student(
+            bench.ctx, folder, shape, bench.teacher, cfg=cfg, supernet_state=supernet
+        )
+        result_file.write_text(json.dumps({"top1": metrics["top1"]}) + "\n")
+    return float(json.loads(result_file.read_text())["top1"])
+
+
+def projected(protocol: str, out_root: Path) -> list[dict[str, Any]]:
+    """Searches whose last shape ended outside the band: the kept best in-band shape of an
+    earlier epoch against the last shape projected onto the band (`SuperNet.project`)."""
+    proto, recipe = load_protocol(protocol)
+    bench = _Bench(proto, recipe, out_root / proto.name, progress=False)
+    train = bench.data[0]
+    out = []
+    for seed in proto.seeds:
+        search = bench.root / f"seed-{seed}" / "search"
+        kept, meta = Shape.load(search / "shape.json")
+        if meta.get("source") != "best":
+            continue
+        last, _ = Shape.load(search / "shape_last.json")
+        net = SuperNet.for_input(
+            recipe.model, bench.input_size, train.num_classes, recipe.search.space()
+        )
+        net.load_state_dict(load_supernet_state(search / "supernet.pt"))
+        shape = net.project(last, recipe.search.budget)
+        ratio = net.shape_costs(shape)["flops"] / net.full_flops
+        tas = json.loads((bench.root / f"seed-{seed}" / "tas_kd" / "result.json").read_text())
+        folder = bench.root / "keep-projected" / f"seed-{seed}"
+        out.append(
+            {
+                "protocol": proto.name,
+                "seed": seed,
+                "last_flops_ratio": net.shape_costs(last)["flops"] / net.full_flops,
+                "kept_best_flops_ratio": meta["flops_ratio"],
+                "kept_best_student_top1": tas["top1"],
+                "projected_flops_ratio": ratio,
+                "projected_student_top1": _student(bench, seed, shape, folder),
+            }
+        )
+    return out
 
 
 def study(protocol: str, out_root: Path) -> list[dict[str, Any]]:
@@ -51,17 +105,7 @@ def study(protocol: str, out_root: Path) -> list[dict[str, Any]]:
         rows = _rows(search / "history.jsonl")
         in_band = [r for r in rows if r["in_band"]]
         best_row = max(in_band, key=lambda r: r["valid_top1"])
-        folder = bench.root / "keep-best" / f"seed-{seed}"
-        result_file = folder / "result.json"
-        if not result_file.is_file():
-            tcfg = recipe.distill.train.model_copy(update={"seed": seed})
-            cfg = recipe.distill.model_copy(update={"train": tcfg})
-            supernet = load_supernet_state(search / "supernet.pt")
-            folder.mkdir(parents=True, exist_ok=True)
-            metrics = train_student(
-                bench.ctx, folder, best, bench.teacher, cfg=cfg, supernet_state=supernet
-            )
-            result_file.write_text(json.dumps({"top1": metrics["top1"]}) + "\n")
+        best_top1 = _student(bench, seed, best, bench.root / "keep-best" / f"seed-{seed}")
         tas = json.loads((bench.root / f"seed-{seed}" / "tas_kd" / "result.json").read_text())
         out.append(
             {
@@ -74,7 +118,7 @@ def study(protocol: str, out_root: Path) -> list[dict[str, Any]]:
                 "best_epoch": best_row["epoch"],
                 "best_valid_top1": best_row["valid_top1"],
                 "best_flops_ratio": best_row["flops_ratio"],
-                "best_student_top1": json.loads(result_file.read_text())["top1"],
+                "best_student_top1": best_top1,
             }
         )
     return out
@@ -88,8 +132,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [r for p in args.protocols for r in study(p, args.out_root)]
+    proj = [r for p in args.protocols for r in projected(p, args.out_root)]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "keep.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (RESULTS / "keep.json").write_text(
+        json.dumps({"rows": rows, "projected": proj}, indent=1) + "\n"
+    )
     lines = [
         "# Keep the last in-band shape or the best by held-out validation?",
         "",
@@ -105,6 +152,22 @@ def main() -> int:
             f"{r['last_flops_ratio']:.3f} | {r['last_student_top1']:.2f} | {r['best_epoch']}, "
             f"{r['best_valid_top1']:.1f}, {r['best_flops_ratio']:.3f} | "
             f"{r['best_student_top1']:.2f} | {r['best_student_top1'] - r['last_student_top1']:+.2f} |"
+        )
+    lines += [
+        "",
+        "Searches whose last shape ended outside the band: the kept best in-band shape of an",
+        "earlier epoch vs the last shape projected onto the band (`SuperNet.project`).",
+        "",
+        "| protocol | seed | last FLOPs | kept best: FLOPs, student % | "
+        "projected last: FLOPs, student % | projected - kept (pt) |",
+        "|---|---:|---:|---|---|---:|",
+    ]
+    for r in proj:
+        lines.append(
+            f"| {r['protocol']} | {r['seed']} | {r['last_flops_ratio']:.3f} | "
+            f"{r['kept_best_flops_ratio']:.3f}, {r['kept_best_student_top1']:.2f} | "
+            f"{r['projected_flops_ratio']:.3f}, {r['projected_student_top1']:.2f} | "
+            f"{r['projected_student_top1'] - r['kept_best_student_top1']:+.2f} |"
         )
     (RESULTS / "keep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
