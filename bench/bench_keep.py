@@ -54,11 +54,10 @@ def _student(bench: _Bench, seed: int, shape: Shape, folder: Path) -> float:
     return float(json.loads(result_file.read_text())["top1"])
 
 
-def projected(protocol: str, out_root: Path) -> list[dict[str, Any]]:
+def projected(bench: _Bench) -> list[dict[str, Any]]:
     """Searches whose last shape ended outside the band: the kept best in-band shape of an
     earlier epoch against the last shape projected onto the band (`SuperNet.project`)."""
-    proto, recipe = load_protocol(protocol)
-    bench = _Bench(proto, recipe, out_root / proto.name, progress=False)
+    proto, recipe = bench.proto, bench.recipe
     train = bench.data[0]
     out = []
     for seed in proto.seeds:
@@ -89,9 +88,10 @@ def projected(protocol: str, out_root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def study(protocol: str, out_root: Path) -> list[dict[str, Any]]:
-    proto, recipe = load_protocol(protocol)
-    bench = _Bench(proto, recipe, out_root / proto.name, progress=False)
+def study(bench: _Bench) -> list[dict[str, Any]]:
+    """Searches whose last shape ended in the band with a different best-by-validation one:
+    the two shapes' students."""
+    proto = bench.proto
     out = []
     for seed in proto.seeds:
         search = bench.root / f"seed-{seed}" / "search"
@@ -131,8 +131,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [r for p in args.protocols for r in study(p, args.out_root)]
-    proj = [r for p in args.protocols for r in projected(p, args.out_root)]
+    rows: list[dict[str, Any]] = []
+    proj: list[dict[str, Any]] = []
+    for protocol in args.protocols:
+        proto, recipe = load_protocol(protocol)
+        bench = _Bench(proto, recipe, args.out_root / proto.name, progress=False)
+        rows += study(bench)  # one bench per protocol: its data and teacher load once
+        proj += projected(bench)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "keep.json").write_text(
         json.dumps({"rows": rows, "projected": proj}, indent=1) + "\n"

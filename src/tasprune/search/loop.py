@@ -203,8 +203,7 @@ class SearchStepper:
         self.weight_model = weight_model if weight_model is not None else net
         self.distributed = distributed
         self.arch = net.arch_parameters()
-        arch = {id(p) for p in self.arch}
-        self.weights = [p for p in net.parameters() if id(p) not in arch]
+        self.weights = [p for g in w_opt.param_groups for p in g["params"]]  # for grad_clip
         self.budgets = cfg.budgets()
         self.primary = self.budgets[0].metric
         self._cost_cache: dict[str, dict[str, float]] = {}
