@@ -150,6 +150,30 @@ def test_a_search_that_ends_outside_the_band_keeps_a_projected_shape(tmp_path) -
     assert cfg.budget.contains_ratio(result.flops_ratio)
 
 
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_a_last_shape_outside_the_band_is_projected_unless_keep_best(keep: str) -> None:
+    # The last argmax is the full network (over budget); an earlier epoch was in band.
+    from tasprune.search.loop import _finish
+
+    cfg = SearchConfig(flops_ratio=0.5, keep=keep)
+    net = SuperNet("cifar_resnet20")
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.zero_()
+            p[..., -1] = 10.0  # argmax: the largest candidate everywhere
+    assert net.derive() == net.full_shape
+    best = net.project(net.full_shape, cfg.budget)
+    assert best != net.full_shape
+    # An earlier in-band shape different from the projection of the last one.
+    other = net.project(smallest_shape("cifar_resnet20"), cfg.budget)
+    assert other != best and cfg.budget.contains_ratio(net.shape_cost(other)[0] / net.full_flops)
+    record = {"epoch": 1, "valid_top1": 50.0, "shape": other.to_dict()}
+    result = _finish(net, cfg, None, record, [])
+    assert result.last_shape == net.full_shape and result.best_shape == other
+    assert result.shape == (best if keep == "last" else other)
+    assert cfg.budget.contains_ratio(result.flops_ratio)
+
+
 def test_expected_cost_is_between_extremes_and_differentiable() -> None:
     net = SuperNet("cifar_resnet20")
     lo = model_cost("cifar_resnet20", smallest_shape("cifar_resnet20"), (3, 32, 32))[0]

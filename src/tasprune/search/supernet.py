@@ -478,7 +478,8 @@ class SuperNet(nn.Module):
         exact cost (``budget``'s metric) lies in its band, moving one choice one candidate at a time.
 
         Over budget: repeatedly take the step down (narrower width or shallower stage) that
-        saves the most FLOPs per unit of log-probability given up; under the band: the step up
+        saves the most FLOPs per unit of log-probability given up, among the steps that do
+        not fall under the band if there are any; under the band: the step up
         that adds the most FLOPs per unit given up without overshooting the target. A short
         search that ends outside the band still yields an in-band shape this way (the
         smallest shape of the space permitting); ``shape`` itself when already inside.
@@ -504,7 +505,10 @@ class SuperNet(nn.Module):
         cost = self.shape_costs(shape)[metric]
         while not low <= cost <= high:
             down = cost > high
-            best: tuple[float, dict[str, int], float] | None = None
+            # (stays at or above the band's floor, score, trial, cost): going down, a step
+            # that does not fall under the band beats one that does (a large step, a stage's
+            # depth, may jump over the band, after which no step up is left that fits it).
+            best: tuple[bool, float, dict[str, int], float] | None = None
             for c in choices:
                 i = index[c.name] + (-1 if down else 1)
                 if not 0 <= i < len(c.candidates):
@@ -515,12 +519,12 @@ class SuperNet(nn.Module):
                 if gain <= 0 or (not down and new > high):
                     continue
                 given_up = float(logp[c.name][index[c.name]] - logp[c.name][i])
-                score = gain / (max(given_up, 0.0) + 1e-6)
-                if best is None or score > best[0]:
-                    best = (score, trial, new)
+                key = (new >= low, gain / (max(given_up, 0.0) + 1e-6))
+                if best is None or key > best[:2]:
+                    best = (*key, trial, new)
             if best is None:
                 break  # at the space's edge (over) or every step up overshoots (under)
-            _, index, cost = best
+            index, cost = best[2], best[3]
         return build(index)
 
     def shape_cost(self, shape: Shape) -> tuple[int, int]:
