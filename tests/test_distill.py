@@ -29,6 +29,7 @@ from tasprune.distill import (
 from tasprune.engine import cross_entropy_loss
 from tasprune.errors import ConfigError
 from tasprune.models import create_model, get_model_spec
+from tasprune.models.ops import Projection
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.shape import Shape
 
@@ -421,3 +422,29 @@ def test_supernet_init_of_a_non_candidate_shape_takes_the_next_wider_bn() -> Non
     assert state[f"{name}.bn.weight"].shape == (width,)
     assert torch.all(state[f"{name}.bn.weight"] == float(expected))
     assert student.load_state_dict(state, strict=False).missing_keys == []
+
+
+def test_a_shortcut_the_teacher_lacks_starts_as_the_identity() -> None:
+    """A stride-1 block whose pruned widths differ gets a projection the teacher does not have:
+    it starts as eye on the leading channels (the residual stream passes on), unless "fresh"."""
+    torch.manual_seed(0)
+    teacher = create_model(MODEL, num_classes=10, in_channels=1)
+    full = get_model_spec(MODEL).full_shape()
+    # layer1.1 reads 16 channels and writes 8; so layer1.2 reads 8 and writes 16
+    shape = full.replace(widths={**full.widths, "layer1.1.conv2": 8})
+    state = teacher.state_dict()
+    student = build_student(MODEL, shape, 10, 1, "teacher", teacher_state=state)
+    projections = {name: m for name, m in student.named_modules() if isinstance(m, Projection)}
+    new = [n for n in projections if f"{n}.conv.weight" not in state]
+    assert new == ["layer1.1.shortcut", "layer1.2.shortcut"]
+    for name, (c_in, c_out) in zip(new, [(16, 8), (8, 16)], strict=True):
+        x = torch.randn(2, c_in, 7, 7)
+        expected = torch.zeros(2, c_out, 7, 7)
+        n = min(c_in, c_out)
+        expected[:, :n] = x[:, :n]
+        assert torch.allclose(projections[name].eval()(x), expected, atol=1e-4)  # BN eps only
+    fresh = build_student(
+        MODEL, shape, 10, 1, "teacher", teacher_state=state, new_shortcuts="fresh"
+    )
+    w = dict(fresh.named_modules())["layer1.1.shortcut"].conv.weight  # type: ignore[union-attr]
+    assert (w.flatten().abs() > 0).float().mean() > 0.9  # a random 1x1 conv, not eye

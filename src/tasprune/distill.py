@@ -29,6 +29,7 @@ from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model, get_model_spec
+from tasprune.models.ops import Projection
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
 
@@ -333,12 +334,15 @@ def build_student(
     teacher_state: dict[str, Tensor] | None = None,
     *,
     space: SpaceOptions | None = None,
+    new_shortcuts: Literal["identity", "fresh"] = "identity",
 ) -> nn.Module:
     """The pruned network of ``shape``, initialised as asked.
 
     ``init="supernet"`` needs ``supernet_state`` (the ``"model"`` entry of ``supernet.pt``) and
     the ``space`` the search used; ``init="teacher"`` needs ``teacher_state``. Tensors that
-    cannot be sliced from the source keep their fresh initialisation.
+    cannot be sliced from the source keep their fresh initialisation, except the 1x1 conv of a
+    projection shortcut the source lacks, which starts as the identity on the leading channels
+    unless ``new_shortcuts="fresh"`` (see `identity_shortcuts`).
     """
     student = create_model(model, shape, num_classes=num_classes, in_channels=in_channels)
     if init == "scratch":
@@ -373,13 +377,38 @@ def build_student(
     else:
         raise ConfigError(f"unknown student init {init!r}. Fix: use scratch, supernet or teacher")
     missing = student.load_state_dict(state, strict=False).missing_keys
+    made = identity_shortcuts(student, missing) if new_shortcuts == "identity" else []
     logger.info(
-        "student initialised from the %s: %d tensors copied, %d fresh",
+        "student initialised from the %s: %d tensors copied, %d fresh (%d new shortcuts as "
+        "identities)",
         init,
         len(state),
         len(missing),
+        len(made),
     )
     return student
+
+
+def identity_shortcuts(student: nn.Module, missing: list[str]) -> list[str]:
+    """Start every projection shortcut whose conv weight is in ``missing`` as the identity.
+
+    Such a shortcut exists only because pruning gave a block different input and output widths
+    where the unpruned network adds its input unchanged: a random 1x1 conv there would replace
+    the residual stream by a random mix of it. As ``eye`` on the min(in, out) leading channels
+    (the rest zero; its fresh BN is the identity in eval mode) it passes the stream on as the
+    source did. Returns the names of the shortcuts it set.
+    """
+    fresh = set(missing)
+    made = []
+    for name, module in student.named_modules():
+        if isinstance(module, Projection) and f"{name}.conv.weight" in fresh:
+            w = module.conv.weight
+            with torch.no_grad():
+                w.zero_()
+                n = min(w.shape[0], w.shape[1])
+                w[torch.arange(n), torch.arange(n), 0, 0] = 1.0
+            made.append(name)
+    return made
 
 
 def model_meta(
@@ -451,6 +480,7 @@ def distill(
         supernet_state=supernet_state,
         teacher_state=teacher_state,
         space=space,
+        new_shortcuts=cfg.new_shortcuts,
     )
     input_size = (train_data.in_channels, *train_data.image_size)
     flops, params = model_cost(model, shape, input_size, train_data.num_classes)

@@ -92,6 +92,11 @@ class DistillConfig(BaseModel):
     # Student initialisation: the teacher's leading channels (measured best of the three on the
     # demo recipe, bench/results/choices.md), the searched supernet's, or random (the reference).
     init: Literal["scratch", "supernet", "teacher"] = "teacher"
+    # A projection shortcut the pruned network has and its source lacks (a block whose pruned
+    # widths differ where the unpruned one adds an identity): "identity" starts its 1x1 conv as
+    # the identity on the shared leading channels, so the residual path carries the source's
+    # stream as it did; "fresh" initialises it at random (the reference's behaviour).
+    new_shortcuts: Literal["identity", "fresh"] = "identity"
     train: TrainConfig = TrainConfig(epochs=30)
 
     @property
