@@ -7,8 +7,9 @@ A block whose pruned input and output widths differ (the searched widths are per
 (teacher or supernet) has no weights for it, so it used to start at random: dozens of those in
 a ResNet-56 replace the residual stream by random mixes of it. Per seed this runs, in the
 protocol's run folder (resumable, shared with `tasprune bench`): the protocol's search, then
-the TAS+KD student with `new_shortcuts: identity` and with `fresh` (RUN/shortcut-study/), the
-uniform student, and with --random the random in-band shape's student both ways.
+the TAS+KD student with `new_shortcuts: identity` and with `fresh` (RUN/shortcut-study/), a
+search with residual widths tied per stage (`tie_residual`, no new projections) and its
+student, the uniform student, and with --random the random in-band shape's student both ways.
 
     python bench/bench_shortcuts.py bench/protocols/fmnist-r56.yaml --out-root runs/bench-win \\
         --threads 2 [--seeds 0 1 2] [--random]
@@ -22,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +34,33 @@ from tasprune.bench.runner import _Bench
 from tasprune.models.ops import Projection
 from tasprune.pipeline import load_supernet_state
 from tasprune.shape import Shape
-from tasprune.stages import train_student
+from tasprune.stages import StageContext, search_shape, train_student
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _student(bench: _Bench, seed: int, method: str, shape: Shape, init: str) -> dict[str, Any]:
-    """TAS+KD-style student of ``shape`` with ``new_shortcuts=init``; resumable."""
+def _student(
+    bench: _Bench,
+    seed: int,
+    method: str,
+    shape: Shape,
+    init: str,
+    search: Path | None = None,
+    ctx: StageContext | None = None,
+) -> dict[str, Any]:
+    """TAS+KD-style student of ``shape`` with ``new_shortcuts=init``, initialised from the
+    supernet in ``search`` (default: the protocol's search of the seed); resumable."""
     folder = bench.root / "shortcut-study" / f"seed-{seed}" / f"{method}-{init}"
     result_file = folder / "result.json"
     if not result_file.is_file():
         r = bench.recipe
         tcfg = r.distill.train.model_copy(update={"seed": seed})
         cfg = r.distill.model_copy(update={"train": tcfg, "new_shortcuts": init})
-        supernet = load_supernet_state(bench.root / f"seed-{seed}" / "search" / "supernet.pt")
+        search = search or bench.root / f"seed-{seed}" / "search"
+        supernet = load_supernet_state(search / "supernet.pt")
         folder.mkdir(parents=True, exist_ok=True)
         metrics = train_student(
-            bench.ctx, folder, shape, bench.teacher, cfg=cfg, supernet_state=supernet
+            ctx or bench.ctx, folder, shape, bench.teacher, cfg=cfg, supernet_state=supernet
         )
         result = {"top1": metrics["top1"], "new_projections": _new_projections(bench, shape)}
         result_file.write_text(json.dumps(result) + "\n")
@@ -93,6 +105,12 @@ def main() -> int:
         tas = bench.method_shape("tas_kd", seed)
         for init in ("identity", "fresh"):
             row[f"tas-{init}"] = _student(bench, seed, "tas", tas, init)
+        # residual widths tied per stage (`search.tie_residual`): no new projections at all
+        tied_cfg = recipe.search.model_copy(update={"seed": seed, "tie_residual": True})
+        tied_ctx = replace(bench.ctx, recipe=recipe.model_copy(update={"search": tied_cfg}))
+        tied_dir = bench.root / "shortcut-study" / f"seed-{seed}" / "search-tied"
+        tied = search_shape(tied_ctx, tied_dir, bench.teacher, tied_cfg).shape
+        row["tas-tied"] = _student(bench, seed, "tas-tied", tied, "identity", tied_dir, tied_ctx)
         bench.stage_method("uniform_kd", seed)  # no new projections: the knob does not apply
         uni = json.loads((bench.root / f"seed-{seed}" / "uniform_kd" / "result.json").read_text())
         row["uniform"] = {"top1": uni["top1"], "new_projections": 0}
