@@ -31,6 +31,7 @@ import torch
 
 from tasprune.bench.protocol import load_protocol
 from tasprune.bench.runner import _Bench
+from tasprune.cost import model_cost
 from tasprune.models.ops import Projection
 from tasprune.pipeline import load_supernet_state
 from tasprune.shape import Shape
@@ -64,7 +65,12 @@ def _student(
         )
         result = {"top1": metrics["top1"], "new_projections": _new_projections(bench, shape)}
         result_file.write_text(json.dumps(result) + "\n")
-    return dict(json.loads(result_file.read_text()))
+    out = dict(json.loads(result_file.read_text()))
+    train = bench.data[0]
+    flops, _ = model_cost(bench.recipe.model, shape, bench.input_size, train.num_classes)
+    full, _ = model_cost(bench.recipe.model, None, bench.input_size, train.num_classes)
+    out.update(flops_ratio=flops / full, depths=dict(shape.depths))
+    return out
 
 
 def _new_projections(bench: _Bench, shape: Shape) -> int:
@@ -113,7 +119,12 @@ def main() -> int:
         row["tas-tied"] = _student(bench, seed, "tas-tied", tied, "identity", tied_dir, tied_ctx)
         bench.stage_method("uniform_kd", seed)  # no new projections: the knob does not apply
         uni = json.loads((bench.root / f"seed-{seed}" / "uniform_kd" / "result.json").read_text())
-        row["uniform"] = {"top1": uni["top1"], "new_projections": 0}
+        row["uniform"] = {
+            "top1": uni["top1"],
+            "new_projections": 0,
+            "flops_ratio": uni["flops_ratio"],
+            "depths": uni["shape"]["depths"],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.random:
@@ -122,7 +133,7 @@ def main() -> int:
             for init in ("identity", "fresh"):
                 row[f"random-{init}"] = _student(bench, row["seed"], "random", shape, init)
             print(json.dumps(row), flush=True)
-    teacher = json.loads((bench.root / "teacher" / "final.json").read_text())
+    teacher = json.loads((bench.root / "teacher" / "final.json").read_text())["metrics"]
     variants = [k for k in rows[0] if k != "seed"]
     out = {
         "protocol": proto.name,
@@ -137,14 +148,18 @@ def main() -> int:
         "",
         f"Command: `{out['command']}`; teacher {teacher.get('top1')}%.",
         "",
-        "| student | top-1 % (mean ± std) | per seed | new projections per seed |",
-        "|---|---|---|---|",
+        "| student | top-1 % (mean ± std) | per seed | new projections per seed | "
+        "FLOPs ratio per seed | depths per seed |",
+        "|---|---|---|---|---|---|",
     ]
     for v in variants:
         done = [r for r in rows if v in r]
         per = ", ".join(f"{r[v]['top1']:.2f}" for r in done)
         proj = ", ".join(str(r[v]["new_projections"]) for r in done)
-        lines.append(f"| {v} | {_stats([r[v]['top1'] for r in done])} | {per} | {proj} |")
+        fl = ", ".join(f"{r[v]['flops_ratio']:.3f}" for r in done)
+        dep = "; ".join("/".join(str(d) for d in r[v]["depths"].values()) for r in done)
+        top = _stats([r[v]["top1"] for r in done])
+        lines.append(f"| {v} | {top} | {per} | {proj} | {fl} | {dep} |")
     (RESULTS / f"shortcuts-{proto.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
