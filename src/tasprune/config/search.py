@@ -25,7 +25,7 @@ class SpaceOptions:
     search_depth: bool = True
     num_sampled: int | None = 2  # I: candidates mixed per conv and forward; None = all
     align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
-    tie_residual: bool = False  # one width per stage for the residual stream (no projections)
+    tie_residual: bool = True  # one width per stage for the residual stream (SearchConfig's)
     width_multiple: int = 1  # round width candidates to multiples of this (8: kernel-friendly)
     width_snap: int = 1  # round width candidates *up* to multiples of this (a runtime's block)
 
