@@ -417,3 +417,25 @@ def test_search_grad_clip_bounds_the_weight_gradients(clip: float | None) -> Non
     else:
         assert norms[0] <= clip * (1 + 1e-4)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.arch_parameters())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_projection_lands_in_the_band_from_any_shape(tie: bool) -> None:
+    """From random argmax shapes over and under the band, the projection ends inside it, also
+    where every single step up overshoots the target (tied residual widths, whole blocks)."""
+    rng = random.Random(0)
+    net = SuperNet(
+        "cifar_resnet20", in_channels=1, input_size=(28, 28), options=SpaceOptions(tie_residual=tie)
+    )
+    full = net.full_flops
+    misses = []
+    for trial in range(60):
+        _one_hot(net, rng)
+        shape = net.derive()
+        budget = Budget(rng.choice([0.3, 0.5, 0.7]), 0.02)
+        low, high = budget.bounds(full)
+        projected = net.project(shape, budget)
+        flops = net.shape_costs(projected)["flops"]
+        if not low <= flops <= high:
+            misses.append((trial, budget.ratio, net.shape_costs(shape)["flops"] / full))
+    assert not misses

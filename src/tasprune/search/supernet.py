@@ -480,7 +480,8 @@ class SuperNet(nn.Module):
         Over budget: repeatedly take the step down (narrower width or shallower stage) that
         saves the most FLOPs per unit of log-probability given up, among the steps that do
         not fall under the band if there are any; under the band: the step up
-        that adds the most FLOPs per unit given up without overshooting the target. A short
+        that adds the most FLOPs per unit given up without overshooting the target, or, if
+        every step overshoots, the one that overshoots least (then down again). A short
         search that ends outside the band still yields an in-band shape this way (the
         smallest shape of the space permitting); ``shape`` itself when already inside.
         """
@@ -503,28 +504,42 @@ class SuperNet(nn.Module):
             return Shape(widths=widths, depths=depths)
 
         cost = self.shape_costs(shape)[metric]
+        seen = {tuple(index.values())}
+        # The largest visited shape within the target: kept if none lands in the band.
+        fb_idx, fb_cost = (dict(index), cost) if cost <= high else (None, -1.0)
         while not low <= cost <= high:
             down = cost > high
-            # (stays at or above the band's floor, score, trial, cost): going down, a step
-            # that does not fall under the band beats one that does (a large step, a stage's
-            # depth, may jump over the band, after which no step up is left that fits it).
+            # (lands on the right side of the band, score, trial, cost). Going down, a step
+            # that stays at or above the floor beats one that falls under it; going up, one
+            # that stays at or under the target beats one that overshoots it. When every step
+            # up overshoots (tied residual widths and depths move in large steps), the least
+            # overshooting one is taken and the next steps come down from above; shapes
+            # already visited are skipped, so this ends.
             best: tuple[bool, float, dict[str, int], float] | None = None
             for c in choices:
                 i = index[c.name] + (-1 if down else 1)
                 if not 0 <= i < len(c.candidates):
                     continue
                 trial = {**index, c.name: i}
+                if tuple(trial.values()) in seen:
+                    continue
                 new = self.shape_costs(build(trial))[metric]
                 gain = cost - new if down else new - cost
-                if gain <= 0 or (not down and new > high):
+                if gain <= 0:
                     continue
                 given_up = float(logp[c.name][index[c.name]] - logp[c.name][i])
-                key = (new >= low, gain / (max(given_up, 0.0) + 1e-6))
+                score = gain / (max(given_up, 0.0) + 1e-6)
+                key = (new >= low, score) if down else (new <= high, score if new <= high else -new)
                 if best is None or key > best[:2]:
                     best = (*key, trial, new)
             if best is None:
-                break  # at the space's edge (over) or every step up overshoots (under)
+                break  # at the space's edge, or every reachable shape was visited
             index, cost = best[2], best[3]
+            seen.add(tuple(index.values()))
+            if cost <= high and cost > fb_cost:
+                fb_idx, fb_cost = dict(index), cost
+        if not low <= cost <= high and fb_idx is not None:
+            index = fb_idx
         return build(index)
 
     def shape_cost(self, shape: Shape) -> tuple[int, int]:
