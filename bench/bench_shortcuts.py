@@ -32,6 +32,7 @@ import torch
 from tasprune.bench.protocol import load_protocol
 from tasprune.bench.runner import _Bench
 from tasprune.cost import model_cost
+from tasprune.models import create_model
 from tasprune.models.ops import Projection
 from tasprune.pipeline import load_supernet_state
 from tasprune.shape import Shape
@@ -75,8 +76,6 @@ def _student(
 
 def _new_projections(bench: _Bench, shape: Shape) -> int:
     """Projection shortcuts of the pruned network that the unpruned one does not have."""
-    from tasprune.models import create_model
-
     train = bench.data[0]
     full = {n for n, m in bench.teacher.named_modules() if isinstance(m, Projection)}
     net = create_model(
