@@ -54,6 +54,25 @@ def test_space_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < obj["min_flops"] < obj["max_flops"] == 40813184
 
 
+def test_space_shows_which_convs_share_a_tied_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["space", "--model", "cifar_resnet20", "--json"]) == 0
+    tied = json.loads(capsys.readouterr().out)
+    assert main(["space", "--model", "cifar_resnet20", "--per-block", "--json"]) == 0
+    per_block = json.loads(capsys.readouterr().out)
+    assert tied["tie_residual"] and not per_block["tie_residual"]
+    # Every conv belongs to exactly one choice in either space.
+    for obj in (tied, per_block):
+        members = [m for c in obj["width_choices"].values() for m in c["members"]]
+        assert sorted(members) == sorted(obj["widths"])
+    stem = next(c for c in tied["width_choices"].values() if "stem" in c["members"])
+    assert "layer1.2.conv2" in stem["members"] and "layer1.0.conv1" not in stem["members"]
+    assert len(per_block["width_choices"]) == len(per_block["widths"])
+    assert len(tied["width_choices"]) < len(per_block["width_choices"])
+    assert main(["space", "--model", "cifar_resnet20"]) == 0
+    text = capsys.readouterr().out
+    assert "one choice for 4 convs: stem, layer1.0.conv2" in text
+
+
 def test_unknown_model_is_one_line_via_entry_point() -> None:
     proc = _cli("flops", "--model", "resnet9000")
     assert proc.returncode == 2

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,19 +125,29 @@ def cmd_flops(
     return 0
 
 
-def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool = False) -> int:
-    """Width candidates per conv, depth candidates per stage, and the reachable FLOPs range."""
+def cmd_space(
+    model: str,
+    input_size: Sequence[int] | None = None,
+    as_json: bool = False,
+    tie_residual: bool = True,
+) -> int:
+    """Width candidates per searched choice (a tied choice lists the convs that share it),
+    depth candidates per stage, and the reachable FLOPs range."""
     from tasprune.cost import model_cost
     from tasprune.models.traced import is_traced, traced
     from tasprune.search import SearchConfig, SuperNet
     from tasprune.search.space import smallest_shape
 
     size = _input_size(model, input_size)
-    space = SearchConfig().space()
+    space = replace(SearchConfig().space(), tie_residual=tie_residual)
     net = SuperNet(model, in_channels=size[0], input_size=size[1:], options=space)
     smallest = model_cost(model, smallest_shape(model, space), size)[0]
     largest = net.full_flops
     widths = {n: net.width_of[n].candidates for n in net.full_shape.widths}
+    choices = {
+        c.name: {"candidates": c.candidates, "members": list(c.members)}
+        for c in net.width_choices.values()
+    }
     depths = {s: c.candidates for s, c in net.depth_of.items()}
     fixed: dict[str, str] = {}
     if is_traced(model):  # widths the traced graph leaves unsearched, and why
@@ -145,14 +156,19 @@ def cmd_space(model: str, input_size: Sequence[int] | None = None, as_json: bool
         "model": model,
         "fixed_widths": fixed,
         "input_size": list(size),
+        "tie_residual": tie_residual,
         "widths": widths,
+        "width_choices": choices,
         "depths": depths,
         "min_flops": smallest,
         "max_flops": largest,
         "min_flops_ratio": smallest / largest,
     }
     lines = [f"{model} @ {'x'.join(map(str, size))}"]
-    lines += [f"  width {n}: {c}" for n, c in widths.items()]
+    for n, c in choices.items():
+        members = c["members"]
+        tied = f"  (one choice for {len(members)} convs: {', '.join(members)})"
+        lines.append(f"  width {n}: {c['candidates']}" + (tied if len(members) > 1 else ""))
     lines += [f"  depth {s}: {c}" for s, c in depths.items()]
     lines += [f"  fixed {n}: {why}" for n, why in fixed.items()]
     lines.append(
@@ -623,6 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("space", cmd_space, "the search space of a model")
     p.add_argument("--model", required=True, help="registered model")
+    p.add_argument(
+        "--per-block",
+        dest="tie_residual",
+        action="store_false",
+        help="one width choice per conv (search.tie_residual: false) instead of one per "
+        "residual stream",
+    )
     _size_args(p, "the model's")
 
     p = add("search", cmd_search, "search a pruned shape under a FLOPs budget")
@@ -739,7 +762,7 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.command == "flops":
         return cmd_flops(a.model, a.shape, a.input_size, a.num_classes, a.as_json)
     if a.command == "space":
-        return cmd_space(a.model, a.input_size, a.as_json)
+        return cmd_space(a.model, a.input_size, a.as_json, a.tie_residual)
     if a.command == "report":
         return cmd_report(a.run_dir)
     if a.command == "export":
