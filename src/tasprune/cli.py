@@ -165,10 +165,9 @@ def cmd_space(
         "min_flops_ratio": smallest / largest,
     }
     lines = [f"{model} @ {'x'.join(map(str, size))}"]
-    for n, c in choices.items():
-        members = c["members"]
-        tied = f"  (one choice for {len(members)} convs: {', '.join(members)})"
-        lines.append(f"  width {n}: {c['candidates']}" + (tied if len(members) > 1 else ""))
+    for c in net.width_choices.values():
+        tied = f"  (one choice for {len(c.members)} convs: {', '.join(c.members)})"
+        lines.append(f"  width {c.name}: {c.candidates}" + (tied if len(c.members) > 1 else ""))
     lines += [f"  depth {s}: {c}" for s, c in depths.items()]
     lines += [f"  fixed {n}: {why}" for n, why in fixed.items()]
     lines.append(
