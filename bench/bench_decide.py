@@ -1,16 +1,19 @@
 """Do the searches decide? Final entropy and seed agreement of TAS searches on the fmnist-r20
-protocol's data and converged teacher, over architecture learning rates (and epochs).
+protocol's data and converged teacher, over the architecture optimiser's learning rate and
+weight decay, the epochs and the Gumbel temperature schedule.
 
-Per (arch_lr, epochs, seed): one search warm-started from the converged teacher (the KD
-study's, runs/cache/teacher-fmnist-r20-converged), the protocol's other search settings. The
+Per (arch_lr, arch_weight_decay, tau_max:tau_min, epochs, seed): one search warm-started from
+the converged teacher (``--teacher``: a model.pt trained with the fmnist-r20 protocol's teacher
+recipe), the protocol's other search settings. The
 table gives the last epoch's mean / max normalised entropy (1 = uniform), the FLOPs ratio of
 the kept shape and where it came from, and per setting the agreement of the seeds' shapes
 (fraction of width and depth choices with the same value). The issue's goal: mean entropy
 <= 0.3 with the seeds agreeing.
 
-    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--epochs 10] [--seeds 0 1]
+    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--arch-wds 1e-3] [--taus 5:0.1]
+        [--epochs 10] [--seeds 0 1] [--teacher PATH] [--name decide]
 
-Resumable (each search resumes in runs/decide/...). Writes bench/results/decide.json / .md.
+Resumable (each search resumes in runs/decide/...). Writes bench/results/NAME.json / .md.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ RESULTS = ROOT / "bench" / "results"
 TEACHER = ROOT / "runs" / "cache" / "teacher-fmnist-r20-converged" / "model.pt"
 
 
+def tau_pair(text: str) -> tuple[float, float]:
+    """``"5:0.1"`` -> (tau_max, tau_min)."""
+    try:
+        hi, lo = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--taus wants MAX:MIN such as 5:0.1, got {text!r}"
+        ) from None
+    return hi, lo
+
+
 def agreement(shapes: list[Shape]) -> float:
     """Fraction of choices on which every seed's shape has the same value."""
     keys = [("w", k) for k in shapes[0].widths] + [("d", k) for k in shapes[0].depths]
@@ -48,22 +62,41 @@ def agreement(shapes: list[Shape]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch-lrs", type=float, nargs="+", default=[0.05, 0.15, 0.5])
+    ap.add_argument("--arch-wds", type=float, nargs="+", default=[1e-3])
+    ap.add_argument("--taus", type=tau_pair, nargs="+", default=[(5.0, 0.1)])
     ap.add_argument("--epochs", type=int, nargs="+", default=[10])
+    ap.add_argument("--teacher", type=Path, default=TEACHER)
+    ap.add_argument("--name", default="decide", help="results file stem in bench/results/")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "decide")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    if not args.teacher.is_file():
+        raise SystemExit(
+            f"error: teacher {args.teacher} does not exist. Fix: pass --teacher with the model.pt "
+            "of a teacher trained with bench/protocols/fmnist-r20.yaml's recipe"
+        )
+    torch.set_num_threads(args.threads)
     protocol = yaml.safe_load((ROOT / "bench" / "protocols" / "fmnist-r20.yaml").read_text())
     recipe = Recipe.model_validate(protocol["recipe"])
     data = load_run_data(recipe)
-    teacher, _ = load_model_checkpoint(TEACHER)
+    teacher, _ = load_model_checkpoint(args.teacher)
     ctx = StageContext(recipe, data, torch.device("cpu"), progress=False)
     rows: list[dict[str, Any]] = []
-    for lr, epochs in itertools.product(args.arch_lrs, args.epochs):
+    grid = itertools.product(args.arch_lrs, args.arch_wds, args.taus, args.epochs)
+    for lr, wd, (tau_max, tau_min), epochs in grid:
         shapes = []
         for seed in args.seeds:
-            cfg = recipe.search.model_copy(update={"arch_lr": lr, "epochs": epochs, "seed": seed})
-            out = args.out / f"lr{lr}-e{epochs}-s{seed}"
+            update = {"arch_lr": lr, "arch_weight_decay": wd, "tau_max": tau_max}
+            update |= {"tau_min": tau_min, "epochs": epochs, "seed": seed}
+            cfg = recipe.search.model_copy(update=update)
+            # the original grid's folder names (weight decay 1e-3, tau 5 -> 0.1) stay valid
+            extra = (
+                ""
+                if (wd, tau_max, tau_min) == (1e-3, 5.0, 0.1)
+                else f"-wd{wd}-t{tau_max}:{tau_min}"
+            )
+            out = args.out / f"lr{lr}{extra}-e{epochs}-s{seed}"
             result = search_shape(ctx, out, ctx.ordered(teacher), cfg)
             last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
             info = json.loads((out / "shape.json").read_text())
@@ -71,6 +104,9 @@ def main() -> None:
             rows.append(
                 {
                     "arch_lr": lr,
+                    "arch_weight_decay": wd,
+                    "tau_max": tau_max,
+                    "tau_min": tau_min,
                     "epochs": epochs,
                     "seed": seed,
                     "entropy_mean": last["entropy_mean"],
@@ -85,19 +121,20 @@ def main() -> None:
         for r in rows[-len(args.seeds) :]:
             r["seed_agreement"] = agreement(shapes)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "decide.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = [
-        "| arch_lr | epochs | seed | entropy mean | entropy max | FLOPs ratio | kept | "
-        "valid top-1 | seed agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arch_lr | arch wd | tau | epochs | seed | entropy mean | entropy max | FLOPs ratio | "
+        "kept | valid top-1 | seed agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch_lr']} | {r['epochs']} | {r['seed']} | {r['entropy_mean']:.3f} | "
+            f"| {r['arch_lr']} | {r['arch_weight_decay']:g} | {r['tau_max']:g} -> "
+            f"{r['tau_min']:g} | {r['epochs']} | {r['seed']} | {r['entropy_mean']:.3f} | "
             f"{r['entropy_max']:.3f} | {r['flops_ratio']:.3f} | {r['source']} | "
             f"{r['valid_top1']:.2f} | {r['seed_agreement']:.2f} |"
         )
-    (RESULTS / "decide.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
