@@ -66,6 +66,12 @@ def main() -> None:
     ap.add_argument("--taus", type=tau_pair, nargs="+", default=[(5.0, 0.1)])
     ap.add_argument("--epochs", type=int, nargs="+", default=[10])
     ap.add_argument("--teacher", type=Path, default=TEACHER)
+    ap.add_argument(
+        "--protocol",
+        type=Path,
+        default=ROOT / "bench" / "protocols" / "fmnist-r20.yaml",
+        help="the protocol whose data and search settings are used (fmnist-r20 or -f30)",
+    )
     ap.add_argument("--name", default="decide", help="results file stem in bench/results/")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "decide")
@@ -74,10 +80,12 @@ def main() -> None:
     if not args.teacher.is_file():
         raise SystemExit(
             f"error: teacher {args.teacher} does not exist. Fix: pass --teacher with the model.pt "
-            "of a teacher trained with bench/protocols/fmnist-r20.yaml's recipe"
+            "of a teacher trained with the protocol's teacher recipe"
         )
     torch.set_num_threads(args.threads)
-    protocol = yaml.safe_load((ROOT / "bench" / "protocols" / "fmnist-r20.yaml").read_text())
+    if not args.protocol.is_file():
+        raise SystemExit(f"error: protocol {args.protocol} does not exist. Fix: pass --protocol")
+    protocol = yaml.safe_load(args.protocol.read_text())
     recipe = Recipe.model_validate(protocol["recipe"])
     data = load_run_data(recipe)
     teacher, _ = load_model_checkpoint(args.teacher)
@@ -103,6 +111,7 @@ def main() -> None:
             shapes.append(result.shape)
             rows.append(
                 {
+                    "protocol": protocol["name"],
                     "arch_lr": lr,
                     "arch_weight_decay": wd,
                     "tau_max": tau_max,
