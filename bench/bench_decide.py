@@ -1,17 +1,17 @@
-"""Do the searches decide? Final entropy and seed agreement of TAS searches on the fmnist-r20
-protocol's data and converged teacher, over the architecture optimiser's learning rate and
+"""Do the searches decide? Final entropy and seed agreement of TAS searches on a protocol's
+data and converged teacher (fmnist-r20 by default), over the architecture optimiser's learning rate and
 weight decay, the epochs and the Gumbel temperature schedule.
 
 Per (arch_lr, arch_weight_decay, tau_max:tau_min, epochs, seed): one search warm-started from
-the converged teacher (``--teacher``: a model.pt trained with the fmnist-r20 protocol's teacher
-recipe), the protocol's other search settings. The
+the converged teacher (``--teacher``: a model.pt trained with the protocol's teacher recipe),
+the protocol's other search settings (and its weight decay and tau schedule unless given). The
 table gives the last epoch's mean / max normalised entropy (1 = uniform), the FLOPs ratio of
 the kept shape and where it came from, and per setting the agreement of the seeds' shapes
 (fraction of width and depth choices with the same value). The issue's goal: mean entropy
 <= 0.3 with the seeds agreeing.
 
-    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--arch-wds 1e-3] [--taus 5:0.1]
-        [--epochs 10] [--seeds 0 1] [--teacher PATH] [--name decide]
+    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--arch-wds 0 1e-3] [--taus 5:0.1]
+        [--epochs 10] [--seeds 0 1] [--protocol YAML] [--teacher PATH] [--name decide]
 
 Resumable (each search resumes in runs/decide/...). Writes bench/results/NAME.json / .md.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from tasprune.bench import load_protocol
 from tasprune.checkpoint import load_model_checkpoint
-from tasprune.config import Recipe
+from tasprune.errors import ConfigError
 from tasprune.pipeline import load_run_data
 from tasprune.shape import Shape
 from tasprune.stages import StageContext, search_shape
@@ -62,8 +62,8 @@ def agreement(shapes: list[Shape]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch-lrs", type=float, nargs="+", default=[0.05, 0.15, 0.5])
-    ap.add_argument("--arch-wds", type=float, nargs="+", default=[1e-3])
-    ap.add_argument("--taus", type=tau_pair, nargs="+", default=[(5.0, 0.1)])
+    ap.add_argument("--arch-wds", type=float, nargs="+", help="default: the protocol's")
+    ap.add_argument("--taus", type=tau_pair, nargs="+", help="MAX:MIN; default: the protocol's")
     ap.add_argument("--epochs", type=int, nargs="+", default=[10])
     ap.add_argument("--teacher", type=Path, default=TEACHER)
     ap.add_argument(
@@ -82,28 +82,28 @@ def main() -> None:
             f"error: teacher {args.teacher} does not exist. Fix: pass --teacher with the model.pt "
             "of a teacher trained with the protocol's teacher recipe"
         )
+    try:
+        protocol, recipe = load_protocol(args.protocol)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.set_num_threads(args.threads)
-    if not args.protocol.is_file():
-        raise SystemExit(f"error: protocol {args.protocol} does not exist. Fix: pass --protocol")
-    protocol = yaml.safe_load(args.protocol.read_text())
-    recipe = Recipe.model_validate(protocol["recipe"])
+    base = recipe.search
+    wds = args.arch_wds or [base.arch_weight_decay]
+    taus = args.taus or [(base.tau_max, base.tau_min)]
     data = load_run_data(recipe)
     teacher, _ = load_model_checkpoint(args.teacher)
     ctx = StageContext(recipe, data, torch.device("cpu"), progress=False)
     rows: list[dict[str, Any]] = []
-    grid = itertools.product(args.arch_lrs, args.arch_wds, args.taus, args.epochs)
+    grid = itertools.product(args.arch_lrs, wds, taus, args.epochs)
     for lr, wd, (tau_max, tau_min), epochs in grid:
         shapes = []
         for seed in args.seeds:
             update = {"arch_lr": lr, "arch_weight_decay": wd, "tau_max": tau_max}
             update |= {"tau_min": tau_min, "epochs": epochs, "seed": seed}
-            cfg = recipe.search.model_copy(update=update)
-            # the original grid's folder names (weight decay 1e-3, tau 5 -> 0.1) stay valid
-            extra = (
-                ""
-                if (wd, tau_max, tau_min) == (1e-3, 5.0, 0.1)
-                else f"-wd{wd}-t{tau_max}:{tau_min}"
-            )
+            cfg = base.model_copy(update=update)
+            # at the protocol's weight decay and tau schedule the folder keeps its old name
+            own = (wd, tau_max, tau_min) == (base.arch_weight_decay, base.tau_max, base.tau_min)
+            extra = "" if own else f"-wd{wd}-t{tau_max}:{tau_min}"
             out = args.out / f"lr{lr}{extra}-e{epochs}-s{seed}"
             result = search_shape(ctx, out, ctx.ordered(teacher), cfg)
             last = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
@@ -111,7 +111,7 @@ def main() -> None:
             shapes.append(result.shape)
             rows.append(
                 {
-                    "protocol": protocol["name"],
+                    "protocol": protocol.name,
                     "arch_lr": lr,
                     "arch_weight_decay": wd,
                     "tau_max": tau_max,
