@@ -140,8 +140,20 @@ def test_tiny_protocol_end_to_end(tiny_run: tuple[Path, dict[str, Any]]) -> None
     stages = stored["wall_s"]["stages"]
     for key in ("teacher", "search/seed-0", "train/tas_kd/seed-1", "train/l1_kd/seed-0"):
         assert key in stages
+    # every seed's search: its last epoch's entropy in [0, 1] and the kept shape's source, which
+    # is the TAS students' shape (same FLOPs ratio)
+    searches = stored["searches"]
+    assert set(searches) == {"0", "1"}
+    for seed, srow in searches.items():
+        assert srow["epochs"] == stored["recipe"]["search"]["epochs"]
+        assert 0.0 <= srow["entropy_mean"] <= srow["entropy_max"] <= 1.0
+        assert srow["source"] in ("last", "best", "projected")
+        assert srow["flops_ratio"] == pytest.approx(
+            stored["methods"]["tas_kd"]["flops_ratio_per_seed"][seed]
+        )
     md = (tmp / "results" / "tiny.md").read_text()
     assert "| tas_kd |" in md and "## Targets" in md and "lat/FLOPs b2" in md
+    assert "## Searches" in md
 
 
 def test_rerun_resumes_without_training(

@@ -71,6 +71,21 @@ def format_markdown(result: dict[str, Any]) -> str:
             for b in batches
         )
         lines.append(f"| {m} | {lat_cells(row['latency_ms'])} | {rat} |")
+    searches = result.get("searches") or {}
+    if searches:
+        lines += [
+            "",
+            "## Searches (last epoch; normalised entropy, 0 = decided)",
+            "",
+            "| seed | epochs | entropy mean | entropy max | kept shape | its FLOPs ratio |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
+        for seed, srow in searches.items():
+            lines.append(
+                f"| {seed} | {srow.get('epochs', '-')} | {_fmt(srow.get('entropy_mean'), '.3f')} | "
+                f"{_fmt(srow.get('entropy_max'), '.3f')} | {srow.get('source') or '-'} | "
+                f"{_fmt(srow.get('flops_ratio'), '.3f')} |"
+            )
     lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {t['detail']} |")

@@ -54,7 +54,7 @@ from tasprune.stages import (
     train_student,
     train_teacher,
 )
-from tasprune.utils import atomic_write_text, pick_device, read_json_object
+from tasprune.utils import JsonlLogger, atomic_write_text, pick_device, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -616,6 +616,27 @@ def _evaluate_targets(
 # --------------------------------------------------------------------------- entry points
 
 
+def _searches(bench: _Bench) -> dict[str, dict[str, Any]]:
+    """Per seed, how its search ended: the last epoch's mean and max normalised entropy, the
+    kept shape's source (last / best / projected) and FLOPs ratio. Empty without searches."""
+    out: dict[str, dict[str, Any]] = {}
+    for seed in bench.proto.seeds:
+        folder = bench.root / f"seed-{seed}" / "search"
+        if not (folder / "search_done.json").is_file():
+            continue
+        rows = JsonlLogger(folder / "history.jsonl").rows()
+        last = rows[-1] if rows else {}
+        meta = read_json_object(folder / "shape.json") or {}
+        out[str(seed)] = {
+            "epochs": last["epoch"] + 1 if "epoch" in last else None,
+            "entropy_mean": last.get("entropy_mean"),
+            "entropy_max": last.get("entropy_max"),
+            "source": meta.get("source"),
+            "flops_ratio": meta.get("flops_ratio"),
+        }
+    return out
+
+
 def run_protocol(
     protocol_path: str | Path,
     out_root: str | Path = "runs/bench",
@@ -671,6 +692,7 @@ def run_protocol(
         },
         "teacher": teacher,
         "methods": rows,
+        "searches": _searches(bench),
         "targets": targets,
         "machine": machine_info(proto.latency_threads),
         "load_average_start": load_start,
