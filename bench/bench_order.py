@@ -128,6 +128,15 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], teacher_s: float
             f"{r['flops_ratio']:.3f} | {'/'.join(map(str, r['depths'].values()))} | "
             f"{r['final_entropy']:.3f} | {r['final_valid_top1']:.2f} |"
         )
+    lines += [
+        "",
+        "| order | student top-1 % (mean ± std over seeds) | per seed |",
+        "|---|---:|---|",
+    ]
+    for order, row in summary.items():
+        std = f"{row['top1_std']:.2f}" if row["top1_std"] is not None else "-"
+        per = ", ".join(f"{t:.2f}" for t in row["top1_per_seed"])
+        lines.append(f"| {order} | {row['top1_mean']:.2f} ± {std} | {per} |")
     (RESULTS / "order.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
