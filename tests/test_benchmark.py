@@ -151,9 +151,20 @@ def test_tiny_protocol_end_to_end(tiny_run: tuple[Path, dict[str, Any]]) -> None
         assert srow["flops_ratio"] == pytest.approx(
             stored["methods"]["tas_kd"]["flops_ratio_per_seed"][seed]
         )
+    shapes = list(stored["methods"]["tas_kd"]["shapes"].values())
+    assert stored["search_agreement"] == pytest.approx(bench.shape_agreement(shapes))
     md = (tmp / "results" / "tiny.md").read_text()
     assert "| tas_kd |" in md and "## Targets" in md and "lat/FLOPs b2" in md
-    assert "## Searches" in md
+    assert "## Searches" in md and "Seed agreement" in md
+
+
+def test_shape_agreement_counts_equal_widths_and_depths() -> None:
+    a = {"widths": {"c1": 8, "c2": 16}, "depths": {"s1": 2}}
+    b = {"widths": {"c1": 8, "c2": 12}, "depths": {"s1": 1}}
+    assert bench.shape_agreement([a, a]) == 1.0
+    assert bench.shape_agreement([a, b]) == pytest.approx(1 / 3)
+    assert bench.shape_agreement([a, a, b]) == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert bench.shape_agreement([a]) is None
 
 
 def test_rerun_resumes_without_training(

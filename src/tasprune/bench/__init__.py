@@ -37,7 +37,7 @@ import torch
 
 from tasprune.bench.protocol import METHODS, TARGETS, Protocol, load_protocol
 from tasprune.bench.render import format_markdown
-from tasprune.bench.runner import machine_info, run_protocol
+from tasprune.bench.runner import machine_info, run_protocol, shape_agreement
 from tasprune.errors import ConfigError
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "machine_info",
     "main",
     "run_protocol",
+    "shape_agreement",
 ]
 
 

@@ -86,6 +86,12 @@ def format_markdown(result: dict[str, Any]) -> str:
                 f"{_fmt(srow.get('entropy_max'), '.3f')} | {srow.get('source') or '-'} | "
                 f"{_fmt(srow.get('flops_ratio'), '.3f')} |"
             )
+        lines += [
+            "",
+            "Seed agreement of the kept shapes (mean over pairs of seeds of the fraction of conv "
+            f"widths and stage depths that are equal; 1 = the same shape): "
+            f"{_fmt(result.get('search_agreement'))}",
+        ]
     lines += ["", "## Targets", "", "| target | status | numbers |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | **{t['status']}** | {t['detail']} |")

@@ -637,6 +637,18 @@ def _searches(bench: _Bench) -> dict[str, dict[str, Any]]:
     return out
 
 
+def shape_agreement(shapes: Sequence[dict[str, Any]]) -> float | None:
+    """Mean over pairs of shapes of the fraction of entries (every conv's width, every stage's
+    depth) on which the two agree: 1.0 when all seeds kept the same shape. None for < 2."""
+    fractions = []
+    for i, a in enumerate(shapes):
+        for b in shapes[i + 1 :]:
+            keys = [("widths", k) for k in a["widths"]] + [("depths", k) for k in a["depths"]]
+            same = sum(a[part][k] == b[part].get(k) for part, k in keys)
+            fractions.append(same / len(keys))
+    return _mean(fractions)
+
+
 def run_protocol(
     protocol_path: str | Path,
     out_root: str | Path = "runs/bench",
@@ -693,6 +705,13 @@ def run_protocol(
         "teacher": teacher,
         "methods": rows,
         "searches": _searches(bench),
+        "search_agreement": shape_agreement(
+            [
+                Shape.load(bench.root / f"seed-{s}" / "search" / "shape.json")[0].to_dict()
+                for s in proto.seeds
+                if (bench.root / f"seed-{s}" / "search" / "shape.json").is_file()
+            ]
+        ),
         "targets": targets,
         "machine": machine_info(proto.latency_threads),
         "load_average_start": load_start,
