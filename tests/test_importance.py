@@ -98,3 +98,24 @@ def test_a_run_searches_and_initialises_from_the_ordered_teacher(tmp_path) -> No
         seen.state_dict()["stem.conv.weight"], stored.state_dict()["stem.conv.weight"]
     )
     assert (out / "student" / "final.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "name", ["torchvision:resnet18", "timm:mobilenetv3_small_100", "timm:convnext_atto"]
+)
+def test_traced_models_order_by_bn_and_keep_the_function(name: str) -> None:
+    """The default criterion on traced networks: the same function; a group with a layer that
+    cannot be reordered (ConvNeXt's LayerNorm and layer scale) is left as trained, not an
+    error, so the default never refuses a network."""
+    size = (3, 64, 64)
+    model = trained_looking(name, size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ordered = order_channels(model, "bn", size)
+    x = torch.rand(2, *size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ordered(x), model(x), rtol=1e-4, atol=1e-5)
+    changed = sum(not torch.equal(before[k], v) for k, v in ordered.state_dict().items())
+    if "convnext" in name:
+        assert changed == 0  # LayerNorm only: no BN scores, or groups that cannot move
+    else:
+        assert changed > 0

@@ -58,17 +58,13 @@ def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     return dg, groups
 
 
-def _items(dg: Any, group: Any) -> list[tuple[nn.Module, bool, list[int], list[int]]]:
-    """(module, is_out_channels, local indices, root indices) of every member of a group."""
+def _items(dg: Any, group: Any) -> list[tuple[Any, bool, list[int], list[int]]]:
+    """(module, is_out_channels, local indices, root indices) of every member of a group; the
+    "module" is a bare ``nn.Parameter`` for a traced parameter (e.g. a layer scale)."""
     out = []
     for item in group:
         dep = item.dep
         module = dep.target.module
-        if not isinstance(module, nn.Module):
-            raise ConfigError(
-                f"cannot reorder the channels of a bare parameter ({type(module).__name__}). "
-                "Fix: set teacher.order: none for this network"
-            )
         is_out = dg.is_out_channel_pruning_fn(dep.handler)
         out.append((module, is_out, list(item.idxs), list(item.root_idxs)))
     return out
@@ -195,6 +191,23 @@ def _permute(
         # else: a traced op without state (add, activation, pooling): channels pass through
 
 
+def _can_permute(module: Any, is_out: bool) -> bool:
+    """Whether :func:`_permute` can move this member's channels (the same cases it handles)."""
+    if not isinstance(module, nn.Module):
+        return False  # a bare parameter
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        return is_out or depthwise or module.groups == 1
+    if isinstance(module, nn.BatchNorm2d):
+        return True
+    if isinstance(module, nn.Linear):
+        return not is_out
+    stateful = any(True for _ in module.parameters(recurse=False)) or any(
+        True for _ in module.buffers(recurse=False)
+    )
+    return not stateful  # a traced op without state (add, activation, pooling)
+
+
 def order_channels(
     model: nn.Module,
     criterion: Criterion,
@@ -218,7 +231,7 @@ def order_channels(
         grads = _taylor_grads(work, batches, taylor_batches)
     work.requires_grad_(True)  # the graph is traced through autograd
     dg, groups = _groups(work, torch.randn(1, *input_size))
-    moved = 0
+    moved = kept = 0
     for group in groups:
         scores = group_importance(dg, group, criterion, grads)
         if scores is None:
@@ -226,12 +239,20 @@ def order_channels(
         order = torch.argsort(scores, descending=True, stable=True).tolist()
         if order == sorted(order):
             continue
-        for module, is_out, idxs, roots in _items(dg, group):
+        members = _items(dg, group)
+        if not all(_can_permute(module, is_out) for module, is_out, _, _ in members):
+            kept += 1  # a member that cannot move (LayerNorm, layer scale, grouped conv input)
+            continue
+        for module, is_out, idxs, roots in members:
             _permute(module, is_out, idxs, roots, order)
         moved += 1
     work.requires_grad_(False)
     logger.info(
-        "teacher channels ordered by %s: %d of %d groups permuted", criterion, moved, len(groups)
+        "teacher channels ordered by %s: %d of %d groups permuted%s",
+        criterion,
+        moved,
+        len(groups),
+        f"; {kept} left as trained (a layer in them cannot be reordered)" if kept else "",
     )
     device = next(model.parameters()).device
     return work.to(device).train(model.training)
