@@ -143,7 +143,8 @@ def _permute(
     module: nn.Module, is_out: bool, idxs: list[int], roots: list[int], order: list[int]
 ) -> None:
     """Apply the root permutation ``order`` (new position j holds old root channel order[j])
-    to this member's channels ``idxs`` (paired with ``roots``)."""
+    to this member's channels ``idxs`` (paired with ``roots``). Only for members that
+    :func:`_can_permute` accepts (the one place that says which can move)."""
     local_of = dict(zip(roots, idxs, strict=True))
     wanted = [local_of[r] for r in order if r in local_of]
     slots = sorted(wanted)
@@ -163,31 +164,17 @@ def _permute(
                     module.bias.copy_(module.bias[ix])
             elif depthwise:
                 return  # its channels move with its output channels (the same group)
-            elif module.groups == 1:
+            else:  # groups == 1
                 ix = index(module.in_channels)
                 module.weight.copy_(module.weight[:, ix])
-            else:
-                raise ConfigError(
-                    f"cannot reorder the inputs of a grouped conv ({module.groups} groups). "
-                    "Fix: set teacher.order: none for this network"
-                )
         elif isinstance(module, nn.BatchNorm2d):
             ix = index(module.num_features)
             for t in (module.weight, module.bias, module.running_mean, module.running_var):
                 if t is not None:
                     t.copy_(t[ix])
-        elif isinstance(module, nn.Linear):
-            if is_out:
-                raise ConfigError("the classifier's outputs cannot be reordered (internal error)")
+        elif isinstance(module, nn.Linear):  # its inputs
             ix = index(module.in_features)
             module.weight.copy_(module.weight[:, ix])
-        elif any(True for _ in module.parameters(recurse=False)) or any(
-            True for _ in module.buffers(recurse=False)
-        ):
-            raise ConfigError(
-                f"cannot reorder the channels of a {type(module).__name__} layer. Fix: set "
-                "teacher.order: none for this network"
-            )
         # else: a traced op without state (add, activation, pooling): channels pass through
 
 

@@ -616,17 +616,20 @@ def _evaluate_targets(
 # --------------------------------------------------------------------------- entry points
 
 
-def _searches(bench: _Bench) -> dict[str, dict[str, Any]]:
+def _searches(bench: _Bench) -> tuple[dict[str, dict[str, Any]], float | None]:
     """Per seed, how its search ended: the last epoch's mean and max normalised entropy, the
-    kept shape's source (last / best / projected) and FLOPs ratio. Empty without searches."""
+    kept shape's source (last / best / projected) and FLOPs ratio; and the kept shapes'
+    :func:`shape_agreement`. Empty and None without searches."""
     out: dict[str, dict[str, Any]] = {}
+    kept: list[dict[str, Any]] = []
     for seed in bench.proto.seeds:
         folder = bench.root / f"seed-{seed}" / "search"
         if not (folder / "search_done.json").is_file():
             continue
         rows = JsonlLogger(folder / "history.jsonl").rows()
         last = rows[-1] if rows else {}
-        meta = read_json_object(folder / "shape.json") or {}
+        shape, meta = Shape.load(folder / "shape.json")
+        kept.append(shape.to_dict())
         out[str(seed)] = {
             "epochs": last["epoch"] + 1 if "epoch" in last else None,
             "entropy_mean": last.get("entropy_mean"),
@@ -634,7 +637,7 @@ def _searches(bench: _Bench) -> dict[str, dict[str, Any]]:
             "source": meta.get("source"),
             "flops_ratio": meta.get("flops_ratio"),
         }
-    return out
+    return out, shape_agreement(kept)
 
 
 def shape_agreement(shapes: Sequence[dict[str, Any]]) -> float | None:
@@ -693,6 +696,7 @@ def run_protocol(
         raise
     teacher, rows = _aggregate(bench, measure)
     targets = _evaluate_targets(teacher, rows, recipe.search.budget, max(proto.latency_batches))
+    searches, agreement = _searches(bench)
     stages = dict(bench.timings)
     result: dict[str, Any] = {
         "protocol": proto.model_dump(mode="json"),
@@ -704,14 +708,8 @@ def run_protocol(
         },
         "teacher": teacher,
         "methods": rows,
-        "searches": _searches(bench),
-        "search_agreement": shape_agreement(
-            [
-                Shape.load(bench.root / f"seed-{s}" / "search" / "shape.json")[0].to_dict()
-                for s in proto.seeds
-                if (bench.root / f"seed-{s}" / "search" / "shape.json").is_file()
-            ]
-        ),
+        "searches": searches,
+        "search_agreement": agreement,
         "targets": targets,
         "machine": machine_info(proto.latency_threads),
         "load_average_start": load_start,
