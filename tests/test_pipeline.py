@@ -230,6 +230,19 @@ def test_teacher_checkpoint_is_imported(
         pipeline.run(wrong, tmp_path / "wrong", progress=False)
 
 
+def test_a_network_without_depth_choices_runs_to_its_report(tmp_path: Path) -> None:
+    """Every stage and the report, plots included, on a user's network of plain convs (width
+    choices, no depth choice): the run used to die in the report's depth plot at the end."""
+    out = tmp_path / "plain"
+    result = pipeline.run(tiny_recipe(model="py:user_nets:plain_net"), out, progress=False)
+    report = json.loads((out / "report.json").read_text())
+    assert result["report"]["model"] == report["model"] == "py:user_nets:plain_net"
+    assert report["teacher"]["shape"]["depths"] == {}
+    assert {"widths", "search_trajectory", "training"} <= set(report["plots"])
+    assert "depths" not in report["plots"]
+    assert all((out / rel).is_file() for rel in report["plots"].values())
+
+
 def test_api_accepts_torch_datasets(tmp_path: Path) -> None:
     torch.manual_seed(0)
     x = torch.rand(96, 1, 12, 12)

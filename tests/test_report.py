@@ -24,19 +24,26 @@ TARGET, TOL = 0.5, 0.05
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def pruned_shape() -> Shape:
-    full = get_model_spec(MODEL).full_shape()
+#: A user's network of plain convs: width choices, no depth choice (tests/user_nets.py).
+PLAIN = "py:user_nets:plain_net"
+
+
+def pruned_shape(model: str = MODEL) -> Shape:
+    full = get_model_spec(model).full_shape()
     widths = {
         k: max(1, (v * 5) // 8) if i % 3 else v for i, (k, v) in enumerate(full.widths.items())
     }
-    return full.replace(widths=widths, depths={"layer1": 2, "layer2": 1, "layer3": 3})
+    depths = {"layer1": 2, "layer2": 1, "layer3": 3} if model == MODEL else {}
+    return full.replace(widths=widths, depths=depths)
 
 
-def write_stage(folder: Path, shape: Shape, role: str, top1: float, epochs: int = 4) -> None:
+def write_stage(
+    folder: Path, shape: Shape, role: str, top1: float, epochs: int = 4, model: str = MODEL
+) -> None:
     """model.pt (random weights), final.json and history.jsonl as the engine writes them."""
-    model = create_model(MODEL, shape, num_classes=10, in_channels=1)
+    net = create_model(model, shape, num_classes=10, in_channels=1)
     meta = {
-        "model": MODEL,
+        "model": model,
         "shape": shape.to_dict(),
         "num_classes": 10,
         "in_channels": 1,
@@ -45,7 +52,7 @@ def write_stage(folder: Path, shape: Shape, role: str, top1: float, epochs: int 
         "role": role,
         "recipe": {"search": {"flops_ratio": TARGET, "tolerance": TOL}},
     }
-    save_checkpoint(folder / "model.pt", {"model": model.state_dict(), "meta": meta})
+    save_checkpoint(folder / "model.pt", {"model": net.state_dict(), "meta": meta})
     metrics = {"epochs": epochs, "top1": top1, "top5": 99.0, "loss": 0.4}
     final = {"metrics": metrics, "epochs": epochs, "meta": meta}
     (folder / "final.json").write_text(json.dumps(final))
@@ -62,20 +69,20 @@ def write_stage(folder: Path, shape: Shape, role: str, top1: float, epochs: int 
         )
 
 
-def make_run(out: Path, *, search_history: bool = True) -> Path:
-    full = get_model_spec(MODEL).full_shape()
-    small = pruned_shape()
+def make_run(out: Path, *, search_history: bool = True, model: str = MODEL) -> Path:
+    full = get_model_spec(model).full_shape()
+    small = pruned_shape(model)
     (out / "recipe.yaml").parent.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(
-        f"model: {MODEL}\nsearch:\n  flops_ratio: {TARGET}\n  tolerance: {TOL}\n"
+        f"model: {model}\nsearch:\n  flops_ratio: {TARGET}\n  tolerance: {TOL}\n"
     )
-    write_stage(out / "teacher", full, "teacher", top1=92.0)
-    write_stage(out / "student", small, "student", top1=90.5)
+    write_stage(out / "teacher", full, "teacher", top1=92.0, model=model)
+    write_stage(out / "student", small, "student", top1=90.5, model=model)
     search = out / "search"
     search.mkdir()
-    f, p = model_cost(MODEL, small, INPUT, 10)
-    full_f = model_cost(MODEL, full, INPUT, 10)[0]
-    extra = {"model": MODEL, "input_size": list(INPUT), "num_classes": 10}
+    f, p = model_cost(model, small, INPUT, 10)
+    full_f = model_cost(model, full, INPUT, 10)[0]
+    extra = {"model": model, "input_size": list(INPUT), "num_classes": 10}
     small.save(search / "shape.json", **extra, flops=f, params=p, flops_ratio=f / full_f)
     small.save(search / "shape_last.json", **extra, flops=f, params=p, flops_ratio=f / full_f)
     if search_history:
@@ -171,6 +178,21 @@ def test_report_markdown_has_the_table(run: tuple[Path, dict]) -> None:
     assert "latency, batch 4 (ms)" in table and "ONNX Runtime latency, batch 1 (ms)" in table
     for name in PLOTS:
         assert f"plots/{name}.png" in md
+
+
+def test_a_network_without_depth_choices_gets_the_whole_report(tmp_path: Path) -> None:
+    """A network with width choices and no depth choice (plain convs): the report finishes,
+    with every plot but the depth one, which is skipped with a note rather than drawn empty."""
+    assert get_model_spec(PLAIN).full_shape().depths == {}
+    out = make_run(tmp_path / "run", model=PLAIN)
+    report = write_report(out, latency_batches=(1,), repeats=1)
+    assert set(report["plots"]) == set(PLOTS) - {"depths"}
+    for name in report["plots"]:
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "plots" / "depths.png").exists()
+    assert any("depths.png skipped" in n for n in report["notes"])
+    assert (out / "report.json").is_file()
+    assert report["pruned"]["flops_ratio"] < 1
 
 
 def test_missing_search_history_is_a_note(tmp_path: Path) -> None:

@@ -33,3 +33,29 @@ class TinyNet(nn.Module):
 
 def tiny_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return TinyNet(num_classes, in_channels)
+
+
+class PlainNet(nn.Module):
+    """Three convs and a head, no residual block: width choices, no depth choice."""
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def plain_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return PlainNet(num_classes, in_channels)

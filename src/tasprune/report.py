@@ -6,7 +6,8 @@ and writes ``DIR/report.json`` (written last: it is the stage's completion marke
 networks are rebuilt from their ``model.pt`` (weights-only load), so FLOPs and params are the
 exact ones of the stored shapes and the latency is that of the real, physically smaller net.
 Optional inputs that are absent (no search history when the shape was given, no training
-history of an imported teacher) skip their part with a note instead of failing.
+history of an imported teacher, no depth choices in a network of plain convs) skip their part
+with a note instead of failing.
 """
 
 from __future__ import annotations
@@ -689,10 +690,16 @@ def write_report(
 
     plot_dir = out / "plots"
     plots: dict[str, str] = {}
-    plot_widths(full, small, plot_dir / "widths.png", model_name)
-    plots["widths"] = "plots/widths.png"
-    plot_depths(full, small, plot_dir / "depths.png", model_name)
-    plots["depths"] = "plots/depths.png"
+    # A network without width (or depth) choices has nothing to draw there: say so instead.
+    for name, choices, draw, kind in (
+        ("widths", full.widths, plot_widths, "width"),
+        ("depths", full.depths, plot_depths, "depth"),
+    ):
+        if choices:
+            draw(full, small, plot_dir / f"{name}.png", model_name)
+            plots[name] = f"plots/{name}.png"
+        else:
+            notes.append(f"{name}.png skipped: {model_name} has no {kind} choices")
     if search_rows:
         metric = budget.metric if budget is not None else "flops"
         plot_search(search_rows, band, plot_dir / "search_trajectory.png", metric)
