@@ -6,7 +6,7 @@ shape, the TAS+KD student of that best shape is trained with the protocol's own 
 (schedule, distillation, the seed's supernet as init) and set beside the protocol's TAS+KD
 student of the kept (last) shape. Resumable (one folder per seed under RUN/keep-best/).
 
-    python bench/bench_keep.py bench/protocols/fmnist-r20.yaml bench/protocols/fmnist-r20-f30.yaml \\
+    python bench/studies/bench_keep.py bench/protocols/fmnist-r20.yaml bench/protocols/fmnist-r20-f30.yaml \\
         --out-root runs/bench-win --threads 1
 
 Also, for the searches whose last shape ended outside the band, the best in-band shape of an
@@ -32,7 +32,7 @@ from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 from tasprune.stages import train_student
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _rows(history: Path) -> list[dict[str, Any]]:

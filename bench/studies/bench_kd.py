@@ -22,7 +22,7 @@ Resumable: rerun the same command and it continues (every finished piece is in
 ``bench/results/kd-study.json`` before the next starts; a student interrupted mid-way resumes
 from its checkpoint under ``--out``).
 
-    python bench/bench_kd.py --teacher-dir /work/main/runs/cache/teacher-fmnist-r20-converged
+    python bench/studies/bench_kd.py --teacher-dir /work/main/runs/cache/teacher-fmnist-r20-converged
         [--out runs/kd-study] [--only teacher|search|init|students] [--variants NAME ...]
 """
 
@@ -52,7 +52,7 @@ from tasprune.utils import JsonlLogger, atomic_write_text, read_json_object
 
 logger = logging.getLogger("bench_kd")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 SEED = 0
 IMG_PER_S = 300.0  # a priori: ResNet-20 training on 28x28, one thread (refined after the teacher)

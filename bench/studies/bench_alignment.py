@@ -5,7 +5,7 @@ unpruned ResNet-20 and of uniform shapes whose widths are or are not multiples o
 random in-band shapes (FLOPs ratio in [0.45, 0.50]) drawn from the TAS search space with width
 candidates as they are (``width_multiple`` 1) and rounded to multiples of 4 and 8.
 
-    python bench/bench_alignment.py [--threads 1]
+    python bench/studies/bench_alignment.py [--threads 1]
 
 Writes bench/results/alignment.json and prints a markdown table.
 """
@@ -27,7 +27,7 @@ from tasprune.latency import measure_latency
 from tasprune.models import create_model, get_model_spec
 from tasprune.shape import Shape
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 WIDTHS = {
     "16/32/64 (unpruned)": (16, 32, 64),
     "11/23/45 (uniform, ratio 0.49)": (11, 23, 45),

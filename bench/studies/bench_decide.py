@@ -10,7 +10,7 @@ the kept shape and where it came from, and per setting the agreement of the seed
 (fraction of width and depth choices with the same value). The issue's goal: mean entropy
 <= 0.3 with the seeds agreeing.
 
-    python bench/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--arch-wds 0 1e-3] [--taus 5:0.1]
+    python bench/studies/bench_decide.py [--arch-lrs 0.05 0.15 0.5] [--arch-wds 0 1e-3] [--taus 5:0.1]
         [--epochs 10] [--seeds 0 1] [--protocol YAML] [--teacher PATH] [--name decide]
 
 Resumable (each search resumes in runs/decide/...). Writes bench/results/NAME.json / .md.
@@ -33,7 +33,7 @@ from tasprune.pipeline import load_run_data
 from tasprune.shape import Shape
 from tasprune.stages import StageContext, search_shape
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 TEACHER = ROOT / "runs" / "cache" / "teacher-fmnist-r20-converged" / "model.pt"
 

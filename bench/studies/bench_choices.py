@@ -13,7 +13,7 @@ latency (batch 1 and 64, eager, median over interleaved rounds). Three groups:
   each searched and distilled like the default (width + depth, I = 2, interpolation, independent
   residual widths).
 
-    python bench/bench_choices.py --teacher runs/demo/teacher/model.pt [--groups search_init]
+    python bench/studies/bench_choices.py --teacher runs/demo/teacher/model.pt [--groups search_init]
         [--seeds 0 1] [--threads 1]
 
 Resumable: every search and student lives under ``--out`` and continues from its checkpoint.
@@ -44,8 +44,8 @@ from tasprune.search import search
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_text
 
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
 
 # name -> (search overrides, distill init or None for the recipe's); None search = reuse "default"
 VARIANTS: dict[str, dict[str, tuple[dict[str, Any] | None, str | None]]] = {

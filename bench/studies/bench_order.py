@@ -2,8 +2,8 @@
 teacher's coupled channels ordered by none / l1 / bn / taylor before the warm-started search
 and the student's initialisation (``teacher.order``).
 
-    python bench/bench_order.py [--recipe configs/fmnist-r20-quick.yaml] [--orders none l1 bn]
-                                [--seeds 0] [--threads 1] [--out runs/bench-order]
+    python bench/studies/bench_order.py [--recipe configs/fmnist-r20-quick.yaml]
+        [--orders none l1 bn] [--seeds 0] [--threads 1] [--out runs/bench-order]
 
 One teacher is trained once (the recipe's teacher stage) and imported by every variant, so
 only the ordering differs. Resumable: every variant is a `tasprune run` folder; a rerun skips
@@ -25,7 +25,7 @@ from tasprune.config import load_recipe
 from tasprune.pipeline import load_run_data, run
 from tasprune.stages import StageContext, train_teacher
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def main() -> None:
@@ -104,7 +104,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], teacher_s: float
         "teacher_seconds": round(teacher_s, 1),
         "rows": rows,
         "summary": summary,
-        "command": "python bench/bench_order.py "
+        "command": "python bench/studies/bench_order.py "
         + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()

@@ -11,7 +11,7 @@ the TAS+KD student with `new_shortcuts: identity` and with `fresh` (RUN/shortcut
 search with residual widths tied per stage (`tie_residual`, no new projections) and its
 student, the uniform student, and with --random the random in-band shape's student both ways.
 
-    python bench/bench_shortcuts.py bench/protocols/fmnist-r56.yaml --out-root runs/bench-win \\
+    python bench/studies/bench_shortcuts.py bench/protocols/fmnist-r56.yaml --out-root runs/bench-win \\
         --threads 2 [--seeds 0 1 2] [--random]
 
 Writes bench/results/shortcuts-<protocol>.json and .md.
@@ -38,7 +38,7 @@ from tasprune.pipeline import load_supernet_state
 from tasprune.shape import Shape
 from tasprune.stages import StageContext, search_shape, train_student
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _student(
