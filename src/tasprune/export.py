@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 from tasprune.contract import FORMAT_VERSION, WithPreprocess, contract_from_meta
 from tasprune.errors import CheckpointError, ConfigError, TaspruneError
-from tasprune.latency import ort_session
 from tasprune.models import create_model, get_model_spec
+from tasprune.ort import ort_session
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_bytes, atomic_write_text
 

@@ -32,7 +32,7 @@ from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
 from tasprune.export import export_model, load_exportable
-from tasprune.latency import measure_latency, measure_onnx_latency
+from tasprune.latency import LatencySettings, measure
 from tasprune.shape import Shape
 from tasprune.utils import (
     JsonlLogger,
@@ -192,10 +192,11 @@ def _measure(
         notes.append(f"no {model_file.parent.name}/final.json metrics: {role} accuracy unknown")
 
     model.to(device)
+    warmup = min(5, repeats)
     latency: dict[str, float] = {}
     spread: dict[str, list[float]] = {}
     for b in batches:
-        stats = measure_latency(model, size, b, repeats=repeats, warmup=min(5, repeats))
+        stats = measure(model, size, LatencySettings("eager", b, None, repeats, warmup))
         latency[str(b)] = stats["median_ms"]
         spread[str(b)] = [stats["p10_ms"], stats["p90_ms"]]
     entry["latency_ms"] = latency
@@ -205,7 +206,8 @@ def _measure(
     try:
         onnx_file = export_model(model_file, "onnx", onnx_dir / f"{role}.onnx")
         for b in batches:
-            stats = measure_onnx_latency(onnx_file, size, b, repeats, min(5, repeats))
+            settings = LatencySettings("onnxruntime", b, None, repeats, warmup)
+            stats = measure(model, size, settings, onnx_file=onnx_file)
             onnx_latency[str(b)] = stats["median_ms"]
     except TaspruneError as err:
         notes.append(f"ONNX latency of the {role} skipped: {err}")
@@ -225,27 +227,26 @@ def _measure_latency_budget(
     lat: dict[str, Any], metas: dict[str, dict[str, Any]], notes: list[str]
 ) -> None:
     """Time the teacher and the pruned network the way the search's table was measured
-    (runtime, threads, batch; ONNX exported padded) and put measured next to predicted."""
-    from tasprune.latency_table import TableKey
+    (runtime, threads, batch; ONNX exported padded, bound buffers; the best of 3 medians of 20
+    calls after 3 warm-up ones) and put measured next to predicted."""
     from tasprune.models import create_model
-    from tasprune.search.latency import measure_network
 
+    ms = {}
     try:
-        key = TableKey.here(str(lat["runtime"]), int(lat["threads"]), int(lat["batch"]))
+        settings = LatencySettings(lat["runtime"], int(lat["batch"]), int(lat["threads"]), 20, 3)
+        for role in ("teacher", "pruned"):
+            meta = metas[role]
+            c, h, w = (int(v) for v in meta["input_size"])
+            net = create_model(
+                str(meta["model"]),
+                Shape.from_dict(meta["shape"]),
+                num_classes=int(meta.get("num_classes", 10)),
+                in_channels=c,
+            )
+            ms[role] = min(measure(net, (c, h, w), settings)["median_ms"] for _ in range(3))
     except (KeyError, ValueError, TaspruneError) as err:
         notes.append(f"the latency budget's prediction is not re-measured: {err}")
         return
-    ms = {}
-    for role in ("teacher", "pruned"):
-        meta = metas[role]
-        c, h, w = (int(v) for v in meta["input_size"])
-        net = create_model(
-            str(meta["model"]),
-            Shape.from_dict(meta["shape"]),
-            num_classes=int(meta.get("num_classes", 10)),
-            in_channels=c,
-        )
-        ms[role] = min(measure_network(net, key, (c, h, w), 20) for _ in range(3))
     lat["measured_ms"] = ms["pruned"]
     lat["teacher_measured_ms"] = ms["teacher"]
     lat["measured_ratio"] = ms["pruned"] / ms["teacher"]

@@ -16,6 +16,7 @@ from tasprune.config import (
     validate_model,
 )
 from tasprune.errors import ConfigError
+from tasprune.latency import LatencySettings, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,13 @@ class Protocol(BaseModel):
     latency_rounds: int = Field(default=3, ge=1)  # interleaved rounds; the median is kept
     latency_threads: int | None = Field(default=None, ge=1)  # None: torch's default
     estimate: str = ""  # the author's wall-time estimate, copied into the results
+
+    def latency(self, runtime: Runtime, batch: int) -> LatencySettings:
+        """How the runner times each network at ``batch`` in ``runtime``: the protocol's
+        repeats and threads, after 3 warm-up calls (fewer when repeats are fewer)."""
+        return LatencySettings(
+            runtime, batch, self.latency_threads, self.latency_repeats, min(3, self.latency_repeats)
+        )
 
     @field_validator("methods")
     @classmethod

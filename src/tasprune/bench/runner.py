@@ -40,7 +40,7 @@ from tasprune.distill import kd_loss_fn, model_meta
 from tasprune.engine import LossFn, cross_entropy_loss, fit
 from tasprune.errors import ConfigError, TaspruneError
 from tasprune.export import export_model, load_exportable
-from tasprune.latency import measure_latency, measure_onnx_latency
+from tasprune.latency import measure
 from tasprune.pipeline import (
     load_run_data,
     load_supernet_state,
@@ -386,28 +386,14 @@ class _Bench:
         ort: dict[str, dict[int, list[float]]] = {
             k: {b: [] for b in p.latency_batches} for k in nets
         }
-        warm = min(3, p.latency_repeats)
         for rnd in range(p.latency_rounds):
             for key, (model, onnx) in models.items():
                 for b in p.latency_batches:
-                    e = measure_latency(
-                        model,
-                        self.input_size,
-                        b,
-                        repeats=p.latency_repeats,
-                        warmup=warm,
-                        threads=p.latency_threads,
-                    )
+                    e = measure(model, self.input_size, p.latency("eager", b))
                     eager[key][b].append(e["median_ms"])
                     if onnx is not None:
-                        o = measure_onnx_latency(
-                            onnx,
-                            self.input_size,
-                            b,
-                            p.latency_repeats,
-                            warm,
-                            threads=p.latency_threads,
-                        )
+                        how = p.latency("onnxruntime", b)
+                        o = measure(model, self.input_size, how, onnx_file=onnx)
                         ort[key][b].append(o["median_ms"])
             logger.info("latency: round %d of %d done", rnd + 1, p.latency_rounds)
         networks = {

@@ -5,24 +5,32 @@ the way it counts FLOPs (`tasprune.latency_table`)."""
 
 from __future__ import annotations
 
-import io
 import logging
 import random
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from tasprune import distributed as ddp
 from tasprune.config import SearchConfig
 from tasprune.errors import ConfigError
-from tasprune.latency import ort_session, time_calls, torch_threads
-from tasprune.latency_table import ORT_BLOCK, LatencyTable, Op, TableKey, default_table_path
+from tasprune.latency import (
+    LatencySettings,
+    Runtime,
+    bound_run,
+    measure,
+    median_ms,
+    onnx_session,
+    time_calls,
+    time_eager,
+    torch_threads,
+)
+from tasprune.latency_table import LatencyTable, Op, TableKey, default_table_path
 from tasprune.models import create_model
 from tasprune.search.supernet import ExpectedAlgebra, SuperNet
 
@@ -91,6 +99,7 @@ def build_table(
     return table, (entry["scale"], entry["rest_ms"]), path
 
 
+LAYER_WARMUP = 3  # untimed calls before each layer's (and each calibration network's) timing
 CALIBRATION_SHAPES = 4  # random shapes measured whole, besides the unpruned and smallest ones
 
 
@@ -183,103 +192,46 @@ def measure_points(
                 on_save()
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    return statistics.median(time_calls(fn, repeats, warmup))
-
-
 def _timer(key: TableKey, repeats: int) -> Callable[[Op, int, int], float]:
+    """The median ms of one layer in the key's runtime (ONNX: less one session call's
+    overhead, which the model's ``rest_ms`` carries once per network)."""
     device = torch.device("cuda" if key.device.startswith("cuda") else "cpu")
     if key.runtime == "eager":
 
         def eager(op: Op, cin: int, cout: int) -> float:
             layer = op.build(cin, cout).eval().to(device)
             x = op.example(key.batch, cin, cout).to(device)
-            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-            def call() -> None:
-                layer(x)
-                sync()
-
-            with torch.inference_mode():
-                return _median_ms(call, repeats)
+            return median_ms(time_eager(layer, x, repeats, LAYER_WARMUP))
 
         return eager
 
-    session_of = _ort_sessions(key.threads)
-    overhead = _ort_overhead(session_of, key.batch, repeats)
+    overhead = _ort_overhead(key.threads, key.batch, repeats)
 
     def onnx(op: Op, cin: int, cout: int) -> float:
         layer = op.build(cin, cout).eval()
         x = op.example(key.batch, cin, cout)
-        ms = _median_ms(_bound_run(session_of(layer, x), x, layer), repeats)
-        return max(ms - overhead, 0.0)
+        run = bound_run(onnx_session(layer, x, key.threads), x, layer)
+        return max(median_ms(time_calls(run, repeats, LAYER_WARMUP)) - overhead, 0.0)
 
     return onnx
 
 
-def _bound_run(session: Any, x: Tensor, net: nn.Module) -> Callable[[], None]:
-    """One ``session`` call with its input and output bound to preallocated buffers: inside a
-    network ONNX Runtime reuses its buffers, so a lone layer must not pay for allocating and
-    copying out its result."""
-    import onnxruntime as ort
-
-    with torch.no_grad():
-        out_shape = tuple(net(x[:1]).shape[1:])
-    binding = session.io_binding()
-    binding.bind_cpu_input(session.get_inputs()[0].name, x.numpy())
-    out = ort.OrtValue.ortvalue_from_shape_and_type((x.shape[0], *out_shape), np.float32)
-    binding.bind_ortvalue_output(session.get_outputs()[0].name, out)
-    return lambda: session.run_with_iobinding(binding)
-
-
-def _ort_sessions(threads: int) -> Callable[[nn.Module, Tensor], Any]:
-    from tasprune.export import OPSET, quiet_exporters
-
-    def session(layer: nn.Module, x: Tensor) -> Any:
-        buf = io.BytesIO()
-        with quiet_exporters(), torch.no_grad():
-            torch.onnx.export(
-                layer,
-                (x,),
-                buf,  # type: ignore[arg-type]  # the TorchScript exporter writes file objects
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=["input"],
-            )
-        return ort_session(
-            buf.getvalue(),
-            threads,
-            "no ONNX Runtime latency can be measured",
-            "use latency_runtime: eager",
-            ConfigError,
-        )
-
-    return session
-
-
-def _ort_overhead(
-    session_of: Callable[[nn.Module, Tensor], Any], batch: int, repeats: int
-) -> float:
+def _ort_overhead(threads: int, batch: int, repeats: int) -> float:
     """The time of one ``session.run`` around a negligible graph: paid once per network, so
     taken off every single-layer measurement (the model's ``rest_ms`` carries it once)."""
     x = torch.rand(batch, 1)
     relu = nn.ReLU()
-    return _median_ms(_bound_run(session_of(relu, x), x, relu), max(repeats, 50), warmup=10)
+    run = bound_run(onnx_session(relu, x, threads), x, relu)
+    return median_ms(time_calls(run, max(repeats, 50), warmup=10))
 
 
 def measure_network(
     net: nn.Module, key: TableKey, input_size: tuple[int, ...], repeats: int
 ) -> float:
-    """Median ms per batch of a whole network in the key's runtime (the ONNX one exported
-    padded, as `tasprune export` does)."""
-    net = net.eval()
-    x = torch.rand(key.batch, *input_size)
-    with torch_threads(key.threads):
-        if key.runtime == "eager":
-            with torch.inference_mode():
-                return _median_ms(lambda: net(x), repeats)
-        from tasprune.export import padded_copy
-
-        twin = padded_copy(net, x, ORT_BLOCK)  # unpadded when the graph cannot be padded
-        session = _ort_sessions(key.threads)(twin, x)
-        return _median_ms(_bound_run(session, x, twin), repeats)
+    """Median ms per batch of a whole network in the key's runtime, threads and batch, timed
+    as the table's layers are (`tasprune.latency.measure`; the ONNX one exported padded, as
+    `tasprune export` does)."""
+    c, h, w = (int(v) for v in input_size)
+    runtime = cast(Runtime, key.runtime)  # TableKey.here checked it
+    settings = LatencySettings(runtime, key.batch, key.threads, repeats, LAYER_WARMUP)
+    return float(measure(net, (c, h, w), settings)["median_ms"])
