@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: setup
-	$(BIN)/tasprune run configs/fmnist-r20-quick.yaml --out runs/demo
+	$(BIN)/tasprune run fmnist-r20-quick --out runs/demo
 
 test: setup
 	$(BIN)/ruff check src tests bench

@@ -275,7 +275,8 @@ def run(
     progress: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Run a whole recipe into ``out_dir`` (see :func:`tasprune.pipeline.run`).
+    """Run a whole recipe (a `Recipe`, a shipped recipe's name such as ``"fmnist-r20-quick"``,
+    or a YAML file) into ``out_dir`` (see :func:`tasprune.pipeline.run`).
 
     Keyword overrides use ``__`` for nesting: ``run("r.yaml", "out", search__epochs=2)``.
     """

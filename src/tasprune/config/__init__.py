@@ -3,7 +3,8 @@ YAML recipe with its overrides, and the resolved recipe written to a run folder.
 
 - `TrainConfig` (`config.train`): one training stage (teacher, student).
 - `SearchConfig`, `SpaceOptions` (`config.search`): a TAS search and its space.
-- `Recipe` and its sections (`config.recipe`): a whole run, loaded from YAML + overrides.
+- `Recipe` and its sections (`config.recipe`): a whole run, loaded from YAML (a file, or a
+  shipped recipe by name: `recipe_names`) + overrides.
 
 Every API call takes a config object or a plain mapping alike (`as_config`).
 """
@@ -26,6 +27,8 @@ from tasprune.config.recipe import (
     parse_overrides,
     read_yaml,
     recipe_diff,
+    recipe_file,
+    recipe_names,
     validate_model,
 )
 from tasprune.config.search import DEFAULT_FRACTIONS, SearchConfig, SpaceOptions
@@ -49,6 +52,8 @@ __all__ = [
     "parse_overrides",
     "read_yaml",
     "recipe_diff",
+    "recipe_file",
+    "recipe_names",
     "validate_model",
 ]
 

@@ -7,6 +7,7 @@ that names the field and the fix. The resolved recipe is written into the run fo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -199,6 +200,30 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the shipped recipes (package data)
+
+
+def recipe_names() -> list[str]:
+    """Names of the shipped recipes (``tasprune run NAME``)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_file(ref: str | Path) -> Path:
+    """The YAML file of ``ref``: a file path as given, else the shipped recipe of that name."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return path
+    names = recipe_names()
+    text = str(ref)
+    is_name = path.suffix not in (".yaml", ".yml") and "/" not in text and os.sep not in text
+    if is_name and text in names:
+        return RECIPE_DIR / f"{text}.yaml"
+    known = f"the shipped recipes are {', '.join(names)}"
+    if is_name:
+        raise ConfigError(f"unknown recipe '{text}'; {known}. Fix: use one of them or a YAML path")
+    raise ConfigError(f"recipe {path} does not exist; {known}. Fix: pass a YAML file or a name")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -214,15 +239,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {p} must be a mapping of keys. Fix: see configs/ for examples")
+        raise ConfigError(
+            f"recipe {p} must be a mapping of keys. Fix: write 'key: value' lines (see a shipped one, e.g. fmnist-r20-quick)"
+        )
     return data
 
 
 def load_recipe(
     path: str | Path | None = None, overrides: Iterable[str] | dict[str, Any] = ()
 ) -> Recipe:
-    """Recipe from a YAML file (optional) plus overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    """Recipe from a shipped recipe's name or a YAML file (optional) plus overrides, validated."""
+    data = read_yaml(recipe_file(path)) if path is not None else {}
     extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     data = deep_merge(data, extra)
     try:
