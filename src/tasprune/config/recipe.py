@@ -26,12 +26,22 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagefolder | imagenet
-    root: str | None = None  # folder holding the data (None: the dataset's default places)
+    name: str = Field(
+        default="fashion-mnist",
+        description="fashion-mnist | cifar10 | cifar100 | imagefolder | imagenet",
+    )
+    root: str | None = Field(
+        default=None,
+        description="folder holding the dataset files (unset: the dataset's usual places)",
+    )
     image_size: int | None = Field(default=None, ge=8)  # imagefolder/imagenet: resize to this
     workers: int = Field(default=8, ge=0)  # imagenet: DataLoader worker processes
-    train_subset: int | None = Field(default=None, ge=10)  # images of the train split to use
-    test_subset: int | None = Field(default=None, ge=10)  # images of the test split to use
+    train_subset: int | None = Field(
+        default=None, ge=10, description="a stratified subset of N training images (unset: all)"
+    )
+    test_subset: int | None = Field(
+        default=None, ge=10, description="a stratified subset of N test images (unset: all)"
+    )
     # Training augmentation of every stage (teacher, search, student); unset fields fit the
     # data: Fashion-MNIST padding 2 / CIFAR 4 / else 1/8 of the image side, flip only for
     # mirror-invariant datasets. (ImageNet streams use RandomResizedCrop + flip instead.)
@@ -56,10 +66,12 @@ class TeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = None  # run folder or model.pt of a trained unpruned network
-    # A state dict of a torchvision:/timm: model's original architecture (e.g. an ImageNet
-    # checkpoint, .pth or .safetensors): loaded, adapted to the data's channels and classes,
-    # then trained as the teacher for teacher.train.epochs (fine-tuned).
-    weights: str | None = None
+    # e.g. an ImageNet checkpoint, .pth or .safetensors; fine-tuned for teacher.train.epochs.
+    weights: str | None = Field(
+        default=None,
+        description="state dict of the torchvision:/timm: model's original architecture to "
+        "start from (adapted to the data's channels and classes, then fine-tuned)",
+    )
     train: TrainConfig = TrainConfig(epochs=30)
     # Reorder the teacher's coupled channels by importance (most important first) before the
     # warm-started search and the student's initialisation, so kept prefixes are the important
@@ -92,9 +104,13 @@ class DistillConfig(BaseModel):
     # channel mean of squared activations; independent of the student's channel counts.
     feature_loss: Literal["none", "at"] = "none"
     feature_weight: float = Field(default=1000.0, ge=0)  # beta of attention transfer
-    # Student initialisation: the teacher's leading channels (measured best of the three on the
-    # demo recipe, bench/results/choices.md), the searched supernet's, or random (the reference).
-    init: Literal["scratch", "supernet", "teacher"] = "teacher"
+    # teacher: measured best of the three on the demo recipe (bench/results/choices.md);
+    # scratch is the reference's.
+    init: Literal["scratch", "supernet", "teacher"] = Field(
+        default="teacher",
+        description="student initialisation: the teacher's leading channels, the searched "
+        "supernet's, or random",
+    )
     # A projection shortcut the pruned network has and its source lacks (a block whose pruned
     # widths differ where the unpruned one adds an identity): "identity" starts its 1x1 conv as
     # the identity on the shared leading channels, so the residual path carries the source's
@@ -121,13 +137,24 @@ class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "run"
-    model: str = "cifar_resnet20"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = Field(default=0, ge=0)
-    deterministic: bool = False
+    model: str = Field(
+        default="cifar_resnet20",
+        description="registered model, or torchvision:NAME / timm:NAME (any CNN of those "
+        "libraries)",
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    seed: int = Field(default=0, ge=0, description="random seed of every stage")
+    deterministic: bool = Field(
+        default=False,
+        description="deterministic kernels and seeding in every stage (same seed + same "
+        "machine = bit-identical results, also across a kill and resume)",
+    )
     # jsonl: history.jsonl per stage (always written); tensorboard: also TensorBoard scalars in
-    # each stage folder's tensorboard/ (the `tensorboard` extra), `tensorboard --logdir RUN`.
-    log: Literal["jsonl", "tensorboard"] = "jsonl"
+    # each stage folder's tensorboard/ (the `tensorboard` extra).
+    log: Literal["jsonl", "tensorboard"] = Field(
+        default="jsonl",
+        description="tensorboard: also write every epoch's metrics for `tensorboard --logdir OUT`",
+    )
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     search: SearchConfig = SearchConfig()

@@ -38,25 +38,39 @@ class SearchConfig(BaseModel):
     # Budget: keep the argmax shape's FLOPs in [flops_ratio - tolerance, flops_ratio] x unpruned.
     # With latency_ratio, the predicted latency is the budget (and FLOPs only when flops_ratio
     # is given as well).
-    flops_ratio: float | None = Field(default=0.5, gt=0, le=1)  # target FLOPs / unpruned
+    flops_ratio: float | None = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="target FLOPs / unpruned FLOPs (beside a latency_ratio: only when given)",
+    )
     tolerance: float = Field(default=0.05, ge=0, lt=1)  # width of the band below the target
     budget_weight: float = Field(default=2.0, ge=0)  # lambda of the log-barrier budget loss
     params_ratio: float | None = Field(default=None, gt=0, le=1)  # optional params budget
 
     # Latency budget: predicted latency / the unpruned network's, from a per-layer table
     # measured in the runtime, thread count and batch size the network deploys with.
-    latency_ratio: float | None = Field(default=None, gt=0, le=1)
-    latency_runtime: Literal["eager", "onnxruntime"] = "onnxruntime"
-    latency_batch: int = Field(default=64, ge=1)
-    latency_threads: int = Field(default=1, ge=1)
+    latency_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="target predicted latency / unpruned latency (a measured per-layer table)",
+    )
+    latency_runtime: Literal["eager", "onnxruntime"] = Field(
+        default="onnxruntime", description="runtime the latency is measured in"
+    )
+    latency_batch: int = Field(default=64, ge=1, description="batch the latency is measured at")
+    latency_threads: int = Field(
+        default=1, ge=1, description="intra-op threads the latency is measured with"
+    )
     latency_table: str | None = None  # a table file; None: the cache's file for the key
     # ONNX Runtime latency budget: width candidates rounded up to the runtime's 8-channel
     # blocks (the padded export runs those widths anyway, so the extra channels are free).
     latency_snap: bool = True
 
     # Schedule of the network weights (split A of the training set).
-    epochs: int = Field(default=600, ge=1)  # passes over split A
-    batch_size: int = Field(default=256, ge=1)  # images per step, on each split
+    epochs: int = Field(default=600, ge=1, description="passes over split A")
+    batch_size: int = Field(default=256, ge=1, description="images per step, on each split")
     lr: float = Field(default=0.1, gt=0)  # SGD peak learning rate, cosine to 0
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = True
@@ -64,7 +78,7 @@ class SearchConfig(BaseModel):
     warmup_epochs: int = Field(default=0, ge=0)
 
     # Architecture optimiser (split B): Adam on the width/depth logits.
-    arch_lr: float = Field(default=1e-3, gt=0)
+    arch_lr: float = Field(default=1e-3, gt=0, description="architecture Adam lr")
     arch_betas: tuple[float, float] = (0.5, 0.999)
     # No decay on the logits by default: the paper's 1e-3 pulls them back to uniform, so the
     # fmnist-r20-f30 searches ended undecided (entropy 0.43-0.47) and its TAS+KD students at
@@ -85,7 +99,10 @@ class SearchConfig(BaseModel):
     # One residual width per stage (no projection shortcuts the teacher lacks). Default on:
     # fmnist-r56 students 90.06 +- 0.06% tied vs 88.13 +- 0.91% per-block (the paper's; its
     # recipes in configs/ set false), ResNet-20 a tie (bench/results/shortcuts-*.md).
-    tie_residual: bool = True
+    tie_residual: bool = Field(
+        default=True,
+        description="one width choice per residual stream (false: one per conv, the paper's)",
+    )
     width_multiple: int = Field(default=1, ge=1)  # round width candidates to multiples of this
 
     warm_start: bool = True  # start supernet weights from the teacher when one is given
