@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
-from tasprune.search.loop import SearchStepper, make_optimizers
+from tasprune.search.step import SearchStepper, make_optimizers
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -33,14 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasprune.engine import (
-    TrainConfig,
-    build_optimizer,
-    build_scheduler,
-    cross_entropy_loss,
-    train_one_epoch,
-)
+from tasprune.config import TrainConfig
+from tasprune.epoch import cross_entropy_loss, train_one_epoch
 from tasprune.models import create_model
+from tasprune.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tasprune.data import SYSTEM_FASHION_MNIST
+from tasprune.datasets import SYSTEM_FASHION_MNIST
 from tasprune.models import get_model_spec
 from tasprune.shape import Shape
 

@@ -31,7 +31,8 @@ from torch import nn
 import tasprune.search.loop as search_loop
 from tasprune import distributed
 from tasprune.config import SearchConfig, TrainConfig
-from tasprune.data import ArrayDataset, Augment, DeviceLoader, load_dataset
+from tasprune.data import ArrayDataset, Augment, DeviceLoader
+from tasprune.datasets import load_dataset
 from tasprune.engine import fit
 from tasprune.errors import ConfigError, TrainingError
 from tasprune.search.supernet import SuperNet

@@ -457,7 +457,7 @@ def test_catalogue_is_large_enough() -> None:
 
 
 def test_errors_carry_problem_and_fix_as_fields() -> None:
-    from tasprune.data import load_dataset
+    from tasprune.datasets import load_dataset
     from tasprune.errors import ConfigError, DataError
 
     err = ConfigError("recipe x.yaml does not exist. Fix: pass a YAML file (see configs/)")

@@ -205,7 +205,7 @@ def test_changed_recipe_in_the_same_folder_is_refused(
 
 
 def test_targets_need_a_margin_above_the_seed_noise() -> None:
-    from tasprune.bench.runner import _evaluate_targets
+    from tasprune.bench.results import evaluate_targets
     from tasprune.budget import Budget
 
     def row(mean: float, std: float) -> dict[str, object]:
@@ -225,11 +225,10 @@ def test_targets_need_a_margin_above_the_seed_noise() -> None:
         "random_kd": row(90.8, 0.2),  # +0.2: inside the noise
         "l1_kd": row(91.5, 0.1),  # below
     }
-    got = _evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)
+    got = evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)
     assert [t["status"] for t in got] == ["PASS", "PASS", "MISS", "MISS", "MISS", "MISS"]
     assert [t["target"] for t in got] == list(bench.TARGETS)
     del rows["tas_nokd"]
     assert (
-        _evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)[4]["status"]
-        == "n/a"
+        evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)[4]["status"] == "n/a"
     )

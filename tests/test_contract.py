@@ -22,7 +22,8 @@ import tasprune
 from conftest import needs_fashion_mnist
 from tasprune.checkpoint import load_checkpoint
 from tasprune.cli import main
-from tasprune.data import Augment, load_dataset
+from tasprune.data import Augment
+from tasprune.datasets import load_dataset
 from tasprune.errors import ConfigError
 from tasprune.export import export_model, load_safetensors
 

@@ -1,4 +1,4 @@
-"""Tests for tasprune.data: dataset parsing, safe unpickling, splitting and DeviceLoader."""
+"""Tests for tasprune.datasets and tasprune.data: parsing, safe unpickling, splitting, DeviceLoader."""
 
 from __future__ import annotations
 
@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_fashion_mnist
-from tasprune.data import (
-    DATASETS,
-    ArrayDataset,
-    Augment,
-    DeviceLoader,
-    load_dataset,
-    search_loaders,
-    stratified_split,
-)
+from tasprune.data import ArrayDataset, Augment, DeviceLoader, search_loaders, stratified_split
+from tasprune.datasets import DATASETS, load_dataset
 from tasprune.errors import DataError, TaspruneError
 
 needs_system_fmnist = needs_fashion_mnist

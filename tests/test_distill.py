@@ -26,7 +26,7 @@ from tasprune.distill import (
     recalibrate_bn,
     with_attention_transfer,
 )
-from tasprune.engine import cross_entropy_loss
+from tasprune.epoch import cross_entropy_loss
 from tasprune.errors import ConfigError
 from tasprune.models import create_model, get_model_spec
 from tasprune.models.ops import Projection

@@ -14,16 +14,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tasprune.checkpoint import load_checkpoint
-from tasprune.engine import (
-    TrainConfig,
-    build_optimizer,
-    build_scheduler,
-    cross_entropy_loss,
-    evaluate,
-    fit,
-    train_one_epoch,
-)
+from tasprune.config import TrainConfig
+from tasprune.engine import fit
+from tasprune.epoch import cross_entropy_loss, evaluate, train_one_epoch
 from tasprune.errors import TrainingError
+from tasprune.optim import build_optimizer, build_scheduler
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import random_shape
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, load_dataset, stratified_split
+from tasprune.data import ArrayDataset, stratified_split
+from tasprune.datasets import load_dataset
 from tasprune.models import create_model, get_model_spec
 from tasprune.models.torchvision_compat import (
     load_torchvision_checkpoint,

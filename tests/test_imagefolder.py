@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tasprune.data import Augment, DeviceLoader, load_dataset
+from tasprune.data import Augment, DeviceLoader
+from tasprune.datasets import load_dataset
 from tasprune.errors import DataError
 from tasprune.imagefolder import StreamingLoader, load_imagefolder
 

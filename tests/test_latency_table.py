@@ -15,7 +15,8 @@ from torch import nn
 
 from tasprune.budget import Budget
 from tasprune.config import SearchConfig
-from tasprune.data import load_dataset, stratified_split
+from tasprune.data import stratified_split
+from tasprune.datasets import load_dataset
 from tasprune.errors import BudgetError, ConfigError
 from tasprune.latency_table import LatencyTable, Op, TableKey, default_table_path
 from tasprune.models import create_model, get_model_spec

@@ -12,7 +12,8 @@ from tasprune.checkpoint import save_checkpoint
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
 from tasprune.models import create_model, get_model_spec
-from tasprune.report import PLOTS, format_table, write_report
+from tasprune.plots import PLOTS
+from tasprune.report import format_table, write_report
 from tasprune.shape import Shape
 from tasprune.utils import JsonlLogger, count_params
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tasprune.budget import Budget
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, load_dataset, stratified_split
+from tasprune.data import ArrayDataset, stratified_split
+from tasprune.datasets import load_dataset
 from tasprune.errors import BudgetError, ConfigError, TrainingError
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import (
@@ -94,11 +95,11 @@ def test_argmax_cost_on_the_device_is_the_exact_cost_of_the_derived_shape(
 def test_search_divergence_names_the_exact_step(tmp_path, monkeypatch) -> None:
     """Losses are read on the host only every CHECK_EVERY steps; the device-side marker still
     names the first bad step."""
-    import tasprune.search.loop as loop
+    import tasprune.search.step as step
 
     data = _subset(256)
     cfg = SearchConfig(epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6, holdout=0)
-    real_step = loop.SearchStepper.step
+    real_step = step.SearchStepper.step
     calls = {"n": 0}
 
     def poisoned(self, *args):  # type: ignore[no-untyped-def]
@@ -106,7 +107,7 @@ def test_search_divergence_names_the_exact_step(tmp_path, monkeypatch) -> None:
         calls["n"] += 1
         return (out[0] * float("nan"), *out[1:]) if calls["n"] == 3 else out
 
-    monkeypatch.setattr(loop.SearchStepper, "step", poisoned)
+    monkeypatch.setattr(step.SearchStepper, "step", poisoned)
     with pytest.raises(TrainingError, match=r"nan at epoch 1 step 3;.*Fix:"):
         search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
     assert calls["n"] == 8  # ran on to the end of the epoch's first check window (8 steps)
@@ -153,7 +154,7 @@ def test_a_search_that_ends_outside_the_band_keeps_a_projected_shape(tmp_path) -
 @pytest.mark.parametrize("keep", ["last", "best"])
 def test_a_last_shape_outside_the_band_is_projected_unless_keep_best(keep: str) -> None:
     # The last argmax is the full network (over budget); an earlier epoch was in band.
-    from tasprune.search.loop import _finish
+    from tasprune.search.result import finish
 
     cfg = SearchConfig(flops_ratio=0.5, keep=keep)
     net = SuperNet("cifar_resnet20")
@@ -168,7 +169,7 @@ def test_a_last_shape_outside_the_band_is_projected_unless_keep_best(keep: str) 
     other = net.project(smallest_shape("cifar_resnet20"), cfg.budget)
     assert other != best and cfg.budget.contains_ratio(net.shape_cost(other)[0] / net.full_flops)
     record = {"epoch": 1, "valid_top1": 50.0, "shape": other.to_dict()}
-    result = _finish(net, cfg, None, record, [])
+    result = finish(net, cfg, None, record, [])
     assert result.last_shape == net.full_shape and result.best_shape == other
     assert result.shape == (best if keep == "last" else other)
     assert cfg.budget.contains_ratio(result.flops_ratio)
@@ -396,7 +397,7 @@ def test_a_folder_with_another_models_finished_search_is_refused(tmp_path) -> No
 @pytest.mark.parametrize("clip", [None, 1e-3])
 def test_search_grad_clip_bounds_the_weight_gradients(clip: float | None) -> None:
     """search.grad_clip clips the weight step's gradients (as the engine's), not the logits'."""
-    from tasprune.search.loop import SearchStepper, make_optimizers
+    from tasprune.search.step import SearchStepper, make_optimizers
 
     torch.manual_seed(0)
     cfg = SearchConfig(flops_ratio=0.6, grad_clip=clip)

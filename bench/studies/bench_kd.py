@@ -44,7 +44,7 @@ from tasprune.checkpoint import load_model_checkpoint
 from tasprune.config import DistillConfig, Recipe, TeacherConfig, TrainConfig
 from tasprune.data import ArrayDataset, DeviceLoader
 from tasprune.distill import build_student, recalibrate_bn
-from tasprune.engine import evaluate
+from tasprune.epoch import evaluate
 from tasprune.pipeline import load_run_data, load_supernet_state
 from tasprune.shape import Shape
 from tasprune.stages import StageContext, search_shape, train_student, train_teacher

@@ -11,7 +11,8 @@ from tasprune.api import distill as _distill_fn
 from tasprune.api import search as _search_fn
 from tasprune.config import DistillConfig, Recipe, SearchConfig, TrainConfig, load_recipe
 from tasprune.cost import model_cost, model_flops
-from tasprune.data import ArrayDataset, load_dataset
+from tasprune.data import ArrayDataset
+from tasprune.datasets import load_dataset
 from tasprune.models import create_model, get_model_spec, list_models
 from tasprune.shape import Shape
 

@@ -129,7 +129,7 @@ def contract_from_meta(meta: dict[str, Any], source: str) -> InputContract:
     stored = meta.get("input")
     if isinstance(stored, dict):
         return InputContract.from_dict(stored)
-    from tasprune.data import DATASET_STATS
+    from tasprune.datasets import DATASET_STATS
 
     size = meta.get("input_size") or [meta.get("in_channels", 3), 32, 32]
     c, h, w = (int(v) for v in size)

@@ -25,7 +25,8 @@ from tasprune.config import DistillConfig, SpaceOptions
 from tasprune.contract import FORMAT_VERSION, contract_of
 from tasprune.cost import model_cost
 from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
-from tasprune.engine import LossFn, cross_entropy_loss, fit
+from tasprune.engine import fit
+from tasprune.epoch import LossFn, cross_entropy_loss
 from tasprune.errors import ConfigError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model, get_model_spec

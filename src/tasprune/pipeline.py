@@ -46,11 +46,8 @@ from tasprune.checkpoint import (
 )
 from tasprune.config import Recipe, dump_recipe, recipe_diff
 from tasprune.cost import model_cost
-from tasprune.data import (
-    ArrayDataset,
-    load_dataset,
-    stratified_split,
-)
+from tasprune.data import ArrayDataset, stratified_split
+from tasprune.datasets import load_dataset
 from tasprune.errors import CheckpointError, ConfigError, DataError, TaspruneError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.lock import run_lock

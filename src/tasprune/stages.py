@@ -24,7 +24,8 @@ from tasprune.checkpoint import load_model_checkpoint, resolve_model_file, save_
 from tasprune.config import DistillConfig, Recipe
 from tasprune.data import Augment, train_test_loaders
 from tasprune.distill import distill, model_meta
-from tasprune.engine import evaluate, fit
+from tasprune.engine import fit
+from tasprune.epoch import evaluate
 from tasprune.errors import CheckpointError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model, get_model_spec

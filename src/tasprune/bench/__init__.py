@@ -37,7 +37,8 @@ import torch
 
 from tasprune.bench.protocol import METHODS, TARGETS, Protocol, load_protocol
 from tasprune.bench.render import format_markdown
-from tasprune.bench.runner import machine_info, run_protocol, shape_agreement
+from tasprune.bench.results import shape_agreement
+from tasprune.bench.runner import machine_info, run_protocol
 from tasprune.errors import ConfigError
 
 __all__ = [

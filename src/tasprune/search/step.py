@@ -1,0 +1,225 @@
+"""One TAS search iteration: a weight step on split A, then an architecture step on split B.
+
+`SearchStepper` is the step (with its optimisers: SGD + cosine schedule for the weights, Adam
+for the architecture logits); `SearchTask` hands it to the engine's `run_epoch`. Under DDP the
+weight step runs through DDP (the logits left out of its reducer) and the architecture step on
+the plain module, its gradients averaged over ranks here, so the logits stay identical on every
+rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tasprune import distributed as ddp
+from tasprune.config import SearchConfig
+from tasprune.epoch import autocast
+from tasprune.errors import TrainingError
+from tasprune.optim import lr_factor
+from tasprune.search.supernet import SuperNet
+from tasprune.shape import Shape
+
+__all__ = ["SearchStepper", "SearchTask", "make_optimizers", "supernet_module", "wrap_search_ddp"]
+
+
+def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in net.net.named_parameters():
+        per_candidate_bn = name.endswith(("cand_weight", "cand_bias"))
+        (decay if p.ndim > 1 and not per_candidate_bn else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+    )
+
+
+def make_optimizers(
+    net: SuperNet, cfg: SearchConfig, steps_per_epoch: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, torch.optim.Adam]:
+    """SGD + per-step cosine schedule for the weights, Adam for the architecture logits."""
+    w_opt = _weight_optimizer(net, cfg)
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    w_sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda s: lr_factor(s, total, warm))
+    a_opt = torch.optim.Adam(
+        net.arch_parameters(),
+        lr=cfg.arch_lr,
+        betas=cfg.arch_betas,
+        weight_decay=cfg.arch_weight_decay,
+    )
+    return w_opt, w_sched, a_opt
+
+
+class SearchStepper:
+    """One search iteration: a weight step on split A, then an architecture step on split B.
+
+    Under DDP pass ``weight_model`` (the SuperNet wrapped by :func:`wrap_search_ddp`) and
+    ``distributed=True``: the weight step then runs through DDP, which averages the weight
+    gradients; the architecture step runs on the plain ``net`` and its gradients are averaged
+    over ranks here before Adam, so the logits stay identical on every rank.
+    """
+
+    def __init__(
+        self,
+        net: SuperNet,
+        w_opt: torch.optim.Optimizer,
+        w_sched: torch.optim.lr_scheduler.LRScheduler | None,
+        a_opt: torch.optim.Optimizer,
+        cfg: SearchConfig,
+        *,
+        weight_model: nn.Module | None = None,
+        distributed: bool = False,
+    ) -> None:
+        self.net, self.w_opt, self.w_sched, self.a_opt, self.cfg = net, w_opt, w_sched, a_opt, cfg
+        self.weight_model = weight_model if weight_model is not None else net
+        self.distributed = distributed
+        self.arch = net.arch_parameters()
+        self.weights = [p for g in w_opt.param_groups for p in g["params"]]  # for grad_clip
+        self.budgets = cfg.budgets()
+        self.primary = self.budgets[0].metric
+        self._cost_cache: dict[str, dict[str, float]] = {}
+
+    def exact(self, shape: Shape) -> dict[str, float]:
+        """Exact cost of a shape per metric, memoised (the argmax rarely changes per step)."""
+        key = shape.to_json()
+        if key not in self._cost_cache:
+            self._cost_cache[key] = self.net.shape_costs(shape)
+        return self._cost_cache[key]
+
+    def step(
+        self, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | float]:
+        """Returns (weight loss, architecture loss, budget loss, the argmax shape's cost in the
+        primary budget's metric).
+
+        On an accelerator the argmax shape's cost is computed on the device
+        (`SuperNet.argmax_cost`), so a step never waits for the host; on the CPU, where a
+        host read is free, it is the memoised exact cost of ``derive()`` (cheaper there)."""
+        net, cfg = self.net, self.cfg
+        # Weight step on split A: the sampled widths carry no gradient to the logits here.
+        for p in self.arch:
+            p.requires_grad_(False)
+        with autocast(xa.device, cfg.amp):
+            logits = self.weight_model(xa)
+        loss = F.cross_entropy(logits.float(), ya)
+        self.w_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
+        self.w_opt.step()
+        if self.w_sched is not None:
+            self.w_sched.step()
+        for p in self.arch:
+            p.requires_grad_(True)
+        # Architecture step on split B: gradients for the logits only, none for the weights.
+        with autocast(xb.device, cfg.amp):
+            logits = net(xb)
+        ce = F.cross_entropy(logits.float(), yb)
+        on_cpu = xb.device.type == "cpu"
+        current: dict[str, Tensor] | dict[str, float] = (
+            self.exact(net.derive()) if on_cpu else net.argmax_costs()
+        )
+        expected = net.expected_costs()
+        bl = sum(
+            (
+                b.loss(
+                    expected[b.metric],
+                    current[b.metric],
+                    net.full_cost(b.metric),
+                    cfg.budget_weight,
+                )
+                for b in self.budgets
+            ),
+            start=expected["flops"].new_zeros(()),
+        )
+        arch_loss = ce + bl.to(ce.dtype)
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(
+            arch_loss, self.arch, allow_unused=True
+        )
+        if self.distributed:
+            grads = _mean_over_ranks(grads)
+        for p, g in zip(self.arch, grads, strict=True):
+            p.grad = g
+        self.a_opt.step()
+        return loss.detach(), arch_loss.detach(), bl.detach(), current[self.primary]
+
+
+class SearchTask:
+    """The search's step for `tasprune.epoch.run_epoch`: batches of splits A and B to the
+    device, one :class:`SearchStepper` step, sums (weight, architecture, budget loss)."""
+
+    def __init__(self, stepper: SearchStepper, device: torch.device, cl: bool) -> None:
+        self.stepper, self.device, self.cl = stepper, device, cl
+        self.full = stepper.net.full_cost(stepper.primary)
+        self.cost: Tensor | float = 0.0  # the argmax shape's cost at the last step
+
+    def step(self, batch: Any, step: int) -> Tensor:
+        (xa, ya), (xb, yb) = batch
+        # No-ops for device-resident batches; streamed ones arrive on the CPU.
+        xa, ya, xb, yb = (t.to(self.device, non_blocking=True) for t in (xa, ya, xb, yb))
+        if self.cl:
+            xa = xa.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        loss, arch_loss, bl, self.cost = self.stepper.step(xa, ya, xb, yb)
+        return torch.stack([loss, arch_loss, bl])
+
+    def postfix(self, sums: Tensor, steps: int, seconds: float) -> dict[str, str]:
+        return {
+            "loss": f"{float(sums[0]) / steps:.3f}",
+            "ratio": f"{float(self.cost) / self.full:.3f}",
+        }
+
+    def diverged(self, value: float, epoch: int, step: int) -> TrainingError:
+        kind = "nan" if math.isnan(value) else "inf"
+        return TrainingError(
+            f"search loss became {kind} at epoch {epoch + 1} step {step + 1}; the last good "
+            "checkpoint is kept. Fix: lower lr or arch_lr, then rerun to resume"
+        )
+
+
+def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """Average gradients over ranks with one all-reduce of their concatenation.
+
+    Every rank sampled the same sub-network, so the same logits got no gradient (None)
+    everywhere and the concatenations line up.
+    """
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    flat = ddp.all_reduce_mean(torch.cat([g.reshape(-1) for g in present]))
+    out: list[Tensor | None] = []
+    offset = 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return tuple(out)
+
+
+def wrap_search_ddp(net: SuperNet, device: torch.device) -> nn.Module:
+    """The SuperNet in DDP for the weight step, its architecture logits left out of DDP.
+
+    The logits are updated by the architecture step with their own all-reduce; leaving them
+    out means DDP neither waits for their (absent) gradients in the weight step nor
+    broadcasts them.
+    """
+    arch = {id(p) for p in net.arch_parameters()}
+    names = [n for n, p in net.named_parameters() if id(p) in arch]
+    return ddp.wrap_ddp(net, device, ignore=names)
+
+
+def supernet_module(net: nn.Module) -> SuperNet:
+    """The SuperNet inside a possibly wrapped (DDP) module."""
+    inner = getattr(net, "module", net)
+    assert isinstance(inner, SuperNet)
+    return inner
