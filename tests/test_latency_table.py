@@ -21,7 +21,8 @@ from tasprune.errors import BudgetError, ConfigError
 from tasprune.latency_table import LatencyTable, Op, TableKey, default_table_path
 from tasprune.models import create_model, get_model_spec
 from tasprune.models.algebra import Counter, ExactAlgebra
-from tasprune.models.traced import _op_of, classifier_of
+from tasprune.models.graph import output_layers
+from tasprune.models.layer_cost import op_of
 from tasprune.search import SuperNet, search
 from tasprune.search.latency import attach_latency, build_table
 from tasprune.search.loop import check_budget
@@ -47,11 +48,12 @@ def _filled(net: SuperNet) -> LatencyTable:
 
 def _module_sum(model: nn.Module, in_channels: int, size: tuple[int, int]) -> float:
     """The fake latency summed over the conv/linear modules a forward really runs."""
-    head = classifier_of(model)
+    modules = dict(model.named_modules())
+    heads = [modules[n] for n in output_layers(model, (torch.zeros(1, in_channels, *size),))]
     total = [0.0]
 
     def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        op = _op_of(mod, tuple(inputs[0].shape), in_channels, mod is head)
+        op = op_of(mod, tuple(inputs[0].shape), in_channels, mod in heads)
         cin = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
         cout = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
         total[0] += _fake(op, int(cin), int(cout))  # type: ignore[arg-type]

@@ -59,3 +59,24 @@ class PlainNet(nn.Module):
 
 def plain_net(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return PlainNet(num_classes, in_channels)
+
+
+class TwoHeads(nn.Module):
+    """A detector-like network a user holds as an instance: a residual trunk and two heads
+    (boxes and scores) returned in a dict, with a list inside; no classifier anywhere."""
+
+    def __init__(self, in_channels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width)
+        )
+        self.trunk = nn.Sequential(Block(width), Block(width), Block(width))
+        self.neck = nn.Sequential(
+            nn.Conv2d(width, 24, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU()
+        )
+        self.box = nn.Conv2d(24, 4, 1)
+        self.score = nn.Conv2d(24, 3, 1)
+
+    def forward(self, x: Tensor) -> dict[str, object]:
+        f = self.neck(self.trunk(self.stem(x).relu()))
+        return {"boxes": self.box(f), "scores": [self.score(f)]}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
+from tasprune.checkpoint import load_checkpoint, load_model_checkpoint, resolve_model_file
 from tasprune.config import (
     DistillConfig,
     Recipe,
@@ -36,21 +36,41 @@ from tasprune.distill import leading_slice_state, model_meta
 from tasprune.engine import fit
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
-from tasprune.models.traced import source_name
+from tasprune.models.traced import pruned_state, register_module, source_name
 from tasprune.pipeline import run as _run
 from tasprune.search import SearchResult
 from tasprune.search import search as _search
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
+from tasprune.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["as_array_dataset", "distill", "load", "run", "search", "train"]
 
 DataLike = ArrayDataset | Dataset[Any]
-# A model name (registered, torchvision:NAME, timm:NAME, py:module:factory) or a factory:
-# a module-level function returning the network, called with num_classes= and in_channels=.
-ModelLike = str | Callable[..., nn.Module]
+# A model name (registered, torchvision:NAME, timm:NAME, py:module:factory), a factory (a
+# module-level function returning the network, called with num_classes= and in_channels=),
+# or the network itself: an nn.Module instance, with its weights (classes and channels its own).
+ModelLike = str | Callable[..., nn.Module] | nn.Module
+
+
+def _model_name(model: ModelLike, image: tuple[int, int, int] | None) -> str:
+    """The name the rest of tasprune knows ``model`` by; an instance is registered as a model
+    source, analysed on one zero image of size ``image`` (C, H, W)."""
+    if isinstance(model, WithPreprocess):
+        model = model.net
+    if isinstance(model, nn.Module):
+        if image is None:
+            raise ConfigError(
+                "a module instance needs an input size here. Fix: pass the data, or a model name"
+            )
+        return register_module(model, torch.zeros(1, *image))
+    return source_name(model)
+
+
+def _image_of(ds: ArrayDataset) -> tuple[int, int, int]:
+    return (ds.in_channels, *ds.image_size)
 
 
 def as_array_dataset(
@@ -142,8 +162,9 @@ def train(
     input contract included), final.json, history.jsonl. Returns the final test metrics.
     """
     tcfg = as_config(TrainConfig, cfg, "train")
-    model = source_name(model)
     train_ds, test_ds = _train_test(train_data, test_data)
+    instance = model if isinstance(model, nn.Module) else None
+    model = _model_name(model, _image_of(train_ds))
     full = get_model_spec(model).full_shape()
     shape = shape or full
     dev = pick_device(device) if isinstance(device, str) else device
@@ -151,6 +172,9 @@ def train(
     net = create_model(
         model, shape, num_classes=train_ds.num_classes, in_channels=train_ds.in_channels
     )
+    if instance is not None:  # its own weights, cut to the shape
+        nc, ic = train_ds.num_classes, train_ds.in_channels
+        load_weights(net, pruned_state(model, instance.state_dict(), shape, nc, ic))
     role = "teacher" if shape == full else "student"
     aug = as_augment(augment).resolve(train_ds.name, train_ds.image_size)
     loaders = train_test_loaders(
@@ -187,11 +211,15 @@ def search(
 
     ``cfg``: a SearchConfig or a mapping of its fields. The supernet is warm-started from
     ``teacher`` (a module, e.g. from :func:`load`, or a run folder / model.pt) or from a
-    ``teacher_state`` dict, when given. Writes (and resumes from) ``out_dir``: shape.json,
-    history.jsonl, checkpoints. Returns the kept shape with its cost.
+    ``teacher_state`` dict, when given; ``model`` given as a module instance is its own
+    teacher. Writes (and resumes from) ``out_dir``: shape.json, history.jsonl, checkpoints.
+    Returns the kept shape with its cost.
     """
     scfg = as_config(SearchConfig, cfg, "search")
-    model = source_name(model)
+    train_ds = as_array_dataset(train_data, "train")
+    if isinstance(model, nn.Module) and teacher is None and teacher_state is None:
+        teacher = model
+    model = _model_name(model, _image_of(train_ds))
     if teacher is not None:
         if isinstance(teacher, WithPreprocess):
             teacher = teacher.net
@@ -201,7 +229,7 @@ def search(
     dev = pick_device(device) if isinstance(device, str) else device
     return _search(
         model,
-        as_array_dataset(train_data, "train"),
+        train_ds,
         scfg,
         out_dir,
         teacher_state=teacher_state,
@@ -234,7 +262,8 @@ def distill(
     returned by :func:`load` is unwrapped to its network. ``augment`` as in :func:`train`.
     """
     dcfg = as_config(DistillConfig, cfg, "distill")
-    name = source_name(model) if model is not None else None
+    train_ds, test_ds = _train_test(train_data, test_data)
+    name = _model_name(model, _image_of(train_ds)) if model is not None else None
     if not isinstance(shape, Shape):
         shape, info = Shape.load(shape)
         name = name or info.get("model")
@@ -250,7 +279,6 @@ def distill(
             "api.distill has no supernet weights. Fix: use init 'teacher' or 'scratch', or "
             "tasprune.run for the whole pipeline"
         )
-    train_ds, test_ds = _train_test(train_data, test_data)
     return _distill(
         str(name),
         shape,
@@ -302,34 +330,68 @@ def prune(
     num_classes: int = 10,
     in_channels: int = 3,
     state: dict[str, torch.Tensor] | None = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """The physically pruned network of ``shape`` (a Shape or a shape.json), for your own
     training loop: with ``state`` (an unpruned network's state_dict) its weights are cut from
-    it (the kept channels of every group), else freshly initialised."""
-    name = source_name(model)
+    it (the kept channels of every group), else freshly initialised.
+
+    ``model`` may be your network itself (an ``nn.Module`` with its trained weights, called on
+    ``example_inputs``: a tensor or a tuple of its forward's arguments): the result is a
+    pruned copy, an instance of the same class, with its weights unless ``state`` is given."""
+    if isinstance(model, nn.Module):
+        if example_inputs is None:
+            raise ConfigError(
+                "prune() of a module instance needs example_inputs. Fix: pass "
+                "example_inputs=<a batch your model's forward takes>"
+            )
+        name = register_module(model, example_inputs)
+        state = model.state_dict() if state is None else state
+    else:
+        name = source_name(model)
     if not isinstance(shape, Shape):
-        shape, _ = Shape.load(shape)
+        shape, info = Shape.load(shape)
+        if isinstance(model, nn.Module) and info.get("model") not in (None, name):
+            raise ConfigError(
+                f"the shape was searched for {info.get('model')}, not for this network "
+                f"({name}). Fix: apply it to a freshly built original of that network"
+            )
     net = create_model(name, shape, num_classes=num_classes, in_channels=in_channels)
     if state is not None:
         spec = get_model_spec(name)
         if spec.transfer is not None:
-            net.load_state_dict(spec.transfer(state, shape, num_classes, in_channels))
+            load_weights(net, spec.transfer(state, shape, num_classes, in_channels))
         else:
             net.load_state_dict(leading_slice_state(state, net.state_dict())[0], strict=False)
     return net
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> WithPreprocess:
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", *, model: nn.Module | None = None
+) -> WithPreprocess:
     """The trained (pruned) network in eval mode, ready for raw inputs.
 
     ``path``: a run folder (its student/model.pt), a fit folder (model.pt) or a model.pt file.
     The result takes images as the user has them (float in [0, 1] as ``ToTensor`` gives, or
     uint8), normalises them as in training and returns logits; ``.contract`` says what it
     expects, ``.net`` is the bare network (normalised inputs). Loading is weights-only.
+
+    A network pruned from your own module instance is rebuilt from a freshly built original:
+    pass it as ``model`` (same class and configuration; its weights are not used).
     """
     file = resolve_model_file(path, prefer=("student",))
-    model, meta = load_model_checkpoint(file)
-    wrapped = WithPreprocess(model, contract_from_meta(meta, str(file)))
+    if model is not None:
+        meta = load_checkpoint(file).get("meta") or {}
+        stored = str(meta.get("model", ""))
+        size = meta.get("input_size") or [3, 32, 32]
+        name = _model_name(model, (int(size[0]), int(size[1]), int(size[2])))
+        if stored != name:
+            raise ConfigError(
+                f"{file} holds a network pruned from {stored or 'a named model'}, not from "
+                f"this module ({name}). Fix: pass a freshly built original of that network"
+            )
+    net, meta = load_model_checkpoint(file)
+    wrapped = WithPreprocess(net, contract_from_meta(meta, str(file)))
     wrapped.to(map_location)
     wrapped.eval()
     return wrapped

@@ -32,7 +32,7 @@ from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError, ConfigError, ShapeError
 from tasprune.models import create_model, get_model_spec
-from tasprune.models.traced import dependency_graph
+from tasprune.models.graph import dependency_graph
 from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)

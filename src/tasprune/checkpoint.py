@@ -34,6 +34,7 @@ from tasprune.errors import CheckpointError
 from tasprune.models import create_model
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_text, replace_file, write_temp_file
+from tasprune.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         in_channels=int(meta.get("in_channels", 3)),
     )
     try:
-        model.load_state_dict(payload["model"])
+        load_weights(model, payload["model"])
     except (KeyError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(

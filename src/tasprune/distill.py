@@ -33,6 +33,7 @@ from tasprune.models import create_model, get_model_spec
 from tasprune.models.ops import Projection
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
+from tasprune.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +378,7 @@ def build_student(
             state, _ = leading_slice_state(teacher_state, student.state_dict())
     else:
         raise ConfigError(f"unknown student init {init!r}. Fix: use scratch, supernet or teacher")
-    missing = student.load_state_dict(state, strict=False).missing_keys
+    missing = load_weights(student, state, strict=False).missing_keys
     made = identity_shortcuts(student, missing) if new_shortcuts == "identity" else []
     logger.info(
         "student initialised from the %s: %d tensors copied, %d fresh (%d new shortcuts as "

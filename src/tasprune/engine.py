@@ -47,6 +47,7 @@ from tasprune.utils import (
     seed_everything,
     set_rng_state,
 )
+from tasprune.weights import load_weights, portable_state
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +100,6 @@ def _check_json(meta: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"meta must be a plain JSON-able dict ({err}). Fix: pass names/numbers/lists only"
         ) from err
-
-
-def _cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Contiguous CPU copy of the weights, for the portable ``model.pt``."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def _final_metrics(
@@ -212,7 +208,7 @@ def fit(
         done = _load_final(out_dir, cfg)
         if done is not None and (out_dir / "model.pt").exists():
             stored = load_checkpoint(out_dir / "model.pt")
-            model.load_state_dict(stored["model"])
+            load_weights(model, stored["model"])
             if main:
                 logger.info("%s already finished (final.json); not training again", out_dir)
             return done
@@ -225,7 +221,7 @@ def fit(
     test_stats: dict[str, float] | None = None
 
     def restore(payload: dict[str, Any]) -> None:
-        model.load_state_dict(payload["model"])
+        load_weights(model, payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
 
@@ -395,7 +391,7 @@ def _fit_epochs(
         test_stats = evaluate_test()
     metrics = _final_metrics(train_stats, test_stats, cfg.epochs)
     if out_dir is not None and main:
-        save_checkpoint(out_dir / "model.pt", {"model": _cpu_state_dict(model), "meta": meta})
+        save_checkpoint(out_dir / "model.pt", {"model": portable_state(model), "meta": meta})
         final = {
             "metrics": metrics,
             "epochs": cfg.epochs,

@@ -34,6 +34,7 @@ from tasprune.models import create_model, get_model_spec
 from tasprune.ort import ort_session
 from tasprune.shape import Shape
 from tasprune.utils import atomic_write_bytes, atomic_write_text
+from tasprune.weights import load_weights, portable_state
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def _export_safetensors(model: nn.Module, meta: dict[str, Any], out: Path) -> No
     from safetensors.torch import save
 
     net = model.net if isinstance(model, WithPreprocess) else model
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = dict(portable_state(net))
     sidecar = json.loads(_export_meta(meta, _contract_dict(model)))
     # The meta also goes into the file header, so the file alone still rebuilds the network.
     data = save(state, metadata={"format": "pt", "tasprune_meta": json.dumps(sidecar)})
@@ -374,7 +375,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> WithPreprocess:
         in_channels=int(meta.get("in_channels", 3)),
     )
     try:
-        model.load_state_dict(state)
+        load_weights(model, state)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(

@@ -49,7 +49,7 @@ def _tp() -> Any:
 def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     """(dependency graph, every coupled group rooted on a conv's output channels). The
     classifier's outputs are never permuted (its inputs are, as a consumer)."""
-    from tasprune.models.traced import dependency_graph
+    from tasprune.models.graph import dependency_graph
 
     _tp()  # the clear error when Torch-Pruning is missing
     dg = dependency_graph(model, example)

@@ -36,12 +36,13 @@ def pad_channels(net: nn.Module, multiple: int, example: Tensor) -> int:
     """Pad ``net`` in place (every channel group to a multiple of ``multiple``); returns the
     number of groups padded. Groups that touch a layer other than conv, linear or BatchNorm
     (e.g. a LayerNorm) are left as they are."""
-    from tasprune.models.traced import classifier_of, dependency_graph, eval_mode
+    from tasprune.models.graph import dependency_graph, eval_mode, output_layers
 
     if multiple <= 1:
         return 0
     names = {m: n for n, m in net.named_modules()}
-    head = classifier_of(net)
+    modules = dict(net.named_modules())
+    heads = [modules[n] for n in output_layers(net, (example,))]
     with eval_mode(net):
         dg = dependency_graph(net, example)
     roots = (nn.Conv2d, nn.Linear)
@@ -49,7 +50,7 @@ def pad_channels(net: nn.Module, multiple: int, example: Tensor) -> int:
     # from the highest position down so that earlier positions stay valid.
     plan: dict[tuple[nn.Module, str], list[tuple[int, int]]] = {}
     padded = 0
-    for group in dg.get_all_groups(ignored_layers=[head], root_module_types=roots):
+    for group in dg.get_all_groups(ignored_layers=heads, root_module_types=roots):
         k = len(group[0].idxs)
         n = math.ceil(k / multiple) * multiple - k
         if n == 0:

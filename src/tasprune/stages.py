@@ -33,6 +33,7 @@ from tasprune.search import SearchConfig, SearchResult
 from tasprune.search import search as run_search
 from tasprune.shape import Shape
 from tasprune.utils import JsonlLogger, atomic_write_text
+from tasprune.weights import portable_state
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def import_teacher(
     path, model, meta = checked_teacher(ctx, source)
     # Re-saved from what was loaded (verified, weights-only), not copied byte for byte: a
     # corrupted source whose .prev.pt was used instead must not be carried over.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = portable_state(model)
     save_checkpoint(out / "model.pt", {"model": state, "meta": meta})
     model.to(ctx.device)
     batch = ctx.recipe.teacher.train.batch_size

@@ -52,6 +52,7 @@ from tasprune.stages import (
     train_teacher,
 )
 from tasprune.utils import atomic_write_text, pick_device, read_json_object
+from tasprune.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def _load_model_state(
     from tasprune.models import create_model
 
     net = create_model(model, shape, num_classes=num_classes, in_channels=in_channels)
-    net.load_state_dict(state, strict=True)
+    load_weights(net, state)
     return net
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tasprune.models.traced import Stage, build_source, out_channels_of, traced
+from tasprune.models.graph import out_channels_of
+from tasprune.models.traced import Stage, build_source, traced
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 

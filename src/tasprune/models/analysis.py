@@ -1,0 +1,460 @@
+"""The search space of a network, read off its traced graph: the analysis takes a module
+and the inputs it is called with, and assumes nothing else (no classifier, no input shape).
+
+- **Width choices** are the channel groups of Torch-Pruning's dependency graph: every set of
+  layers whose channels must change together (a residual stream, a depthwise conv and its
+  producer, the segments a concatenation passes on) is one choice, named after its first
+  layer. A grouped conv ties its input and output groups and restricts the candidates to
+  whole groups. What produces the network's outputs (derived from the graph:
+  `graph.output_layers`) and what the caller names in ``ignore`` keep their widths.
+- **Depth choices** are runs of consecutive residual blocks (output = input + f(input) at the
+  same shape) in one ``nn.Sequential``; a stage is the block before such a run plus the run,
+  and its depth d keeps the first d blocks (the skipped ones become ``nn.Identity``).
+
+`verify` then prunes every searchable group to about half on a copy, checks that the network
+runs, keeps its outputs' shapes and costs what `layer_cost` predicts, and leaves the groups
+that break it unsearched; `prune` makes the physically smaller network.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from tasprune.errors import ConfigError
+from tasprune.latency_table import Op
+from tasprune.models.graph import (
+    internal,
+    out_channels_of,
+    output_layers,
+    scopes,
+    tied_conv,
+)
+from tasprune.models.sources import Example, as_example, call
+from tasprune.shape import Shape
+
+logger = logging.getLogger(__name__)
+
+
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a network's outputs, in order (any structure)."""
+    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+
+
+def attention_modules(net: nn.Module) -> list[tuple[str, str]]:
+    """(name, class) of the multi-head attention modules of ``net``: an
+    ``nn.MultiheadAttention``, or a module with an integer ``num_heads`` whose class names
+    attention (timm's and torchvision's transformer blocks)."""
+    found = []
+    for name, mod in net.named_modules():
+        cls = type(mod).__name__
+        heads = isinstance(getattr(mod, "num_heads", None), int)
+        if isinstance(mod, nn.MultiheadAttention) or (
+            heads and ("Attn" in cls or "Attention" in cls)
+        ):
+            found.append((name, cls))
+    return found
+
+
+@dataclass
+class Group:
+    """One width choice: the layers whose channels change together."""
+
+    name: str
+    full: int
+    roots: list[tuple[str, bool]]  # (layer, out?) roots of Torch-Pruning groups merged here
+    multiple: int = 1  # candidates must be multiples (grouped convs keep whole groups)
+    fixed: str | None = None  # why the width cannot be searched
+    scope: str = ""  # the sub-module traced for it ("" = the whole network)
+
+
+@dataclass
+class Stage:
+    """One depth choice: consecutive children of one container; depth d keeps the first d."""
+
+    name: str
+    container: str
+    children: list[str]  # their names in the container
+    blocks: list[str]  # their full module names
+
+
+@dataclass
+class Layer:
+    """What the cost of one conv/linear depends on."""
+
+    name: str
+    cin: int
+    cout: int
+    in_groups: tuple[str, ...]  # the groups of its input channels (the rest is fixed)
+    out_groups: tuple[str, ...]
+    kernel: int  # kh * kw
+    groups: int
+    hw: int  # output positions (H*W for a conv, tokens for a linear)
+    bias: bool
+    stage: str | None
+    index: int
+    extra: int = 0  # per-filter parameters of its own besides weight and bias (a conv's gain)
+    op: Op | None = None  # its geometry, for the latency table
+
+
+class Traced:
+    """The search space of one network: width and depth choices, mask sites, output layers.
+
+    ``module`` is analysed on copies (never changed); ``example`` are the positional
+    arguments it is called with (a tensor is one argument); ``ignore`` names modules whose
+    output widths are kept besides the outputs' producers."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        example: Any,
+        *,
+        name: str = "model",
+        ignore: Sequence[str] = (),
+    ) -> None:
+        self.model = name
+        self.template = module
+        self.example = as_example(example)
+        heads = attention_modules(module)
+        if heads:
+            where, cls = heads[0]
+            raise ConfigError(
+                f"{name} has multi-head attention ({cls} at {where or 'the top'}"
+                f"{f' and {len(heads) - 1} more' if len(heads) > 1 else ''}), which tasprune "
+                "does not search yet: convolutional networks only. Fix: prune a CNN "
+                "(torchvision/timm conv networks), or a conv sub-network of this model"
+            )
+        net = copy.deepcopy(module).eval()
+        try:
+            with torch.no_grad():
+                self.output_shapes = output_shapes(call(net, self.example))
+        except Exception as err:  # the model's own message, in one line
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"{name} does not run on its example inputs ({type(err).__name__}: {first}). "
+                "Fix: pass example inputs the model's forward accepts"
+            ) from None
+        self.outputs = output_layers(net, self.example)
+        keep = {n: "produces the network's outputs" for n in self.outputs}
+        for prefix in ignore:
+            for n, _ in net.named_modules():
+                if n == prefix or n.startswith(prefix + "."):
+                    keep.setdefault(n, f"inside {prefix}, which ignore= names")
+        self.ignore = tuple(ignore)
+        self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
+            net, name, self.example, keep
+        )
+        self.stages = _depth_stages(net, self.example)
+        self.stage_of: dict[str, tuple[str, int]] = {}
+        for st in self.stages.values():
+            for i, b in enumerate(st.blocks):
+                self.stage_of[b] = (st.name, i)
+        self._drop_overlaps(net)
+
+    def _drop_overlaps(self, net: nn.Module) -> None:
+        """Groups that the graph maps onto more channels of a layer than it has (an op it
+        cannot follow, such as a channel slice) keep their width, and that layer's channels
+        count as fixed."""
+        modules = dict(net.named_modules())
+        for (layer, out), groups in list(self.group_of.items()):
+            mod = modules.get(layer)
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                channels = mod.out_channels if out else mod.in_channels
+            elif isinstance(mod, nn.Linear):
+                channels = mod.out_features if out else mod.in_features
+            elif mod is not None and out and out_channels_of(mod) > 0:
+                channels = out_channels_of(mod)
+            else:
+                continue
+            spans = sum(
+                self.groups[g].full * self.per_channel.get((layer, out, g), 1) for g in groups
+            )
+            if spans > channels:
+                for g in groups:
+                    self.groups[g].fixed = (
+                        f"its channels do not map onto {layer} (an op the graph cannot "
+                        "follow, such as a channel slice or a conv along the channels)"
+                    )
+                self.group_of[(layer, out)] = []
+
+    def full_shape(self) -> Shape:
+        return Shape(
+            widths={g.name: g.full for g in self.groups.values()},
+            depths={s.name: len(s.blocks) for s in self.stages.values()},
+        )
+
+    def searchable_groups(self) -> dict[str, Group]:
+        return {n: g for n, g in self.groups.items() if g.fixed is None}
+
+    def where(self, module_name: str) -> tuple[str | None, int]:
+        """(stage, block index) of a layer inside a skippable block, else (None, 0)."""
+        for block, (stage, i) in self.stage_of.items():
+            if module_name == block or module_name.startswith(block + "."):
+                return stage, i
+        return None, 0
+
+
+def _resolve(parent: dict[str, str], g: str) -> str:
+    while parent[g] != g:
+        g = parent[g]
+    return g
+
+
+def _channel_groups(
+    net: nn.Module, model: str, example: Example, keep: dict[str, str]
+) -> tuple[
+    dict[str, Group],
+    dict[tuple[str, bool], list[str]],
+    dict[str, list[tuple[str, int, bool]]],
+    dict[tuple[str, bool, str], int],
+]:
+    """Torch-Pruning's coupled channel groups of ``net`` as width choices.
+
+    Returns the groups and, for every (layer, out?) pair, the groups its channels belong to
+    (several for the input of a layer after a concatenation), in channel order. A group that
+    holds the output channels of a layer in ``keep`` (layer -> why) keeps its width.
+    """
+
+    names: dict[Any, str] = {m: n for n, m in net.named_modules()}
+    names.update({p: f"param:{n}" for n, p in net.named_parameters()})  # unwrapped parameters
+    modules = dict(net.named_modules())
+    kept = [modules[n] for n in keep if n in modules]
+    groups: dict[str, Group] = {}
+    group_of: dict[tuple[str, bool], list[str]] = {}  # the groups of a layer's in/out channels
+    offsets: dict[tuple[str, bool, str], int] = {}  # where a group's channels start in a layer
+    spans: dict[tuple[str, bool, str], int] = {}  # how many of the layer's channels it spans
+    parent: dict[str, str] = {}
+    nodes: dict[Any, Any] = {}
+    convs = (nn.Conv2d, nn.Linear)
+    for scope, mod_scope, scope_example, dg in scopes(net, model, example):
+        nodes.update(dg.module2node)
+        for tp_group in dg.get_all_groups(ignored_layers=kept, root_module_types=convs):
+            root_dep = tp_group[0].dep
+            root = names.get(root_dep.target.module)
+            if root is None:
+                continue
+            full = len(tp_group[0].idxs)
+            if scope and not internal(mod_scope, scope_example, root_dep, full, names, scope):
+                continue  # crosses the traced block's boundary: left unsearched
+            root_out = root_dep.handler.__name__ == "prune_out_channels"
+            gname = root
+            g = Group(gname, full, [(root, root_out)], scope=scope)
+            why: str | None = None
+            for dep, idxs in tp_group:
+                mod = dep.target.module
+                layer = names.get(mod)
+                if layer is None:
+                    continue
+                out = dep.handler.__name__ == "prune_out_channels" or layer.startswith("param:")
+                if out and layer in keep:
+                    why = keep[layer]
+                seg = group_of.setdefault((layer, out), [])
+                if gname not in seg:
+                    seg.append(gname)
+                    offsets[(layer, out, gname)] = min(int(i) for i in idxs)
+                    spans[(layer, out, gname)] = len(idxs)
+            if why is not None:
+                g.fixed = why
+            groups[gname] = g
+            parent[gname] = gname
+    # A grouped (not depthwise) conv keeps whole groups: its input and output widths are tied
+    # and move in steps of the group size.
+    for layer, mod in net.named_modules():
+        if not isinstance(mod, nn.Conv2d) or mod.groups == 1:
+            continue
+        gi, go = group_of.get((layer, False)), group_of.get((layer, True))
+        if gi is None or go is None or len(gi) != 1 or len(go) != 1:
+            continue
+        ri, ro = _resolve(parent, gi[0]), _resolve(parent, go[0])
+        if mod.in_channels != mod.out_channels:
+            for r in (ri, ro):
+                groups[r].fixed = f"grouped conv {layer} changes the width"
+            continue
+        if ri != ro:
+            parent[ro] = ri
+            groups[ri].roots += groups[ro].roots
+            groups[ri].fixed = groups[ri].fixed or groups[ro].fixed
+        per = mod.out_channels // mod.groups
+        g = groups[ri]
+        g.multiple = g.multiple * per // math.gcd(g.multiple, per)
+    merged = {n: g for n, g in groups.items() if parent[n] == n}
+    group_of = {k: list(dict.fromkeys(_resolve(parent, g) for g in v)) for k, v in group_of.items()}
+    for grp in merged.values():
+        if grp.full % grp.multiple:
+            grp.fixed = grp.fixed or f"width {grp.full} is not a multiple of its conv groups"
+    resolved: dict[tuple[str, bool, str], int] = {}
+    for (layer, out, gn), off in offsets.items():
+        key = (layer, out, _resolve(parent, gn))
+        resolved[key] = min(off, resolved.get(key, off))
+    masks = _mask_sites(net, nodes, names, group_of, resolved)
+    per_channel = {  # layer channels per group channel (a flatten before a Linear: H*W)
+        (layer, out, _resolve(parent, gn)): n // groups[_resolve(parent, gn)].full
+        for (layer, out, gn), n in spans.items()
+        if n > groups[_resolve(parent, gn)].full
+    }
+    return merged, group_of, masks, per_channel
+
+
+def _mask_sites(
+    net: nn.Module,
+    nodes: dict[Any, Any],
+    names: dict[Any, str],
+    group_of: dict[tuple[str, bool], list[str]],
+    offsets: dict[tuple[str, bool, str], int],
+) -> dict[str, list[tuple[str, int, bool]]]:
+    """Where the search applies each group's width mixture: layer -> [(group, first channel,
+    mix?)]. A group's mixture is applied once per branch, after the normalisation that
+    follows its conv (mix); layers whose input already carries the mixture (a depthwise conv
+    tied to its producer, a norm after a concatenation) only zero the channels beyond the
+    widest sampled candidate (support). ``group_of`` and ``offsets`` name merged groups."""
+    norm = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    prunable = (nn.Conv2d, nn.Linear)
+
+    def neighbour(node: Any, forward: bool) -> Any:
+        """The next (or previous) named layer through single-input element-wise ops."""
+        for _ in range(8):
+            nxt = node.outputs if forward else node.inputs
+            if len(nxt) != 1:
+                return None
+            node = nxt[0]
+            if names.get(node.module) is not None:
+                return node
+        return None
+
+    sites: dict[str, list[tuple[str, int, bool]]] = {}
+    modules = dict(net.named_modules())
+    for (layer, out), groups in group_of.items():
+        mod = modules.get(layer)
+        if not out or mod is None or not isinstance(mod, (*prunable, *norm)):
+            continue
+        node = nodes.get(mod)
+        if isinstance(mod, prunable):
+            after = neighbour(node, True) if node is not None else None
+            if (
+                after is not None
+                and isinstance(after.module, norm)
+                and group_of.get((names[after.module], True)) == groups
+            ):
+                continue  # its norm carries the mixture
+            tied = set(groups) if tied_conv(mod) else set()
+            tied |= set(group_of.get((layer, False), []))
+            sites[layer] = [(g, offsets[(layer, True, g)], g not in tied) for g in groups]
+            continue
+        before = neighbour(node, False) if node is not None else None
+        conv = names.get(before.module) if before is not None else None
+        entry: set[str] = set()
+        if conv is not None and isinstance(modules.get(conv), prunable):
+            tied = set(group_of.get((conv, False), []))
+            entry = set() if tied_conv(modules[conv]) else {g for g in groups if g not in tied}
+        sites[layer] = [(g, offsets[(layer, True, g)], g in entry) for g in groups]
+    return sites
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_residual(block: nn.Module) -> bool:
+    """Does ``block`` add its own input to its output (y = x + f(x))?"""
+    import torch.fx as fx
+
+    try:
+        graph = fx.symbolic_trace(block).graph
+    except Exception:
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return False
+    modules = dict(block.named_modules())
+    same = {inputs[0]}  # the input, and the input through identities (a shortcut)
+    for n in graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], nn.Identity) and n.args:
+            if n.args[0] in same:
+                same.add(n)
+            continue
+        is_add = (n.op == "call_function" and n.target in _ADDS) or (
+            n.op == "call_method" and n.target in ("add", "add_")
+        )
+        if is_add and any(a in same for a in n.args[:2]) and _reaches_output(n, modules):
+            return True
+    return False
+
+
+def _reaches_output(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Does ``node`` flow to the graph's output through parameter-free ops only?"""
+    while node.op != "output":
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if node.op == "call_module" and any(True for _ in modules[node.target].parameters()):
+            return False
+    return True
+
+
+def _depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
+    """Runs of residual blocks of the same input and output shape in one ``nn.Sequential``."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+    containers = [
+        (n, m)
+        for n, m in net.named_modules()
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    ]
+    for cname, cont in containers:
+        for child, block in cont.named_children():
+            bname = f"{cname}.{child}" if cname else child
+
+            def hook(m: nn.Module, args: Any, out: Any, n: str = bname) -> None:
+                if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    shapes[n] = (tuple(args[0].shape), tuple(out.shape))
+
+            hooks.append(block.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            call(net, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: dict[str, Stage] = {}
+    for cname, cont in containers:
+        skippable = []
+        children = list(cont.named_children())
+        for child, block in children:
+            bname = f"{cname}.{child}" if cname else child
+            io = shapes.get(bname)
+            ok = (
+                io is not None
+                and io[0] == io[1]
+                and any(p.requires_grad for p in block.parameters())
+                and _is_residual(block)
+            )
+            skippable.append(ok)
+        i = 0
+        while i < len(cont):
+            if not skippable[i]:
+                i += 1
+                continue
+            j = i
+            while j < len(cont) and skippable[j]:
+                j += 1
+            first = i - 1 if i > 0 and _is_block(children[i - 1][1]) else i
+            kids = [children[k][0] for k in range(first, j)]
+            blocks = [f"{cname}.{k}" if cname else k for k in kids]
+            if len(blocks) > 1:
+                stages[blocks[0]] = Stage(blocks[0], cname, kids, blocks)
+            i = j
+    return stages
+
+
+def _is_block(mod: nn.Module) -> bool:
+    """A module with parameters (the downsampling block before a run), not an activation."""
+    return any(True for _ in mod.parameters())

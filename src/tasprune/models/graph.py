@@ -1,0 +1,194 @@
+"""The network's graph as Torch-Pruning traces it, and the physical pruning on it: the
+dependency graph (coupled channel groups), the sub-modules that can be traced when the whole
+cannot, the layers whose outputs are the network's outputs, and `prune_with`, which removes
+channels and blocks in place. One builder of the graph for the analysis, the pruning, the
+padding of exports and the channel ordering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from tasprune.errors import ConfigError
+from tasprune.models.sources import Example, as_example, call
+
+logger = logging.getLogger(__name__)
+
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def output_layers(net: nn.Module, example: Example) -> set[str]:
+    """The conv/linear layers whose outputs reach the network's outputs through no other
+    conv/linear (a classifier, a detection head's box and class convs, a segmenter's last
+    conv): their output channels are the outputs' channels, so their widths are kept.
+    Derived from the autograd graph of one forward on ``example``, whatever the outputs'
+    structure (tensors, tuples, dicts, lists)."""
+    produced: dict[Any, str] = {}
+
+    def hook(name: str) -> Any:
+        def record(m: nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.grad_fn is not None:
+                produced[out.grad_fn] = name
+
+        return record
+
+    hooks = [
+        mod.register_forward_hook(hook(name))
+        for name, mod in net.named_modules()
+        if isinstance(mod, PRUNABLE)
+    ]
+    inputs = tuple(
+        x.detach().clone().requires_grad_(True)
+        if isinstance(x, Tensor) and x.is_floating_point()
+        else x
+        for x in example
+    )
+    try:
+        with eval_mode(net), torch.enable_grad():
+            out = call(net, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    found: set[str] = set()
+    seen: set[Any] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced:
+            found.add(produced[fn])
+            continue
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
+def scopes(
+    net: nn.Module, model: str, example: Example
+) -> list[tuple[str, nn.Module, Example, Any]]:
+    """(name, module, example input, dependency graph) of what can be traced: the whole
+    network, or, when its graph cannot be followed (e.g. a channel shuffle), the largest
+    sub-modules that can; groups inside those are searched, the rest keeps its width."""
+    try:
+        return [("", net, example, dependency_graph(net, example))]
+    except Exception as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    inputs = module_inputs(net, example)
+    found: list[tuple[str, nn.Module, Example, Any]] = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for child, sub in mod.named_children():
+            name = f"{prefix}.{child}" if prefix else child
+            if name not in inputs or not any(True for _ in sub.children()):
+                continue
+            x = (torch.zeros(inputs[name]),)
+            try:
+                found.append((name, sub, x, dependency_graph(sub, x)))
+            except Exception:
+                visit(name, sub)
+
+    visit("", net)
+    if not found:
+        raise ConfigError(
+            f"{model}: its graph cannot be traced ({reason}). Fix: use another model, or a "
+            "module without data-dependent control flow"
+        )
+    logger.info(
+        "%s: the whole graph cannot be traced (%s); searching inside %d blocks",
+        model,
+        reason,
+        len(found),
+    )
+    return found
+
+
+def module_inputs(net: nn.Module, example: Example) -> dict[str, tuple[int, ...]]:
+    """The shape of the (single tensor) input of every sub-module in one forward."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = []
+    for name, mod in net.named_modules():
+        if name:
+
+            def hook(m: nn.Module, args: Any, n: str = name) -> None:
+                if len(args) == 1 and isinstance(args[0], Tensor):
+                    shapes.setdefault(n, tuple(args[0].shape))
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with eval_mode(net), torch.no_grad():
+            call(net, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def internal(
+    block: nn.Module, example: Example, root_dep: Any, full: int, names: dict[Any, str], scope: str
+) -> bool:
+    """Does pruning this group leave ``block``'s output shape as it is (a group that lives
+    inside the block)? Tried on a copy with its last channel removed."""
+
+    if full < 2:
+        return False
+    with eval_mode(block), torch.no_grad():
+        ref = call(block, example)
+    twin = copy.deepcopy(block)
+    mod = twin.get_submodule(names[root_dep.target.module][len(scope) + 1 :])
+    try:
+        dg = dependency_graph(twin, example)
+        dg.get_pruning_group(mod, root_dep.handler, idxs=[full - 1]).prune()
+        with eval_mode(twin), torch.no_grad():
+            out = call(twin, example)
+    except Exception:
+        return False
+    return isinstance(out, Tensor) and isinstance(ref, Tensor) and out.shape == ref.shape
+
+
+def tied_conv(mod: nn.Module) -> bool:
+    """A grouped or depthwise conv: its output channels follow its input channels."""
+    return isinstance(mod, nn.Conv2d) and mod.groups > 1
+
+
+def dependency_graph(net: nn.Module, example: Example | Tensor) -> Any:
+    """Torch-Pruning's dependency graph of ``net`` called on ``example`` (a tensor or the
+    positional arguments; its notices about unwrapped parameters such as layer scales are
+    expected: they are pruned along their channel dimension)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp.DependencyGraph().build_dependency(
+            net, example_inputs=list(as_example(example)), forward_fn=lambda m, x: m(*x)
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[None]:
+    was = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was)
+
+
+def out_channels_of(mod: nn.Module) -> int:
+    """The output channels of a conv, linear or normalisation layer (0 when it has none)."""
+    for attr in ("out_channels", "out_features", "num_features", "num_channels"):
+        value = getattr(mod, attr, None)
+        if isinstance(value, int):
+            return value
+    shape = getattr(mod, "normalized_shape", None)
+    return int(shape[0]) if shape else 0

@@ -1,0 +1,182 @@
+"""The cost of a traced network in the one cost language (`tasprune.models.algebra`): per
+conv/linear the widths of its input and output groups, its kernel, groups and the output size
+one call gives it; other parameters scale with their group's width; each block weighted by its
+keep probability. The same function gives exact integers on a shape and the differentiable
+expectation under the search's distributions, and equals `torch.utils.flop_counter`'s count
+of the physically pruned network (checked by the analysis on every network).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from tasprune.errors import ConfigError
+from tasprune.latency_table import Op
+from tasprune.models.algebra import Counter
+from tasprune.models.analysis import Layer, output_shapes
+from tasprune.models.graph import out_channels_of
+from tasprune.models.sources import Example, call
+
+if TYPE_CHECKING:
+    from tasprune.models.analysis import Traced
+
+# (layers, other parameters: (name, numel, groups, channels, stage, block index))
+Layers = tuple[
+    tuple[Layer, ...], tuple[tuple[str, int, tuple[str, ...], int, str | None, int], ...]
+]
+
+
+def cost_layers(
+    tr: Traced, net: nn.Module, example: Example, fix: str = "use larger images or another model"
+) -> Layers:
+    """The conv/linear layers of ``net`` (an unpruned network ``tr`` describes) and its other
+    parameters, with the sizes one call on ``example`` gives them (``fix``: what to say when
+    the network does not run on it)."""
+    net = net.eval()
+    image = example[0] if example and isinstance(example[0], Tensor) else None
+    in_channels = int(image.shape[1]) if image is not None and image.dim() == 4 else 0
+    sizes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    hooks = []
+    for name, mod in net.named_modules():
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, i, o, n=name: sizes.__setitem__(
+                        n, (tuple(i[0].shape), tuple(o.shape))
+                    )
+                )
+            )
+    try:
+        with torch.no_grad():
+            call(net, example)
+    except Exception as err:  # the model's own message, in one line
+        shapes = [s[1:] if len(s) == 4 else s for s in output_shapes(example)]
+        described = ", ".join("x".join(map(str, s)) for s in shapes) or "its example"
+        raise ConfigError(
+            f"{tr.model} does not run on a {described} input: "
+            f"{str(err).splitlines()[0][:200]}. Fix: {fix}"
+        ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+    layers: list[Layer] = []
+    others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
+    for name, mod in net.named_modules():
+        stage, index = tr.where(name)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if name not in sizes:
+                continue  # never called (an unused head)
+            inp, out = sizes[name]
+            conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
+            pos = math.prod(out[2:]) if conv else math.prod(out[1:-1])
+            layers.append(
+                Layer(
+                    name,
+                    mod.in_channels if conv else mod.in_features,  # type: ignore[arg-type]
+                    mod.out_channels if conv else mod.out_features,  # type: ignore[arg-type]
+                    tuple(tr.group_of.get((name, False), ())),
+                    tuple(tr.group_of.get((name, True), ())),
+                    math.prod(mod.kernel_size) if conv else 1,  # type: ignore[arg-type]
+                    mod.groups if conv else 1,  # type: ignore[arg-type]
+                    pos,
+                    mod.bias is not None,
+                    stage,
+                    index,
+                    sum(
+                        p.numel()
+                        for n, p in mod.named_parameters(recurse=False)
+                        if n not in ("weight", "bias")
+                    ),
+                    op_of(mod, inp, in_channels, name in tr.outputs),
+                )
+            )
+            continue
+        own = list(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        groups = tuple(tr.group_of.get((name, True), ()))
+        if groups:  # a normalisation layer of a group: all its parameters scale
+            channels = out_channels_of(mod) or sum(tr.groups[g].full for g in groups)
+            numel = sum(p.numel() for _, p in own)
+            others.append((name, numel, groups, channels, stage, index))
+            continue
+        for pname, p in own:  # a parameter the graph prunes itself (a layer scale)
+            full = f"{name}.{pname}" if name else pname
+            groups = tuple(tr.group_of.get((f"param:{full}", True), ()))
+            channels = sum(tr.groups[g].full for g in groups) or 1
+            others.append((full, p.numel(), groups, channels, stage, index))
+    return tuple(layers), tuple(others)
+
+
+def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
+    """The cost of a traced network (``found``: its `cost_layers` at some input), written
+    once for the exact and the expected algebra."""
+    a = c.alg
+    layers, others = found
+
+    def parts(layer: str, out: bool, groups: tuple[str, ...], total: int) -> list[Any]:
+        """(count, channels per count) making up the ``total`` channels of a layer side:
+        its searched groups (a group may span several channels per group channel, after a
+        flatten), then the fixed rest."""
+        out_parts = [(a.width(g), tr.per_channel.get((layer, out, g), 1)) for g in groups]
+        rest = total - sum(
+            tr.groups[g].full * m for g, (_, m) in zip(groups, out_parts, strict=False)
+        )
+        return [*out_parts, (a.const(rest), 1)] if rest > 0 else out_parts
+
+    def mean(ps: list[Any]) -> Any:
+        return sum(a.mean(p) * m for p, m in ps)
+
+    for ly in layers:
+        keep = a.keep(ly.stage, ly.index) if ly.stage else 1
+        cin = parts(ly.name, False, ly.in_groups, ly.cin)
+        cout = parts(ly.name, True, ly.out_groups, ly.cout)
+        if ly.groups > 1:  # whole groups are kept: in-channels per group stay fixed
+            weights = mean(cout) * (ly.cin // ly.groups)
+        else:
+            weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
+        c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
+        c.params = c.params + keep * weights * ly.kernel
+        if c.table is not None and ly.op is not None:
+            tied = ly.op.per_group is not None
+            width_out = a.total(cout)
+            width_in = width_out if tied else a.total(cin)
+            c.layer_latency(ly.op, width_in, width_out, keep)
+        if ly.bias:
+            c.params = c.params + keep * mean(cout)
+        if ly.extra:
+            c.params = c.params + keep * mean(cout) * (ly.extra // ly.cout)
+    for name, numel, groups, channels, stage, index in others:
+        keep = a.keep(stage, index) if stage else 1
+        if groups:
+            share = mean(parts(name, True, groups, channels))
+            c.params = c.params + keep * share * (numel // channels)
+        else:
+            c.params = c.params + keep * numel
+
+
+def op_of(mod: nn.Module, inp: tuple[int, ...], in_channels: int, head: bool) -> Op:
+    """The latency-table geometry of a conv or linear that saw an input of shape ``inp``
+    (``head``: it produces the network's outputs, which are never padded)."""
+    if isinstance(mod, nn.Linear):
+        return Op("linear", size=tuple(inp[1:-1]), head=head)
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
+    pad = mod.padding if isinstance(mod.padding, tuple) else (0,) * len(mod.kernel_size)
+    per_group = None
+    if mod.groups > 1:
+        per_group = (mod.in_channels // mod.groups, mod.out_channels // mod.groups)
+    return Op(
+        "conv2d" if isinstance(mod, nn.Conv2d) else "conv1d",
+        tuple(mod.kernel_size),
+        tuple(mod.stride),
+        tuple(int(p) for p in pad),
+        tuple(mod.dilation),
+        tuple(inp[2:]),
+        per_group,
+        image=mod.in_channels == in_channels and inp[1] == in_channels,
+        head=head,
+    )

@@ -1,0 +1,78 @@
+"""The physically smaller network: TAS keeps the first k channels of every group, so the
+network of a shape is the unpruned one with channels k.. of each group removed in every
+producer and consumer (Torch-Pruning's graph, through concatenations) and skipped blocks
+replaced by identities. Weights are carried over by the same operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasprune.models.analysis import Traced
+from tasprune.models.graph import dependency_graph, eval_mode, module_inputs
+from tasprune.models.sources import Example
+from tasprune.shape import Shape
+
+
+def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn.Module:
+    """Make ``net`` (an unpruned network ``tr`` describes, any weights) the network of
+    ``shape`` in place: channels k.. of every group removed in every producer and consumer
+    (Torch-Pruning's graph, traced on ``example``), skipped blocks replaced by identities."""
+    import torch_pruning as tp
+
+    cut = {n: shape.widths[n] for n, g in tr.groups.items() if shape.widths[n] < g.full}
+    if cut:
+        mods = dict(net.named_modules())
+        grouped = {  # (weight, groups) of grouped convs before pruning
+            n: (m.weight.detach().clone(), m.groups)
+            for n, m in mods.items()
+            if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
+        }
+        extra = {  # convs with per-filter parameters of their own, and their width
+            n: m.out_channels
+            for n, m in mods.items()
+            if isinstance(m, nn.Conv2d)
+            and any(p not in ("weight", "bias") for p, _ in m.named_parameters(recurse=False))
+        }
+        scoped = {tr.groups[n].scope for n in cut}
+        inputs = module_inputs(net, example) if scoped != {""} else {}
+        graphs: dict[str, Any] = {}
+        with eval_mode(net):
+            for scope in scoped:
+                mod = net.get_submodule(scope) if scope else net
+                x = (torch.zeros(inputs[scope]),) if scope else example
+                graphs[scope] = dependency_graph(mod, x)
+        for gname, k in cut.items():
+            g = tr.groups[gname]
+            dg = graphs[g.scope]
+            for layer, out in g.roots:
+                mod = mods[layer]
+                linear = isinstance(mod, nn.Linear)
+                if out:
+                    fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
+                else:
+                    fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
+                dg.get_pruning_group(mod, fn, idxs=list(range(k, g.full))).prune()
+        for n, full_out in extra.items():
+            # A conv subclass's own per-filter tensors (e.g. the gain of a weight-standardised
+            # conv) that the graph does not prune: the kept filters are the first ones.
+            conv = mods[n]
+            assert isinstance(conv, nn.Conv2d)
+            for pname, p in list(conv.named_parameters(recurse=False)):
+                if pname not in ("weight", "bias") and p.shape[:1] == (full_out,):
+                    setattr(conv, pname, nn.Parameter(p.detach()[: conv.out_channels].clone()))
+        for n, (weight, groups) in grouped.items():
+            # Whole groups are kept (Torch-Pruning would keep their count and thin each).
+            conv = mods[n]
+            assert isinstance(conv, nn.Conv2d)
+            k, per_out = conv.out_channels, weight.shape[0] // groups
+            conv.groups, conv.in_channels = k // per_out, k
+            conv.weight = nn.Parameter(weight[:k].contiguous())
+    for st in tr.stages.values():
+        cont = net.get_submodule(st.container)
+        for child in st.children[shape.depths[st.name] :]:
+            setattr(cont, child, nn.Identity())
+    return net

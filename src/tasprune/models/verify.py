@@ -1,0 +1,75 @@
+"""The analysis checked against the network itself: every searchable group pruned to about
+half on a copy must run, keep the outputs' shapes and cost exactly what the cost function
+predicts (`torch.utils.flop_counter`'s count); the groups that break it (an op the graph does
+not follow, such as a channel slice) are found by bisection and left unsearched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tasprune.errors import ConfigError
+from tasprune.models.algebra import Counter, ExactAlgebra
+from tasprune.models.analysis import Traced, output_shapes
+from tasprune.models.layer_cost import cost_layers, traced_cost
+from tasprune.models.prune import prune_with
+from tasprune.models.sources import call
+
+logger = logging.getLogger(__name__)
+
+
+def verify(self: Traced) -> None:
+    """Prune every searchable group to about half on a copy and check that the network
+    runs and its counted FLOPs equal the prediction; when not, find the groups that
+    break it (the graph missed an op, e.g. a channel slice) and leave them unsearched."""
+    if (why := _trial(self, [])) is not None:
+        raise ConfigError(
+            f"{self.model}: the traced graph does not describe the network ({why}). Fix: "
+            "search only a sub-module that traces, or report it with the model name"
+        )
+    names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
+    if names and (why := _trial(self, names)) is not None:
+        logger.info("%s: pruning all groups fails (%s); finding which", self.model, why)
+        _bisect(self, names)
+        left = [n for n in names if self.groups[n].fixed is None]
+        if left and (why := _trial(self, left)) is not None:  # only in combination
+            for n in left:
+                self.groups[n].fixed = f"pruning it with the others breaks the network ({why})"
+
+
+def _bisect(self: Traced, names: list[str]) -> None:
+    """Fix the groups of ``names`` whose pruning breaks the network (``names`` as a whole
+    is known to): halves that prune cleanly are cleared in one trial."""
+    if len(names) == 1:
+        why = _trial(self, names)
+        self.groups[names[0]].fixed = f"pruning it breaks the network ({why})"
+        return
+    for half in (names[: len(names) // 2], names[len(names) // 2 :]):
+        if _trial(self, half) is not None:
+            _bisect(self, half)
+
+
+def _trial(self: Traced, names: list[str]) -> str | None:
+    half = {}
+    for n in names:
+        g = self.groups[n]
+        half[n] = max(g.multiple, g.full // 2 // g.multiple * g.multiple)
+    shape = self.full_shape().replace(widths=half)
+    try:
+        found = cost_layers(self, copy.deepcopy(self.template), self.example)
+        net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            y = call(net, self.example)
+        c = Counter(ExactAlgebra(shape))
+        traced_cost(self, c, found)
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    if (got := output_shapes(y)) != self.output_shapes:
+        return f"outputs {got}, not {self.output_shapes}"
+    if fc.get_total_flops() // 2 != int(c.flops):
+        return f"counted {fc.get_total_flops() // 2} MACs, predicted {int(c.flops)}"
+    return None
