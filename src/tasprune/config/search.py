@@ -3,7 +3,6 @@ the search-space options it yields (`SpaceOptions`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,22 +15,65 @@ __all__ = ["DEFAULT_FRACTIONS", "SearchConfig", "SpaceOptions"]
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-@dataclass(frozen=True)
-class SpaceOptions:
-    """What is searched and how candidates are mixed (the paper's ablation axes)."""
+class SpaceOptions(BaseModel):
+    """What is searched and how candidates are mixed (the paper's ablation axes). Declared
+    once: a `SearchConfig` is a SpaceOptions with the budget and the schedule added, and
+    ``SearchConfig.space()`` is its SpaceOptions part."""
 
-    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
-    search_width: bool = True
-    search_depth: bool = True
-    num_sampled: int | None = 2  # I: candidates mixed per conv and forward; None = all
-    align: str = "cwi"  # "cwi" (channel-wise interpolation) | "pad" (zero-padding)
-    tie_residual: bool = True  # one width per stage for the residual stream (SearchConfig's)
-    width_multiple: int = 1  # round width candidates to multiples of this (8: kernel-friendly)
-    width_snap: int = 1  # round width candidates *up* to multiples of this (a runtime's block)
+    model_config = ConfigDict(extra="forbid")
+
+    width_fractions: tuple[float, ...] = Field(
+        default=DEFAULT_FRACTIONS, description="candidate widths / unpruned width"
+    )
+    search_width: bool = Field(default=True, description="search the widths")
+    search_depth: bool = Field(default=True, description="search the depths")
+    num_sampled: int | Literal["all"] = Field(
+        default=2, description="candidates mixed per width choice and forward (I), or 'all'"
+    )
+    # How the sampled widths are mixed: None is the mechanism's own (the shipped families'
+    # searchable units: channel-wise interpolation with one BN affine per candidate, the
+    # paper's; any other network: zero-padding, one affine), until one default is measured.
+    align: Literal["cwi", "pad"] | None = Field(
+        default=None, description="cwi: channel-wise interpolation; pad: zero-padding"
+    )
+    candidate_affine: bool | None = Field(
+        default=None, description="one BatchNorm affine per candidate width (the paper's)"
+    )
+    # One residual width per stage (no projection shortcuts the teacher lacks). Default on:
+    # fmnist-r56 students 90.06 +- 0.06% tied vs 88.13 +- 0.91% per-block (the paper's; its
+    # recipes in configs/ set false), ResNet-20 a tie (bench/results/shortcuts-*.md).
+    tie_residual: bool = Field(
+        default=True,
+        description="one width choice per residual stream (false: one per conv, the paper's)",
+    )
+    width_multiple: int = Field(
+        default=1, ge=1, description="round width candidates to multiples of this"
+    )
+    width_snap: int = Field(
+        default=1,
+        ge=1,
+        description="round width candidates up to multiples of this (a runtime's channel block)",
+    )
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SpaceOptions:
+        if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
+            raise ValueError("width_fractions must be fractions in (0, 1]")
+        if isinstance(self.num_sampled, int) and self.num_sampled < 1:
+            raise ValueError("num_sampled must be >= 1 or 'all'")
+        if not (self.search_width or self.search_depth):
+            raise ValueError("search_width and search_depth cannot both be false")
+        return self
+
+    @property
+    def sampled(self) -> int | None:
+        """Candidates mixed per width choice and forward; None: all of them."""
+        return None if self.num_sampled == "all" else self.num_sampled
 
 
-class SearchConfig(BaseModel):
-    """One search: budget, schedule, architecture optimiser and the search space options."""
+class SearchConfig(SpaceOptions):
+    """One search: budget, schedule, architecture optimiser, and the search space options it
+    inherits from `SpaceOptions`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,21 +132,7 @@ class SearchConfig(BaseModel):
     tau_max: float = Field(default=5.0, gt=0)
     tau_min: float = Field(default=0.1, gt=0)
 
-    # Search space (the paper's ablations).
-    width_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # candidate widths / unpruned width
-    search_width: bool = True
-    search_depth: bool = True
-    num_sampled: int | Literal["all"] = 2  # I: candidates mixed per conv and forward
-    align: Literal["cwi", "pad"] = "cwi"  # channel-wise interpolation or zero-padding
-    # One residual width per stage (no projection shortcuts the teacher lacks). Default on:
-    # fmnist-r56 students 90.06 +- 0.06% tied vs 88.13 +- 0.91% per-block (the paper's; its
-    # recipes in configs/ set false), ResNet-20 a tie (bench/results/shortcuts-*.md).
-    tie_residual: bool = Field(
-        default=True,
-        description="one width choice per residual stream (false: one per conv, the paper's)",
-    )
-    width_multiple: int = Field(default=1, ge=1)  # round width candidates to multiples of this
-
+    # The search space: SpaceOptions' fields (inherited).
     warm_start: bool = True  # start supernet weights from the teacher when one is given
     keep: Literal["last", "best"] = "last"  # which in-band shape becomes shape.json
     # Fraction of split B the architecture steps never see: the validation images that rank
@@ -132,12 +160,6 @@ class SearchConfig(BaseModel):
             ratio = getattr(self, name)
             if ratio is not None and self.tolerance >= ratio:
                 raise ValueError(f"tolerance ({self.tolerance}) must be below {name} ({ratio})")
-        if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
-            raise ValueError("width_fractions must be fractions in (0, 1]")
-        if isinstance(self.num_sampled, int) and self.num_sampled < 1:
-            raise ValueError("num_sampled must be >= 1 or 'all'")
-        if not (self.search_width or self.search_depth):
-            raise ValueError("search_width and search_depth cannot both be false")
         return self
 
     @property
@@ -168,16 +190,11 @@ class SearchConfig(BaseModel):
         return Budget(self.flops_ratio, self.tolerance, "flops")
 
     def space(self) -> SpaceOptions:
-        return SpaceOptions(
-            width_fractions=tuple(self.width_fractions),
-            search_width=self.search_width,
-            search_depth=self.search_depth,
-            num_sampled=None if self.num_sampled == "all" else self.num_sampled,
-            align=self.align,
-            tie_residual=self.tie_residual,
-            width_multiple=self.width_multiple,
-            width_snap=self.snap_block,
-        )
+        """The search-space part, candidates snapped to the latency runtime's block if any."""
+        fields = {name: getattr(self, name) for name in SpaceOptions.model_fields}
+        if self.snap_block > 1:
+            fields["width_snap"] = self.snap_block
+        return SpaceOptions(**fields)
 
     @property
     def snap_block(self) -> int:

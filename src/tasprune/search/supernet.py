@@ -261,11 +261,6 @@ class SuperNet(nn.Module):
         super().__init__()
         spec = get_model_spec(model)
         opts = options or SpaceOptions()
-        if opts.num_sampled is not None and opts.num_sampled < 1:
-            raise ConfigError(
-                f"num_sampled = {opts.num_sampled}: at least 1 candidate must be mixed. "
-                "Fix: use num_sampled >= 1 or 'all'"
-            )
         self.model_name = model
         self.options = opts
         self.num_classes = num_classes
@@ -321,8 +316,13 @@ class SuperNet(nn.Module):
 
             self.net = searchable_network(self, model)
         else:
+            if opts.candidate_affine is False:
+                raise ConfigError(
+                    f"{model}'s searchable units always keep one BatchNorm affine per "
+                    "candidate. Fix: leave search.candidate_affine unset for it"
+                )
             self.net = spec.build(
-                self.full_shape, num_classes, in_channels, SearchOps(self, opts.align)
+                self.full_shape, num_classes, in_channels, SearchOps(self, opts.align or "cwi")
             )
         self.full_flops, self.full_params = model_cost(
             model, None, (in_channels, *self.input_size), num_classes
@@ -382,7 +382,7 @@ class SuperNet(nn.Module):
             elif not sample:
                 c.selected = [(int(logits.argmax()), c.candidates[int(logits.argmax())], 1.0)]
             else:
-                num = self.options.num_sampled if c.kind == "width" else None
+                num = self.options.sampled if c.kind == "width" else None
                 idx, weights = gumbel_select(logits, self.tau, num, self.generator)
                 c.selected = [(i, c.candidates[i], weights[n]) for n, i in enumerate(idx)]
 
@@ -586,6 +586,10 @@ class SuperNet(nn.Module):
                 "(for a model from tasprune.load: model.net.state_dict())"
             )
         self.net.load_state_dict(own)
+        if get_model_spec(self.model_name).family == "traced":
+            from tasprune.search.traced import reset_candidate_affine
+
+            reset_candidate_affine(self.net)
 
     def plain_state_dict(self, shape: Shape) -> dict[str, Tensor]:
         """Weights for ``create_model(model, shape)``: leading channels of the supernet.
@@ -596,7 +600,10 @@ class SuperNet(nn.Module):
 
         spec = get_model_spec(self.model_name)
         if spec.transfer is not None:
-            return spec.transfer(self.net.state_dict(), shape, self.num_classes, self.in_channels)
+            from tasprune.search.traced import plain_state
+
+            state = plain_state(self, shape)
+            return spec.transfer(state, shape, self.num_classes, self.in_channels)
         target = create_model(
             self.model_name, shape, num_classes=self.num_classes, in_channels=self.in_channels
         ).state_dict()

@@ -11,6 +11,14 @@ Depth: a stage's output is sum_d w_d x_d over the sampled kept-block counts d, w
 output after the first d blocks; blocks beyond the deepest sampled count are not run.
 Parameter names are those of the plain network, so warm-starting and weight transfer are
 name-based.
+
+Two mixing options (the paper's), at the sites where a group's mixture enters after one conv
+or BatchNorm: ``align="cwi"`` maps each sampled candidate's channels onto the widest sampled
+one by channel-wise interpolation instead of zero-padding, and ``candidate_affine`` gives each
+BatchNorm one affine per candidate width (extra parameters ``cand_weight``/``cand_bias`` on
+that BatchNorm, started from its own affine; a derived network takes its width's). Both fold
+into one K x K matrix and a bias applied as a 1x1 convolution over the K widest channels; at a
+fixed shape they reduce to the pruned network, so expected and exact cost are unchanged.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasprune.models.graph import out_channels_of
 from tasprune.models.traced import Stage, build_source, traced
+from tasprune.search.units import Choice, align_matrix
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 
@@ -117,13 +127,149 @@ def _stage_forward(net: SuperNet, container: nn.Sequential, stages: list[Stage])
     return forward
 
 
+def _normalised(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """``bn`` without its affine: the statistics (and their update) exactly as its forward."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        x,
+        bn.running_mean if track else None,
+        bn.running_var if track else None,
+        None,
+        None,
+        batch_stats,
+        factor,
+        bn.eps,
+    )
+
+
+def mix_widths(
+    y: Tensor,
+    choice: Choice,
+    align: str,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """The width mixture of ``choice``'s selection over ``y`` (N, C, ...), channels aligned by
+    ``align`` onto the widest sampled candidate K (the rest zero); ``weight``/``bias``
+    (candidates x C): one affine per candidate, applied before the alignment."""
+    sel = choice.selected
+    k = max(c for _, c, _ in sel)
+    if len(sel) == 1 and isinstance(sel[0][2], float):  # a fixed width: the pruned network
+        i, c, w = sel[0]
+        out = y[:, :c] * w
+        if weight is not None and bias is not None:
+            view = (1, c) + (1,) * (y.dim() - 2)
+            out = out * weight[i, :c].view(view) + bias[i, :c].view(view) * w
+    else:
+        m = y.new_zeros(k, k)
+        b = y.new_zeros(k)
+        for i, c, w in sel:
+            a = align_matrix(c, k, align, y.device, y.dtype)  # K x c
+            if weight is not None and bias is not None:
+                m = m + F.pad(a * weight[i, :c] * w, (0, k - c))
+                b = b + (a @ bias[i, :c]) * w
+            else:
+                m = m + F.pad(a * w, (0, k - c))
+        out = torch.einsum("dc,nc...->nd...", m, y[:, :k])
+        if weight is not None:
+            out = out + b.view((1, k) + (1,) * (y.dim() - 2))
+    if out.shape[1] == y.shape[1]:
+        return out
+    return torch.cat([out, y.new_zeros(y.shape[0], y.shape[1] - out.shape[1], *y.shape[2:])], 1)
+
+
+def _candidate_bn(net: SuperNet, bn: nn.BatchNorm2d, group: str, align: str) -> None:
+    """Give ``bn`` one affine per candidate of ``group`` and the mixture in its forward."""
+    choice = net.width_of[group]
+    n = len(choice.candidates)
+    with torch.no_grad():
+        bn.cand_weight = nn.Parameter(bn.weight.detach().clone().expand(n, -1).contiguous())
+        bn.cand_bias = nn.Parameter(bn.bias.detach().clone().expand(n, -1).contiguous())
+
+    def forward(x: Tensor) -> Tensor:
+        weight, bias = _affines(bn)
+        return mix_widths(_normalised(bn, x), choice, align, weight, bias)
+
+    bn.forward = forward  # type: ignore[method-assign,assignment]
+
+
+def _affines(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """The per-candidate affine (candidates x C) of a BatchNorm `_candidate_bn` changed."""
+    weight, bias = bn.cand_weight, bn.cand_bias
+    assert isinstance(weight, Tensor) and isinstance(bias, Tensor)
+    return weight, bias
+
+
+def _aligned(net: SuperNet, group: str, align: str) -> Any:
+    """A forward hook that replaces a layer's output by ``group``'s aligned mixture."""
+    choice = net.width_of[group]
+
+    def apply(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+        return mix_widths(out, choice, align)
+
+    return apply
+
+
+def candidate_affine_layers(body: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """The BatchNorms of a searchable network that hold one affine per candidate."""
+    return {n: m for n, m in body.named_modules() if hasattr(m, "cand_weight")}  # type: ignore[misc]
+
+
+def reset_candidate_affine(body: nn.Module) -> None:
+    """Every candidate's affine from its BatchNorm's own (after a warm start)."""
+    with torch.no_grad():
+        for bn in candidate_affine_layers(body).values():
+            weight, bias = _affines(bn)
+            weight.copy_(bn.weight.expand_as(weight))
+            bias.copy_(bn.bias.expand_as(bias))
+
+
+def plain_state(net: SuperNet, shape: Any) -> dict[str, Tensor]:
+    """The searchable network's weights as the plain unpruned network's: each candidate-affine
+    BatchNorm takes the affine of its group's width in ``shape`` (a width that is not a
+    candidate: the narrowest candidate at least as wide)."""
+    tr = traced(net.model_name)
+    state = {k: v for k, v in net.net.state_dict().items() if ".cand_" not in f".{k}"}
+    for name, bn in candidate_affine_layers(net.net).items():
+        group = next(g for g, _, _ in tr.masks[name])
+        cands = net.width_of[group].candidates
+        width = shape.widths[group]
+        wider = [j for j, c in enumerate(cands) if c >= width]
+        i = min(wider, key=lambda j: cands[j]) if wider else len(cands) - 1
+        weight, bias = _affines(bn)
+        state[f"{name}.weight"] = weight[i].detach().clone()
+        state[f"{name}.bias"] = bias[i].detach().clone()
+    return state
+
+
 def searchable_network(net: SuperNet, model: str) -> nn.Module:
     """The unpruned network of ``model`` made searchable by ``net``'s width and depth choices."""
     tr = traced(model)
     body = build_source(model, net.num_classes, net.in_channels)
     widths = _Widths(net, model)
+    align = net.options.align or "pad"
+    per_candidate = bool(net.options.candidate_affine)
     for layer, sites in tr.masks.items():
-        body.get_submodule(layer).register_forward_hook(widths.hook(sites))
+        mod = body.get_submodule(layer)
+        group, offset, mix = sites[0]
+        single = (
+            len(sites) == 1
+            and offset == 0
+            and mix
+            and tr.groups[group].full == out_channels_of(mod)
+            and isinstance(mod, (nn.Conv2d, nn.BatchNorm2d))
+        )
+        if single and per_candidate and isinstance(mod, nn.BatchNorm2d) and mod.affine:
+            _candidate_bn(net, mod, group, align)
+        elif single and align == "cwi":
+            mod.register_forward_hook(_aligned(net, group, align))
+        else:
+            mod.register_forward_hook(widths.hook(sites))
     by_container: dict[str, list[Stage]] = {}
     for st in tr.stages.values():
         by_container.setdefault(st.container, []).append(st)
