@@ -32,7 +32,8 @@ from tasprune.latency import (
 )
 from tasprune.latency_table import LatencyTable, Op, TableKey, default_table_path
 from tasprune.models import create_model
-from tasprune.search.supernet import ExpectedAlgebra, SuperNet
+from tasprune.search.expected import ExpectedAlgebra
+from tasprune.search.supernet import SuperNet
 
 log = logging.getLogger(__name__)
 
