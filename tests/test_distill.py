@@ -270,6 +270,26 @@ def test_distill_ramps_alpha_per_step(tmp_path: object, monkeypatch: pytest.Monk
     assert seen == pytest.approx([0.3, 0.6, 0.9, 0.9])
 
 
+def test_distill_starts_from_the_given_student_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasprune.distill as distill_mod
+
+    torch.manual_seed(10)
+    shape = _pruned_shape()
+    own = create_model(MODEL, shape, num_classes=4, in_channels=1).state_dict()
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(student: torch.nn.Module, *args: object, **kwargs: object) -> dict[str, float]:
+        seen.update({k: v.clone() for k, v in student.state_dict().items()})
+        return {"top1": 0.0}
+
+    monkeypatch.setattr(distill_mod, "fit", spy)
+    data = _noise_data()
+    cfg = DistillConfig(kd=False, init="scratch", train=TrainConfig(epochs=1, batch_size=32))
+    distill(MODEL, shape, None, data, data, cfg, None, init_state=own, device="cpu")
+    assert seen.keys() == own.keys()
+    assert all(torch.equal(seen[k], v) for k, v in own.items())
+
+
 def test_recalibrate_bn_averages_batch_statistics() -> None:
     torch.manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))

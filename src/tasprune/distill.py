@@ -450,6 +450,7 @@ def distill(
     out_dir: str | Path | None = None,
     *,
     supernet_state: dict[str, Tensor] | None = None,
+    init_state: dict[str, Tensor] | None = None,
     space: SpaceOptions | None = None,
     device: torch.device | str = "auto",
     meta: dict[str, Any] | None = None,
@@ -458,6 +459,9 @@ def distill(
     tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Build the student of ``shape`` and train it (KD from ``teacher`` when ``cfg.kd``).
+
+    The student starts as ``cfg.init`` says, or from ``init_state`` when given: its own
+    weights at ``shape`` (e.g. an L1-pruned teacher's), loaded strictly.
 
     Writes fit's outputs (model.pt with student meta, final.json, history.jsonl) to
     ``out_dir``; resumes there; returns fit's metrics plus the student's ``flops``/``params``.
@@ -473,17 +477,23 @@ def distill(
         )
     teacher_state = teacher.state_dict() if teacher is not None else None
     torch.manual_seed(cfg.train.seed)  # the student's fresh tensors are reproducible
-    student = build_student(
-        model,
-        shape,
-        train_data.num_classes,
-        train_data.in_channels,
-        cfg.init,
-        supernet_state=supernet_state,
-        teacher_state=teacher_state,
-        space=space,
-        new_shortcuts=cfg.new_shortcuts,
-    )
+    student: nn.Module
+    if init_state is not None:
+        nc, ic = train_data.num_classes, train_data.in_channels
+        student = create_model(model, shape, num_classes=nc, in_channels=ic)
+        load_weights(student, init_state)
+    else:
+        student = build_student(
+            model,
+            shape,
+            train_data.num_classes,
+            train_data.in_channels,
+            cfg.init,
+            supernet_state=supernet_state,
+            teacher_state=teacher_state,
+            space=space,
+            new_shortcuts=cfg.new_shortcuts,
+        )
     input_size = (train_data.in_channels, *train_data.image_size)
     flops, params = model_cost(model, shape, input_size, train_data.num_classes)
     tcfg = cfg.train

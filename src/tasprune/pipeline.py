@@ -58,10 +58,10 @@ from tasprune.shape import Shape
 from tasprune.stages import (
     StageContext,
     checked_teacher,
-    import_teacher,
+    finished_teacher,
     search_shape,
+    teacher_stage,
     train_student,
-    train_teacher,
 )
 from tasprune.tracking import require_tensorboard
 from tasprune.utils import atomic_write_text
@@ -257,17 +257,10 @@ class _Run:
     @cached_property
     def teacher(self) -> nn.Module:
         """The trained teacher, channels ordered per ``teacher.order`` (the same function)."""
-        model, _ = load_model_checkpoint(self.out / "teacher" / "model.pt")
-        return self.ctx.ordered(model)
+        return finished_teacher(self.ctx, self.out / "teacher")
 
     def stage_teacher(self) -> dict[str, Any]:
-        source = self.recipe.teacher.checkpoint
-        folder = self.out / "teacher"
-        if source:
-            model, metrics = import_teacher(self.ctx, source, folder)
-        else:
-            model, metrics = train_teacher(self.ctx, folder)
-        self.__dict__["teacher"] = self.ctx.ordered(model)
+        self.__dict__["teacher"], metrics = teacher_stage(self.ctx, self.out / "teacher")
         return metrics
 
     def stage_search(self) -> dict[str, Any]:
@@ -354,8 +347,7 @@ def _preflight(ctx: _Run, from_stage: str | None) -> None:
                 f"Fix: lower {key} or raise data.train_subset"
             )
     if "search" in pending:
-        size = (train.in_channels, *train.image_size)
-        check_budget(r.model, r.search, size, train.num_classes)
+        check_budget(r.model, r.search, ctx.ctx.input_size, train.num_classes)
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:

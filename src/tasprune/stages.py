@@ -2,10 +2,12 @@
 
 Each stage is a function of a `StageContext` (the resolved recipe, its data and this process's
 device) and the folder it writes. ``tasprune run`` (`tasprune.pipeline`), the per-stage
-commands (``tasprune train/search/distill``) and the benchmark runner (`tasprune.bench`) all
-call these; what differs between them is only where the inputs come from (a run folder, a
-``--teacher`` path, a protocol's seed) and where the outputs go. The report and the export
-stages are `tasprune.report.write_report` and `tasprune.export.export_model`.
+commands (``tasprune train/search/distill``), the library API (`tasprune.api`, whose context is
+its caller's settings and in-memory data) and the benchmark runner (`tasprune.bench`) all call
+these; what differs between them is only where the inputs come from (a run folder, a
+``--teacher`` path, a module instance, a protocol's seed) and where the outputs go (a folder, or
+none). The report and the export stages are `tasprune.report.write_report` and
+`tasprune.export.export_model`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tasprune.search import SearchConfig, SearchResult
 from tasprune.search import search as run_search
 from tasprune.shape import Shape
 from tasprune.utils import JsonlLogger, atomic_write_text
-from tasprune.weights import portable_state
+from tasprune.weights import load_weights, portable_state
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ __all__ = [
     "check_model_fits_data",
     "checked_teacher",
     "drop_unsaved_search_rows",
+    "finished_teacher",
     "import_teacher",
     "search_shape",
+    "teacher_stage",
     "train_student",
     "train_teacher",
 ]
@@ -58,6 +62,10 @@ class StageContext:
     data: tuple[Any, Any]
     device: torch.device
     progress: bool = True
+    # What every stage adds to the meta of the model.pt it writes. None: the recipe itself (a
+    # run's stages, so that the run can be reproduced); the API, whose recipe only carries
+    # the settings of one call, passes its caller's meta instead.
+    meta: dict[str, Any] | None = None
 
     @property
     def tensorboard(self) -> bool:
@@ -72,7 +80,16 @@ class StageContext:
             return None
         return self.recipe.data.augment.resolve(train.name, train.image_size)
 
-    def recipe_meta(self) -> dict[str, Any]:
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the training images."""
+        train = self.data[0]
+        return (train.in_channels, *train.image_size)
+
+    def stored_meta(self) -> dict[str, Any]:
+        """What the stages add to every model.pt's meta (see ``meta``)."""
+        if self.meta is not None:
+            return dict(self.meta)
         return {"recipe": self.recipe.model_dump(mode="json")}
 
     def ordered(self, teacher: nn.Module) -> nn.Module:
@@ -83,14 +100,12 @@ class StageContext:
             return teacher
         from tasprune.importance import order_channels
 
-        train = self.data[0]
-        size = (train.in_channels, *train.image_size)
         batches = None
         if order == "taylor":  # un-augmented training batches, on the CPU where ordering runs
             plain = {"crop_padding": 0, "flip": False}
             loader, _ = train_test_loaders(*self.data, 64, augment=plain, device="cpu")
             batches = iter(loader)
-        return order_channels(teacher, order, size, batches=batches)
+        return order_channels(teacher, order, self.input_size, batches=batches)
 
 
 # --------------------------------------------------------------------------- checks
@@ -134,20 +149,28 @@ def checked_teacher(
 # --------------------------------------------------------------------------- teacher
 
 
-def train_teacher(ctx: StageContext, out: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the recipe's unpruned model (settings: ``teacher.train``) into ``out``; returns
-    (model, fit's metrics). Resumes there; under torchrun every rank trains its shard."""
+def train_teacher(
+    ctx: StageContext,
+    out: Path | None,
+    *,
+    shape: Shape | None = None,
+    start: dict[str, Tensor] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the recipe's model with cross-entropy (settings: ``teacher.train``) into ``out``
+    (None: nothing written); returns (model, fit's metrics). Resumes there; under torchrun
+    every rank trains its shard.
+
+    Unpruned by default, else at ``shape`` (then stored as a student). It starts from
+    ``start`` (an unpruned network's state, cut to the shape) when given, else from
+    ``teacher.weights`` or a fresh initialisation."""
     r, cfg = ctx.recipe, ctx.recipe.teacher.train
     train = ctx.data[0]
-    torch.manual_seed(cfg.seed)
-    if r.teacher.weights is not None:
-        from tasprune.models.traced import from_weights
-
-        model = from_weights(r.model, r.teacher.weights, train.num_classes, train.in_channels)
-    else:
-        model = create_model(r.model, num_classes=train.num_classes, in_channels=train.in_channels)
     full = get_model_spec(r.model).full_shape()
-    meta = model_meta(r.model, full, train, "teacher", augment=ctx.augment, **ctx.recipe_meta())
+    shape = shape or full
+    torch.manual_seed(cfg.seed)
+    model = _initial_network(r, train, shape, start)
+    role = "teacher" if shape == full else "student"
+    meta = {**model_meta(r.model, shape, train, role, augment=ctx.augment), **ctx.stored_meta()}
     metrics = fit(
         model,
         *train_test_loaders(
@@ -161,6 +184,42 @@ def train_teacher(ctx: StageContext, out: Path) -> tuple[nn.Module, dict[str, An
         tensorboard=ctx.tensorboard,
     )
     return model, metrics
+
+
+def _initial_network(
+    r: Recipe, train: Any, shape: Shape, start: dict[str, Tensor] | None
+) -> nn.Module:
+    """The network `train_teacher` starts from: ``r.model`` at ``shape``, with ``start`` (an
+    unpruned state) or ``teacher.weights`` (adapted to the data) cut to it, else fresh."""
+    nc, ic = train.num_classes, train.in_channels
+    if start is None and r.teacher.weights is not None:
+        from tasprune.models.traced import from_weights
+
+        adapted = from_weights(r.model, r.teacher.weights, nc, ic)
+        if shape == get_model_spec(r.model).full_shape():
+            return adapted
+        start = adapted.state_dict()
+    net = create_model(r.model, shape, num_classes=nc, in_channels=ic)
+    if start is not None:
+        from tasprune.models.traced import pruned_state
+
+        load_weights(net, pruned_state(r.model, start, shape, nc, ic))
+    return net
+
+
+def teacher_stage(ctx: StageContext, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The recipe's teacher into ``out``: ``teacher.checkpoint`` imported, else trained.
+    Returns the teacher as the search and the student see it (`StageContext.ordered`) and
+    its metrics."""
+    source = ctx.recipe.teacher.checkpoint
+    model, metrics = import_teacher(ctx, source, out) if source else train_teacher(ctx, out)
+    return ctx.ordered(model), metrics
+
+
+def finished_teacher(ctx: StageContext, out: Path) -> nn.Module:
+    """The teacher a finished teacher stage left in ``out``, as `teacher_stage` returns it."""
+    model, _ = load_model_checkpoint(out / "model.pt")
+    return ctx.ordered(model)
 
 
 def import_teacher(
@@ -199,19 +258,20 @@ def drop_unsaved_search_rows(folder: Path) -> None:
 
 def search_shape(
     ctx: StageContext,
-    out: Path,
-    teacher: nn.Module | None = None,
+    out: Path | None,
+    teacher: nn.Module | dict[str, Tensor] | None = None,
     cfg: SearchConfig | None = None,
 ) -> SearchResult:
-    """Search a shape under the recipe's budget into ``out`` (``cfg`` replaces the recipe's
-    ``search`` settings, e.g. another seed); warm-started from ``teacher`` when given and
-    ``warm_start`` is on. Resumes there; under torchrun every rank searches its shard."""
+    """Search a shape under the recipe's budget into ``out`` (None: nothing written; ``cfg``
+    replaces the recipe's ``search`` settings, e.g. another seed); warm-started from
+    ``teacher`` (a network or its state dict) when given and ``warm_start`` is on. Resumes
+    there; under torchrun every rank searches its shard."""
     r = ctx.recipe
     cfg = cfg if cfg is not None else r.search
     state: dict[str, Tensor] | None = None
     if teacher is not None and cfg.warm_start:
-        state = teacher.state_dict()
-    if ddp.is_main():
+        state = teacher.state_dict() if isinstance(teacher, nn.Module) else teacher
+    if out is not None and ddp.is_main():
         drop_unsaved_search_rows(out)
     return run_search(
         r.model,
@@ -231,17 +291,20 @@ def search_shape(
 
 def train_student(
     ctx: StageContext,
-    out: Path,
+    out: Path | None,
     shape: Shape,
     teacher: nn.Module | None,
     *,
     cfg: DistillConfig | None = None,
     supernet_state: dict[str, Tensor] | None = None,
+    init_state: dict[str, Tensor] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the pruned network of ``shape`` into ``out`` with the recipe's ``distill``
-    settings (``cfg`` replaces them, e.g. another seed or no KD); ``supernet_state`` for
-    ``init: supernet``. Returns fit's metrics plus the student's FLOPs and params."""
+    """Train the pruned network of ``shape`` into ``out`` (None: nothing written) with the
+    recipe's ``distill`` settings (``cfg`` replaces them, e.g. another seed or no KD);
+    ``supernet_state`` for ``init: supernet``; ``init_state``, the student's own weights at
+    ``shape`` (e.g. an L1-pruned teacher), replaces ``init``. Returns fit's metrics plus the
+    student's FLOPs and params."""
     r = ctx.recipe
     cfg = cfg if cfg is not None else r.distill
     train, test = ctx.data
@@ -254,9 +317,10 @@ def train_student(
         cfg,
         out,
         supernet_state=supernet_state,
+        init_state=init_state,
         space=r.search.space(),
         device=ctx.device,
-        meta={**ctx.recipe_meta(), **(meta or {})},
+        meta={**ctx.stored_meta(), **(meta or {})},
         progress=ctx.progress,
         augment=r.data.augment,
         tensorboard=ctx.tensorboard,

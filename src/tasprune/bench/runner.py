@@ -25,16 +25,9 @@ from tasprune.bench.protocol import (
 from tasprune.bench.render import format_markdown
 from tasprune.bench.results import aggregate, evaluate_targets, searches, shape_key
 from tasprune.checkpoint import load_model_checkpoint
-from tasprune.config import (
-    DistillConfig,
-    Recipe,
-    recipe_diff,
-)
+from tasprune.config import Recipe, recipe_diff
 from tasprune.cost import model_cost
-from tasprune.data import ArrayDataset, train_test_loaders
-from tasprune.distill import kd_loss_fn, model_meta
-from tasprune.engine import fit
-from tasprune.epoch import LossFn, cross_entropy_loss
+from tasprune.data import ArrayDataset
 from tasprune.errors import ConfigError, TaspruneError
 from tasprune.export import export_model, load_exportable
 from tasprune.latency import measure
@@ -46,13 +39,12 @@ from tasprune.pipeline import (
 from tasprune.shape import Shape
 from tasprune.stages import (
     StageContext,
-    import_teacher,
+    finished_teacher,
     search_shape,
+    teacher_stage,
     train_student,
-    train_teacher,
 )
 from tasprune.utils import atomic_write_text, pick_device, read_json_object
-from tasprune.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +169,12 @@ class _Bench:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        train = self.data[0]
-        return (train.in_channels, *train.image_size)
+        return self.ctx.input_size
 
     @property
     def teacher(self) -> nn.Module:
-        if self._teacher is None:
-            model, _ = load_model_checkpoint(self.root / "teacher" / "model.pt")
-            self._teacher = self.ctx.ordered(model)  # every method starts from the same teacher
+        if self._teacher is None:  # every method starts from the same teacher
+            self._teacher = finished_teacher(self.ctx, self.root / "teacher")
         return self._teacher
 
     # ---------------------------------------------------------------- stages
@@ -194,12 +184,7 @@ class _Bench:
             return
         logger.info("teacher: training %s once for every method and seed", self.recipe.model)
         t0 = self._start("teacher")
-        source = self.recipe.teacher.checkpoint
-        if source:
-            model, _ = import_teacher(self.ctx, source, self.root / "teacher")
-        else:
-            model, _ = train_teacher(self.ctx, self.root / "teacher")
-        self._teacher = self.ctx.ordered(model)
+        self._teacher, _ = teacher_stage(self.ctx, self.root / "teacher")
         self._timed("teacher", time.perf_counter() - t0)
 
     def stage_search(self, seed: int) -> None:
@@ -260,18 +245,21 @@ class _Bench:
         logger.info("%s (seed %d): training %d epochs", method, seed, tcfg.epochs)
         key = f"train/{method}/seed-{seed}"
         t0 = self._start(key)
-        if method == "l1_kd":
-            metrics = self._train_l1(shape, cfg, folder, meta)
-        else:
-            supernet = None
-            if cfg.init == "supernet":
-                supernet = load_supernet_state(
-                    self.root / f"seed-{seed}" / "search" / "supernet.pt"
-                )
-            teacher = self.teacher if cfg.needs_teacher else None
-            metrics = train_student(
-                self.ctx, folder, shape, teacher, cfg=cfg, supernet_state=supernet, meta=meta
-            )
+        init = self._l1()[0] if method == "l1_kd" else None  # the L1-pruned teacher's weights
+        supernet = None
+        if cfg.init == "supernet" and init is None:
+            supernet = load_supernet_state(self.root / f"seed-{seed}" / "search" / "supernet.pt")
+        teacher = self.teacher if cfg.needs_teacher else None
+        metrics = train_student(
+            self.ctx,
+            folder,
+            shape,
+            teacher,
+            cfg=cfg,
+            supernet_state=supernet,
+            init_state=init,
+            meta=meta,
+        )
         seconds = self._timed(key, time.perf_counter() - t0)
         flops, params = model_cost(r.model, shape, self.input_size, train.num_classes)
         full, _ = model_cost(r.model, None, self.input_size, train.num_classes)
@@ -290,39 +278,6 @@ class _Bench:
             "wall_s": round(seconds, 1),
         }
         _write_json(folder / "result.json", result)
-
-    def _train_l1(
-        self, shape: Shape, cfg: DistillConfig, folder: Path, meta: dict[str, Any]
-    ) -> dict[str, Any]:
-        """`distill`'s training with the L1-pruned teacher's weights as the student's init."""
-        r = self.recipe
-        train, test = self.data
-        tcfg = cfg.train
-        state, _ = self._l1()
-        student = _load_model_state(r.model, shape, state, train.num_classes, train.in_channels)
-        loss: LossFn = (
-            kd_loss_fn(self.teacher.to(self.device), cfg.alpha, cfg.temperature)
-            if cfg.kd
-            else cross_entropy_loss(tcfg.label_smoothing)
-        )
-        flops, params = model_cost(r.model, shape, self.input_size, train.num_classes)
-        aug = r.data.augment.resolve(train.name, train.image_size)
-        full_meta = model_meta(
-            r.model, shape, train, "student", augment=aug, flops=flops, params=params
-        )
-        full_meta.update({**self.ctx.recipe_meta(), **meta})
-        return fit(
-            student,
-            *train_test_loaders(
-                train, test, tcfg.batch_size, augment=aug, device=self.device, seed=tcfg.seed
-            ),
-            tcfg,
-            folder,
-            loss_fn=loss,
-            device=self.device,
-            meta=full_meta,
-            progress=self.progress,
-        )
 
     # ---------------------------------------------------------------- latency
     def stage_measure(self) -> dict[str, Any]:
@@ -414,17 +369,6 @@ def _onnx_atol(model: nn.Module, input_size: tuple[int, int, int]) -> float:
     with torch.inference_mode():
         scale = float(model.eval()(x).abs().max())
     return 1e-4 * max(1.0, scale)
-
-
-def _load_model_state(
-    model: str, shape: Shape, state: dict[str, Any], num_classes: int, in_channels: int
-) -> nn.Module:
-    """``create_model(model, shape)`` holding ``state`` (strict)."""
-    from tasprune.models import create_model
-
-    net = create_model(model, shape, num_classes=num_classes, in_channels=in_channels)
-    load_weights(net, state)
-    return net
 
 
 # --------------------------------------------------------------------------- results

@@ -145,18 +145,15 @@ def cmd_search(a: SearchInputs, recipe: Recipe) -> int:
 
     progress = not a.quiet
     with _stage(recipe, a.out):
-        data = load_run_data(recipe)
-        train_data = data[0]
+        ctx = StageContext(recipe, load_run_data(recipe), _device(recipe), progress)
+        classes = ctx.data[0].num_classes
         net = None
         if a.teacher:
             net, meta, path = _teacher_from(a.teacher, recipe.model)
-            check_model_fits_data(meta, path, train_data)
-        size = (train_data.in_channels, *train_data.image_size)
-        check_budget(  # before writing
-            recipe.model, recipe.search, size, train_data.num_classes, progress=progress
-        )
+            check_model_fits_data(meta, path, ctx.data[0])
+        # before writing
+        check_budget(recipe.model, recipe.search, ctx.input_size, classes, progress=progress)
         _write_config(a.out, recipe)
-        ctx = StageContext(recipe, data, _device(recipe), progress)
         result = search_shape(ctx, a.out, ctx.ordered(net) if net is not None else None)
     lat = result.latency
     lat_text = (
