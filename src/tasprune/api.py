@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -20,9 +20,11 @@ from torch.utils.data import Dataset
 
 from tasprune.checkpoint import load_checkpoint, load_model_checkpoint, resolve_model_file
 from tasprune.config import (
+    DataConfig,
     DistillConfig,
     Recipe,
     SearchConfig,
+    TeacherConfig,
     TrainConfig,
     as_config,
     deep_merge,
@@ -30,17 +32,15 @@ from tasprune.config import (
     validate_model,
 )
 from tasprune.contract import WithPreprocess, contract_from_meta
-from tasprune.data import ArrayDataset, Augment, as_augment, train_test_loaders
-from tasprune.distill import distill as _distill
-from tasprune.distill import leading_slice_state, model_meta
-from tasprune.engine import fit
+from tasprune.data import ArrayDataset, Augment, as_augment
+from tasprune.distill import leading_slice_state
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
-from tasprune.models.traced import pruned_state, register_module, source_name
+from tasprune.models.traced import register_module, source_name
 from tasprune.pipeline import run as _run
 from tasprune.search import SearchResult
-from tasprune.search import search as _search
 from tasprune.shape import Shape
+from tasprune.stages import StageContext, search_shape, train_student, train_teacher
 from tasprune.utils import pick_device
 from tasprune.weights import load_weights
 
@@ -71,6 +71,55 @@ def _model_name(model: ModelLike, image: tuple[int, int, int] | None) -> str:
 
 def _image_of(ds: ArrayDataset) -> tuple[int, int, int]:
     return (ds.in_channels, *ds.image_size)
+
+
+class CallOptions(TypedDict, total=False):
+    """How a call of :func:`search` runs (keyword arguments, each optional; default last)."""
+
+    device: str | torch.device  # auto (CUDA, then Apple MPS, then the CPU), cpu, cuda:N; auto
+    progress: bool  # progress bars; True
+    # Training augmentation (crop_padding, flip): None fits the data (see
+    # :class:`~tasprune.data.Augment`: padding 1/8 of the image side, no flip for data not
+    # known to be mirror-invariant); None
+    augment: Augment | dict[str, Any] | None
+    tensorboard: bool  # also write TensorBoard scalars to out_dir/tensorboard; False
+
+
+class FitOptions(CallOptions, total=False):
+    """How a call of :func:`train` or :func:`distill` runs: :class:`CallOptions` and ``meta``."""
+
+    meta: dict[str, Any] | None  # extra entries of the model.pt meta; None
+
+
+def _context(
+    call: str,
+    model: str,
+    data: tuple[ArrayDataset, ArrayDataset | None],
+    options: Mapping[str, Any],
+    allowed: type[CallOptions],
+    **stage: Any,
+) -> StageContext:
+    """The `tasprune.stages` context of one call of ``call``: a recipe of its settings
+    (``stage``: its ``teacher``, ``search`` or ``distill`` config, ``options``) on its
+    in-memory data. The model.pt meta gets the caller's ``meta``, not that recipe, which is no
+    run to reproduce."""
+    unknown = sorted(set(options) - set(allowed.__annotations__))
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    device = options.get("device", "auto")
+    recipe = Recipe(
+        model=model,
+        log="tensorboard" if options.get("tensorboard", False) else "jsonl",
+        data=DataConfig(name=data[0].name, augment=as_augment(options.get("augment"))),
+        **stage,
+    )
+    dev = pick_device(device) if isinstance(device, str) else torch.device(device)
+    meta = dict(options.get("meta") or {})
+    return StageContext(recipe, data, dev, options.get("progress", True), meta=meta)
+
+
+def _out(out_dir: str | Path | None) -> Path | None:
+    return Path(out_dir) if out_dir is not None else None
 
 
 def as_array_dataset(
@@ -148,50 +197,23 @@ def train(
     out_dir: str | Path | None,
     *,
     shape: Shape | None = None,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    augment: Augment | dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
-    tensorboard: bool = False,
+    **options: Unpack[FitOptions],
 ) -> dict[str, Any]:
     """Train the registered ``model`` (unpruned, or at ``shape``) with cross-entropy.
 
-    ``augment`` (crop_padding, flip): None fits the data (see :class:`~tasprune.data.Augment`:
-    padding 1/8 of the image side, no flip for data not known to be mirror-invariant).
+    ``options``: device, progress, augment, meta, tensorboard (see :class:`FitOptions`).
     Writes (and resumes from) ``out_dir``: model.pt with the meta :func:`load` needs (the
     input contract included), final.json, history.jsonl. Returns the final test metrics.
     """
     tcfg = as_config(TrainConfig, cfg, "train")
     train_ds, test_ds = _train_test(train_data, test_data)
-    instance = model if isinstance(model, nn.Module) else None
-    model = _model_name(model, _image_of(train_ds))
-    full = get_model_spec(model).full_shape()
-    shape = shape or full
-    dev = pick_device(device) if isinstance(device, str) else device
-    torch.manual_seed(tcfg.seed)
-    net = create_model(
-        model, shape, num_classes=train_ds.num_classes, in_channels=train_ds.in_channels
-    )
-    if instance is not None:  # its own weights, cut to the shape
-        nc, ic = train_ds.num_classes, train_ds.in_channels
-        load_weights(net, pruned_state(model, instance.state_dict(), shape, nc, ic))
-    role = "teacher" if shape == full else "student"
-    aug = as_augment(augment).resolve(train_ds.name, train_ds.image_size)
-    loaders = train_test_loaders(
-        train_ds, test_ds, tcfg.batch_size, augment=aug, device=dev, seed=tcfg.seed
-    )
-    full_meta = {**model_meta(model, shape, train_ds, role, augment=aug), **(meta or {})}
-    out = Path(out_dir) if out_dir is not None else None
-    return fit(
-        net,
-        *loaders,
-        tcfg,
-        out,
-        device=dev,
-        meta=full_meta,
-        progress=progress,
-        tensorboard=tensorboard,
-    )
+    net = model.net if isinstance(model, WithPreprocess) else model
+    start = net.state_dict() if isinstance(net, nn.Module) else None  # its own weights
+    name = _model_name(model, _image_of(train_ds))
+    teacher = TeacherConfig(train=tcfg)
+    ctx = _context("train", name, (train_ds, test_ds), options, FitOptions, teacher=teacher)
+    _, metrics = train_teacher(ctx, _out(out_dir), shape=shape, start=start)
+    return metrics
 
 
 def search(
@@ -202,42 +224,30 @@ def search(
     *,
     teacher: nn.Module | str | Path | None = None,
     teacher_state: dict[str, torch.Tensor] | None = None,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    augment: Augment | dict[str, Any] | None = None,
-    tensorboard: bool = False,
+    **options: Unpack[CallOptions],
 ) -> SearchResult:
     """Search a shape of the registered ``model`` on ``train_data`` under ``cfg``'s budget.
 
     ``cfg``: a SearchConfig or a mapping of its fields. The supernet is warm-started from
     ``teacher`` (a module, e.g. from :func:`load`, or a run folder / model.pt) or from a
     ``teacher_state`` dict, when given; ``model`` given as a module instance is its own
-    teacher. Writes (and resumes from) ``out_dir``: shape.json, history.jsonl, checkpoints.
-    Returns the kept shape with its cost.
+    teacher. ``options``: device, progress, augment, tensorboard (see :class:`CallOptions`).
+    Writes (and resumes from) ``out_dir``: shape.json, history.jsonl, checkpoints. Returns
+    the kept shape with its cost.
     """
     scfg = as_config(SearchConfig, cfg, "search")
     train_ds = as_array_dataset(train_data, "train")
     if isinstance(model, nn.Module) and teacher is None and teacher_state is None:
         teacher = model
-    model = _model_name(model, _image_of(train_ds))
+    name = _model_name(model, _image_of(train_ds))
     if teacher is not None:
         if isinstance(teacher, WithPreprocess):
             teacher = teacher.net
         if not isinstance(teacher, nn.Module):
             teacher, _ = load_model_checkpoint(resolve_model_file(teacher, prefer=("teacher",)))
         teacher_state = teacher.state_dict()
-    dev = pick_device(device) if isinstance(device, str) else device
-    return _search(
-        model,
-        train_ds,
-        scfg,
-        out_dir,
-        teacher_state=teacher_state,
-        device=dev,
-        progress=progress,
-        augment=augment,
-        tensorboard=tensorboard,
-    )
+    ctx = _context("search", name, (train_ds, None), options, CallOptions, search=scfg)
+    return search_shape(ctx, _out(out_dir), teacher_state)
 
 
 def distill(
@@ -249,17 +259,13 @@ def distill(
     out_dir: str | Path | None,
     *,
     model: ModelLike | None = None,
-    device: str | torch.device = "auto",
-    progress: bool = True,
-    augment: Augment | dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
-    tensorboard: bool = False,
+    **options: Unpack[FitOptions],
 ) -> dict[str, Any]:
     """Train the pruned network of ``shape`` with KD from ``teacher``; return its metrics.
 
     ``shape`` is a Shape or a shape.json (whose ``model`` is used unless ``model`` is given);
     ``teacher`` a module (then ``model`` is required) or a run folder / model.pt; a module
-    returned by :func:`load` is unwrapped to its network. ``augment`` as in :func:`train`.
+    returned by :func:`load` is unwrapped to its network. ``options`` as in :func:`train`.
     """
     dcfg = as_config(DistillConfig, cfg, "distill")
     train_ds, test_ds = _train_test(train_data, test_data)
@@ -279,20 +285,9 @@ def distill(
             "api.distill has no supernet weights. Fix: use init 'teacher' or 'scratch', or "
             "tasprune.run for the whole pipeline"
         )
-    return _distill(
-        str(name),
-        shape,
-        teacher,
-        train_ds,
-        test_ds,
-        dcfg,
-        out_dir,
-        device=device,
-        meta=meta,
-        progress=progress,
-        augment=augment,
-        tensorboard=tensorboard,
-    )
+    data = (train_ds, test_ds)
+    ctx = _context("distill", str(name), data, options, FitOptions, distill=dcfg)
+    return train_student(ctx, _out(out_dir), shape, teacher)
 
 
 def run(
