@@ -14,9 +14,15 @@ from tasprune.cost import model_cost, model_flops
 from tasprune.data import ArrayDataset
 from tasprune.datasets import load_dataset
 from tasprune.models import create_model, get_model_spec, list_models
+from tasprune.search.tas import TAS
 from tasprune.shape import Shape
 
-__version__ = "0.1.0"
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("tasprune")
+except Exception:  # not installed (a source tree on sys.path)
+    __version__ = "0+unknown"
 
 
 class _CallableModule(types.ModuleType):
@@ -43,6 +49,7 @@ search = _make_callable(_search_mod, _search_fn)
 distill = _make_callable(_distill_mod, _distill_fn)
 
 __all__ = [
+    "TAS",
     "prune",
     "ArrayDataset",
     "DistillConfig",
