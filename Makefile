@@ -36,8 +36,8 @@ demo: setup
 	$(BIN)/tasprune run fmnist-r20-quick --out runs/demo
 
 test: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q
 
@@ -46,8 +46,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -x -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src
 
 # make bench [PROTOCOL=fmnist-r20|fmnist-r20-f30|fmnist-r56|cifar10-r56-paper] [BENCH_FLAGS=--threads 1]

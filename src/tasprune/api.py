@@ -12,11 +12,14 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sized
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack is Python 3.11+
 
 from tasprune.checkpoint import load_checkpoint, load_model_checkpoint, resolve_model_file
 from tasprune.config import (
