@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasprune import distributed as ddp
+from tasprune.budget import Budget
 from tasprune.config import SearchConfig
 from tasprune.epoch import autocast
 from tasprune.errors import TrainingError
@@ -24,7 +25,14 @@ from tasprune.optim import lr_factor
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 
-__all__ = ["SearchStepper", "SearchTask", "make_optimizers", "supernet_module", "wrap_search_ddp"]
+__all__ = [
+    "SearchStepper",
+    "SearchTask",
+    "arch_update",
+    "make_optimizers",
+    "supernet_module",
+    "wrap_search_ddp",
+]
 
 
 def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
@@ -127,29 +135,51 @@ class SearchStepper:
         current: dict[str, Tensor] | dict[str, float] = (
             self.exact(net.derive()) if on_cpu else net.argmax_costs()
         )
-        expected = net.expected_costs()
-        bl = sum(
-            (
-                b.loss(
-                    expected[b.metric],
-                    current[b.metric],
-                    net.full_cost(b.metric),
-                    cfg.budget_weight,
-                )
-                for b in self.budgets
-            ),
-            start=expected["flops"].new_zeros(()),
+        arch_loss, bl = arch_update(
+            net,
+            self.arch,
+            self.a_opt,
+            ce,
+            self.budgets,
+            cfg.budget_weight,
+            current,
+            distributed=self.distributed,
         )
-        arch_loss = ce + bl.to(ce.dtype)
-        grads: tuple[Tensor | None, ...] = torch.autograd.grad(
-            arch_loss, self.arch, allow_unused=True
-        )
-        if self.distributed:
-            grads = _mean_over_ranks(grads)
-        for p, g in zip(self.arch, grads, strict=True):
-            p.grad = g
-        self.a_opt.step()
         return loss.detach(), arch_loss.detach(), bl.detach(), current[self.primary]
+
+
+def arch_update(
+    net: SuperNet,
+    arch: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    task_loss: Tensor,
+    budgets: list[Budget],
+    budget_weight: float,
+    current: dict[str, Tensor] | dict[str, float],
+    *,
+    distributed: bool,
+) -> tuple[Tensor, Tensor]:
+    """The architecture step after a forward on split B (the pipeline's search and
+    `tasprune.TAS` alike): the budget loss of every budget (``current``: the argmax shape's
+    cost per metric) added to ``task_loss``, gradients for the logits ``arch`` only (the
+    weights' ``.grad`` untouched; averaged over ranks when ``distributed``), one optimiser
+    step. Returns (the architecture loss, the budget loss), detached."""
+    expected = net.expected_costs()
+    bl = sum(
+        (
+            b.loss(expected[b.metric], current[b.metric], net.full_cost(b.metric), budget_weight)
+            for b in budgets
+        ),
+        start=expected["flops"].new_zeros(()),
+    )
+    total = task_loss.float() + bl.to(torch.float32)
+    grads: tuple[Tensor | None, ...] = torch.autograd.grad(total, arch, allow_unused=True)
+    if distributed:
+        grads = _mean_over_ranks(grads)
+    for p, g in zip(arch, grads, strict=True):
+        p.grad = g
+    optimizer.step()
+    return total.detach(), bl.detach()
 
 
 class SearchTask:

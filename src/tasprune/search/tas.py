@@ -44,6 +44,7 @@ from tasprune.models import create_model
 from tasprune.models.traced import register_module
 from tasprune.search.loop import tau_at
 from tasprune.search.space import smallest_shape
+from tasprune.search.step import arch_update
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 
@@ -150,35 +151,21 @@ class TAS:
             key = shape.to_json()
             if key not in self._costs:
                 self._costs[key] = sn.shape_costs(shape)
-            expected = sn.expected_costs()
-            budget = sum(
-                (
-                    b.loss(
-                        expected[b.metric],
-                        self._costs[key][b.metric],
-                        sn.full_cost(b.metric),
-                        cfg.budget_weight,
-                    )
-                    for b in self.budgets
-                ),
-                start=expected["flops"].new_zeros(()),
-            )
-            total = task.float() + budget.to(torch.float32)
-            grads: tuple[Tensor | None, ...] = torch.autograd.grad(
-                total, self.arch, allow_unused=True
+            total, budget = arch_update(
+                sn,
+                self.arch,
+                self.optimizer,
+                task,
+                self.budgets,
+                cfg.budget_weight,
+                self._costs[key],
+                distributed=ddp.is_distributed(),
             )
         finally:
             for p in self.arch:
                 p.requires_grad_(False)
-        if ddp.is_distributed():
-            from tasprune.search.step import _mean_over_ranks
-
-            grads = _mean_over_ranks(grads)
-        for p, g in zip(self.arch, grads, strict=True):
-            p.grad = g
-        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(task.detach()), "budget_loss": float(budget.detach())}
+        return {"loss": float(task.detach()), "budget_loss": float(budget)}
 
     @property
     def optimizer(self) -> torch.optim.Adam:
