@@ -13,6 +13,7 @@ from tasprune.config import DistillConfig, Recipe, SearchConfig, TrainConfig, lo
 from tasprune.cost import model_cost, model_flops
 from tasprune.data import ArrayDataset
 from tasprune.datasets import load_dataset
+from tasprune.kd import Distiller
 from tasprune.models import create_model, get_model_spec, list_models
 from tasprune.search.tas import TAS
 from tasprune.shape import Shape
@@ -53,6 +54,7 @@ __all__ = [
     "prune",
     "ArrayDataset",
     "DistillConfig",
+    "Distiller",
     "Recipe",
     "SearchConfig",
     "Shape",
