@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 FMNIST_FILES := $(FMNIST)/train-images-idx3-ubyte.gz $(FMNIST)/train-labels-idx1-ubyte.gz \
                 $(FMNIST)/t10k-images-idx3-ubyte.gz $(FMNIST)/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test test-fast lint bench clean
+.PHONY: setup data demo test test-fast lint bench gpu-prep clean
 
 setup: $(STAMP) data
 
@@ -57,6 +57,12 @@ bench: setup
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_search.py
 	$(BIN)/tasprune bench bench/protocols/$(PROTOCOL).yaml $(BENCH_FLAGS)
+
+# The GPU check's carried folders: wheels the device machine lacks (.whl/, CPython 3.12
+# manylinux, the versions this venv runs) and Fashion-MNIST (.gl/data/); idempotent.
+# bench/gpu_check.sh says how a session with a device runs the check.
+gpu-prep: setup
+	bash bench/gpu_check.sh --prep
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -5,8 +5,11 @@ ratio of their medians is reported, so machine noise hits both alike. Peak memor
 CPU, max allocated on CUDA) is measured in a fresh subprocess per mode.
 
     python bench/bench_search.py [--models cifar_resnet20 cifar_resnet56] [--batch-size 128]
+    python bench/bench_search.py --device cuda --models resnet18 --batch-size 64  # a GPU
 
-Writes bench/results/search_cost.json and prints a markdown table.
+Writes bench/results/search_cost.json and prints a markdown table. On CUDA both steps run as
+the engine trains there (bf16 autocast, cuDNN autotuning; the search's ``amp`` default), and
+the memory columns are the peak allocated (and reserved) CUDA memory of each mode.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tasprune.epoch import autocast
 from tasprune.models import create_model, get_model_spec
 from tasprune.search import SearchConfig, SuperNet
 from tasprune.search.step import SearchStepper, make_optimizers
@@ -46,15 +50,25 @@ def input_size(model: str) -> tuple[int, int, int]:
     return get_model_spec(model).default_input
 
 
-def make_plain(model: str, batch: int, device: torch.device) -> Any:
+def prepare(device: torch.device) -> None:
+    """On CUDA, cuDNN autotuning as the engine sets it for a non-deterministic run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def make_plain(
+    model: str, batch: int, device: torch.device, size: tuple[int, int, int] | None = None
+) -> Any:
     net = create_model(model).to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    size = input_size(model)
+    size = size or input_size(model)
     x = torch.randn(batch, *size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step() -> None:
-        loss = F.cross_entropy(net(x), y)
+        with autocast(device, True):  # bf16 on CUDA, as the engine's amp default; CPU: none
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -62,9 +76,15 @@ def make_plain(model: str, batch: int, device: torch.device) -> Any:
     return step
 
 
-def make_search(model: str, batch: int, device: torch.device, **space: Any) -> Any:
+def make_search(
+    model: str,
+    batch: int,
+    device: torch.device,
+    size: tuple[int, int, int] | None = None,
+    **space: Any,
+) -> Any:
     cfg = SearchConfig(epochs=1, batch_size=batch, **space)
-    size = input_size(model)
+    size = size or input_size(model)
     net = SuperNet(model, input_size=size[1:], options=cfg.space()).to(device)
     net = net.to(memory_format=torch.channels_last).train()
     net.generator = torch.Generator().manual_seed(0)
@@ -97,14 +117,21 @@ def timed(step: Any, n: int, device: torch.device) -> float:
 
 
 def peak_memory(
-    mode: str, model: str, batch: int, device: str, steps: int, threads: int
+    mode: str,
+    model: str,
+    batch: int,
+    device: str,
+    steps: int,
+    threads: int,
+    size: tuple[int, int, int] | None = None,
 ) -> dict[str, float]:
     """Memory (MiB) of ``steps`` steps of one mode, in a fresh process.
 
     CPU: the process's peak resident set during the steps (``VmHWM`` after resetting it with
     ``/proc/self/clear_refs`` once the net, optimiser and batch exist and one warm-up step ran)
     and the resident set before them; the difference is what the steps add. CUDA: max
-    allocated. Import-time memory (torch's libraries) is excluded from the peak this way.
+    allocated (and ``peak_reserved_mib``: the caching allocator's peak reservation). Import-time
+    memory (torch's libraries) is excluded from the peak this way.
     """
     here = str(Path(__file__).parent)
     make = "make_plain" if mode == "plain" else "make_search"
@@ -114,7 +141,8 @@ sys.path.insert(0, {here!r})
 import bench_search as b
 torch.set_num_threads({threads})
 d = torch.device({device!r})
-s = b.{make}({model!r}, {batch}, d)
+b.prepare(d)
+s = b.{make}({model!r}, {batch}, d, {size!r})
 s()
 def status(key):
     for line in open('/proc/self/status'):
@@ -129,13 +157,17 @@ else:
 for _ in range({steps}):
     s()
 peak = torch.cuda.max_memory_allocated() / 2**20 if d.type == 'cuda' else status('VmHWM:')
-print(base, peak)
+reserved = torch.cuda.max_memory_reserved() / 2**20 if d.type == 'cuda' else 0.0
+print(base, peak, reserved)
 """
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
-    base, peak = (float(v) for v in out.strip().splitlines()[-1].split())
-    return {"resident_before_mib": base, "peak_mib": peak, "added_mib": peak - base}
+    base, peak, reserved = (float(v) for v in out.strip().splitlines()[-1].split())
+    result = {"resident_before_mib": base, "peak_mib": peak, "added_mib": peak - base}
+    if device.startswith("cuda"):
+        result["peak_reserved_mib"] = reserved
+    return result
 
 
 def main() -> None:
@@ -144,7 +176,15 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--windows", type=int, default=7, help="timed windows per mode")
     ap.add_argument("--steps", type=int, default=3, help="steps per timed window")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument(
+        "--input-size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("C", "H", "W"),
+        help="input image size (default: the model's own, e.g. 3 224 224 for resnet18)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "search_cost.json"))
@@ -152,10 +192,12 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    prepare(device)
+    size = tuple(args.input_size) if args.input_size else None
     rows = []
     for model in args.models:
-        plain = make_plain(model, args.batch_size, device)
-        srch = make_search(model, args.batch_size, device)
+        plain = make_plain(model, args.batch_size, device, size)
+        srch = make_search(model, args.batch_size, device, size)
         for _ in range(2):  # warm-up
             plain()
             srch()
@@ -166,15 +208,17 @@ def main() -> None:
         row: dict[str, Any] = {
             "model": model,
             "batch": args.batch_size,
-            "input": list(input_size(model)),
+            "input": list(size or input_size(model)),
             "plain_step_ms": 1e3 * statistics.median(tp),
             "search_iter_ms": 1e3 * statistics.median(ts),
         }
         row["ratio"] = row["search_iter_ms"] / row["plain_step_ms"]
         if not args.no_memory:
             threads = torch.get_num_threads()
-            plain_mem = peak_memory("plain", model, args.batch_size, args.device, 3, threads)
-            search_mem = peak_memory("search", model, args.batch_size, args.device, 3, threads)
+            plain_mem = peak_memory("plain", model, args.batch_size, args.device, 3, threads, size)
+            search_mem = peak_memory(
+                "search", model, args.batch_size, args.device, 3, threads, size
+            )
             row["plain_memory"] = plain_mem
             row["search_memory"] = search_mem
             row["plain_peak_mib"] = plain_mem["peak_mib"]
@@ -190,6 +234,11 @@ def main() -> None:
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        **(
+            {"gpu": torch.cuda.get_device_name(device), "amp": "bf16 autocast, both steps"}
+            if device.type == "cuda"
+            else {}
+        ),
         "windows": args.windows,
         "steps_per_window": args.steps,
         "rows": rows,
@@ -199,11 +248,17 @@ def main() -> None:
         "(~0.9 GiB); compare search with plain. added_mib (peak - resident before the steps) "
         "is near 0 when the warm-up step already reserved the memory",
     }
+    if device.type == "cuda":
+        result["memory_note"] = (
+            "CUDA: max allocated (peak_mib) and max reserved (peak_reserved_mib) over 3 steps "
+            "of a fresh process, the statistics reset after set-up and one warm-up step"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    peak = "peak CUDA allocated" if device.type == "cuda" else "peak RSS"
     lines = [
         "| model | batch | threads | plain step (ms) | search iteration (ms) | ratio | "
-        "peak RSS MiB plain / search | search - plain (MiB) |",
+        f"{peak} MiB plain / search | search - plain (MiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
