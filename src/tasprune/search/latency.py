@@ -119,7 +119,7 @@ def _calibrate(net: SuperNet, table: LatencyTable, key: TableKey) -> dict[str, A
     for shape in shapes:
         plain = create_model(
             net.model_name, shape, num_classes=net.num_classes, in_channels=net.in_channels
-        )
+        ).to(_timing_device(key))  # where the table's layers were timed
         measured = measure_network(plain, key, size, max(table.repeats, 20))
         points.append((net.shape_costs(shape)["latency"], measured))
     net.latency_table = None
@@ -196,7 +196,7 @@ def measure_points(
 def _timer(key: TableKey, repeats: int) -> Callable[[Op, int, int], float]:
     """The median ms of one layer in the key's runtime (ONNX: less one session call's
     overhead, which the model's ``rest_ms`` carries once per network)."""
-    device = torch.device("cuda" if key.device.startswith("cuda") else "cpu")
+    device = _timing_device(key)
     if key.runtime == "eager":
 
         def eager(op: Op, cin: int, cout: int) -> float:
@@ -224,6 +224,11 @@ def _ort_overhead(threads: int, batch: int, repeats: int) -> float:
     relu = nn.ReLU()
     run = bound_run(onnx_session(relu, x, threads), x, relu)
     return median_ms(time_calls(run, max(repeats, 50), warmup=10))
+
+
+def _timing_device(key: TableKey) -> torch.device:
+    """The device a table's layers (and its calibration networks) are timed on."""
+    return torch.device("cuda" if key.device.startswith("cuda") else "cpu")
 
 
 def measure_network(
