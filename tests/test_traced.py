@@ -312,10 +312,12 @@ def test_a_factory_that_cannot_be_imported_is_refused() -> None:
 
 
 def test_a_shipped_family_traced_costs_what_its_own_cost_function_says() -> None:
-    """tasprune:cifar_resnet20 (the family's plain network, traced) finds the tied residual
-    space of the family (3 streams + 9 inner widths, 3 stages of 3) and the same cost."""
+    """tasprune:cifar_resnet20 (the family's plain network, traced) finds the family's space:
+    one output width per block (10) + 9 inner widths, tied into 3 streams + 9 by default, 3
+    stages of 3, and the same cost."""
     tr = traced("tasprune:cifar_resnet20")
-    assert len(tr.groups) == 12
+    assert len(tr.groups) == 19
+    assert len(SuperNet("tasprune:cifar_resnet20").width_choices) == 12
     assert sorted(len(st.blocks) for st in tr.stages.values()) == [3, 3, 3]
     size = (3, 32, 32)
     assert model_cost("tasprune:cifar_resnet20", None, size) == model_cost(

@@ -5,6 +5,8 @@ the hand-computed one; gradients reach the per-candidate affines and every logit
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,6 @@ from tasprune.models import create_model
 from tasprune.search.supernet import SuperNet
 from tasprune.search.traced import candidate_affine_layers, mix_widths
 from tasprune.search.units import Choice, align_channels
-from test_traced import candidate_shape
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 
@@ -47,7 +48,7 @@ def test_at_a_shape_the_options_compute_the_pruned_network(model: str, opts: Spa
     _perturb(net.net)
     if opts.candidate_affine:
         assert candidate_affine_layers(net.net)
-    shape = candidate_shape(model, 5)
+    shape = net.sample(random.Random(f"{model}-5"))
     student = create_model(model, shape).eval()
     student.load_state_dict(net.plain_state_dict(shape))
     x = torch.randn(2, 3, SIDE, SIDE)

@@ -104,6 +104,7 @@ class Layer:
     index: int
     extra: int = 0  # per-filter parameters of its own besides weight and bias (a conv's gain)
     op: Op | None = None  # its geometry, for the latency table
+    optional: bool = False  # a projection that exists only where its in and out widths differ
 
 
 class Traced:
@@ -159,6 +160,37 @@ class Traced:
             for i, b in enumerate(st.blocks):
                 self.stage_of[b] = (st.name, i)
         self._drop_overlaps(net)
+        self.stage_outputs = self._stage_outputs()
+
+    def _stage_outputs(self) -> dict[str, list[str]]:
+        """Per stage, the group of each block's output (the group with a member that writes
+        inside the block and one that reads outside it), when every block has one: what the
+        layers after the stage read, at depth d block d-1's. One group for the whole stage
+        when its residual stream is one group."""
+        out: dict[str, list[str]] = {}
+        for st in self.stages.values():
+            per_block = []
+            for block in st.blocks:
+
+                def inside(layer: str, b: str = block) -> bool:
+                    return layer == b or layer.startswith(b + ".")
+
+                writes = {
+                    g for (lay, o), gs in self.group_of.items() if o and inside(lay) for g in gs
+                }
+                reads = {
+                    g
+                    for (lay, o), gs in self.group_of.items()
+                    if not o and not inside(lay)
+                    for g in gs
+                }
+                found = writes & reads
+                if len(found) != 1:
+                    break
+                per_block.append(found.pop())
+            if len(per_block) == len(st.blocks) and len(set(per_block)) > 1:
+                out[st.name] = per_block
+        return out
 
     def _drop_overlaps(self, net: nn.Module) -> None:
         """Groups that the graph maps onto more channels of a layer than it has (an op it
@@ -376,7 +408,10 @@ def _is_residual(block: nn.Module) -> bool:
     modules = dict(block.named_modules())
     same = {inputs[0]}  # the input, and the input through identities (a shortcut)
     for n in graph.nodes:
-        if n.op == "call_module" and isinstance(modules[n.target], nn.Identity) and n.args:
+        through = isinstance(modules.get(n.target), nn.Identity) or getattr(
+            modules.get(n.target), "tasprune_optional", False
+        )  # an identity, or a projection inserted as one
+        if n.op == "call_module" and through and n.args:
             if n.args[0] in same:
                 same.add(n)
             continue

@@ -92,6 +92,7 @@ def cost_layers(
                         if n not in ("weight", "bias")
                     ),
                     op_of(mod, inp, in_channels, name in tr.outputs),
+                    bool(getattr(mod, "tasprune_optional", False)),
                 )
             )
             continue
@@ -118,11 +119,21 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
     a = c.alg
     layers, others = found
 
+    # A layer after a stage whose blocks write their own output widths reads the width of the
+    # last kept block: the stage's output, mixed over its depths.
+    last = {blocks[-1]: stage for stage, blocks in tr.stage_outputs.items()}
+
+    def width(layer: str, out: bool, g: str) -> Any:
+        stage = last.get(g) if not out else None
+        if stage is None or tr.where(layer)[0] == stage:
+            return a.width(g)
+        return a.stage_output(stage, [a.width(b) for b in tr.stage_outputs[stage]])
+
     def parts(layer: str, out: bool, groups: tuple[str, ...], total: int) -> list[Any]:
         """(count, channels per count) making up the ``total`` channels of a layer side:
         its searched groups (a group may span several channels per group channel, after a
         flatten), then the fixed rest."""
-        out_parts = [(a.width(g), tr.per_channel.get((layer, out, g), 1)) for g in groups]
+        out_parts = [(width(layer, out, g), tr.per_channel.get((layer, out, g), 1)) for g in groups]
         rest = total - sum(
             tr.groups[g].full * m for g, (_, m) in zip(groups, out_parts, strict=False)
         )
@@ -135,13 +146,19 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
         keep = a.keep(ly.stage, ly.index) if ly.stage else 1
         cin = parts(ly.name, False, ly.in_groups, ly.cin)
         cout = parts(ly.name, True, ly.out_groups, ly.cout)
-        if ly.groups > 1:  # whole groups are kept: in-channels per group stay fixed
+        optional = ly.optional and len(cin) == len(cout) == 1
+        if optional:  # exists only where its in and out widths differ
+            (x, mx), (y, my) = cin[0], cout[0]
+            weights = a.proj(x, y, 1) * (mx * my)
+        elif ly.groups > 1:  # whole groups are kept: in-channels per group stay fixed
             weights = mean(cout) * (ly.cin // ly.groups)
         else:
             weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
         c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
         c.params = c.params + keep * weights * ly.kernel
-        if c.table is not None and ly.op is not None:
+        if c.table is not None and ly.op is not None and optional:
+            c.layer_latency(ly.op, a.total(cin), a.total(cout), keep, differ=True)
+        elif c.table is not None and ly.op is not None:
             tied = ly.op.per_group is not None
             width_out = a.total(cout)
             width_in = width_out if tied else a.total(cin)

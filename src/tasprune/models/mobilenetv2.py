@@ -110,6 +110,10 @@ class MobileNetV2Arch:
 class InvertedResidual(nn.Module):
     """[1x1 expand + ReLU6] -> 3x3 depthwise + ReLU6 -> 1x1 project (linear) [+ shortcut]."""
 
+    # An identity shortcut tasprune may replace by a 1x1 projection where a pruned shape gives
+    # the block different input and output widths (independent residual widths).
+    tasprune_shortcut = "shortcut"
+
     def __init__(
         self,
         ops: Ops,

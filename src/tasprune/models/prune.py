@@ -23,7 +23,10 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
     (Torch-Pruning's graph, traced on ``example``), skipped blocks replaced by identities."""
     import torch_pruning as tp
 
-    cut = {n: shape.widths[n] for n, g in tr.groups.items() if shape.widths[n] < g.full}
+    widths = dict(shape.widths)
+    for stage, blocks in tr.stage_outputs.items():  # what follows reads the last kept block's
+        widths[blocks[-1]] = widths[blocks[shape.depths[stage] - 1]]
+    cut = {n: widths[n] for n, g in tr.groups.items() if widths[n] < g.full}
     if cut:
         mods = dict(net.named_modules())
         grouped = {  # (weight, groups) of grouped convs before pruning
@@ -75,4 +78,15 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
         cont = net.get_submodule(st.container)
         for child in st.children[shape.depths[st.name] :]:
             setattr(cont, child, nn.Identity())
+    drop_equal_projections(net)
     return net
+
+
+def drop_equal_projections(net: nn.Module) -> None:
+    """The inserted projections (`sources.insert_projections`) whose input and output widths
+    ended equal become identities again: a pruned network has a projection only where a block
+    changes width."""
+    for name, mod in list(net.named_modules()):
+        optional = getattr(mod, "tasprune_optional", False) and isinstance(mod, nn.Conv2d)
+        if optional and mod.in_channels == mod.out_channels:
+            net.set_submodule(name, nn.Identity())

@@ -97,6 +97,10 @@ def _stride(stage: int, index: int) -> int:
 class Block(nn.Module):
     """Basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block, stride on the first 3x3 conv."""
 
+    # An identity shortcut tasprune may replace by a 1x1 projection where a pruned shape gives
+    # the block different input and output widths (independent residual widths).
+    tasprune_shortcut = "shortcut"
+
     def __init__(
         self,
         ops: Ops,

@@ -116,9 +116,40 @@ def resolve(name: str) -> Source:
             trace = family.default_input
 
     def build(num_classes: int, in_channels: int) -> nn.Module:
-        return build_source(name, num_classes, in_channels)
+        net = build_source(name, num_classes, in_channels)
+        insert_projections(net)
+        return net
 
     return Source(name, build, _image_example, trace)
+
+
+def insert_projections(net: nn.Module) -> list[str]:
+    """Replace the identity shortcut every block declares replaceable (a class attribute
+    ``tasprune_shortcut`` naming an ``nn.Identity`` child) by a 1x1 conv that is the identity,
+    in place; returns the convs' names. The network computes the same function; its residual
+    streams are no longer one channel group, so each block's output width can be its own
+    (`optional_projections` finds them again; pruning drops those whose widths stay equal)."""
+    added = []
+    for name, mod in list(net.named_modules()):
+        attr = getattr(type(mod), "tasprune_shortcut", None)
+        if not isinstance(attr, str) or not isinstance(getattr(mod, attr, None), nn.Identity):
+            continue
+        first = next((m for m in mod.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            continue
+        c = first.in_channels
+        conv = nn.Conv2d(c, c, 1, bias=False)
+        conv.tasprune_optional = True  # type: ignore[assignment]
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        setattr(mod, attr, conv)
+        added.append(f"{name}.{attr}" if name else attr)
+    return added
+
+
+def optional_projections(net: nn.Module) -> list[str]:
+    """The names of the projections `insert_projections` put into ``net`` (and kept)."""
+    return [n for n, m in net.named_modules() if getattr(m, "tasprune_optional", False)]
 
 
 # ---------------------------------------------------------------------------- instances

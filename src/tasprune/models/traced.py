@@ -23,6 +23,7 @@ from tasprune.models.sources import (
     from_weights,
     is_traced,
     min_side,
+    optional_projections,
     register_module,
     resolve,
     source_name,
@@ -56,6 +57,7 @@ __all__ = [
 _ANALYSES: dict[Any, Traced] = {}
 _LAYERS: dict[Any, Layers] = {}
 _SPECS: dict[Any, Any] = {}
+_RESIDUAL: dict[Any, list[list[str]]] = {}
 
 
 def traced(model: str) -> Traced:
@@ -120,13 +122,48 @@ def pruned_state(
     """The weights of ``model`` at ``shape`` taken from an unpruned network's ``state``."""
     from tasprune.weights import load_weights, portable_state
 
-    net = build_source(model, num_classes, in_channels)
-    load_weights(net, state)
+    net = resolve(model).build(num_classes, in_channels)
+    optional = {f"{n}.weight" for n in optional_projections(net)}
+    missing = load_weights(net, state, strict=False)
+    left = [k for k in missing.missing_keys if k not in optional]  # the inserted: identity
+    if left or missing.unexpected_keys:
+        load_weights(net, state)  # the strict load's own message
     return portable_state(prune(net, model, shape, in_channels))
 
 
 def build_pruned(model: str, shape: Shape, num_classes: int, in_channels: int) -> nn.Module:
-    return prune(build_source(model, num_classes, in_channels), model, shape, in_channels)
+    net = resolve(model).build(num_classes, in_channels)
+    return prune(net, model, shape, in_channels)
+
+
+def residual_groups(model: str) -> list[list[str]]:
+    """The width choices that write one residual stream of the network as built (several
+    where `insert_projections` made each block's output its own group): what
+    ``search.tie_residual`` ties into one choice. Derived by analysing the network with its
+    identity shortcuts: each of its groups is one stream."""
+    src = resolve(model)
+    found = _RESIDUAL.get(src.key)
+    if found is not None:
+        return [list(g) for g in found]  # a copy: callers extend it
+    tr = traced(model)
+    channels = src.trace_input[0] if src.trace_input is not None else 3
+    net = src.build(src.trace_classes, channels)
+    found = []
+    if optional_projections(net):
+        for name in optional_projections(net):
+            net.set_submodule(name, nn.Identity())
+        plain = Traced(net, src.trace_example(), name=model, ignore=src.ignore)
+        streams: dict[str, set[str]] = {}
+        for (layer, out), groups in tr.group_of.items():
+            owners = plain.group_of.get((layer, out), [])
+            if out and len(groups) == 1 and len(owners) == 1:
+                streams.setdefault(owners[0], set()).add(groups[0])
+        order = list(tr.groups)
+        found = [
+            sorted(members, key=order.index) for members in streams.values() if len(members) > 1
+        ]
+    _RESIDUAL[src.key] = found
+    return [list(g) for g in found]
 
 
 def traced_spec(model: str) -> Any:
@@ -162,7 +199,7 @@ def traced_spec(model: str) -> Any:
         cost=cost,
         default_input=src.trace_input or (0, 0, 0),
         description=f"{model} traced: {len(tr.groups)} channel groups, {len(tr.stages)} stages",
-        residual_groups=lambda: [],  # residual streams are one group already
+        residual_groups=lambda: residual_groups(model),
         width_step=width_step,
         transfer=transfer,
     )

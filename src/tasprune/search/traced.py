@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasprune.models.graph import out_channels_of
-from tasprune.models.traced import Stage, build_source, traced
+from tasprune.models.sources import optional_projections, resolve
+from tasprune.models.traced import Stage, traced
 from tasprune.search.units import Choice, align_matrix
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
@@ -250,11 +251,20 @@ def plain_state(net: SuperNet, shape: Any) -> dict[str, Tensor]:
 def searchable_network(net: SuperNet, model: str) -> nn.Module:
     """The unpruned network of ``model`` made searchable by ``net``'s width and depth choices."""
     tr = traced(model)
-    body = build_source(model, net.num_classes, net.in_channels)
+    body = resolve(model).build(net.num_classes, net.in_channels)
+    removed = set()
+    for name in optional_projections(body):
+        if net.options.tie_residual:  # one width per stream: the projection is the identity
+            body.set_submodule(name, nn.Identity())
+            removed.add(name)
+        else:  # stays the identity: the searched widths, not this conv, decide the stream
+            body.get_submodule(name).requires_grad_(False)
     widths = _Widths(net, model)
     align = net.options.align or "pad"
     per_candidate = bool(net.options.candidate_affine)
     for layer, sites in tr.masks.items():
+        if layer in removed:
+            continue
         mod = body.get_submodule(layer)
         group, offset, mix = sites[0]
         single = (
