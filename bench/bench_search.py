@@ -6,6 +6,11 @@ CPU, max allocated on CUDA) is measured in a fresh subprocess per mode.
 
     python bench/bench_search.py [--models cifar_resnet20 cifar_resnet56] [--batch-size 128]
     python bench/bench_search.py --device cuda --models resnet18 --batch-size 64  # a GPU
+    python bench/bench_search.py --models tasprune:cifar_resnet20 \
+        "tasprune:cifar_resnet20@align=cwi,candidate_affine=true"  # search-space options
+
+A model may carry search-space options after ``@`` (SearchConfig fields, ``key=value``
+separated by commas), so variants are timed in one run.
 
 Writes bench/results/search_cost.json and prints a markdown table. On CUDA both steps run as
 the engine trains there (bf16 autocast, cuDNN autotuning; the search's ``amp`` default), and
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from tasprune.epoch import autocast
 from tasprune.models import create_model, get_model_spec
@@ -170,6 +176,10 @@ print(base, peak, reserved)
     return result
 
 
+def _options(space: dict[str, Any] | None) -> str:
+    return " (" + ", ".join(f"{k}={v}" for k, v in space.items()) + ")" if space else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
@@ -195,9 +205,11 @@ def main() -> None:
     prepare(device)
     size = tuple(args.input_size) if args.input_size else None
     rows = []
-    for model in args.models:
+    for entry in args.models:
+        model, _, opts = entry.partition("@")
+        space = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in opts.split(",") if o)}
         plain = make_plain(model, args.batch_size, device, size)
-        srch = make_search(model, args.batch_size, device, size)
+        srch = make_search(model, args.batch_size, device, size, **space)
         for _ in range(2):  # warm-up
             plain()
             srch()
@@ -207,6 +219,7 @@ def main() -> None:
             ts.append(timed(srch, args.steps, device))
         row: dict[str, Any] = {
             "model": model,
+            "space": space,
             "batch": args.batch_size,
             "input": list(size or input_size(model)),
             "plain_step_ms": 1e3 * statistics.median(tp),
@@ -267,7 +280,7 @@ def main() -> None:
         if "plain_memory" in r:
             added = f"{r['plain_memory']['added_mib']:.0f} / {r['search_memory']['added_mib']:.0f}"
         lines.append(
-            f"| {r['model']} | {r['batch']} | {result['threads']} | {r['plain_step_ms']:.0f} | "
+            f"| {r['model']}{_options(r.get('space'))} | {r['batch']} | {result['threads']} | {r['plain_step_ms']:.0f} | "
             f"{r['search_iter_ms']:.0f} | {r['ratio']:.2f}x | {mem} | {added} |"
         )
     table = "\n".join(lines) + "\n"
