@@ -118,15 +118,10 @@ class Distiller(nn.Module):
                 self._probing = False
                 teacher.train(modes[0])
                 student.train(modes[1])
-            for name in self.features:
-                s_f, t_f = self._seen["student"].get(name), self._seen["teacher"].get(name)
-                if s_f is None or t_f is None:
-                    raise ConfigError(
-                        f"feature {name!r} is not a tensor output. Fix: name a module that "
-                        "returns one tensor"
-                    )
+            for name, s_f, t_f in self._captured(
+                "is not a tensor output. Fix: name a module that returns one tensor"
+            ):
                 self._adapter(name, s_f, t_f)
-            self._seen = {"teacher": {}, "student": {}}
 
     def _capture(self, who: str, name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -179,18 +174,27 @@ class Distiller(nn.Module):
                     "Fix: distil outputs of the same shape (the pruned model keeps its outputs)"
                 )
             total = total + self.weights.get(path, 1.0) * self._term(s.float(), t.float(), kind)
-        for name in self.features:
-            s_f, t_f = self._seen["student"].get(name), self._seen["teacher"].get(name)
-            if s_f is None or t_f is None:
-                raise ConfigError(
-                    f"feature {name!r} was not produced in this forward. Fix: call kd(x, "
-                    "student(x)) right after the student's forward on x"
-                )
+        missing = (
+            "was not produced in this forward. Fix: call kd(x, student(x)) right after the "
+            "student's forward on x"
+        )
+        for name, s_f, t_f in self._captured(missing):
             adapter = self._adapter(name, s_f, t_f)
             s_f = adapter(s_f.float()) if adapter is not None else s_f.float()
             total = total + self.weights.get(name, 1.0) * F.mse_loss(s_f, t_f.detach().float())
-        self._seen = {"teacher": {}, "student": {}}
         return total
+
+    def _captured(self, missing: str) -> list[tuple[str, Tensor, Tensor]]:
+        """(name, student's, teacher's) feature of every named module from the last forwards
+        (then forgotten); ``missing``: what the error says when one is absent."""
+        seen, self._seen = self._seen, {"teacher": {}, "student": {}}
+        out = []
+        for name in self.features:
+            s_f, t_f = seen["student"].get(name), seen["teacher"].get(name)
+            if s_f is None or t_f is None:
+                raise ConfigError(f"feature {name!r} {missing}")
+            out.append((name, s_f, t_f))
+        return out
 
     def _term(self, s: Tensor, t: Tensor, kind: str) -> Tensor:
         if kind == "soft":
