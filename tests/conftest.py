@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -50,3 +51,15 @@ def random_shape(name: str, seed: int) -> Shape:
         widths={k: rng.randint(1, v) for k, v in full.widths.items()},
         depths={k: rng.randint(1, v) for k, v in full.depths.items()},
     )
+
+
+def assert_supernet_is_pruned(net: Any, shape: Shape, pruned: torch.nn.Module, side: int) -> None:
+    """The supernet at ``shape`` computes what the physically pruned network does, once that
+    network holds the weights the supernet hands on (``plain_state_dict``)."""
+    pruned.load_state_dict(net.plain_state_dict(shape))
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad(), net.fixed(shape):
+        ref = net(x)
+    with torch.no_grad():
+        got = pruned(x)
+    assert torch.allclose(ref, got, atol=1e-5 * max(1.0, float(ref.abs().max())))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import needs_fashion_mnist
+from conftest import assert_supernet_is_pruned, needs_fashion_mnist
 from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import ConfigError
@@ -140,13 +140,7 @@ def test_supernet_at_a_shape_computes_the_pruned_network(model: str) -> None:
     net = SuperNet(model, num_classes=10, in_channels=3, input_size=(SIDE, SIDE)).eval()
     shape = candidate_shape(model, 3)
     student = create_model(model, shape, num_classes=10, in_channels=3).eval()
-    student.load_state_dict(net.plain_state_dict(shape))
-    x = torch.randn(2, 3, SIDE, SIDE)
-    with torch.no_grad(), net.fixed(shape):
-        ref = net(x)
-    with torch.no_grad():
-        got = student(x)
-    assert torch.allclose(ref, got, atol=1e-5 * max(1.0, float(ref.abs().max())))
+    assert_supernet_is_pruned(net, shape, student, SIDE)
 
 
 def test_search_gradients_reach_every_logit() -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import assert_supernet_is_pruned
 from tasprune.config import SpaceOptions
 from tasprune.models import create_model
 from tasprune.search.supernet import SuperNet
@@ -50,13 +51,7 @@ def test_at_a_shape_the_options_compute_the_pruned_network(model: str, opts: Spa
         assert candidate_affine_layers(net.net)
     shape = net.sample(random.Random(f"{model}-5"))
     student = create_model(model, shape).eval()
-    student.load_state_dict(net.plain_state_dict(shape))
-    x = torch.randn(2, 3, SIDE, SIDE)
-    with torch.no_grad(), net.fixed(shape):
-        ref = net(x)
-    with torch.no_grad():
-        got = student(x)
-    assert torch.allclose(ref, got, atol=1e-5 * max(1.0, float(ref.abs().max())))
+    assert_supernet_is_pruned(net, shape, student, SIDE)
 
 
 def _choice(weights: list[float]) -> Choice:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import assert_supernet_is_pruned
 from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.models import create_model
@@ -52,13 +53,7 @@ def test_both_spaces_cost_and_compute_the_pruned_network(model: str, tie: bool) 
             pruned(torch.randn(1, 3, side, side))
         assert fc.get_total_flops() // 2 == model_cost(model, shape, (3, side, side), 10)[0]
         projections += sum(1 for a, b in _projections(pruned) if a != b)
-        pruned.load_state_dict(net.plain_state_dict(shape))
-        x = torch.randn(2, 3, side, side)
-        with torch.no_grad(), net.fixed(shape):
-            ref = net(x)
-        with torch.no_grad():
-            got = pruned(x)
-        assert torch.allclose(ref, got, atol=1e-5 * max(1.0, float(ref.abs().max())))
+        assert_supernet_is_pruned(net, shape, pruned, side)
     if not tie:
         assert projections > 0  # per-block widths did create projections somewhere
     with torch.no_grad():
