@@ -44,13 +44,16 @@ def fast_cpu(one_thread: None) -> Iterator[None]:
 
 
 def random_shape(name: str, seed: int) -> Shape:
-    """A random valid shape of ``name``: widths in 1..full, depths in 1..full (seeded)."""
+    """A random valid shape of ``name`` (seeded): every searchable width anywhere in
+    1..full (in its steps), every depth in 1..full; widths the space fixes stay full."""
     rng = random.Random(f"{name}-{seed}")
-    full = get_model_spec(name).full_shape()
-    return Shape(
-        widths={k: rng.randint(1, v) for k, v in full.widths.items()},
-        depths={k: rng.randint(1, v) for k, v in full.depths.items()},
-    )
+    spec = get_model_spec(name)
+    full = spec.full_shape()
+    widths = {}
+    for k, v in full.widths.items():
+        step = spec.width_step(k)
+        widths[k] = v if step == 0 else step * rng.randint(1, v // step)
+    return Shape(widths=widths, depths={k: rng.randint(1, v) for k, v in full.depths.items()})
 
 
 def assert_supernet_is_pruned(net: Any, shape: Shape, pruned: torch.nn.Module, side: int) -> None:

@@ -62,7 +62,7 @@ def test_train_starts_from_the_instance_and_stores_the_callers_meta(
 def test_train_at_a_shape_is_a_student(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _spy(monkeypatch, "fit", {"top1": 1.0})
     full = get_model_spec("cifar_resnet20").full_shape()
-    shape = full.replace(depths={"layer1": 1})
+    shape = full.replace(depths={"layer1.0": 1})
     data = _data()
     tasprune.train("cifar_resnet20", data, data, {"epochs": 1}, None, shape=shape, device="cpu")
     ((_, kwargs),) = calls

@@ -104,7 +104,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     p["recipe"].write_text(BASE_RECIPE)
     p["teacher"] = _save_model(root / "teacher" / "model.pt", "cifar_resnet20")
     p["r32"] = _save_model(root / "r32" / "model.pt", "cifar_resnet32")
-    pruned = full.replace(depths={"layer1": 1})
+    pruned = full.replace(depths={"layer1.0": 1})
     p["pruned"] = _save_model(root / "pruned" / "model.pt", "cifar_resnet20", pruned)
     bad = root / "corrupt" / "model.pt"
     bad.parent.mkdir()

@@ -44,7 +44,7 @@ def test_flops_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_flops_of_a_shape_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full = tasprune.get_model_spec("cifar_resnet20").full_shape()
-    shape = full.replace(depths={"layer1": 1})
+    shape = full.replace(depths={"layer1.0": 1})
     shape.save(tmp_path / "s.json", model="cifar_resnet20", input_size=[1, 28, 28])
     assert main(["flops", "--shape", str(tmp_path / "s.json"), "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
@@ -54,8 +54,8 @@ def test_flops_of_a_shape_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_space_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["space", "--model", "cifar_resnet20", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
-    assert obj["widths"]["stem"] == [4, 6, 8, 9, 11, 12, 14, 16]
-    assert obj["depths"]["layer1"] == [1, 2, 3]
+    assert obj["widths"]["stem.conv"] == [4, 6, 8, 9, 11, 12, 14, 16]
+    assert obj["depths"]["layer1.0"] == [1, 2, 3]
     assert 0 < obj["min_flops"] < obj["max_flops"] == 40813184
 
 
@@ -69,13 +69,14 @@ def test_space_shows_which_convs_share_a_tied_choice(capsys: pytest.CaptureFixtu
     for obj in (tied, per_block):
         members = [m for c in obj["width_choices"].values() for m in c["members"]]
         assert sorted(members) == sorted(obj["widths"])
-    stem = next(c for c in tied["width_choices"].values() if "stem" in c["members"])
-    assert "layer1.2.conv2" in stem["members"] and "layer1.0.conv1" not in stem["members"]
+    stem = next(c for c in tied["width_choices"].values() if "stem.conv" in c["members"])
+    assert "layer1.2.conv2.conv" in stem["members"]
+    assert "layer1.0.conv1.conv" not in stem["members"]
     assert len(per_block["width_choices"]) == len(per_block["widths"])
     assert len(tied["width_choices"]) < len(per_block["width_choices"])
     assert main(["space", "--model", "cifar_resnet20"]) == 0
     text = capsys.readouterr().out
-    assert "one choice for 4 convs: stem, layer1.0.conv2" in text
+    assert "one choice for 4 convs: stem.conv, layer1.0.conv2.conv" in text
 
 
 def test_unknown_model_is_one_line_via_entry_point() -> None:

@@ -33,7 +33,7 @@ def pruned_shape() -> Shape:
     widths = {
         k: max(1, (v * 5) // 8) if i % 3 else v for i, (k, v) in enumerate(full.widths.items())
     }
-    return full.replace(widths=widths, depths={"layer1": 2, "layer2": 1, "layer3": 3})
+    return full.replace(widths=widths, depths={"layer1.0": 2, "layer2.0": 1, "layer3.0": 3})
 
 
 def randomise_bn(model: nn.Module, seed: int) -> nn.Module:

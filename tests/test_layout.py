@@ -64,7 +64,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read() -> None:
     graph = _import_graph()
     assert "tasprune.cost" in graph["tasprune.pipeline"]
-    assert "tasprune.models.algebra" in graph["tasprune.models.resnet"]
+    assert "tasprune.models.layers" in graph["tasprune.models.resnet"]
 
 
 def test_no_import_cycles() -> None:

@@ -34,7 +34,7 @@ def pruned_shape(model: str = MODEL) -> Shape:
     widths = {
         k: max(1, (v * 5) // 8) if i % 3 else v for i, (k, v) in enumerate(full.widths.items())
     }
-    depths = {"layer1": 2, "layer2": 1, "layer3": 3} if model == MODEL else {}
+    depths = {"layer1.0": 2, "layer2.0": 1, "layer3.0": 3} if model == MODEL else {}
     return full.replace(widths=widths, depths=depths)
 
 

@@ -15,11 +15,18 @@ from torch import nn
 from conftest import assert_supernet_is_pruned
 from tasprune.config import SpaceOptions
 from tasprune.models import create_model
+from tasprune.search.choice import Choice, align_matrix
 from tasprune.search.supernet import SuperNet
 from tasprune.search.traced import candidate_affine_layers, mix_widths
-from tasprune.search.units import Choice, align_channels
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
+
+
+def align_channels(x: torch.Tensor, dst: int, mode: str) -> torch.Tensor:
+    """Reference: N,C,H,W features mapped onto ``dst`` channels by `align_matrix`."""
+    m = align_matrix(x.shape[1], dst, mode, x.device, x.dtype)
+    return torch.einsum("dc,nchw->ndhw", m, x)
+
 
 SIDE = 32
 OPTIONS = [

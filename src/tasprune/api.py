@@ -36,9 +36,9 @@ from tasprune.config import (
 )
 from tasprune.contract import WithPreprocess, contract_from_meta
 from tasprune.data import ArrayDataset, Augment, as_augment
-from tasprune.distill import leading_slice_state
 from tasprune.errors import ConfigError, DataError
 from tasprune.models import create_model, get_model_spec
+from tasprune.models.legacy import upgrade_shape
 from tasprune.models.traced import register_module, source_name
 from tasprune.pipeline import run as _run
 from tasprune.search import SearchResult
@@ -283,6 +283,7 @@ def distill(
         name = name or tmeta.get("model")
     if not name:
         raise ConfigError("distill does not know the model name. Fix: pass model='cifar_resnet20'")
+    shape = upgrade_shape(name, shape)
     if dcfg.init == "supernet":
         raise ConfigError(
             "api.distill has no supernet weights. Fix: use init 'teacher' or 'scratch', or "
@@ -354,13 +355,10 @@ def prune(
                 f"the shape was searched for {info.get('model')}, not for this network "
                 f"({name}). Fix: apply it to a freshly built original of that network"
             )
+    shape = upgrade_shape(name, shape)
     net = create_model(name, shape, num_classes=num_classes, in_channels=in_channels)
     if state is not None:
-        spec = get_model_spec(name)
-        if spec.transfer is not None:
-            load_weights(net, spec.transfer(state, shape, num_classes, in_channels))
-        else:
-            net.load_state_dict(leading_slice_state(state, net.state_dict())[0], strict=False)
+        load_weights(net, get_model_spec(name).transfer(state, shape, num_classes, in_channels))
     return net
 
 

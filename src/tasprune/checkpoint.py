@@ -32,7 +32,6 @@ from torch import nn
 
 from tasprune.errors import CheckpointError
 from tasprune.models import create_model
-from tasprune.shape import Shape
 from tasprune.utils import atomic_write_text, replace_file, write_temp_file
 from tasprune.weights import load_weights
 
@@ -246,7 +245,11 @@ def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             f"{path} has no model meta (model name and shape). Fix: use a model.pt written by "
             "tasprune train/run/distill"
         )
-    shape = Shape.from_dict(meta["shape"])
+    from tasprune.models.legacy import upgrade_shape
+
+    shape = upgrade_shape(str(meta["model"]), meta["shape"])
+    legacy = shape.to_dict() != dict(meta["shape"])
+    meta["shape"] = shape.to_dict()  # a 0.x checkpoint's shape in this version's keys
     model = create_model(
         str(meta["model"]),
         shape,
@@ -257,6 +260,11 @@ def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         load_weights(model, payload["model"])
     except (KeyError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if legacy:
+            raise CheckpointError(
+                f"{path} comes from tasprune 0.x, whose pruned {meta['model']} had other "
+                f"shortcut layers ({first}). Fix: distill the student again with this version"
+            ) from None
         raise CheckpointError(
             f"weights in {path} do not fit {meta['model']} at its stored shape ({first}). "
             "Fix: the file is damaged or was edited; retrain that stage"

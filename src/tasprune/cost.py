@@ -1,6 +1,5 @@
-"""Exact FLOPs (multiply-accumulates) and parameter counts as pure functions of a shape:
-a registered family's cost function (written once against `tasprune.models.algebra`)
-evaluated on the exact algebra."""
+"""Exact FLOPs (multiply-accumulates) and parameter counts as pure functions of a shape: the
+model's cost (its traced layers, `tasprune.models.layer_cost`) on the exact algebra."""
 
 from __future__ import annotations
 

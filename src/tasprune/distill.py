@@ -30,7 +30,6 @@ from tasprune.epoch import LossFn, cross_entropy_loss
 from tasprune.errors import ConfigError
 from tasprune.imagefolder import StreamingFolder
 from tasprune.models import create_model, get_model_spec
-from tasprune.models.ops import Projection
 from tasprune.shape import Shape
 from tasprune.utils import pick_device
 from tasprune.weights import load_weights
@@ -47,7 +46,6 @@ __all__ = [
     "kd_alpha",
     "kd_loss",
     "kd_loss_fn",
-    "leading_slice_state",
     "model_meta",
     "recalibrate_bn",
     "with_attention_transfer",
@@ -303,29 +301,6 @@ def recalibrate_bn(
     return used
 
 
-def leading_slice_state(
-    source: dict[str, Tensor], target: dict[str, Tensor]
-) -> tuple[dict[str, Tensor], list[str]]:
-    """For every key of ``target``, the leading slice of ``source[key]`` that fits its shape.
-
-    Keys the source lacks, or whose rank differs or that are smaller than the target, are
-    skipped (returned as the second element), e.g. a projection only the pruned net has.
-    """
-    out: dict[str, Tensor] = {}
-    skipped: list[str] = []
-    for key, value in target.items():
-        src = source.get(key)
-        if (
-            src is None
-            or src.dim() != value.dim()
-            or any(s < t for s, t in zip(src.shape, value.shape, strict=True))
-        ):
-            skipped.append(key)
-            continue
-        out[key] = src[tuple(slice(0, n) for n in value.shape)].detach().clone().to(value.dtype)
-    return out, skipped
-
-
 def build_student(
     model: str,
     shape: Shape,
@@ -336,15 +311,14 @@ def build_student(
     teacher_state: dict[str, Tensor] | None = None,
     *,
     space: SpaceOptions | None = None,
-    new_shortcuts: Literal["identity", "fresh"] = "identity",
 ) -> nn.Module:
     """The pruned network of ``shape``, initialised as asked.
 
     ``init="supernet"`` needs ``supernet_state`` (the ``"model"`` entry of ``supernet.pt``) and
-    the ``space`` the search used; ``init="teacher"`` needs ``teacher_state``. Tensors that
-    cannot be sliced from the source keep their fresh initialisation, except the 1x1 conv of a
-    projection shortcut the source lacks, which starts as the identity on the leading channels
-    unless ``new_shortcuts="fresh"`` (see `identity_shortcuts`).
+    the ``space`` the search used; ``init="teacher"`` needs ``teacher_state``. Either is pruned
+    to ``shape`` (the leading channels of every group, the kept blocks); a projection shortcut
+    the unpruned network lacks starts as the identity on the leading channels, so the
+    residual path carries the source's stream as it did.
     """
     student = create_model(model, shape, num_classes=num_classes, in_channels=in_channels)
     if init == "scratch":
@@ -371,46 +345,17 @@ def build_student(
             raise ConfigError(
                 "distill.init = teacher but no teacher weights were given. Fix: pass a teacher"
             )
-        spec = get_model_spec(model)
-        if spec.transfer is not None:  # a traced model: the teacher pruned to the shape
-            state = spec.transfer(teacher_state, shape, num_classes, in_channels)
-        else:
-            state, _ = leading_slice_state(teacher_state, student.state_dict())
+        state = get_model_spec(model).transfer(teacher_state, shape, num_classes, in_channels)
     else:
         raise ConfigError(f"unknown student init {init!r}. Fix: use scratch, supernet or teacher")
     missing = load_weights(student, state, strict=False).missing_keys
-    made = identity_shortcuts(student, missing) if new_shortcuts == "identity" else []
     logger.info(
-        "student initialised from the %s: %d tensors copied, %d fresh (%d new shortcuts as "
-        "identities)",
+        "student initialised from the %s: %d tensors copied, %d fresh",
         init,
         len(state),
         len(missing),
-        len(made),
     )
     return student
-
-
-def identity_shortcuts(student: nn.Module, missing: list[str]) -> list[str]:
-    """Start every projection shortcut whose conv weight is in ``missing`` as the identity.
-
-    Such a shortcut exists only because pruning gave a block different input and output widths
-    where the unpruned network adds its input unchanged: a random 1x1 conv there would replace
-    the residual stream by a random mix of it. As ``eye`` on the min(in, out) leading channels
-    (the rest zero; its fresh BN is the identity in eval mode) it passes the stream on as the
-    source did. Returns the names of the shortcuts it set.
-    """
-    fresh = set(missing)
-    made = []
-    for name, module in student.named_modules():
-        if isinstance(module, Projection) and f"{name}.conv.weight" in fresh:
-            w = module.conv.weight
-            with torch.no_grad():
-                w.zero_()
-                n = min(w.shape[0], w.shape[1])
-                w[torch.arange(n), torch.arange(n), 0, 0] = 1.0
-            made.append(name)
-    return made
 
 
 def model_meta(
@@ -492,7 +437,6 @@ def distill(
             supernet_state=supernet_state,
             teacher_state=teacher_state,
             space=space,
-            new_shortcuts=cfg.new_shortcuts,
         )
     input_size = (train_data.in_channels, *train_data.image_size)
     flops, params = model_cost(model, shape, input_size, train_data.num_classes)

@@ -433,7 +433,7 @@ def write_report(
     if metas["teacher"]["model"] != metas["pruned"]["model"]:
         notes.append(
             f"teacher is {metas['teacher']['model']} but the student is "
-            f"{metas['pruned']['model']}; widths/depths are drawn against the student's family"
+            f"{metas['pruned']['model']}; its widths and depths are drawn against the student's space"
         )
     pruned["flops_ratio"] = pruned["flops"] / teacher["flops"]
     pruned["params_ratio"] = pruned["params"] / teacher["params"]

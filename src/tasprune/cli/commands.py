@@ -197,6 +197,7 @@ class DistillInputs(StageInputs):
 def cmd_distill(a: DistillInputs, recipe: Recipe) -> int:
     """Train the pruned network of ``shape`` with KD from ``teacher`` into ``out``."""
     from tasprune.models import get_model_spec
+    from tasprune.models.legacy import upgrade_shape
     from tasprune.pipeline import load_run_data, load_supernet_state
     from tasprune.shape import Shape
     from tasprune.stages import StageContext, check_model_fits_data, train_student
@@ -204,6 +205,7 @@ def cmd_distill(a: DistillInputs, recipe: Recipe) -> int:
     with _stage(recipe, a.out):
         sh, info = Shape.load(a.shape)
         model = str(info.get("model") or recipe.model)
+        sh = upgrade_shape(model, sh)
         sh.validate_against(get_model_spec(model).full_shape(), model)  # before any loading
         net, meta, teacher_file = _teacher_from(a.teacher, model)
         if "name" not in recipe.data.model_fields_set and meta.get("dataset"):

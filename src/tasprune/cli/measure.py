@@ -64,6 +64,10 @@ def cmd_flops(a: FlopsInputs) -> int:
     if input_size is None and isinstance(info.get("input_size"), list):
         input_size = info["input_size"]
     size = _input_size(name, input_size)
+    if sh is not None:
+        from tasprune.models.legacy import upgrade_shape
+
+        sh = upgrade_shape(name, sh)
     classes = a.num_classes or int(info.get("num_classes", 10))
     flops, params = model_cost(name, sh, size, classes)
     full_flops, full_params = model_cost(name, None, size, classes)
@@ -100,7 +104,7 @@ def cmd_space(a: SpaceInputs, recipe: Recipe) -> int:
     """Width candidates per searched choice (a tied choice lists the convs that share it),
     depth candidates per stage, and the reachable FLOPs range."""
     from tasprune.cost import model_cost
-    from tasprune.models.traced import is_traced, traced
+    from tasprune.models.traced import traced
     from tasprune.search import SuperNet
     from tasprune.search.space import smallest_shape
 
@@ -116,9 +120,8 @@ def cmd_space(a: SpaceInputs, recipe: Recipe) -> int:
         for c in net.width_choices.values()
     }
     depths = {s: c.candidates for s, c in net.depth_of.items()}
-    fixed: dict[str, str] = {}
-    if is_traced(model):  # widths the traced graph leaves unsearched, and why
-        fixed = {n: str(g.fixed) for n, g in traced(model).groups.items() if g.fixed}
+    # Widths the graph leaves unsearched, and why.
+    fixed = {n: str(g.fixed) for n, g in traced(model).groups.items() if g.fixed}
     obj = {
         "model": model,
         "fixed_widths": fixed,

@@ -111,11 +111,6 @@ class DistillConfig(BaseModel):
         description="student initialisation: the teacher's leading channels, the searched "
         "supernet's, or random",
     )
-    # A projection shortcut the pruned network has and its source lacks (a block whose pruned
-    # widths differ where the unpruned one adds an identity): "identity" starts its 1x1 conv as
-    # the identity on the shared leading channels, so the residual path carries the source's
-    # stream as it did; "fresh" initialises it at random (the reference's behaviour).
-    new_shortcuts: Literal["identity", "fresh"] = "identity"
     train: TrainConfig = TrainConfig(epochs=30)
 
     @property

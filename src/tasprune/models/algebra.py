@@ -1,7 +1,7 @@
-"""The cost algebra a model family writes its FLOPs and params against, once.
+"""The cost algebra a model's FLOPs and params are counted in, once (`layer_cost`).
 
-The exact algebra evaluates a family's cost function on the integer widths of one Shape
-(`tasprune.cost.model_cost`); the search's expected algebra evaluates the same function on
+The exact algebra evaluates the count on the integer widths of one Shape
+(`tasprune.cost.model_cost`); the search's expected algebra evaluates the same count on
 width/depth distributions, which makes the expected cost differentiable and equal to the
 exact cost whenever every distribution is one-hot.
 """
@@ -44,10 +44,6 @@ class CostAlgebra(Protocol):
         """E[a*b*1[projection]]: the channel pairs of a projection shortcut, if it exists."""
         ...
 
-    def proj_out(self, a: Any, b: Any, stride: int) -> Num:
-        """E[b*1[projection]]: the out channels of a projection shortcut, if it exists."""
-        ...
-
     def lookup(self, table: LatencyTable, op: Op, a: Any, b: Any, *, differ: bool = False) -> Num:
         """E[latency of ``op`` at widths (a, b)] from ``table`` (``differ``: only where
         a != b, a projection that exists only when a block changes width)."""
@@ -85,9 +81,6 @@ class ExactAlgebra:
     def proj(self, a: int, b: int, stride: int) -> int:
         return a * b if needs_projection(a, b, stride) else 0
 
-    def proj_out(self, a: int, b: int, stride: int) -> int:
-        return b if needs_projection(a, b, stride) else 0
-
     def lookup(self, table: LatencyTable, op: Op, a: int, b: int, *, differ: bool = False) -> float:
         return 0.0 if differ and a == b else table.value(op, a, b)
 
@@ -110,57 +103,3 @@ class Counter:
         """Add the table's latency of ``op`` at widths (cin, cout) (nothing without a table)."""
         if self.table is not None:
             self.latency = self.latency + keep * self.alg.lookup(self.table, op, cin, cout, **kw)
-
-    def conv(
-        self,
-        cin: Any,
-        cout: Any,
-        kernel: int,
-        out_size: tuple[int, int],
-        keep: Num = 1,
-        *,
-        stride: int = 1,
-        in_size: tuple[int, int] | None = None,
-        depthwise: bool = False,
-        bn: bool = True,
-        image: bool = False,
-    ) -> None:
-        """A conv (+BN) of output size ``out_size``: MACs = Cin*Cout*k^2*H*W (Cout*k^2*H*W
-        when depthwise). A strided conv names its ``in_size``; ``image``: its input is the
-        network's input (the latency table needs both)."""
-        a = self.alg
-        hw_out = out_size[0] * out_size[1]
-        weights = a.mean(cout) if depthwise else a.prod(cin, cout)
-        self.flops = self.flops + keep * weights * (kernel * kernel * hw_out)
-        self.params = self.params + keep * weights * (kernel * kernel)
-        if bn:
-            self.params = self.params + keep * 2 * a.mean(cout)
-        if self.table is not None:
-            size = in_size if in_size is not None else out_size
-            op = Op.conv(kernel, stride, size, depthwise=depthwise, image=image)
-            self.layer_latency(op, cout if depthwise else cin, cout, keep)
-
-    def projection(
-        self, cin: Any, cout: Any, stride: int, out_size: tuple[int, int], keep: Num = 1
-    ) -> None:
-        """Projection shortcut (1x1 conv + BN), present iff stride != 1 or widths differ."""
-        a = self.alg
-        hw_out = out_size[0] * out_size[1]
-        pairs = a.proj(cin, cout, stride)
-        self.flops = self.flops + keep * pairs * hw_out
-        self.params = self.params + keep * pairs
-        self.params = self.params + keep * 2 * a.proj_out(cin, cout, stride)  # its BN
-        if self.table is not None:  # pooled (or strided) input, 1x1 conv at the output size
-            self.layer_latency(Op.conv(1, 1, out_size), cin, cout, keep, differ=stride == 1)
-
-    def linear(self, cin: Any, cout: int) -> None:
-        m = self.alg.mean(cin)
-        self.flops = self.flops + m * cout
-        self.params = self.params + m * cout + cout
-        self.layer_latency(Op("linear", head=True), cin, self.alg.const(cout))
-
-
-def conv_out(size: int, kernel: int, stride: int) -> int:
-    """Spatial size after a conv with padding kernel//2."""
-    pad = kernel // 2
-    return (size + 2 * pad - kernel) // stride + 1

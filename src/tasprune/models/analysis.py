@@ -320,6 +320,30 @@ def _channel_groups(
         g.multiple = g.multiple * per // math.gcd(g.multiple, per)
     merged = {n: g for n, g in groups.items() if parent[n] == n}
     group_of = {k: list(dict.fromkeys(_resolve(parent, g) for g in v)) for k, v in group_of.items()}
+    # A group is named by the first layer (in module order) whose outputs are exactly its
+    # channels, as the network was written (not a projection tasprune inserted); groups are
+    # listed in module order.
+    order = {n: i for i, n in enumerate(modules)}
+    writers: dict[str, list[str]] = {}
+    for (layer, out), gs in group_of.items():
+        mod = modules.get(layer)
+        if out and len(gs) == 1 and isinstance(mod, convs):
+            if not getattr(mod, "tasprune_optional", False):
+                writers.setdefault(gs[0], []).append(layer)
+    rename: dict[str, str] = {}
+    for gname in merged:
+        first = min(writers.get(gname, [gname]), key=lambda n: order.get(n, len(order)))
+        if first != gname and first not in merged and first not in rename.values():
+            rename[gname] = first
+    if rename:
+        for old, new in rename.items():
+            parent[old], parent[new] = new, new
+            merged[new] = groups[new] = merged.pop(old)
+            merged[new].name = new
+        group_of = {k: [rename.get(g, g) for g in v] for k, v in group_of.items()}
+        offsets = {(ly, o, rename.get(g, g)): v for (ly, o, g), v in offsets.items()}
+        spans = {(ly, o, rename.get(g, g)): v for (ly, o, g), v in spans.items()}
+    merged = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
     for grp in merged.values():
         if grp.full % grp.multiple:
             grp.fixed = grp.fixed or f"width {grp.full} is not a multiple of its conv groups"

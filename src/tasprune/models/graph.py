@@ -167,11 +167,20 @@ def dependency_graph(net: nn.Module, example: Example | Tensor) -> Any:
 
     import torch_pruning as tp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(
-            net, example_inputs=list(as_example(example)), forward_fn=lambda m, x: m(*x)
-        )
+    # The graph is read off autograd: it is built with gradients on (also under a caller's
+    # no_grad) and every parameter requiring them (a frozen teacher's included), then restored.
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(
+                net, example_inputs=list(as_example(example)), forward_fn=lambda m, x: m(*x)
+            )
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -1,29 +1,23 @@
-"""MobileNetV2 (Sandler et al. 2018; torchvision's topology at width 1.0), built from any Shape.
+"""MobileNetV2 (Sandler et al. 2018; torchvision's topology at width 1.0).
 
 stem 3x3/2 conv (32) -> 17 inverted residual blocks in 7 groups (t, c, n, s) -> 1x1 conv
 (1280) -> global average pool -> dropout -> linear; ReLU6 everywhere except after the
 projection convs. Block ``stage{k}.{j}`` (group k, repeat j) is: 1x1 expansion conv
 (``expand``; absent when t = 1) -> 3x3 depthwise conv (``dw``) -> 1x1 linear projection
-(``project``). The depthwise conv filters each channel of the expansion on its own, so its width
-is the expansion's: the Shape lists ``expand`` and ``project`` only, never ``dw``.
-
-Each group is a stage; depth search keeps its first block (the one that changes width or
-stride) and may drop later ones, which are residual. A block that is residual in the unpruned
-net stays residual: identity when its input and output widths are equal, a 1x1 projection
-shortcut when a pruned shape makes them differ. Blocks without a residual never get one.
+(``project``) [+ identity shortcut where input and output widths and sizes agree]. A plain
+network: tasprune reads its search space off the graph (the depthwise conv's width follows
+its expansion there, a stage's later blocks may be skipped).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tasprune.models.algebra import Counter, conv_out
-from tasprune.models.ops import Ops, PlainOps
-from tasprune.models.registry import ModelSpec, register_model
-from tasprune.shape import Shape
+from tasprune.models.layers import ConvBN
+from tasprune.models.zoo import ship
 
 # (expansion t, out channels c, repeats n, stride s of the first repeat), torchvision's order.
 SETTING: tuple[tuple[int, int, int, int], ...] = (
@@ -47,8 +41,7 @@ class BlockInfo:
     stride: int
     in_w: int  # unpruned input width
     out_w: int  # unpruned output width
-    residual: bool  # has a residual connection in the unpruned net
-    feed: str  # the conv that feeds it in the unpruned net (the dw width follows it when t = 1)
+    residual: bool  # has a residual connection
 
     @property
     def name(self) -> str:
@@ -67,44 +60,20 @@ class MobileNetV2Arch:
     def stages(self) -> list[tuple[str, list[BlockInfo]]]:
         """(stage name, its blocks) per group of the setting."""
         out: list[tuple[str, list[BlockInfo]]] = []
-        cur, feed = self.stem, "stem"
+        cur = self.stem
         for k, (t, c, n, s) in enumerate(self.setting, start=1):
             blocks = []
             for j in range(n):
                 stride = s if j == 0 else 1
-                info = BlockInfo(f"stage{k}", j, t, stride, cur, c, stride == 1 and cur == c, feed)
+                info = BlockInfo(f"stage{k}", j, t, stride, cur, c, stride == 1 and cur == c)
                 blocks.append(info)
-                cur, feed = c, f"{info.name}.project"
+                cur = c
             out.append((f"stage{k}", blocks))
         return out
 
     def blocks(self) -> Iterator[BlockInfo]:
         for _, blocks in self.stages():
             yield from blocks
-
-    def full_shape(self) -> Shape:
-        widths = {"stem": self.stem}
-        depths = {f"stage{k}": n for k, (_, _, n, _) in enumerate(self.setting, start=1)}
-        for b in self.blocks():
-            if b.expansion != 1:
-                widths[f"{b.name}.expand"] = round(b.in_w * b.expansion)
-            widths[f"{b.name}.project"] = b.out_w
-        widths["head"] = self.head
-        return Shape(widths=widths, depths=depths)
-
-    def residual_groups(self) -> list[list[str]]:
-        """Per stage with repeats: the projection convs that write its residual stream."""
-        groups: dict[str, list[str]] = {}
-        for b in self.blocks():
-            groups.setdefault(b.stage, []).append(f"{b.name}.project")
-        return [g for g in groups.values() if len(g) > 1]
-
-    def tied_widths(self) -> dict[str, str]:
-        """Depthwise conv -> the Shape width it follows (its expansion, or its input's)."""
-        return {
-            f"{b.name}.dw": f"{b.name}.expand" if b.expansion != 1 else b.feed
-            for b in self.blocks()
-        }
 
 
 class InvertedResidual(nn.Module):
@@ -114,43 +83,26 @@ class InvertedResidual(nn.Module):
     # the block different input and output widths (independent residual widths).
     tasprune_shortcut = "shortcut"
 
-    def __init__(
-        self,
-        ops: Ops,
-        info: BlockInfo,
-        in_w: int,
-        widths: Mapping[str, int],
-        feed: str,
-    ) -> None:
+    def __init__(self, info: BlockInfo) -> None:
         super().__init__()
-        name = info.name
         convs: list[str] = []
-        hidden = in_w
+        hidden = info.in_w * info.expansion
         if info.expansion != 1:
-            hidden = widths[f"{name}.expand"]
-            self.expand = ops.conv_bn(f"{name}.expand", in_w, hidden, 1, 1, act="relu6")
+            self.expand = ConvBN(info.in_w, hidden, 1, 1, "relu6")
             convs.append("expand")
-            feed = f"{name}.expand"
-        self.dw = ops.depthwise_bn(
-            f"{name}.dw", width_of=feed, channels=hidden, kernel=3, stride=info.stride, act="relu6"
-        )
-        out_w = widths[f"{name}.project"]
-        self.project = ops.conv_bn(f"{name}.project", hidden, out_w, 1, 1, act=None)
+        self.dw = ConvBN(hidden, hidden, 3, info.stride, "relu6", groups=hidden)
+        self.project = ConvBN(hidden, info.out_w, 1, 1, None)
         self.convs = (*convs, "dw", "project")
         self.residual = info.residual
         if info.residual:
-            self.shortcut = ops.shortcut(
-                f"{name}.shortcut", in_w, out_w, 1, width_of=f"{name}.project"
-            )
-            self.add = ops.residual()
-        self.out_width = out_w
+            self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = x
         for c in self.convs:
             out = getattr(self, c)(out)
         if self.residual:
-            out = self.add(out, self.shortcut(x))
+            out = out + self.shortcut(x)
         return out
 
 
@@ -158,32 +110,21 @@ class MobileNetV2(nn.Module):
     """stem -> 7 stages of inverted residual blocks -> 1x1 head conv -> pool -> linear."""
 
     def __init__(
-        self,
-        arch: MobileNetV2Arch,
-        shape: Shape,
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        ops: Ops | None = None,
+        self, arch: MobileNetV2Arch | None = None, num_classes: int = 1000, in_channels: int = 3
     ) -> None:
         super().__init__()
-        ops = ops or PlainOps()
-        w = shape.widths
-        self.stem = ops.conv_bn("stem", in_channels, w["stem"], 3, 2, act="relu6")
-        cur, feed = w["stem"], "stem"
+        arch = arch or MobileNetV2Arch()
+        self.stem = ConvBN(in_channels, arch.stem, 3, 2, "relu6")
         self.stage_names: list[str] = []
+        cur = arch.stem
         for stage, infos in arch.stages():
-            blocks: list[nn.Module] = []
-            for info in infos[: shape.depths[stage]]:
-                block = InvertedResidual(ops, info, cur, w, feed)
-                cur, feed = block.out_width, f"{info.name}.project"
-                blocks.append(block)
-            self.add_module(stage, ops.stage(stage, blocks))
+            self.add_module(stage, nn.Sequential(*(InvertedResidual(i) for i in infos)))
             self.stage_names.append(stage)
-        self.head = ops.conv_bn("head", cur, w["head"], 1, 1, act="relu6")
+            cur = infos[-1].out_w
+        self.head = ConvBN(cur, arch.head, 1, 1, "relu6")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(arch.dropout)
-        self.fc = ops.linear("fc", w["head"], num_classes)
-        self.num_features = w["head"]
+        self.fc = nn.Linear(arch.head, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -211,65 +152,10 @@ class MobileNetV2(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def mobilenet_v2_cost(
-    arch: MobileNetV2Arch, c: Counter, in_channels: int, hw: tuple[int, int], num_classes: int
-) -> None:
-    """The cost of `MobileNetV2`, written once for exact and expected algebras."""
-    a = c.alg
-    h, w = conv_out(hw[0], 3, 2), conv_out(hw[1], 3, 2)
-    x = a.width("stem")
-    c.conv(a.const(in_channels), x, 3, (h, w), stride=2, in_size=hw, image=True)
-    for stage, infos in arch.stages():
-        outs = []
-        for info in infos:
-            keep = a.keep(stage, info.index)
-            bh, bw = conv_out(h, 3, info.stride), conv_out(w, 3, info.stride)
-            hidden = x
-            if info.expansion != 1:
-                hidden = a.width(f"{info.name}.expand")
-                c.conv(x, hidden, 1, (h, w), keep)
-            c.conv(  # width tied to `hidden`
-                hidden,
-                hidden,
-                3,
-                (bh, bw),
-                keep,
-                stride=info.stride,
-                in_size=(h, w),
-                depthwise=True,
-            )
-            out = a.width(f"{info.name}.project")
-            c.conv(hidden, out, 1, (bh, bw), keep)
-            if info.residual:
-                c.projection(x, out, 1, (bh, bw), keep)  # only when the widths differ
-            x = out
-            outs.append(out)
-            if info.index == 0:
-                h, w = bh, bw
-        x = a.stage_output(stage, outs)
-    head = a.width("head")
-    c.conv(x, head, 1, (h, w))
-    c.linear(head, num_classes)
-
-
-@register_model
-def mobilenet_v2() -> ModelSpec:
-    arch = MobileNetV2Arch()
-
-    def build(shape: Shape, num_classes: int, in_channels: int, ops: Ops) -> nn.Module:
-        return MobileNetV2(arch, shape, num_classes, in_channels, ops)
-
-    def cost(counter: Counter, in_channels: int, hw: tuple[int, int], num_classes: int) -> None:
-        mobilenet_v2_cost(arch, counter, in_channels, hw, num_classes)
-
-    return ModelSpec(
-        name="mobilenet_v2",
-        family="mobilenet_v2",
-        build=build,
-        full_shape=arch.full_shape,
-        cost=cost,
-        default_input=(3, 224, 224),
-        description="MobileNetV2 1.0 (torchvision topology; depthwise widths tied to expansions)",
-        residual_groups=arch.residual_groups,
-        tied_widths=arch.tied_widths,
-    )
+@ship(
+    "mobilenet_v2",
+    (3, 224, 224),
+    "MobileNetV2 1.0 (torchvision topology)",
+)
+def mobilenet_v2(num_classes: int, in_channels: int) -> nn.Module:
+    return MobileNetV2(MobileNetV2Arch(), num_classes, in_channels)

@@ -1,28 +1,23 @@
-"""ResNets (He et al. 2016), built from any Shape: one definition for the CIFAR and the
-ImageNet variants.
+"""ResNets (He et al. 2016): one definition for the CIFAR and the ImageNet variants.
 
 A `ResNetArch` says what differs: the stem (CIFAR: 3x3 stride-1 conv of 16 channels; ImageNet:
 7x7 stride-2 conv of 64 and a 3x3 stride-2 max-pool), the planes per stage (16/32/64 or
 64/128/256/512), the blocks per stage, and how a strided projection shortcut downsamples
 (CIFAR: 2x2 avg-pool then 1x1 conv + BN; ImageNet, as torchvision: a strided 1x1 conv + BN).
 Blocks are basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4); the stride is on the
-first 3x3 conv (torchvision's v1.5). A block whose input and output widths differ, or that
-downsamples, has a projection shortcut, so every per-conv width choice gives a valid network.
-Parameter names: ``stem``, ``layer{s}.{j}.conv{k}``, ``layer{s}.{j}.shortcut``, ``fc`` (see
-`tasprune.models.torchvision_compat` for loading torchvision checkpoints).
+first 3x3 conv (torchvision's v1.5). Parameter names: ``stem``, ``layer{s}.{j}.conv{k}``,
+``layer{s}.{j}.shortcut``, ``fc`` (see `tasprune.models.torchvision_compat` for loading
+torchvision checkpoints). A plain network: tasprune reads its search space off the graph.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tasprune.models.algebra import Counter, conv_out
-from tasprune.models.ops import Ops
-from tasprune.models.registry import ModelSpec, register_model
-from tasprune.shape import Shape
+from tasprune.models.layers import ConvBN, shortcut
+from tasprune.models.zoo import ship
 
 
 @dataclass(frozen=True)
@@ -53,45 +48,8 @@ class ResNetArch:
         return 1 if self.block == "basic" else 4
 
     @property
-    def conv_names(self) -> tuple[str, ...]:
-        return ("conv1", "conv2") if self.block == "basic" else ("conv1", "conv2", "conv3")
-
-    @property
     def kernels(self) -> tuple[int, ...]:
         return (3, 3) if self.block == "basic" else (1, 3, 1)
-
-    @property
-    def strided_index(self) -> int:
-        """Which conv of a block carries the stride: the first 3x3 one."""
-        return self.kernels.index(3)
-
-    def full_shape(self) -> Shape:
-        widths = {"stem": self.stem}
-        depths = {}
-        for s, (planes, blocks) in enumerate(zip(self.planes, self.layers, strict=True), start=1):
-            depths[f"layer{s}"] = blocks
-            for j in range(blocks):
-                for c in self.conv_names:
-                    last = c == self.conv_names[-1]
-                    widths[f"layer{s}.{j}.{c}"] = planes * (self.expansion if last else 1)
-        return Shape(widths=widths, depths=depths)
-
-    def residual_groups(self) -> list[list[str]]:
-        """Per stage, the convs that write its residual stream. The stem joins layer1's group
-        only where their widths match in the unpruned net (basic blocks; not a bottleneck
-        net, whose layer1 writes 4x the stem's channels)."""
-        last = self.conv_names[-1]
-        groups = []
-        for s, blocks in enumerate(self.layers, start=1):
-            group = [f"layer{s}.{j}.{last}" for j in range(blocks)]
-            if s == 1 and self.planes[0] * self.expansion == self.stem:
-                group.insert(0, "stem")
-            groups.append(group)
-        return groups
-
-
-def _stride(stage: int, index: int) -> int:
-    return 2 if stage > 1 and index == 0 else 1
 
 
 class Block(nn.Module):
@@ -101,82 +59,48 @@ class Block(nn.Module):
     # the block different input and output widths (independent residual widths).
     tasprune_shortcut = "shortcut"
 
-    def __init__(
-        self,
-        ops: Ops,
-        name: str,
-        in_w: int,
-        widths: Mapping[str, int],
-        arch: ResNetArch,
-        stride: int,
-    ) -> None:
+    def __init__(self, in_w: int, planes: int, arch: ResNetArch, stride: int) -> None:
         super().__init__()
-        convs = arch.conv_names
+        kernels = arch.kernels
+        strided = kernels.index(3)  # the first 3x3 conv carries the stride
+        self.convs = tuple(f"conv{i + 1}" for i in range(len(kernels)))
         prev = in_w
-        for i, (c, kernel) in enumerate(zip(convs, arch.kernels, strict=True)):
-            w = widths[f"{name}.{c}"]
-            last = i == len(convs) - 1
-            conv_stride = stride if i == arch.strided_index else 1
-            self.add_module(
-                c,
-                ops.conv_bn(
-                    f"{name}.{c}", prev, w, kernel, conv_stride, act=None if last else "relu"
-                ),
-            )
+        for i, (name, kernel) in enumerate(zip(self.convs, kernels, strict=True)):
+            last = i == len(kernels) - 1
+            w = planes * arch.expansion if last else planes
+            act = None if last else "relu"
+            self.add_module(name, ConvBN(prev, w, kernel, stride if i == strided else 1, act))
             prev = w
-        self.convs = convs
-        self.shortcut = ops.shortcut(
-            f"{name}.shortcut",
-            in_w,
-            prev,
-            stride,
-            width_of=f"{name}.{convs[-1]}",
-            pool=arch.pool_shortcut,
-        )
-        self.add = ops.residual()
+        self.shortcut = shortcut(in_w, prev, stride, arch.pool_shortcut)
         self.act = nn.ReLU(inplace=True)
         self.out_width = prev
 
     def forward(self, x: Tensor) -> Tensor:
         out = x
-        for c in self.convs:
-            out = getattr(self, c)(out)
-        return self.act(self.add(out, self.shortcut(x)))
+        for name in self.convs:
+            out = getattr(self, name)(out)
+        return self.act(out + self.shortcut(x))
 
 
 class ResNet(nn.Module):
     """stem conv (+ max-pool) -> stages of residual blocks -> global average pool -> linear."""
 
-    def __init__(
-        self,
-        arch: ResNetArch,
-        shape: Shape,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        ops: Ops | None = None,
-    ) -> None:
+    def __init__(self, arch: ResNetArch, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        from tasprune.models.ops import PlainOps
-
-        ops = ops or PlainOps()
-        w = shape.widths
-        self.stem = ops.conv_bn(
-            "stem", in_channels, w["stem"], arch.stem_kernel, arch.stem_stride, act="relu"
-        )
+        self.stem = ConvBN(in_channels, arch.stem, arch.stem_kernel, arch.stem_stride, "relu")
         self.maxpool = nn.MaxPool2d(3, 2, 1) if arch.maxpool else None
-        cur = w["stem"]
+        cur = arch.stem
         self.stage_names: list[str] = []
-        for s in range(1, len(arch.layers) + 1):
-            blocks: list[nn.Module] = []
-            for j in range(shape.depths[f"layer{s}"]):
-                block = Block(ops, f"layer{s}.{j}", cur, w, arch, _stride(s, j))
+        for s, (planes, blocks) in enumerate(zip(arch.planes, arch.layers, strict=True), 1):
+            stage = []
+            for j in range(blocks):
+                block = Block(cur, planes, arch, 2 if s > 1 and j == 0 else 1)
                 cur = block.out_width
-                blocks.append(block)
-            self.add_module(f"layer{s}", ops.stage(f"layer{s}", blocks))
+                stage.append(block)
+            self.add_module(f"layer{s}", nn.Sequential(*stage))
             self.stage_names.append(f"layer{s}")
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = ops.linear("fc", cur, num_classes)
-        self.num_features = cur
+        self.fc = nn.Linear(cur, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -202,116 +126,30 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def resnet_cost(
-    arch: ResNetArch, c: Counter, in_channels: int, hw: tuple[int, int], num_classes: int
-) -> None:
-    """The cost of `ResNet`, written once for the exact and the expected algebra."""
-    a = c.alg
-    k, st = arch.stem_kernel, arch.stem_stride
-    h, w = conv_out(hw[0], k, st), conv_out(hw[1], k, st)
-    x = a.width("stem")
-    c.conv(a.const(in_channels), x, k, (h, w), stride=st, in_size=hw, image=True)
-    if arch.maxpool:
-        h, w = conv_out(h, 3, 2), conv_out(w, 3, 2)  # max-pool 3x3/2, padding 1: no MACs
-    for s in range(1, len(arch.layers) + 1):
-        stage = f"layer{s}"
-        outs = []
-        for j in range(arch.layers[s - 1]):
-            keep = a.keep(stage, j)
-            stride = _stride(s, j)
-            bh, bw = conv_out(h, 3, stride), conv_out(w, 3, stride)
-            cin = x
-            for i, (name, kernel) in enumerate(zip(arch.conv_names, arch.kernels, strict=True)):
-                cout = a.width(f"{stage}.{j}.{name}")
-                # Convs up to the strided one see the block's input size, the rest its output.
-                size = (h, w) if i < arch.strided_index else (bh, bw)
-                seen = (h, w) if i <= arch.strided_index else (bh, bw)
-                conv_stride = stride if i == arch.strided_index else 1
-                c.conv(cin, cout, kernel, size, keep, stride=conv_stride, in_size=seen)
-                cin = cout
-            # At the output resolution: as many MACs as pool + 1x1 conv or a strided 1x1 conv.
-            c.projection(x, cin, stride, (bh, bw), keep)
-            x = cin
-            outs.append(x)
-            if j == 0:
-                h, w = bh, bw
-        x = a.stage_output(stage, outs)
-    c.linear(x, num_classes)
+def _register(name: str, arch: ResNetArch, text: str, size: tuple[int, int, int]) -> None:
+    @ship(name, size, text)
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        return ResNet(arch, num_classes, in_channels)
 
 
-def _spec(
-    name: str, arch: ResNetArch, description: str, default_input: tuple[int, int, int]
-) -> ModelSpec:
-    def build(shape: Shape, num_classes: int, in_channels: int, ops: Ops) -> nn.Module:
-        return ResNet(arch, shape, num_classes, in_channels, ops)
-
-    def cost(counter: Counter, in_channels: int, hw: tuple[int, int], num_classes: int) -> None:
-        resnet_cost(arch, counter, in_channels, hw, num_classes)
-
-    return ModelSpec(
-        name=name,
-        family="resnet",
-        build=build,
-        full_shape=arch.full_shape,
-        cost=cost,
-        default_input=default_input,
-        description=description,
-        residual_groups=arch.residual_groups,
+for _depth in (20, 32, 44, 56, 110):
+    _arch = ResNetArch.cifar("basic", _depth)
+    _text = f"CIFAR ResNet-{_depth} (basic blocks, {_arch.layers[0]} per stage)"
+    _register(f"cifar_resnet{_depth}", _arch, _text, (3, 32, 32))
+_register(
+    "cifar_resnet164",
+    ResNetArch.cifar("bottleneck", 164),
+    "CIFAR ResNet-164 (bottleneck blocks, 18 per stage)",
+    (3, 32, 32),
+)
+for _depth, _block, _layers in (
+    (18, "basic", (2, 2, 2, 2)),
+    (34, "basic", (3, 4, 6, 3)),
+    (50, "bottleneck", (3, 4, 6, 3)),
+):
+    _register(
+        f"resnet{_depth}",
+        ResNetArch.imagenet(_block, _layers),
+        f"ImageNet ResNet-{_depth} (torchvision v1.5 topology, {_block} blocks {list(_layers)})",
+        (3, 224, 224),
     )
-
-
-def _cifar(depth: int, block: str = "basic") -> ModelSpec:
-    arch = ResNetArch.cifar(block, depth)
-    text = f"CIFAR ResNet-{depth} ({block} blocks, {arch.layers[0]} per stage)"
-    return _spec(f"cifar_resnet{depth}", arch, text, (3, 32, 32))
-
-
-def _imagenet(depth: int, block: str, layers: tuple[int, int, int, int]) -> ModelSpec:
-    arch = ResNetArch.imagenet(block, layers)
-    text = f"ImageNet ResNet-{depth} (torchvision v1.5 topology, {block} blocks {list(layers)})"
-    return _spec(f"resnet{depth}", arch, text, (3, 224, 224))
-
-
-@register_model
-def cifar_resnet20() -> ModelSpec:
-    return _cifar(20)
-
-
-@register_model
-def cifar_resnet32() -> ModelSpec:
-    return _cifar(32)
-
-
-@register_model
-def cifar_resnet44() -> ModelSpec:
-    return _cifar(44)
-
-
-@register_model
-def cifar_resnet56() -> ModelSpec:
-    return _cifar(56)
-
-
-@register_model
-def cifar_resnet110() -> ModelSpec:
-    return _cifar(110)
-
-
-@register_model
-def cifar_resnet164() -> ModelSpec:
-    return _cifar(164, "bottleneck")
-
-
-@register_model
-def resnet18() -> ModelSpec:
-    return _imagenet(18, "basic", (2, 2, 2, 2))
-
-
-@register_model
-def resnet34() -> ModelSpec:
-    return _imagenet(34, "basic", (3, 4, 6, 3))
-
-
-@register_model
-def resnet50() -> ModelSpec:
-    return _imagenet(50, "bottleneck", (3, 4, 6, 3))

@@ -5,7 +5,7 @@ inputs; this file is the one place that knows names.
 - ``torchvision:NAME``, ``timm:NAME``: the library's network with random weights, its first
   conv adapted to the data's channels and its classifier to the data's classes;
 - ``py:MODULE:FUNCTION``: a user's factory, called as FUNCTION(num_classes=, in_channels=);
-- ``tasprune:NAME``: a shipped family's plain network;
+- ``NAME`` or ``tasprune:NAME``: a shipped network (`tasprune.models.zoo`);
 - ``module:CLASS-HASH``: a module instance the user handed in (`register_module`): it is its
   own source (copies of it, with its weights), its classes and channels are its own.
 
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
 
-# torchvision:NAME, timm:NAME; tasprune:NAME traces a registered family's plain network (the
-# same mechanism as for any other CNN); py:MODULE:FUNCTION is a user's factory, called as
-# FUNCTION(num_classes=..., in_channels=...) -> nn.Module; module:NAME a registered instance.
+# torchvision:NAME, timm:NAME; tasprune:NAME (or NAME alone) a shipped network;
+# py:MODULE:FUNCTION is a user's factory, called as FUNCTION(num_classes=..., in_channels=...)
+# -> nn.Module; module:NAME a registered instance.
 PREFIXES = ("torchvision:", "timm:", "tasprune:", "py:", "module:")
 # Side of the example input the graph is traced on (any valid size gives the same groups).
 TRACE_SIZE = 64
@@ -38,13 +38,25 @@ _MIN_SIDE = {"inception_v3": 96, "googlenet": 64}  # networks that need a larger
 Example = tuple[Any, ...]
 
 
-def is_traced(name: str) -> bool:
-    return name.startswith(PREFIXES)
+def canonical(name: str) -> str:
+    """``name`` with its prefix: a shipped network's bare name becomes ``tasprune:NAME``."""
+    if name.startswith(PREFIXES):
+        return name
+    from tasprune.models.zoo import list_models, shipped
+
+    if shipped(name) is not None:
+        return f"tasprune:{name}"
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"unknown model {name!r}{hint}. Fix: use a shipped network ({', '.join(list_models())}), "
+        "torchvision:NAME, timm:NAME or py:MODULE:FUNCTION"
+    )
 
 
 def min_side(name: str) -> int:
     """The smallest input side a source runs at (its trace and tests use at least this)."""
-    return _MIN_SIDE.get(name.split(":", 1)[1], 32)
+    return _MIN_SIDE.get(canonical(name).split(":", 1)[1], 32)
 
 
 def as_example(inputs: Any) -> Example:
@@ -106,14 +118,15 @@ def resolve(name: str) -> Source:
                 "registers it"
             )
         return src
+    name = canonical(name)
     side = max(TRACE_SIZE, min_side(name))
     trace: tuple[int, int, int] = (3, side, side)
-    if name.startswith("tasprune:"):  # the family's own input size
-        from tasprune.models.spec import registered_spec
+    if name.startswith("tasprune:"):  # the shipped network's own input size
+        from tasprune.models.zoo import shipped
 
-        family = registered_spec(name.split(":", 1)[1])
-        if family is not None:
-            trace = family.default_input
+        found = shipped(name)
+        if found is not None:
+            trace = found.default_input
 
     def build(num_classes: int, in_channels: int) -> nn.Module:
         net = build_source(name, num_classes, in_channels)
@@ -252,19 +265,18 @@ def _unknown(name: str, known: list[str], kind: str) -> ConfigError:
 def build_source(model: str, num_classes: int, in_channels: int) -> nn.Module:
     """The unpruned network of ``model`` with random weights, adapted to the data: its first
     conv takes ``in_channels`` and its classifier gives ``num_classes`` outputs."""
-    kind, name = model.split(":", 1)
+    kind, name = canonical(model).split(":", 1)
     if kind == "module":
         return resolve(model).build(num_classes, in_channels)
     if kind == "py":
         return _from_factory(name, num_classes, in_channels)
     if kind == "tasprune":
-        from tasprune.models.ops import PlainOps
-        from tasprune.models.spec import list_models, registered_spec
+        from tasprune.models.zoo import list_models, shipped
 
-        spec = registered_spec(name)
-        if spec is None:
+        found = shipped(name)
+        if found is None:
             raise _unknown(name, list_models(), "tasprune")
-        return spec.build(spec.full_shape(), num_classes, in_channels, PlainOps())
+        return found.build(num_classes, in_channels)
     if kind == "timm":
         timm = _timm()
         if not timm.is_model(name):

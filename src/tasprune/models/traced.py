@@ -20,8 +20,8 @@ from tasprune.models.layer_cost import Layers, cost_layers, traced_cost
 from tasprune.models.prune import prune_with
 from tasprune.models.sources import (
     build_source,
+    canonical,
     from_weights,
-    is_traced,
     min_side,
     optional_projections,
     register_module,
@@ -41,8 +41,8 @@ __all__ = [
     "analyse",
     "build_pruned",
     "build_source",
+    "canonical",
     "from_weights",
-    "is_traced",
     "min_side",
     "prune",
     "pruned_state",
@@ -159,11 +159,20 @@ def residual_groups(model: str) -> list[list[str]]:
             if out and len(groups) == 1 and len(owners) == 1:
                 streams.setdefault(owners[0], set()).add(groups[0])
         order = list(tr.groups)
-        found = [
-            sorted(members, key=order.index) for members in streams.values() if len(members) > 1
-        ]
+        found = sorted(
+            (sorted(members, key=order.index) for members in streams.values() if len(members) > 1),
+            key=lambda members: order.index(members[0]),
+        )
     _RESIDUAL[src.key] = found
     return [list(g) for g in found]
+
+
+def _describe(model: str, tr: Traced) -> str:
+    from tasprune.models.zoo import shipped
+
+    found = shipped(model) if canonical(model).startswith("tasprune:") else None
+    graph = f"{len(tr.groups)} channel groups, {len(tr.stages)} stages"
+    return f"{found.description}: {graph}" if found is not None else f"{model}: {graph}"
 
 
 def traced_spec(model: str) -> Any:
@@ -176,7 +185,7 @@ def traced_spec(model: str) -> Any:
         return spec
     tr = traced(model)
 
-    def build(shape: Shape, num_classes: int, in_channels: int, ops: Any) -> nn.Module:
+    def build(shape: Shape, num_classes: int, in_channels: int) -> nn.Module:
         return build_pruned(model, shape, num_classes, in_channels)
 
     def cost(counter: Counter, in_channels: int, hw: tuple[int, int], num_classes: int) -> None:
@@ -193,12 +202,11 @@ def traced_spec(model: str) -> Any:
 
     spec = ModelSpec(
         name=model,
-        family="traced",
         build=build,
         full_shape=tr.full_shape,
         cost=cost,
         default_input=src.trace_input or (0, 0, 0),
-        description=f"{model} traced: {len(tr.groups)} channel groups, {len(tr.stages)} stages",
+        description=_describe(model, tr),
         residual_groups=lambda: residual_groups(model),
         width_step=width_step,
         transfer=transfer,

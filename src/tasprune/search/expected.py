@@ -17,7 +17,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from tasprune.latency_table import LatencyTable, Op
-    from tasprune.search.units import Choice
+    from tasprune.search.choice import Choice
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 
@@ -128,13 +128,6 @@ class ExpectedAlgebra:
         if a.key == b.key:
             return 0
         return (self._differ(a, b) * a.values[:, None] * b.values[None, :]).sum()
-
-    def proj_out(self, a: Dist, b: Dist, stride: int) -> Tensor | int:
-        if stride != 1:
-            return b.mean()
-        if a.key == b.key:
-            return 0
-        return (self._differ(a, b) * b.values[None, :]).sum()
 
     def lookup(
         self, table: LatencyTable, op: Op, a: Dist, b: Dist, *, differ: bool = False

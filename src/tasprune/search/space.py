@@ -41,7 +41,7 @@ def choice_widths(spec: ModelSpec, name: str, full: int, opts: SpaceOptions) -> 
     searched keeps its full value)."""
     if not opts.search_width:
         return [full]
-    step = spec.width_step(name) if spec.width_step is not None else 1
+    step = spec.width_step(name)
     if step == 0:
         return [full]
     values = width_candidates(full, opts.width_fractions, opts.width_multiple, opts.width_snap)

@@ -1,4 +1,5 @@
-"""The searchable network: any registered model built with searchable units + arch logits.
+"""The searchable network: any model's own network with its width and depth mixtures
+(`tasprune.search.traced`) + the architecture logits.
 
 `SuperNet.forward(x)` always returns logits. Which sub-network runs is decided before each
 forward from the architecture distributions: Gumbel-sampled candidates in training mode, the
@@ -24,16 +25,13 @@ from tasprune.cost import model_cost
 from tasprune.errors import ConfigError
 from tasprune.models import get_model_spec
 from tasprune.models.algebra import CostAlgebra, Counter, ExactAlgebra
-from tasprune.models.ops import Add
+from tasprune.search.choice import Choice
 from tasprune.search.expected import ExpectedAlgebra, gumbel_select
 from tasprune.search.space import choice_widths, depth_candidates
-from tasprune.search.units import (
-    Choice,
-    PadAdd,
-    SearchableConvBN,
-    SearchableStage,
-    SearchProjection,
-    SliceLinear,
+from tasprune.search.traced import (
+    plain_state,
+    reset_candidate_affine,
+    searchable_network,
 )
 from tasprune.shape import Shape
 
@@ -41,50 +39,12 @@ if TYPE_CHECKING:
     from tasprune.latency_table import LatencyTable
 
 
-class SearchOps:
-    """Layer factory that builds the searchable units of a SuperNet."""
-
-    def __init__(self, net: SuperNet, align: str) -> None:
-        self.net = net
-        self.align = align
-
-    def conv_bn(
-        self, name: str, in_w: int, out_w: int, kernel: int, stride: int, *, act: str | None
-    ) -> nn.Module:
-        return SearchableConvBN(
-            in_w, out_w, kernel, stride, act, self.net.width_of[name], self.align
-        )
-
-    def shortcut(
-        self, name: str, in_w: int, out_w: int, stride: int, width_of: str, *, pool: bool = True
-    ) -> nn.Module:
-        if stride != 1 or in_w != out_w:
-            return SearchProjection(in_w, out_w, stride, self.net.width_of[width_of], pool)
-        return nn.Identity()
-
-    def depthwise_bn(
-        self, name: str, width_of: str, channels: int, kernel: int, stride: int, *, act: str | None
-    ) -> nn.Module:
-        from tasprune.search.units import SearchableDepthwiseBN
-
-        return SearchableDepthwiseBN(channels, kernel, stride, act, self.net.width_of[width_of])
-
-    def residual(self) -> nn.Module:
-        return PadAdd()
-
-    def stage(self, name: str, blocks: list[nn.Module]) -> nn.Module:
-        return SearchableStage(blocks, self.net.depth_of[name], self.align)
-
-    def linear(self, name: str, in_w: int, out_w: int) -> nn.Module:
-        return SliceLinear(in_w, out_w)
-
-
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
 class SuperNet(nn.Module):
-    """A registered model turned into a TAS search space with learnable width/depth logits."""
+    """A model turned into a TAS search space with learnable width/depth logits."""
 
     @classmethod
     def for_input(
@@ -130,11 +90,6 @@ class SuperNet(nn.Module):
         self.width_choices: dict[str, Choice] = {}
         groups: list[list[str]] = []
         if opts.tie_residual:
-            if spec.residual_groups is None:
-                raise ConfigError(
-                    f"model {model} does not define residual groups, so widths cannot be tied. "
-                    "Fix: set tie_residual: false"
-                )
             groups = spec.residual_groups()
         grouped = {n for g in groups for n in g}
         groups += [[n] for n in self.full_shape.widths if n not in grouped]
@@ -165,19 +120,7 @@ class SuperNet(nn.Module):
 
         for c in self.all_choices():
             c.select_full()
-        if spec.family == "traced":  # its own network, made searchable in place
-            from tasprune.search.traced import searchable_network
-
-            self.net = searchable_network(self, model)
-        else:
-            if opts.candidate_affine is False:
-                raise ConfigError(
-                    f"{model}'s searchable units always keep one BatchNorm affine per "
-                    "candidate. Fix: leave search.candidate_affine unset for it"
-                )
-            self.net = spec.build(
-                self.full_shape, num_classes, in_channels, SearchOps(self, opts.align or "cwi")
-            )
+        self.net = searchable_network(self, model)  # its own network, searchable in place
         self.full_flops, self.full_params = model_cost(
             model, None, (in_channels, *self.input_size), num_classes
         )
@@ -416,18 +359,9 @@ class SuperNet(nn.Module):
 
     # ---------------------------------------------------------------- weight transfer
     def load_plain_weights(self, state: dict[str, Tensor]) -> None:
-        """Warm-start from a trained unpruned plain model of the same name (same param names).
-
-        Each candidate's BN affine starts from the plain BN's leading channels.
-        """
+        """Warm-start from a trained unpruned plain model of the same name (same param names);
+        a per-candidate BatchNorm affine starts from the plain BN's."""
         own = self.net.state_dict()
-        for name, module in self.net.named_modules():
-            if isinstance(module, SearchableConvBN):
-                w, b = state.get(f"{name}.bn.weight"), state.get(f"{name}.bn.bias")
-                if w is not None and b is not None:
-                    with torch.no_grad():
-                        module.cand_weight.copy_(w.expand_as(module.cand_weight))
-                        module.cand_bias.copy_(b.expand_as(module.cand_bias))
         copied = 0
         for key, value in state.items():
             if key in own and own[key].shape == value.shape:
@@ -440,47 +374,13 @@ class SuperNet(nn.Module):
                 "(for a model from tasprune.load: model.net.state_dict())"
             )
         self.net.load_state_dict(own)
-        if get_model_spec(self.model_name).family == "traced":
-            from tasprune.search.traced import reset_candidate_affine
-
-            reset_candidate_affine(self.net)
+        reset_candidate_affine(self.net)
 
     def plain_state_dict(self, shape: Shape) -> dict[str, Tensor]:
-        """Weights for ``create_model(model, shape)``: leading channels of the supernet.
-
-        Layers the supernet does not have (a projection only the pruned net needs) are left out.
-        """
-        from tasprune.models import create_model
-
+        """Weights for ``create_model(model, shape)``: the supernet's network pruned to
+        ``shape`` (leading channels of every group, the kept blocks)."""
         spec = get_model_spec(self.model_name)
-        if spec.transfer is not None:
-            from tasprune.search.traced import plain_state
-
-            state = plain_state(self, shape)
-            return spec.transfer(state, shape, self.num_classes, self.in_channels)
-        target = create_model(
-            self.model_name, shape, num_classes=self.num_classes, in_channels=self.in_channels
-        ).state_dict()
-        own = self.net.state_dict()
-        affine: dict[str, Tensor] = {}
-        for name, module in self.net.named_modules():
-            if isinstance(module, SearchableConvBN):
-                # A width that is not a candidate (a same-budget baseline's shape) takes the
-                # BN affine of the narrowest candidate at least as wide, sliced.
-                cands, width = module.choice.candidates, shape.widths[name]
-                wider = [j for j, c in enumerate(cands) if c >= width]
-                i = min(wider, key=lambda j: cands[j]) if wider else len(cands) - 1
-                affine[f"{name}.bn.weight"] = module.cand_weight[i].detach()
-                affine[f"{name}.bn.bias"] = module.cand_bias[i].detach()
-        out: dict[str, Tensor] = {}
-        for key, value in target.items():
-            src = affine.get(key, own.get(key))
-            if src is None or src.dim() != value.dim():
-                continue
-            if any(s < t for s, t in zip(src.shape, value.shape, strict=True)):
-                continue
-            out[key] = src[tuple(slice(0, n) for n in value.shape)].clone()
-        return out
+        return spec.transfer(plain_state(self, shape), shape, self.num_classes, self.in_channels)
 
 
-__all__ = ["Add", "SearchOps", "SuperNet"]
+__all__ = ["SuperNet"]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tasprune.models.graph import out_channels_of
 from tasprune.models.sources import optional_projections, resolve
 from tasprune.models.traced import Stage, traced
-from tasprune.search.units import Choice, align_matrix
+from tasprune.search.choice import Choice, align_matrix
 
 SuperNet = Any  # tasprune.search.supernet.SuperNet (which imports this module)
 
@@ -260,8 +260,8 @@ def searchable_network(net: SuperNet, model: str) -> nn.Module:
         else:  # stays the identity: the searched widths, not this conv, decide the stream
             body.get_submodule(name).requires_grad_(False)
     widths = _Widths(net, model)
-    align = net.options.align or "pad"
-    per_candidate = bool(net.options.candidate_affine)
+    align = net.options.align
+    per_candidate = net.options.candidate_affine
     for layer, sites in tr.masks.items():
         if layer in removed:
             continue
