@@ -125,9 +125,12 @@ def test_expected_latency_is_the_table_sum_at_one_hot(one_thread: None) -> None:
 
 def test_onnx_table_looks_widths_up_at_the_padded_block() -> None:
     table = LatencyTable(TableKey("d", "onnxruntime", "v", 1, 8))
-    op = Op.conv(3, 1, (8, 8))
+    op = Op("conv2d", (3, 3), (1, 1), (1, 1), (1, 1), (8, 8))
     assert table.padded(op, 13, 17) == (16, 24)
-    assert table.padded(Op.conv(3, 1, (8, 8), image=True), 1, 5) == (1, 8)
+    assert table.padded(Op("conv2d", (3, 3), (1, 1), (1, 1), (1, 1), (8, 8), image=True), 1, 5) == (
+        1,
+        8,
+    )
     assert table.padded(Op("linear", head=True), 20, 10) == (24, 10)
     assert LatencyTable(KEY).padded(op, 13, 17) == (13, 17)
 

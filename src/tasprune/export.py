@@ -87,7 +87,7 @@ def quiet_exporters() -> Iterator[None]:
 
 
 def _input_size(meta: dict[str, Any]) -> tuple[int, int, int]:
-    """(C, H, W) the network was trained on; the family's default size when not recorded."""
+    """(C, H, W) the network was trained on; the model's default size when not recorded."""
     size = meta.get("input_size")
     if isinstance(size, list | tuple) and len(size) == 3:
         return int(size[0]), int(size[1]), int(size[2])

@@ -6,7 +6,7 @@ initialisation) every coupled group of the teacher (the convs writing one residu
 depthwise conv and its producer, a conv and its BN, ...) is permuted so that its most
 important channels come first: the same permutation in every producer and consumer of the
 group, hence the network computes exactly the same function (tested on every shipped
-family). The groups are traced by Torch-Pruning's dependency graph (the ``baselines`` extra).
+network). The groups are traced by Torch-Pruning's dependency graph (the ``baselines`` extra).
 
 Criteria (per channel of a group, averaged over the group's members):
 - ``l1``: L1 norm of the producing conv filters (Li et al., ICLR 2017);

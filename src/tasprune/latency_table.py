@@ -68,28 +68,6 @@ class Op:
     image: bool = False
     head: bool = False
 
-    @staticmethod
-    def conv(
-        kernel: int,
-        stride: int,
-        size: tuple[int, int],
-        *,
-        depthwise: bool = False,
-        image: bool = False,
-    ) -> Op:
-        """A square conv with padding kernel // 2 on an input of ``size`` (the shipped
-        families' convs)."""
-        return Op(
-            "conv2d",
-            (kernel, kernel),
-            (stride, stride),
-            (kernel // 2, kernel // 2),
-            (1, 1),
-            size,
-            (1, 1) if depthwise else None,
-            image,
-        )
-
     def label(self) -> str:
         parts = [self.kind]
         if self.kind != "linear":

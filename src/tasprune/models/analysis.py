@@ -327,9 +327,9 @@ def _channel_groups(
     writers: dict[str, list[str]] = {}
     for (layer, out), gs in group_of.items():
         mod = modules.get(layer)
-        if out and len(gs) == 1 and isinstance(mod, convs):
-            if not getattr(mod, "tasprune_optional", False):
-                writers.setdefault(gs[0], []).append(layer)
+        optional = getattr(mod, "tasprune_optional", False)
+        if out and len(gs) == 1 and isinstance(mod, convs) and not optional:
+            writers.setdefault(gs[0], []).append(layer)
     rename: dict[str, str] = {}
     for gname in merged:
         first = min(writers.get(gname, [gname]), key=lambda n: order.get(n, len(order)))
