@@ -56,6 +56,16 @@ def random_shape(name: str, seed: int) -> Shape:
     return Shape(widths=widths, depths={k: rng.randint(1, v) for k, v in full.depths.items()})
 
 
+def one_hot(net: Any, rng: random.Random) -> None:
+    """Every searchable choice of the supernet ``net`` made certain of one random candidate."""
+    with torch.no_grad():
+        for c in net.all_choices():
+            logits = net.logits_of(c)
+            if logits is not None:
+                logits.fill_(-1e4)
+                logits[rng.randrange(len(c.candidates))] = 1e4
+
+
 def assert_supernet_is_pruned(net: Any, shape: Shape, pruned: torch.nn.Module, side: int) -> None:
     """The supernet at ``shape`` computes what the physically pruned network does, once that
     network holds the weights the supernet hands on (``plain_state_dict``)."""

@@ -1,16 +1,19 @@
-"""Baselines at the TAS budget: uniform and random shapes in the band, L1 pruning via Torch-Pruning."""
+"""Baselines at the TAS budget: uniform and random shapes in the band, L1 pruning via
+Torch-Pruning's channel groups."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tasprune.baselines import l1_prune, random_shape, shape_of_module, uniform_shape
+from tasprune.baselines import l1_prune, random_shape, uniform_shape
 from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError
 from tasprune.models import create_model, get_model_spec
 from tasprune.search.space import depth_candidates, width_candidates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = (1, 28, 28)  # Fashion-MNIST
 
@@ -29,11 +32,15 @@ def test_uniform_shape_in_band_with_one_factor(model: str, ratio: float, tol: fl
     assert ratio - tol <= _ratio(model, shape) <= ratio
     full = get_model_spec(model).full_shape()
     assert shape.depths == full.depths
-    # One factor for every conv: all convs of equal unpruned width get equal widths.
+    # One factor for every width: all widths of equal unpruned size get equal widths.
+    spec = get_model_spec(model)
     by_full: dict[int, set[int]] = {}
     for name, w in full.widths.items():
+        assert spec.width_step(name) > 0  # every width of these ResNets is searchable
+        assert shape.widths[name] % spec.width_step(name) == 0
         by_full.setdefault(w, set()).add(shape.widths[name])
     assert all(len(v) == 1 for v in by_full.values())
+    assert all(shape.widths[n] < w for n, w in full.widths.items())  # all of them scaled
     create_model(model, shape, in_channels=1)  # a valid shape
 
 
@@ -92,28 +99,44 @@ def test_l1_prune_lands_in_budget_and_is_a_plain_model_of_its_shape() -> None:
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     pruned, shape = l1_prune(teacher, "cifar_resnet20", 0.5, SIZE, 10, 0.05)
     assert 0.45 <= _ratio("cifar_resnet20", shape) <= 0.5
-    assert shape_of_module(pruned, "cifar_resnet20") == shape
+    rebuilt = create_model("cifar_resnet20", shape, in_channels=1).eval()
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {
+        k: v.shape for k, v in rebuilt.state_dict().items()
+    }  # the network of its shape, tensor for tensor
+    params = sum(p.numel() for p in pruned.parameters())
+    assert params == model_cost("cifar_resnet20", shape, SIZE, 10)[1]
     assert shape.depths == get_model_spec("cifar_resnet20").full_shape().depths
     # The teacher is untouched.
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     # It is exactly create_model(shape) holding the pruned weights.
-    rebuilt = create_model("cifar_resnet20", shape, in_channels=1).eval()
     rebuilt.load_state_dict(pruned.state_dict(), strict=True)
     x = torch.randn(3, *SIZE)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), pruned.eval()(x), atol=1e-6)
     # Residual widths are tied by the dependency graph: the stream keeps the same channels.
-    assert _kept(pruned.stem.bn) == _kept(pruned.layer1[2].conv2.bn)
+    kept = _kept(pruned.stem.bn)
+    assert kept == _kept(pruned.layer1[2].conv2.bn) == _kept(pruned.layer1[0].conv2.bn)
+    assert kept != list(range(len(kept)))  # reordered by L1, not the leading channels
 
 
-def test_l1_prune_keeps_the_largest_l1_filters_of_a_block_conv1() -> None:
+def test_l1_prune_keeps_the_largest_l1_filters() -> None:
     teacher = _tagged_teacher()
     pruned, shape = l1_prune(teacher, "cifar_resnet20", 0.5, SIZE, 10, 0.05)
-    for stage, block in (("layer2", 1), ("layer3", 2)):
-        name = f"{stage}.{block}.conv1"
+    for block in ("layer2.1", "layer3.2"):
+        name = f"{block}.conv1"
         weight = teacher.get_submodule(f"{name}.conv").weight
         norms = weight.abs().sum(dim=(1, 2, 3))
-        k = shape.widths[name]
+        k = shape.widths[f"{name}.conv"]
         assert k < weight.shape[0]  # it was pruned
         expected = sorted(torch.argsort(norms, descending=True)[:k].tolist())
+        assert expected != list(range(k))  # the largest filters are not simply the first k
         assert sorted(_kept(pruned.get_submodule(f"{name}.bn"))) == expected
+    # A residual stream's channels: the largest mean L1 norm over the convs that write it.
+    writers = ["stem.conv", *(f"layer1.{j}.conv2.conv" for j in range(3))]
+    norms = torch.stack(
+        [teacher.get_submodule(w).weight.abs().sum(dim=(1, 2, 3)) for w in writers]
+    ).mean(0)
+    k = shape.widths["stem.conv"]
+    expected = sorted(torch.argsort(norms, descending=True)[:k].tolist())
+    assert expected != list(range(k))
+    assert sorted(_kept(pruned.stem.bn)) == expected

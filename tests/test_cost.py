@@ -11,6 +11,7 @@ from conftest import random_shape
 from tasprune.cost import model_cost, model_flops
 from tasprune.errors import ShapeError
 from tasprune.models import create_model, get_model_spec, list_models
+from tasprune.models.traced import traced
 from tasprune.shape import Shape
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
@@ -37,8 +38,9 @@ REFERENCE_MACS = {
 
 
 def extreme_shapes(name: str) -> dict[str, Shape]:
-    full = get_model_spec(name).full_shape()
-    ones_w = dict.fromkeys(full.widths, 1)
+    spec = get_model_spec(name)
+    full = spec.full_shape()
+    ones_w = {k: spec.width_step(k) or v for k, v in full.widths.items()}  # fixed: full
     ones_d = dict.fromkeys(full.depths, 1)
     return {
         "full": full,
@@ -124,40 +126,65 @@ def test_cost_matches_with_other_num_classes(name: str) -> None:
     assert model_cost(name, shape, (3, 32, 32), 100) == measured(name, shape, (3, 32, 32), 100)
 
 
-def inner_widths(shape: Shape) -> list[str]:
-    """Widths that do not feed a residual sum: every conv of a block except its last one."""
-    keys = list(shape.widths)
-    last_of_block: dict[str, str] = {}
-    for key in keys:
-        parts = key.split(".")
-        if len(parts) >= 3 and parts[0] in shape.depths and parts[1].isdigit():
-            last_of_block[".".join(parts[:2])] = key
-    chain = set(last_of_block.values())
+def block_of(layer: str) -> str | None:
+    """The block (``stage.index``, e.g. ``layer1.0``) a layer's name lies in, else None."""
+    parts = layer.split(".")
+    return ".".join(parts[:2]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def inner_widths(name: str) -> list[str]:
+    """Widths that do not feed a residual sum or the next block: every layer their channel
+    group touches (the analysis' ``group_of``) lies inside one block."""
+    tr = traced(name)
+    touched: dict[str, set[str | None]] = {}
+    for (layer, _), groups in tr.group_of.items():
+        for g in groups:
+            touched.setdefault(g, set()).add(block_of(layer))
     return [
         k
-        for k in keys
-        if k not in chain and ".".join(k.split(".")[:2]) in last_of_block  # inside a block
+        for k in get_model_spec(name).full_shape().widths
+        if len(touched[k]) == 1 and None not in touched[k] and get_model_spec(name).width_step(k)
+    ]
+
+
+def test_inner_widths_of_resnet20() -> None:
+    """The helper itself: a basic block's first conv, never the residual stream's convs."""
+    assert inner_widths("cifar_resnet20") == [
+        f"layer{s}.{j}.conv1.conv" for s in (1, 2, 3) for j in range(3)
     ]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_flops_monotone_in_inner_widths(name: str) -> None:
     """Shrinking a width inside a block never increases FLOPs or params (strictly for kept)."""
+    tr = traced(name)
+    step = get_model_spec(name).width_step
+    inner = inner_widths(name)
+    assert inner
     for shape in (get_model_spec(name).full_shape(), random_shape(name, 11)):
-        inner = inner_widths(shape)
-        assert inner
         base_f, base_p = model_cost(name, shape)
         for key in inner:
             w = shape.widths[key]
-            if w == 1:
+            if w == step(key):
                 continue
-            f, p = model_cost(name, shape.replace(widths={key: w - 1}))
+            f, p = model_cost(name, shape.replace(widths={key: w - step(key)}))
             assert f <= base_f and p <= base_p, key
-            stage, index = key.split(".")[:2]
-            if int(index) < shape.depths[stage]:
+            stage, index = tr.where(key)
+            if stage is None or index < shape.depths[stage]:
                 assert f < base_f and p < base_p, key
             else:
                 assert (f, p) == (base_f, base_p), f"{key} is in a dropped block"
+
+
+def scaled(name: str, frac: float) -> Shape:
+    """Every searchable width times ``frac`` (at least one step): residual streams stay equal."""
+    spec = get_model_spec(name)
+    full = spec.full_shape()
+    widths = {}
+    for k, v in full.widths.items():
+        step = spec.width_step(k)
+        widths[k] = v if step == 0 else max(step, int(v * frac) // step * step)
+    return Shape(widths=widths, depths=dict(full.depths))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -167,10 +194,9 @@ def test_flops_monotone_uniform_shrink(name: str) -> None:
     full = get_model_spec(name).full_shape()
     prev = model_cost(name, full)
     for frac in (0.75, 0.5, 0.25, 0.0):
-        shape = Shape(
-            widths={k: max(1, int(v * frac)) for k, v in full.widths.items()},
-            depths=dict(full.depths),
-        )
+        shape = scaled(name, frac)
+        model = create_model(name, shape)
+        assert not any(getattr(m, "tasprune_optional", False) for m in model.modules()), frac
         cur = model_cost(name, shape)
         assert cur[0] < prev[0] and cur[1] < prev[1], frac
         prev = cur
@@ -183,16 +209,35 @@ def test_flops_monotone_uniform_shrink(name: str) -> None:
 
 def test_narrower_block_output_pays_for_its_projections() -> None:
     """FLOPs are not monotone in a block's output width, by design: a block whose in/out widths
-    differ gets a 1x1 projection shortcut, so 16 -> 15 on layer1.1.conv2 adds a 16x15 projection
-    to layer1.1 and a 15x16 one to layer1.2 (the search's cost model charges them too)."""
+    differ gets a bare 1x1 projection shortcut (no BN), so 16 -> 15 on layer1.1's output adds
+    a 16x15 projection to layer1.1 and a 15x16 one to layer1.2 (the search's cost model
+    charges them too)."""
     name = "cifar_resnet20"
     full = get_model_spec(name).full_shape()
-    before = model_flops(name, full)
-    after = model_flops(name, full.replace(widths={"layer1.1.conv2": 15}))
+    shape = full.replace(widths={"layer1.1.conv2.conv": 15})
+    before_f, before_p = model_cost(name, full)
+    after_f, after_p = model_cost(name, shape)
     hw = 32 * 32
-    shrunk_convs = (16 * 1 * 9 * hw) * 2  # conv2 loses one output; layer1.2.conv1 one input
-    projections = (16 * 15 + 15 * 16) * hw
-    assert after == before - shrunk_convs + projections
+    shrunk = 16 * 1 * 9 * 2  # conv2 loses one output; layer1.2.conv1 one input
+    projections = 16 * 15 + 15 * 16
+    assert after_f == before_f - shrunk * hw + projections * hw
+    assert after_p == before_p - shrunk - 2 + projections  # and conv2's BN one channel
+    assert (after_f, after_p) == measured(name, shape, (3, 32, 32))
+
+
+def test_shallower_stage_reads_its_last_kept_block() -> None:
+    """A stage cut to depth d hands block d-1's output width to the next stage, which is
+    what the cost charges: keeping layer1.0 alone at width 8 makes layer2.0 read 8 channels."""
+    name = "cifar_resnet20"
+    full = get_model_spec(name).full_shape()
+    narrow = dict.fromkeys(["stem.conv", "layer1.0.conv2.conv"], 8)
+    shape = full.replace(widths=narrow, depths={"layer1.0": 1})
+    model = create_model(name, shape)
+    assert model.get_submodule("layer2.0.conv1.conv").in_channels == 8
+    assert model.get_submodule("layer2.0.shortcut.conv").in_channels == 8
+    assert model_cost(name, shape) == measured(name, shape, (3, 32, 32))
+    wide = shape.replace(widths={"layer1.2.conv2.conv": 4})  # in a skipped block: no effect
+    assert model_cost(name, wide) == model_cost(name, shape)
 
 
 @pytest.mark.parametrize("name", MODELS)

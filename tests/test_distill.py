@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from torch import nn
 
 from tasprune.config import DistillConfig, TrainConfig
 from tasprune.cost import model_cost
@@ -22,16 +23,17 @@ from tasprune.distill import (
     kd_alpha,
     kd_loss,
     kd_loss_fn,
-    leading_slice_state,
     recalibrate_bn,
     with_attention_transfer,
 )
 from tasprune.epoch import cross_entropy_loss
 from tasprune.errors import ConfigError
 from tasprune.models import create_model, get_model_spec
-from tasprune.models.ops import Projection
-from tasprune.search import SearchConfig, SuperNet
+from tasprune.search import SearchConfig, SpaceOptions, SuperNet
+from tasprune.search.traced import candidate_affine_layers
 from tasprune.shape import Shape
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "cifar_resnet20"
 
@@ -41,14 +43,14 @@ def _pruned_shape() -> Shape:
     widths = {
         k: max(1, (v * 5) // 8) if i % 3 else v for i, (k, v) in enumerate(full.widths.items())
     }
-    return full.replace(widths=widths, depths={"layer1": 2, "layer2": 1, "layer3": 3})
+    return full.replace(widths=widths, depths={"layer1.0": 2, "layer2.0": 1, "layer3.0": 3})
 
 
 def _candidate_shape() -> Shape:
     """A shape whose widths are all search candidates (needed by the supernet init)."""
     full = get_model_spec(MODEL).full_shape()
     widths = {k: v // 2 for k, v in full.widths.items()}
-    return full.replace(widths=widths, depths={"layer1": 1, "layer2": 3, "layer3": 2})
+    return full.replace(widths=widths, depths={"layer1.0": 1, "layer2.0": 3, "layer3.0": 2})
 
 
 def test_kd_loss_matches_hand_computation() -> None:
@@ -142,12 +144,34 @@ def test_teacher_init_of_full_shape_reproduces_teacher() -> None:
     assert torch.equal(student(x), teacher(x))
 
 
-def test_leading_slice_skips_what_the_source_lacks() -> None:
-    src = {"a": torch.arange(12.0).view(3, 4), "b": torch.ones(3)}
-    tgt = {"a": torch.zeros(2, 3), "b": torch.zeros(2, 2), "c": torch.zeros(1)}
-    out, skipped = leading_slice_state(src, tgt)
-    assert torch.equal(out["a"], torch.tensor([[0.0, 1, 2], [4, 5, 6]]))
-    assert sorted(skipped) == ["b", "c"]
+def test_teacher_init_takes_the_leading_channels_of_the_kept_blocks() -> None:
+    """A student from the teacher holds, for every tensor the teacher has under its name, the
+    leading slice of it (leading channels of every group, the first blocks of every stage);
+    the rest are the 1x1 convs the teacher lacks. No tensor is left fresh."""
+    torch.manual_seed(12)
+    teacher = create_model(MODEL, num_classes=10, in_channels=1)
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.weight.normal_()
+    state = teacher.state_dict()
+    shape = _pruned_shape()
+    student = build_student(MODEL, shape, 10, 1, "teacher", teacher_state=state)
+    own = student.state_dict()
+    spec = get_model_spec(MODEL)
+    assert spec.transfer(state, shape, 10, 1).keys() == own.keys()  # every tensor is copied
+    assert "layer1.2.conv1.conv.weight" not in own  # a dropped block (layer1 keeps 2)
+    conv1 = "layer2.0.conv1.conv.weight"
+    assert own[conv1].shape[0] < state[conv1].shape[0]  # a pruned width
+    lacking = []
+    for key, value in own.items():
+        if key not in state:
+            lacking.append(key)
+            continue
+        lead = state[key][tuple(slice(0, n) for n in value.shape)]
+        assert torch.equal(value, lead), key
+    assert lacking and all(k.endswith(".shortcut.weight") for k in lacking)
 
 
 def test_distill_trains_and_writes_student_meta(tmp_path: object) -> None:
@@ -424,47 +448,57 @@ def test_attention_transfer_hooks_come_off() -> None:
 
 def test_supernet_init_of_a_non_candidate_shape_takes_the_next_wider_bn() -> None:
     """A same-budget baseline's widths need not be candidates: every tensor is still copied,
-    the BN affine from the narrowest candidate at least as wide."""
-    space = SearchConfig().space()
+    a candidate-affine BN's affine from the narrowest candidate at least as wide."""
+    space = SpaceOptions(candidate_affine=True)
     sup = SuperNet(MODEL, num_classes=10, in_channels=1, input_size=(28, 28), options=space)
-    name = "layer3.0.conv1"
-    module = dict(sup.net.named_modules())[name]
-    cands = module.choice.candidates
-    width = next(c - 1 for c in cands if c - 1 not in cands and c - 1 > 0)
+    key, bn_name = "layer3.0.conv1.conv", "layer3.0.conv1.bn"
+    bn = candidate_affine_layers(sup.net)[bn_name]
+    cands = sup.width_of[key].candidates
+    width = next(c - 1 for c in cands[1:] if c - 1 not in cands)  # between two candidates
     expected = min((j for j, c in enumerate(cands) if c >= width), key=lambda j: cands[j])
+    assert cands[expected] > width and expected > 0  # not the narrowest nor the same width
     with torch.no_grad():
-        for i in range(len(module.cand_weight)):
-            module.cand_weight[i].fill_(float(i))
+        for i in range(len(bn.cand_weight)):
+            bn.cand_weight[i].fill_(float(i))
+            bn.cand_bias[i].fill_(-float(i))
     shape = _candidate_shape()
-    shape = shape.replace(widths={**shape.widths, name: width})
+    shape = shape.replace(widths={**shape.widths, key: width})
     state = sup.plain_state_dict(shape)
     student = create_model(MODEL, shape, num_classes=10, in_channels=1)
-    assert state[f"{name}.bn.weight"].shape == (width,)
-    assert torch.all(state[f"{name}.bn.weight"] == float(expected))
+    assert state[f"{bn_name}.weight"].shape == (width,)
+    assert torch.all(state[f"{bn_name}.weight"] == float(expected))
+    assert torch.all(state[f"{bn_name}.bias"] == -float(expected))
+    assert not any(".cand_" in k for k in state)
     assert student.load_state_dict(state, strict=False).missing_keys == []
+    # The distill path does the same from the saved supernet weights.
+    built = build_student(
+        MODEL, shape, 10, 1, "supernet", supernet_state=sup.state_dict(), space=space
+    )
+    assert torch.all(built.get_submodule(bn_name).weight == float(expected))
 
 
 def test_a_shortcut_the_teacher_lacks_starts_as_the_identity() -> None:
-    """A stride-1 block whose pruned widths differ gets a projection the teacher does not have:
-    it starts as eye on the leading channels (the residual stream passes on), unless "fresh"."""
+    """A stride-1 block whose pruned widths differ gets a bare 1x1 conv shortcut the teacher
+    does not have: it starts as eye on the leading channels (the residual stream passes on)."""
     torch.manual_seed(0)
     teacher = create_model(MODEL, num_classes=10, in_channels=1)
     full = get_model_spec(MODEL).full_shape()
     # layer1.1 reads 16 channels and writes 8; so layer1.2 reads 8 and writes 16
-    shape = full.replace(widths={**full.widths, "layer1.1.conv2": 8})
+    shape = full.replace(widths={**full.widths, "layer1.1.conv2.conv": 8})
     state = teacher.state_dict()
     student = build_student(MODEL, shape, 10, 1, "teacher", teacher_state=state)
-    projections = {name: m for name, m in student.named_modules() if isinstance(m, Projection)}
-    new = [n for n in projections if f"{n}.conv.weight" not in state]
+    shortcuts = {n: m for n, m in student.named_modules() if n.endswith("shortcut")}
+    new = [n for n, m in shortcuts.items() if not isinstance(m, nn.Identity)]
+    new = [n for n in new if not any(k.startswith(f"{n}.") for k in state)]
     assert new == ["layer1.1.shortcut", "layer1.2.shortcut"]
+    assert isinstance(shortcuts["layer1.0.shortcut"], nn.Identity)  # equal widths: identity
     for name, (c_in, c_out) in zip(new, [(16, 8), (8, 16)], strict=True):
+        conv = shortcuts[name]
+        assert isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.bias is None
+        assert (conv.in_channels, conv.out_channels) == (c_in, c_out)
         x = torch.randn(2, c_in, 7, 7)
         expected = torch.zeros(2, c_out, 7, 7)
         n = min(c_in, c_out)
         expected[:, :n] = x[:, :n]
-        assert torch.allclose(projections[name].eval()(x), expected, atol=1e-4)  # BN eps only
-    fresh = build_student(
-        MODEL, shape, 10, 1, "teacher", teacher_state=state, new_shortcuts="fresh"
-    )
-    w = dict(fresh.named_modules())["layer1.1.shortcut"].conv.weight  # type: ignore[union-attr]
-    assert (w.flatten().abs() > 0).float().mean() > 0.9  # a random 1x1 conv, not eye
+        with torch.no_grad():
+            assert torch.equal(conv(x), expected)

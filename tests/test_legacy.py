@@ -91,3 +91,14 @@ def test_an_old_pruned_checkpoint_with_other_shortcuts_is_one_line(tmp_path: Pat
     with pytest.raises(CheckpointError, match="tasprune 0.x") as err:
         load_model_checkpoint(tmp_path / "model.pt")
     assert len(str(err.value).splitlines()) == 1 and "Fix:" in str(err.value)
+
+
+def test_a_stream_that_had_one_width_gives_it_to_every_block() -> None:
+    """Before each block's output could be its own choice, a traced shape had one width per
+    residual stream (keyed by a layer writing it, e.g. the stage's projection)."""
+    full = get_model_spec("cifar_resnet20").full_shape()
+    widths = {k: v for k, v in full.widths.items() if not k.startswith("layer2.") or "conv1" in k}
+    widths["layer2.0.shortcut.conv"] = 20
+    new = upgrade_shape("cifar_resnet20", {"widths": widths, "depths": dict(full.depths)})
+    assert [new.widths[f"layer2.{j}.conv2.conv"] for j in range(3)] == [20, 20, 20]
+    assert new.widths["layer2.1.conv1.conv"] == 32

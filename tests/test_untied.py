@@ -70,7 +70,7 @@ def test_the_unpruned_network_is_the_original() -> None:
     assert not any(
         isinstance(m, nn.Conv2d) for n, m in full.named_modules() if n.endswith(".1.shortcut")
     )
-    assert [len(g) for g in residual_groups(model)] == [3, 3, 4]  # stem joins layer1's stream
+    assert [len(g) for g in residual_groups(model)] == [4, 3, 3]  # stem joins layer1's stream
     # every stream's blocks are one choice when tied
     net = SuperNet(model, options=SpaceOptions(tie_residual=True))
     assert sum(len(c.members) > 1 for c in net.width_choices.values()) == 3

@@ -52,5 +52,10 @@ class TrainingError(TaspruneError):
     """Training diverged (NaN/Inf loss) or cannot continue."""
 
 
+class ExportError(TaspruneError):
+    """An export failed, does not reproduce the PyTorch network, or (int8) predicts grossly
+    unlike it."""
+
+
 class RunInUseError(TaspruneError):
     """Another process is writing to the same run folder (its lock is held)."""

@@ -9,6 +9,7 @@ contract under ``tasprune_meta``. Every export is checked before it is kept: ONN
 TorchScript outputs must match PyTorch's on a fresh random batch (of another size than the one
 traced, which also proves the batch axis is dynamic). safetensors stores only tensors, plus a
 sidecar JSON with the meta that rebuilds the module without pickle (:func:`load_safetensors`).
+An ONNX export can also be quantised to int8 (`tasprune.int8`), judged by its predictions.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from tasprune.arrays import ArrayDataset
 from tasprune.checkpoint import load_model_checkpoint, resolve_model_file
 from tasprune.contract import FORMAT_VERSION, WithPreprocess, contract_from_meta
-from tasprune.errors import CheckpointError, ConfigError, TaspruneError
+from tasprune.errors import CheckpointError, ConfigError, ExportError
+from tasprune.int8 import CALIBRATION_IMAGES, Int8Images, int8_images, int8_path, quantize_int8
 from tasprune.models import create_model, get_model_spec
 from tasprune.ort import ort_session
 from tasprune.shape import Shape
@@ -55,6 +58,7 @@ SUFFIXES: dict[str, str] = {
     "safetensors": ".safetensors",
 }
 OPSET = 17
+META = "tasprune_meta"  # the metadata key of every export's meta JSON
 VERIFY_BATCH = 8  # images in the random batch every export is checked on
 TRACE_BATCH = 2  # batch traced/exported; differs from VERIFY_BATCH to exercise the dynamic axis
 # Meta keys needed to rebuild a network (the sidecar of a safetensors export holds these).
@@ -70,10 +74,6 @@ META_KEYS: tuple[str, ...] = (
     "dataset",
     "role",
 )
-
-
-class ExportError(TaspruneError):
-    """An export failed or does not reproduce the PyTorch network."""
 
 
 @contextmanager
@@ -135,16 +135,17 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _export_onnx(
-    model: nn.Module, meta: dict[str, Any], out: Path, atol: float, pad: int = 0
-) -> None:
-    """ONNX (opset 17, dynamic batch axis) via the TorchScript-based exporter, then verified
-    against ``model``. ``pad`` > 1: the exported copy's channel groups are zero-padded to
-    multiples of it first (`tasprune.padding`: same outputs, faster in ONNX Runtime).
+def _export_onnx(model: nn.Module, meta: dict[str, Any], atol: float, pad: int = 0) -> bytes:
+    """ONNX (opset 17, dynamic batch axis) via the TorchScript-based exporter, verified
+    against ``model``, with the contract in its metadata (the file's bytes). ``pad`` > 1: the
+    exported copy's channel groups are zero-padded to multiples of it first
+    (`tasprune.padding`: same outputs, faster in ONNX Runtime).
 
     The torch.export-based exporter (``dynamo=True``) needs onnxscript, which is not a
     dependency; the legacy exporter covers every op these CNNs use.
     """
+    import onnx
+
     example = _random_batch(meta, TRACE_BATCH, seed=0)
     reference = model
     if pad > 1:
@@ -170,7 +171,8 @@ def _export_onnx(
                 "Fix: export to torchscript or safetensors instead"
             ) from err
         _verify_onnx(reference, meta, tmp_file, atol)
-        atomic_write_bytes(out, _with_onnx_meta(tmp_file, model, meta), error_cls=ExportError)
+        proto = onnx.load(str(tmp_file))
+    return _with_onnx_meta(proto, _export_meta(meta, _contract_dict(model)))
 
 
 def padded_copy(model: nn.Module, example: Tensor, multiple: int) -> nn.Module:
@@ -190,14 +192,14 @@ def padded_copy(model: nn.Module, example: Tensor, multiple: int) -> nn.Module:
     return twin
 
 
-def _with_onnx_meta(path: Path, model: nn.Module, meta: dict[str, Any]) -> bytes:
-    """The ONNX file's bytes with ``tasprune_meta`` (the input contract) in its metadata."""
-    import onnx
-
-    proto = onnx.load(str(path))
+def _with_onnx_meta(proto: Any, text: str) -> bytes:
+    """An ONNX model's bytes with ``text`` (the meta JSON) as its only ``tasprune_meta``."""
+    kept = [p for p in proto.metadata_props if p.key != META]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
-    entry.key = "tasprune_meta"
-    entry.value = _export_meta(meta, _contract_dict(model))
+    entry.key = META
+    entry.value = text
     return bytes(proto.SerializeToString())
 
 
@@ -285,6 +287,10 @@ def export_model(
     *,
     atol: float = 1e-4,
     pad_channels: int = 8,
+    int8: bool = False,
+    calibration_images: int = CALIBRATION_IMAGES,
+    data: str | ArrayDataset | None = None,
+    data_root: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Export the network in ``source`` as ``fmt`` and return the written file.
 
@@ -296,10 +302,20 @@ def export_model(
     (``teacher.<ext>`` for a teacher); an existing folder receives that default name. ONNX
     and TorchScript exports whose outputs differ from PyTorch by more than ``atol`` on a
     random batch raise :class:`ExportError` and leave no file behind.
+
+    ``int8`` (ONNX only): also write the int8 model beside the fp32 one (``pruned.int8.onnx``)
+    and return its path (`tasprune.int8`: ONNX Runtime's static QDQ quantisation, calibrated
+    on ``calibration_images`` seeded training images of the dataset the checkpoint records,
+    read from ``data_root`` or the recipe's root; ``data`` names another dataset or gives the
+    images). Its top-1 is compared with the fp32 model's on held-out images and logged; a
+    gross disagreement raises :class:`ExportError` and neither file is written.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}. Fix: use one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise ConfigError(f"int8 is an ONNX export, not {fmt}. Fix: use --format onnx --int8")
     net, meta, model_file = load_exportable(source)
+    images = int8_images(meta, calibration_images, data, data_root) if int8 else None
     # The exported graph takes raw images: the normalisation of training goes inside.
     model = WithPreprocess(net, contract_from_meta(meta, str(model_file))).eval()
     target = default_export_path(model_file, fmt, meta.get("role"))
@@ -307,13 +323,29 @@ def export_model(
         given = Path(out).expanduser()
         target = given / target.name if given.is_dir() else given
     if fmt == "onnx":
-        _export_onnx(model, meta, target, atol, pad_channels)
+        fp32 = _export_onnx(model, meta, atol, pad_channels)
+        quantized = _int8_onnx(fp32, images) if images is not None else None
+        atomic_write_bytes(target, fp32, error_cls=ExportError)
+        if quantized is not None:
+            logger.info("exported %s (onnx fp32) to %s", model_file, target)
+            target = int8_path(target)
+            atomic_write_bytes(target, quantized, error_cls=ExportError)
     elif fmt == "torchscript":
         _export_torchscript(model, meta, target, atol)
     else:
         _export_safetensors(model, meta, target)
-    logger.info("exported %s (%s) to %s", model_file, fmt, target)
+    logger.info("exported %s (%s) to %s", model_file, "onnx int8" if int8 else fmt, target)
     return target
+
+
+def _int8_onnx(fp32: bytes, images: Int8Images) -> bytes:
+    """The int8 model of the fp32 export ``fp32``, its meta the fp32 one's plus how it was
+    quantised and how it predicts."""
+    import onnx
+
+    proto, info = quantize_int8(fp32, images)
+    text = next(p.value for p in onnx.load_from_string(fp32).metadata_props if p.key == META)
+    return _with_onnx_meta(proto, json.dumps({**json.loads(text), "quantization": info}))
 
 
 def _safetensors_meta(path: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pydantic import Field
 from tasprune.cli.flags import Command, Flag, Inputs, RecipeInputs
 from tasprune.config import Recipe, dump_recipe, load_recipe
 from tasprune.errors import ConfigError
+from tasprune.int8 import CALIBRATION_IMAGES
 from tasprune.lock import run_lock
 from tasprune.pipeline import STAGES
 
@@ -321,6 +322,19 @@ class ExportInputs(Inputs):
         description="onnx: zero-pad every channel group to a multiple of N (same outputs, "
         "faster in ONNX Runtime); 0 = as pruned",
     )
+    int8: bool = Field(
+        default=False,
+        description="onnx: also write the int8 model (PATH.int8.onnx, ONNX Runtime's static "
+        "QDQ quantisation calibrated on the checkpoint's training images) and print its path",
+    )
+    calibration_images: int = Field(
+        default=CALIBRATION_IMAGES, ge=1, description="--int8: training images to calibrate on"
+    )
+    data_root: Path | None = Field(
+        default=None,
+        description="--int8: folder holding the checkpoint's dataset (unset: its recipe's "
+        "data.root, else the dataset's usual places)",
+    )
 
 
 def cmd_export(a: ExportInputs) -> int:
@@ -329,7 +343,16 @@ def cmd_export(a: ExportInputs) -> int:
 
     if a.pad_channels < 0:
         raise ConfigError(f"--pad-channels {a.pad_channels} is negative. Fix: 0 (off), 8 or 16")
-    print(export_model(a.source, a.format, a.out, pad_channels=a.pad_channels))
+    path = export_model(
+        a.source,
+        a.format,
+        a.out,
+        pad_channels=a.pad_channels,
+        int8=a.int8,
+        calibration_images=a.calibration_images,
+        data_root=a.data_root,
+    )
+    print(path)
     return 0
 
 

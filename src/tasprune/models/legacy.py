@@ -5,8 +5,9 @@ conv block's name (``layer1.0.conv1``) and one depth per stage container (``laye
 traced network's widths were keyed by whichever layer its dependency graph met first. Today
 a width is keyed by the first layer that writes its channel group and a depth by its stage
 (`tasprune.models.analysis`). An old shape maps onto the new keys exactly: each group takes
-the width of a layer that writes it, each stage the depth of its container. Anything else
-fails with one line naming the older version.
+the width of a layer that writes it (a block of a residual stream that had one width, that
+width), each stage the depth of its container. Anything else fails with one line naming the
+older version.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ def upgrade_shape(model: str, data: Mapping[str, Any] | Shape) -> Shape:
     for key, value in shape.widths.items():
         if widths.setdefault(written[key], value) != value:
             raise ShapeError(f"{old}: {written[key]} is given two widths. {fix}")
+    # A stream that was one width (before each block's output could be its own) gives that
+    # width to every block of its residual group.
+    for members in get_model_spec(model).residual_groups():
+        given = {widths[g] for g in members if g in widths}
+        if len(given) == 1:
+            value = given.pop()
+            for g in members:
+                widths.setdefault(g, value)
     missing = [g for g in full.widths if g not in widths]
     if missing:
         raise ShapeError(f"{old} gives no width for {missing[:3]}. {fix}")

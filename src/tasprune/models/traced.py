@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tasprune.models.algebra import Counter
@@ -66,10 +67,18 @@ def traced(model: str) -> Traced:
     tr = _ANALYSES.get(src.key)
     if tr is None:
         channels = src.trace_input[0] if src.trace_input is not None else 3
-        net = src.build(src.trace_classes, channels)
-        tr = analyse(net, src.trace_example(), name=model, ignore=src.ignore)
+        with _own_rng():
+            net = src.build(src.trace_classes, channels)
+            tr = analyse(net, src.trace_example(), name=model, ignore=src.ignore)
         _ANALYSES[src.key] = tr
     return tr
+
+
+def _own_rng() -> Any:
+    """The global RNG as it was, after: filling a cache (building a network to analyse or
+    cost) must not move it, or a seeded run would depend on what ran before it in the
+    process (the first ``SuperNet``/``create_model`` of a model would start elsewhere)."""
+    return torch.random.fork_rng(devices=[])
 
 
 def analyse(module: nn.Module, example: Any, *, name: str = "model", ignore: Any = ()) -> Traced:
@@ -96,13 +105,15 @@ def layers_at(model: str, in_channels: int, hw: tuple[int, int], num_classes: in
     key = (src.key, in_channels, tuple(hw), num_classes)
     found = _LAYERS.get(key)
     if found is None:
-        net = src.build(num_classes, in_channels)
-        example = src.example(in_channels, tuple(hw))  # type: ignore[arg-type]
-        if src.own_io:
-            found = cost_layers(traced(model), net, example, "pass inputs its forward accepts")
-        else:
-            fix = f"use larger images (at least {min_side(model)}px) or another model"
-            found = cost_layers(traced(model), net, example, fix)
+        tr = traced(model)
+        with _own_rng():
+            net = src.build(num_classes, in_channels)
+            example = src.example(in_channels, tuple(hw))  # type: ignore[arg-type]
+            if src.own_io:
+                found = cost_layers(tr, net, example, "pass inputs its forward accepts")
+            else:
+                fix = f"use larger images (at least {min_side(model)}px) or another model"
+                found = cost_layers(tr, net, example, fix)
         _LAYERS[key] = found
     return found
 
@@ -147,7 +158,8 @@ def residual_groups(model: str) -> list[list[str]]:
         return [list(g) for g in found]  # a copy: callers extend it
     tr = traced(model)
     channels = src.trace_input[0] if src.trace_input is not None else 3
-    net = src.build(src.trace_classes, channels)
+    with _own_rng():
+        net = src.build(src.trace_classes, channels)
     found = []
     if optional_projections(net):
         for name in optional_projections(net):
