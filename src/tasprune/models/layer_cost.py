@@ -113,39 +113,80 @@ def cost_layers(
     return tuple(layers), tuple(others)
 
 
-def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
-    """The cost of a traced network (``found``: its `cost_layers` at some input), written
-    once for the exact and the expected algebra."""
-    a = c.alg
-    layers, others = found
+# A side of a layer: its groups as (group, channels per group channel, the stage whose mixed
+# output it reads or None), and the fixed rest of its channels.
+Side = tuple[tuple[tuple[str, int, str | None], ...], int]
+_PLANS: dict[int, tuple[Layers, Any]] = {}
 
+
+def _plan(tr: Traced, found: Layers) -> Any:
+    """What `traced_cost` reads of every layer that does not depend on the shape: each side's
+    groups, their multiplicities and fixed rest, computed once per (analysis, layers)."""
+    hit = _PLANS.get(id(found))
+    if hit is not None and hit[0] is found and hit[1][0] is tr:
+        return hit[1][1]
     # A layer after a stage whose blocks write their own output widths reads the width of the
     # last kept block: the stage's output, mixed over its depths.
     last = {blocks[-1]: stage for stage, blocks in tr.stage_outputs.items()}
 
-    def width(layer: str, out: bool, g: str) -> Any:
-        stage = last.get(g) if not out else None
-        if stage is None or tr.where(layer)[0] == stage:
-            return a.width(g)
-        return a.stage_output(stage, [a.width(b) for b in tr.stage_outputs[stage]])
+    def side(layer: str, out: bool, groups: tuple[str, ...], total: int) -> Side:
+        parts = []
+        for g in groups:
+            stage = last.get(g) if not out else None
+            if stage is not None and tr.where(layer)[0] == stage:
+                stage = None
+            parts.append((g, tr.per_channel.get((layer, out, g), 1), stage))
+        rest = total - sum(tr.groups[g].full * m for g, m, _ in parts)
+        return tuple(parts), rest
 
-    def parts(layer: str, out: bool, groups: tuple[str, ...], total: int) -> list[Any]:
-        """(count, channels per count) making up the ``total`` channels of a layer side:
-        its searched groups (a group may span several channels per group channel, after a
-        flatten), then the fixed rest."""
-        out_parts = [(width(layer, out, g), tr.per_channel.get((layer, out, g), 1)) for g in groups]
-        rest = total - sum(
-            tr.groups[g].full * m for g, (_, m) in zip(groups, out_parts, strict=False)
-        )
-        return [*out_parts, (a.const(rest), 1)] if rest > 0 else out_parts
+    layers, others = found
+    plan = (
+        [
+            (
+                ly,
+                side(ly.name, False, ly.in_groups, ly.cin),
+                side(ly.name, True, ly.out_groups, ly.cout),
+            )
+            for ly in layers
+        ],
+        [
+            (numel, side(name, True, groups, channels) if groups else None, channels, stage, index)
+            for name, numel, groups, channels, stage, index in others
+        ],
+    )
+    _PLANS[id(found)] = (found, (tr, plan))
+    return plan
+
+
+def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
+    """The cost of a traced network (``found``: its `cost_layers` at some input), written
+    once for the exact and the expected algebra."""
+    a = c.alg
+    layers, others = _plan(tr, found)
+
+    def parts(spec: Side) -> list[Any]:
+        """(count, channels per count) making up a layer side's channels: its searched groups
+        (a group may span several channels per group channel, after a flatten), then the
+        fixed rest."""
+        groups, rest = spec
+        out = [
+            (
+                a.width(g)
+                if stage is None
+                else a.stage_output(stage, [a.width(b) for b in tr.stage_outputs[stage]]),
+                m,
+            )
+            for g, m, stage in groups
+        ]
+        return [*out, (a.const(rest), 1)] if rest > 0 else out
 
     def mean(ps: list[Any]) -> Any:
         return sum(a.mean(p) * m for p, m in ps)
 
-    for ly in layers:
+    for ly, in_side, out_side in layers:
         keep = a.keep(ly.stage, ly.index) if ly.stage else 1
-        cin = parts(ly.name, False, ly.in_groups, ly.cin)
-        cout = parts(ly.name, True, ly.out_groups, ly.cout)
+        cin = parts(in_side)
+        cout = parts(out_side)
         optional = ly.optional and len(cin) == len(cout) == 1
         if optional:  # exists only where its in and out widths differ
             (x, mx), (y, my) = cin[0], cout[0]
@@ -167,10 +208,10 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
             c.params = c.params + keep * mean(cout)
         if ly.extra:
             c.params = c.params + keep * mean(cout) * (ly.extra // ly.cout)
-    for name, numel, groups, channels, stage, index in others:
+    for numel, spec, channels, stage, index in others:
         keep = a.keep(stage, index) if stage else 1
-        if groups:
-            share = mean(parts(name, True, groups, channels))
+        if spec is not None:
+            share = mean(parts(spec))
             c.params = c.params + keep * share * (numel // channels)
         else:
             c.params = c.params + keep * numel
