@@ -154,6 +154,7 @@ def test_tensorboard_run_folder(tmp_path: Path) -> None:
                 "distill.train.batch_size=64",
                 "report.latency_batches=[1]",
                 "report.latency_repeats=1",
+                "report.int8=false",
             )
         ]
     )

@@ -17,7 +17,7 @@ data: {train_subset: 512, test_subset: 256}
 teacher: {train: {epochs: 1, batch_size: 64}}
 search: {epochs: 2, batch_size: 64, arch_lr: 0.1, valid_batches: 2}
 distill: {init: teacher, train: {epochs: 1, batch_size: 64}}
-report: {latency_batches: [1], latency_repeats: 2}
+report: {latency_batches: [1], latency_repeats: 2, int8: false}
 """
 
 

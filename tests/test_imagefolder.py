@@ -110,7 +110,7 @@ def test_imagenet_recipe_runs_end_to_end_streamed(tmp_path: Path, model: str) ->
         "teacher": {"train": {"epochs": 1, "batch_size": 8}},
         "search": {"epochs": 1, "batch_size": 4, "flops_ratio": 0.6, "valid_batches": 1},
         "distill": {"init": "teacher", "train": {"epochs": 1, "batch_size": 8}},
-        "report": {"latency_batches": [1], "latency_repeats": 1},
+        "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
     }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -84,7 +84,7 @@ def test_a_run_searches_and_initialises_from_the_ordered_teacher(tmp_path) -> No
             "teacher": {"train": {"epochs": 1, "batch_size": 64}, "order": "l1"},
             "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
             "distill": {"init": "teacher", "train": {"epochs": 1, "batch_size": 64}},
-            "report": {"latency_batches": [1], "latency_repeats": 1},
+            "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
         },
     )
     out = tmp_path / "r"

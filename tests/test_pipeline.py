@@ -36,7 +36,7 @@ def tiny_recipe(**over: Any) -> Recipe:
         "teacher": {"train": {"epochs": 1, "batch_size": 64}},
         "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
         "distill": {"init": "teacher", "train": {"epochs": 1, "batch_size": 64}},
-        "report": {"latency_batches": [1], "latency_repeats": 1},
+        "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
     }
     return load_recipe(None, {**base, **over})
 

@@ -52,7 +52,7 @@ data: {name: fashion-mnist, train_subset: 128, test_subset: 32}
 teacher: {train: {epochs: 2, batch_size: 32}}
 search: {epochs: 2, batch_size: 32, valid_batches: 1}
 distill: {init: teacher, train: {epochs: 2, batch_size: 32}}
-report: {latency_batches: [1], latency_repeats: 1}
+report: {latency_batches: [1], latency_repeats: 1, int8: false}
 """
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from tasprune.checkpoint import save_checkpoint
+from conftest import needs_fashion_mnist
+from tasprune.checkpoint import load_checkpoint, save_checkpoint
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
+from tasprune.int8 import CHECK_IMAGES
 from tasprune.models import create_model, get_model_spec
 from tasprune.plots import PLOTS
 from tasprune.report import format_table, write_report
@@ -186,7 +189,7 @@ def test_a_network_without_depth_choices_gets_the_whole_report(tmp_path: Path) -
     with every plot but the depth one, which is skipped with a note rather than drawn empty."""
     assert get_model_spec(PLAIN).full_shape().depths == {}
     out = make_run(tmp_path / "run", model=PLAIN)
-    report = write_report(out, latency_batches=(1,), repeats=1)
+    report = write_report(out, latency_batches=(1,), repeats=1, int8=False)
     assert set(report["plots"]) == set(PLOTS) - {"depths"}
     for name in report["plots"]:
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
@@ -199,7 +202,7 @@ def test_a_network_without_depth_choices_gets_the_whole_report(tmp_path: Path) -
 def test_missing_search_history_is_a_note(tmp_path: Path) -> None:
     out = make_run(tmp_path / "run", search_history=False)
     (out / "teacher" / "history.jsonl").unlink()
-    report = write_report(out, latency_batches=(1,), repeats=1)
+    report = write_report(out, latency_batches=(1,), repeats=1, int8=False)
     assert "search_trajectory" not in report["plots"]
     assert not (out / "plots" / "search_trajectory.png").exists()
     assert (out / "plots" / "training.png").is_file()  # the student's curve alone
@@ -215,7 +218,7 @@ def test_missing_model_names_it_and_the_fix(tmp_path: Path, missing: str) -> Non
     write_stage(out / "student", pruned_shape(), "student", 89.0, epochs=1)
     (out / missing / "model.pt").unlink()
     with pytest.raises(TaspruneError) as info:
-        write_report(out, latency_batches=(1,), repeats=1)
+        write_report(out, latency_batches=(1,), repeats=1, int8=False)
     msg = str(info.value)
     assert f"{missing}/model.pt" in msg and "Fix: run `tasprune run RECIPE --out" in msg
     assert "\n" not in msg
@@ -235,7 +238,7 @@ def test_a_latency_budget_is_reported_predicted_against_measured(tmp_path: Path)
     shape.save(
         out / "search" / "shape.json", **{**data, "latency": {**latency, "predicted_ms": 1.0}}
     )
-    report = write_report(out, latency_batches=(1,), repeats=3)
+    report = write_report(out, latency_batches=(1,), repeats=3, int8=False)
     lb = report["search"]["latency_budget"]  # type: ignore[index]
     assert lb["measured_ms"] > 0 and lb["teacher_measured_ms"] > 0
     assert lb["measured_ratio"] == pytest.approx(lb["measured_ms"] / lb["teacher_measured_ms"])
@@ -246,3 +249,46 @@ def test_a_latency_budget_is_reported_predicted_against_measured(tmp_path: Path)
     assert (
         "target latency ratio 0.500" in md and "latency budget (eager, 1 thread(s), batch 4)" in md
     )
+
+
+@needs_fashion_mnist
+def test_report_has_int8_rows(run: tuple[Path, dict]) -> None:
+    """Both networks' int8 ONNX models: top-1 on the export's held-out test images and ONNX
+    Runtime latency at each batch, in report.json and as rows of the table."""
+    out, report = run
+    for role in ("teacher", "pruned"):
+        int8 = report[role]["int8"]  # type: ignore[index]
+        assert int8["images"] == CHECK_IMAGES
+        assert 0 <= int8["top1"] <= 100 and 0 <= int8["onnx_fp32_top1"] <= 100
+        latency = report[role]["int8_latency_ms"]  # type: ignore[index]
+        assert set(latency) == {"1", "4"}
+        assert all(v > 0 and math.isfinite(v) for v in latency.values())
+    assert set(report["pruned"]["int8_latency_ratio"]) == {"1", "4"}  # type: ignore[index]
+    md = (out / "report.md").read_text()
+    assert f"| ONNX int8 top-1, {CHECK_IMAGES} test images (%) |" in md
+    assert "| ONNX Runtime int8 latency, batch 4 (ms) |" in md
+    assert f"on {CHECK_IMAGES} seeded test images" in md
+
+
+def test_int8_rows_without_data_or_quantiser_are_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training data that cannot be read, or no onnxruntime.quantization: the report is
+    written without int8 rows, and says why."""
+    out = make_run(tmp_path / "run")
+    for folder in ("teacher", "student"):
+        payload = load_checkpoint(out / folder / "model.pt")
+        payload["meta"]["recipe"]["data"] = {"name": "cifar10", "root": str(tmp_path / "absent")}
+        save_checkpoint(out / folder / "model.pt", payload)
+    report = write_report(out, latency_batches=(1,), repeats=1)
+    notes = [n for n in report["notes"] if n.startswith("int8 rows of the")]
+    assert len(notes) == 2 and all("cifar10" in n and "Fix:" in n for n in notes)
+    assert "int8" not in report["teacher"] and "int8" not in report["pruned"]
+    assert "int8" not in format_table(report)
+    assert (out / "report.json").is_file()
+
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # import raises
+    report = write_report(make_run(tmp_path / "run2"), latency_batches=(1,), repeats=1)
+    notes = [n for n in report["notes"] if n.startswith("int8 rows of the")]
+    assert len(notes) == 2 and all("onnxruntime.quantization unavailable" in n for n in notes)
+    assert "int8_latency_ms" not in report["pruned"]

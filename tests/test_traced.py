@@ -215,7 +215,7 @@ def test_tasprune_run_on_a_torchvision_model(tmp_path: Path) -> None:
         "teacher: {train: {epochs: 2, batch_size: 64, lr: 0.05}}\n"
         "search: {epochs: 2, batch_size: 64, valid_batches: 1}\n"
         "distill: {train: {epochs: 2, batch_size: 64, lr: 0.05}}\n"
-        "report: {latency_batches: [1], latency_repeats: 1}\n"
+        "report: {latency_batches: [1], latency_repeats: 1, int8: false}\n"
     )
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TASPRUNE_NO_PROGRESS": "1"}

@@ -289,6 +289,7 @@ class _Run:
             latency_batches=tuple(rc.latency_batches),
             repeats=rc.latency_repeats,
             tensorboard=self.recipe.log == "tensorboard",
+            int8=rc.int8,
         )
         return out
 

@@ -5,10 +5,13 @@ and writes ``DIR/report.json`` (written last: it is the stage's completion marke
 ``DIR/report.md`` and ``DIR/plots/{widths,depths,search_trajectory,training}.png`` (drawn by
 `tasprune.plots`). Both networks are rebuilt from their ``model.pt`` (weights-only load), so
 FLOPs and params are the exact ones of the stored shapes and the latency (`tasprune.latency`)
-is that of the real, physically smaller net.
+is that of the real, physically smaller net. Each network's ONNX export is also quantised to
+int8 as `tasprune export --int8` quantises it (`tasprune.int8`): its top-1 on the export's
+held-out test images and its ONNX Runtime latency get rows of their own.
 Optional inputs that are absent (no search history when the shape was given, no training
 history of an imported teacher, no depth choices in a network of plain convs) skip their part
-with a note instead of failing.
+with a note instead of failing; so do the int8 rows when onnxruntime's quantisation is not
+installed or the training data cannot be read.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.errors import TaspruneError
 from tasprune.export import export_model, load_exportable
+from tasprune.int8 import MIN_AGREEMENT, check_int8, int8_images, int8_path, quantize
 from tasprune.latency import LatencySettings, measure
 from tasprune.plots import (
     DPI,
@@ -160,8 +164,10 @@ def _measure(
     repeats: int,
     onnx_dir: Path,
     notes: list[str],
+    int8: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(report entry, meta) of one stored network: cost, accuracy and latency."""
+    """(report entry, meta) of one stored network: cost, accuracy and latency (and its int8
+    ONNX model's, with ``int8``)."""
     model, meta, _ = load_exportable(model_file)
     shape = Shape.from_dict(meta["shape"])
     c, h, w = meta["input_size"]
@@ -196,6 +202,7 @@ def _measure(
     entry["latency_p10_p90_ms"] = spread
 
     onnx_latency: dict[str, float] = {}
+    onnx_file: Path | None = None
     try:
         onnx_file = export_model(model_file, "onnx", onnx_dir / f"{role}.onnx")
         for b in batches:
@@ -205,6 +212,8 @@ def _measure(
     except TaspruneError as err:
         notes.append(f"ONNX latency of the {role} skipped: {err}")
     entry["onnx_latency_ms"] = onnx_latency
+    if onnx_file is not None and int8:
+        entry.update(_measure_int8(role, model, meta, onnx_file, batches, repeats, notes))
     logger.info(
         "%s: %.2f MFLOPs, %.3f M params, latency %s ms (onnx %s ms)",
         role,
@@ -214,6 +223,58 @@ def _measure(
         {k: round(v, 3) for k, v in onnx_latency.items()},
     )
     return entry, meta
+
+
+def _measure_int8(
+    role: str,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    onnx_file: Path,
+    batches: Sequence[int],
+    repeats: int,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The int8 entries of one network: its fp32 ONNX export quantised as `tasprune export
+    --int8` quantises it (same calibration images), top-1 of both ONNX models on the export's
+    held-out test images, and the int8 model's ONNX Runtime latency timed like the fp32 one.
+    {} and a note when quantisation is not installed or the data cannot be read."""
+    try:
+        import onnxruntime.quantization  # noqa: F401  (an optional part of onnxruntime)
+    except ImportError as err:
+        notes.append(
+            f"int8 rows of the {role} skipped: onnxruntime.quantization unavailable ({err})"
+        )
+        return {}
+    try:
+        images = int8_images(meta)
+        quantized = int8_path(onnx_file)
+        quantized.write_bytes(
+            quantize(onnx_file.read_bytes(), images.calibration).SerializeToString()
+        )
+        check = check_int8(onnx_file, quantized, images.check, images.labels)
+        c, h, w = meta["input_size"]
+        latency: dict[str, float] = {}
+        for b in batches:
+            settings = LatencySettings("onnxruntime", b, None, repeats, min(5, repeats))
+            stats = measure(model, (int(c), int(h), int(w)), settings, onnx_file=quantized)
+            latency[str(b)] = stats["median_ms"]
+    except (OSError, TaspruneError) as err:
+        notes.append(f"int8 rows of the {role} skipped: {err}")
+        return {}
+    if check.agreement < MIN_AGREEMENT:
+        notes.append(
+            f"the {role}'s {check.line()}: `tasprune export --int8` would refuse this model"
+        )
+    return {
+        "int8": {
+            "images": check.images,
+            "calibration": images.source,
+            "agreement": check.agreement,
+            "onnx_fp32_top1": 100 * check.fp32_top1,
+            "top1": 100 * check.int8_top1,
+        },
+        "int8_latency_ms": latency,
+    }
 
 
 def _measure_latency_budget(
@@ -269,7 +330,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """Markdown table, teacher vs pruned: accuracy, MFLOPs, params, eager and ONNX latency."""
+    """Markdown table, teacher vs pruned: accuracy, MFLOPs, params, eager and ONNX latency
+    (and the int8 ONNX model's top-1 and latency when measured)."""
     t, p = report.get("teacher") or {}, report.get("pruned") or {}
 
     def diff(key: str) -> str:
@@ -300,7 +362,20 @@ def format_table(report: dict[str, Any]) -> str:
                 ratio(a, b),
             )
         )
-    for key, label in (("latency_ms", "latency"), ("onnx_latency_ms", "ONNX Runtime latency")):
+    ti, pi = t.get("int8") or {}, p.get("int8") or {}
+    if ti or pi:
+        n = ti.get("images") or pi.get("images")
+        for key, label in (("onnx_fp32_top1", "ONNX fp32"), ("top1", "ONNX int8")):
+            a, b = ti.get(key), pi.get(key)
+            delta = f"{b - a:+.2f} pt" if isinstance(a, float) and isinstance(b, float) else "-"
+            rows.append(
+                (f"{label} top-1, {n} test images (%)", _fmt(a, ".2f"), _fmt(b, ".2f"), delta)
+            )
+    for key, label in (
+        ("latency_ms", "latency"),
+        ("onnx_latency_ms", "ONNX Runtime latency"),
+        ("int8_latency_ms", "ONNX Runtime int8 latency"),
+    ):
         tl, pl = t.get(key) or {}, p.get(key) or {}
         for batch in sorted(set(tl) | set(pl), key=lambda k: int(k)):
             a, b = tl.get(batch), pl.get(batch)
@@ -323,6 +398,15 @@ def _markdown(report: dict[str, Any]) -> str:
         f"(eager PyTorch) and CPU (ONNX Runtime), {lat.get('threads')} threads. "
         "Ratios are pruned / teacher; accuracy changes are in percentage points.",
     ]
+    int8 = (report.get("pruned") or {}).get("int8") or (report.get("teacher") or {}).get("int8")
+    if int8:
+        lines += [
+            "",
+            "int8: each fp32 ONNX model quantised as `tasprune export --int8` quantises it "
+            f"(ONNX Runtime static QDQ, calibrated on {int8.get('calibration')}); its top-1 and "
+            f"the fp32 ONNX model's are on {int8.get('images')} seeded test images, not the "
+            "whole test set of the top-1 row.",
+        ]
     search = report.get("search") or {}
     if search:
         band = search.get("band")
@@ -379,7 +463,10 @@ def _to_tensorboard(out: Path, report: dict[str, Any], markdown: str) -> None:
     for role in ("teacher", "pruned"):
         entry = report[role]
         values = {f"{role}/{k}": entry.get(k) for k in ("top1", "top5", "flops", "params")}
-        for kind in ("latency_ms", "onnx_latency_ms", "latency_ratio", "onnx_latency_ratio"):
+        if entry.get("int8"):
+            values[f"{role}/int8_top1"] = entry["int8"]["top1"]
+        kinds = ("latency_ms", "onnx_latency_ms", "int8_latency_ms")
+        for kind in (*kinds, *(k.replace("_ms", "_ratio") for k in kinds)):
             values.update({f"{role}/{kind}_b{b}": v for b, v in (entry.get(kind) or {}).items()})
         for key in ("flops_ratio", "params_ratio"):
             if key in entry:
@@ -399,13 +486,15 @@ def write_report(
     latency_batches: Sequence[int] = (1, 64),
     repeats: int = 20,
     tensorboard: bool = False,
+    int8: bool = True,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` for a finished run; return the
     report dict. With ``tensorboard`` the figures also go to ``run_dir/tensorboard/report``
     (scalars ``teacher/*``, ``pruned/*``, the report table as text, the plots as images).
 
     ``device`` is where eager latency is measured (ONNX Runtime always runs on CPU);
-    ``latency_batches`` are the batch sizes timed, each the median of ``repeats`` runs.
+    ``latency_batches`` are the batch sizes timed, each the median of ``repeats`` runs;
+    ``int8``: also quantise both networks and report their int8 top-1 and latency.
     """
     out = Path(run_dir).expanduser()
     if not out.is_dir():
@@ -426,7 +515,7 @@ def write_report(
     with tempfile.TemporaryDirectory(prefix="tasprune-report-") as tmp:
         for role, folder in ROLES:
             entry, meta = _measure(
-                role, out / folder / "model.pt", dev, batches, repeats, Path(tmp), notes
+                role, out / folder / "model.pt", dev, batches, repeats, Path(tmp), notes, int8
             )
             entries[role], metas[role] = entry, meta
     teacher, pruned = entries["teacher"], entries["pruned"]
@@ -439,6 +528,10 @@ def write_report(
     pruned["params_ratio"] = pruned["params"] / teacher["params"]
     pruned["latency_ratio"] = _ratios(pruned["latency_ms"], teacher["latency_ms"])
     pruned["onnx_latency_ratio"] = _ratios(pruned["onnx_latency_ms"], teacher["onnx_latency_ms"])
+    if "int8_latency_ms" in pruned and "int8_latency_ms" in teacher:
+        pruned["int8_latency_ratio"] = _ratios(
+            pruned["int8_latency_ms"], teacher["int8_latency_ms"]
+        )
 
     search, search_rows, budget = _search_section(out, metas["pruned"], notes)
     band = budget.band if budget is not None else None

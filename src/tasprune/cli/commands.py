@@ -294,6 +294,7 @@ def cmd_report(a: ReportInputs) -> int:
             "latency_batches": tuple(rc.latency_batches),
             "repeats": rc.latency_repeats,
             "tensorboard": stored.log == "tensorboard",
+            "int8": rc.int8,
         }
     with run_lock(run_dir):
         write_report(run_dir, device="cpu", **kwargs)

@@ -124,6 +124,9 @@ class ReportConfig(BaseModel):
 
     latency_batches: tuple[int, ...] = (1, 64)  # CPU latency is measured at these batch sizes
     latency_repeats: int = Field(default=20, ge=1)  # timed runs per measurement (median kept)
+    # int8 rows: both networks quantised as `tasprune export --int8` does, scored on 1,000 test
+    # images and timed in ONNX Runtime (a few seconds per network on a small one).
+    int8: bool = True
 
 
 class Recipe(BaseModel):
