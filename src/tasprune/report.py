@@ -205,15 +205,12 @@ def _measure(
     onnx_file: Path | None = None
     try:
         onnx_file = export_model(model_file, "onnx", onnx_dir / f"{role}.onnx")
-        for b in batches:
-            settings = LatencySettings("onnxruntime", b, None, repeats, warmup)
-            stats = measure(model, size, settings, onnx_file=onnx_file)
-            onnx_latency[str(b)] = stats["median_ms"]
+        onnx_latency = _onnx_latency(model, size, onnx_file, batches, repeats)
     except TaspruneError as err:
         notes.append(f"ONNX latency of the {role} skipped: {err}")
     entry["onnx_latency_ms"] = onnx_latency
     if onnx_file is not None and int8:
-        entry.update(_measure_int8(role, model, meta, onnx_file, batches, repeats, notes))
+        entry.update(_measure_int8(role, model, meta, size, onnx_file, batches, repeats, notes))
     logger.info(
         "%s: %.2f MFLOPs, %.3f M params, latency %s ms (onnx %s ms)",
         role,
@@ -225,10 +222,26 @@ def _measure(
     return entry, meta
 
 
+def _onnx_latency(
+    model: torch.nn.Module,
+    size: tuple[int, int, int],
+    onnx_file: Path,
+    batches: Sequence[int],
+    repeats: int,
+) -> dict[str, float]:
+    """Median ms per batch of the ONNX model ``onnx_file`` in ONNX Runtime at each batch."""
+    out = {}
+    for b in batches:
+        settings = LatencySettings("onnxruntime", b, None, repeats, min(5, repeats))
+        out[str(b)] = measure(model, size, settings, onnx_file=onnx_file)["median_ms"]
+    return out
+
+
 def _measure_int8(
     role: str,
     model: torch.nn.Module,
     meta: dict[str, Any],
+    size: tuple[int, int, int],
     onnx_file: Path,
     batches: Sequence[int],
     repeats: int,
@@ -252,12 +265,7 @@ def _measure_int8(
             quantize(onnx_file.read_bytes(), images.calibration).SerializeToString()
         )
         check = check_int8(onnx_file, quantized, images.check, images.labels)
-        c, h, w = meta["input_size"]
-        latency: dict[str, float] = {}
-        for b in batches:
-            settings = LatencySettings("onnxruntime", b, None, repeats, min(5, repeats))
-            stats = measure(model, (int(c), int(h), int(w)), settings, onnx_file=quantized)
-            latency[str(b)] = stats["median_ms"]
+        latency = _onnx_latency(model, size, quantized, batches, repeats)
     except (OSError, TaspruneError) as err:
         notes.append(f"int8 rows of the {role} skipped: {err}")
         return {}
