@@ -282,7 +282,9 @@ def test_int8_rows_without_data_or_quantiser_are_a_note(
         save_checkpoint(out / folder / "model.pt", payload)
     report = write_report(out, latency_batches=(1,), repeats=1)
     notes = [n for n in report["notes"] if n.startswith("int8 rows of the")]
-    assert len(notes) == 2 and all("cifar10" in n and "Fix:" in n for n in notes)
+    assert len(notes) == 2 and all(
+        "cifar10" in n and "export --int8 --data-root" in n for n in notes
+    )
     assert "int8" not in report["teacher"] and "int8" not in report["pruned"]
     assert "int8" not in format_table(report)
     assert (out / "report.json").is_file()

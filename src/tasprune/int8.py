@@ -266,18 +266,22 @@ def quantize(fp32: bytes, calibration: np.ndarray) -> Any:
             ) from err
 
 
-def quantize_int8(fp32: bytes, images: Int8Images) -> tuple[Any, dict[str, Any]]:
+def quantize_int8(
+    fp32: bytes, images: Int8Images, min_agreement: float = MIN_AGREEMENT
+) -> tuple[Any, dict[str, Any]]:
     """The int8 model (an ``onnx.ModelProto``) of the fp32 ONNX model ``fp32`` (its bytes),
-    and what describes it (format, calibration images, the check on held-out images).
+    and what describes it (format, calibration images, the check on held-out images: ``check``
+    holds an :class:`Int8Check`'s fields). The export and the report both quantise here.
 
     Raises :class:`ExportError` on a gross failure: agreement with the fp32 top-1 below
-    :data:`MIN_AGREEMENT`, a zero or non-finite scale, non-finite logits.
+    ``min_agreement`` (the report passes 0 and notes it instead), a zero or non-finite
+    scale, non-finite logits.
     """
     model = quantize(fp32, images.calibration)
     _check_scales(model)
     check = check_int8(fp32, model.SerializeToString(), images.check, images.labels)
     logger.info("%s", check.line())
-    if check.agreement < MIN_AGREEMENT:
+    if check.agreement < min_agreement:
         raise ExportError(
             f"{check.line()}: below the {100 * MIN_AGREEMENT:.0f}% a sound int8 model keeps. "
             "Fix: calibrate on more images (--calibration-images) or ship the fp32 model"

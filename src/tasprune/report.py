@@ -33,13 +33,12 @@ from tasprune.budget import Budget
 from tasprune.checkpoint import checkpoint_exists
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
-from tasprune.errors import TaspruneError
+from tasprune.errors import DataError, TaspruneError
 from tasprune.export import export_model, load_exportable
-from tasprune.int8 import MIN_AGREEMENT, check_int8, int8_images, int8_path, quantize
+from tasprune.int8 import MIN_AGREEMENT, Int8Check, int8_images, int8_path, quantize_int8
 from tasprune.latency import LatencySettings, measure
 from tasprune.plots import (
     DPI,
-    PLOTS,
     finite,
     has_value,
     plot_depths,
@@ -47,6 +46,7 @@ from tasprune.plots import (
     plot_training,
     plot_widths,
 )
+from tasprune.report_table import fmt, format_table, markdown
 from tasprune.shape import Shape
 from tasprune.utils import (
     JsonlLogger,
@@ -261,11 +261,16 @@ def _measure_int8(
     try:
         images = int8_images(meta)
         quantized = int8_path(onnx_file)
-        quantized.write_bytes(
-            quantize(onnx_file.read_bytes(), images.calibration).SerializeToString()
-        )
-        check = check_int8(onnx_file, quantized, images.check, images.labels)
+        proto, info = quantize_int8(onnx_file.read_bytes(), images, min_agreement=0.0)
+        quantized.write_bytes(proto.SerializeToString())
+        check = Int8Check(**info["check"])
         latency = _onnx_latency(model, size, quantized, batches, repeats)
+    except DataError as err:
+        notes.append(
+            f"int8 rows of the {role} skipped: {err.problem}. `tasprune export --int8 "
+            "--data-root DIR` quantises it with the data at DIR"
+        )
+        return {}
     except (OSError, TaspruneError) as err:
         notes.append(f"int8 rows of the {role} skipped: {err}")
         return {}
@@ -328,127 +333,6 @@ def _save(fig: Any, out: Path, name: str) -> str:
     fig.savefig(buf, format="png", dpi=DPI)
     atomic_write_bytes(out / rel, buf.getvalue(), error_cls=ReportError)
     return rel
-
-
-# --------------------------------------------------------------------------- markdown
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, int | float) else "-"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """Markdown table, teacher vs pruned: accuracy, MFLOPs, params, eager and ONNX latency
-    (and the int8 ONNX model's top-1 and latency when measured)."""
-    t, p = report.get("teacher") or {}, report.get("pruned") or {}
-
-    def diff(key: str) -> str:
-        a, b = t.get(key), p.get(key)
-        if isinstance(a, int | float) and isinstance(b, int | float):
-            return f"{b - a:+.2f} pt"
-        return "-"
-
-    def ratio(a: Any, b: Any) -> str:
-        if isinstance(a, int | float) and isinstance(b, int | float) and a:
-            return f"{b / a:.3f}x"
-        return "-"
-
-    rows = [
-        ("top-1 (%)", _fmt(t.get("top1"), ".2f"), _fmt(p.get("top1"), ".2f"), diff("top1")),
-        ("top-5 (%)", _fmt(t.get("top5"), ".2f"), _fmt(p.get("top5"), ".2f"), diff("top5")),
-    ]
-    for key, label, scale, spec in (
-        ("flops", "MFLOPs (MACs)", 1e6, ".2f"),
-        ("params", "params (M)", 1e6, ".4f"),
-    ):
-        a, b = t.get(key), p.get(key)
-        rows.append(
-            (
-                label,
-                _fmt(a / scale if a is not None else None, spec),
-                _fmt(b / scale if b is not None else None, spec),
-                ratio(a, b),
-            )
-        )
-    ti, pi = t.get("int8") or {}, p.get("int8") or {}
-    if ti or pi:
-        n = ti.get("images") or pi.get("images")
-        for key, label in (("onnx_fp32_top1", "ONNX fp32"), ("top1", "ONNX int8")):
-            a, b = ti.get(key), pi.get(key)
-            delta = f"{b - a:+.2f} pt" if isinstance(a, float) and isinstance(b, float) else "-"
-            rows.append(
-                (f"{label} top-1, {n} test images (%)", _fmt(a, ".2f"), _fmt(b, ".2f"), delta)
-            )
-    for key, label in (
-        ("latency_ms", "latency"),
-        ("onnx_latency_ms", "ONNX Runtime latency"),
-        ("int8_latency_ms", "ONNX Runtime int8 latency"),
-    ):
-        tl, pl = t.get(key) or {}, p.get(key) or {}
-        for batch in sorted(set(tl) | set(pl), key=lambda k: int(k)):
-            a, b = tl.get(batch), pl.get(batch)
-            rows.append(
-                (f"{label}, batch {batch} (ms)", _fmt(a, ".3f"), _fmt(b, ".3f"), ratio(a, b))
-            )
-    lines = ["| | teacher | pruned | pruned vs teacher |", "|---|---:|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    return "\n".join(lines)
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    lat = report.get("latency") or {}
-    lines = [
-        f"# TAS pruning report: {report.get('model')} on {report.get('dataset')}",
-        "",
-        format_table(report),
-        "",
-        f"Latency: median of {lat.get('repeats')} timed runs per batch on {lat.get('device')} "
-        f"(eager PyTorch) and CPU (ONNX Runtime), {lat.get('threads')} threads. "
-        "Ratios are pruned / teacher; accuracy changes are in percentage points.",
-    ]
-    int8 = (report.get("pruned") or {}).get("int8") or (report.get("teacher") or {}).get("int8")
-    if int8:
-        lines += [
-            "",
-            "int8: each fp32 ONNX model quantised as `tasprune export --int8` quantises it "
-            f"(ONNX Runtime static QDQ, calibrated on {int8.get('calibration')}); its top-1 and "
-            f"the fp32 ONNX model's are on {int8.get('images')} seeded test images, not the "
-            "whole test set of the top-1 row.",
-        ]
-    search = report.get("search") or {}
-    if search:
-        band = search.get("band")
-        band_txt = f"[{band[0]:.3f}, {band[1]:.3f}]" if band else "unknown"
-        lines += [
-            "",
-            "## Search",
-            "",
-            f"- target {search.get('metric', 'flops').replace('flops', 'FLOPs')} ratio "
-            f"{_fmt(search.get('target_ratio'), '.3f')}, band {band_txt}; "
-            f"pruned FLOPs ratio {_fmt((report.get('pruned') or {}).get('flops_ratio'), '.3f')}",
-            f"- {search.get('epochs', 0)} search epochs ({search.get('epochs_in_band', 0)} in the "
-            f"band), final mean entropy {_fmt(search.get('final_entropy'), '.3f')}",
-            f"- kept shape: {search.get('kept_shape_source')}",
-        ]
-        lb = search.get("latency_budget")
-        if lb:
-            lines.append(
-                f"- latency budget ({lb.get('runtime')}, {lb.get('threads')} thread(s), batch "
-                f"{lb.get('batch')}): predicted ratio {_fmt(lb.get('predicted_ratio'), '.3f')} "
-                f"({_fmt(lb.get('predicted_ms'), '.2f')} ms), measured "
-                f"{_fmt(lb.get('measured_ratio'), '.3f')} ({_fmt(lb.get('measured_ms'), '.2f')} "
-                f"of {_fmt(lb.get('teacher_measured_ms'), '.2f')} ms)"
-            )
-    plots = report.get("plots") or {}
-    if plots:
-        lines += ["", "## Plots", ""]
-        for name, rel in plots.items():
-            lines.append(f"- [{rel}]({rel}): {PLOTS[name]}")
-    notes = report.get("notes") or []
-    if notes:
-        lines += ["", "## Notes", ""]
-        lines += [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -555,7 +439,7 @@ def write_report(
         search["pruned_in_band"] = inside
         if not inside:
             notes.append(
-                f"the pruned {budget.label} ratio {_fmt(achieved, '.3f')} is outside the "
+                f"the pruned {budget.label} ratio {fmt(achieved, '.3f')} is outside the "
                 f"target band [{band[0]:.3f}, {band[1]:.3f}]: search longer or raise "
                 "search.arch_lr"
             )
@@ -628,10 +512,10 @@ def write_report(
         "plots": plots,
         "notes": notes,
     }
-    markdown = _markdown(report)
-    atomic_write_text(out / "report.md", markdown, error_cls=ReportError)
+    text = markdown(report)
+    atomic_write_text(out / "report.md", text, error_cls=ReportError)
     if tensorboard:
-        _to_tensorboard(out, report, markdown)
+        _to_tensorboard(out, report, text)
     # report.json last: it marks the report stage as finished.
     atomic_write_text(
         out / "report.json", json.dumps(report, indent=2) + "\n", error_cls=ReportError
