@@ -1,5 +1,9 @@
 """Search-iteration cost: one TAS iteration (weight step + architecture step) / one plain step.
 
+With ``arch_every=k`` an iteration is k weight steps and one architecture step, timed against
+k plain steps (the ratio per weight step, the architecture step at its amortised cost); with
+``arch_step=joint`` it is one step that updates both.
+
 Same batch size, same machine, same process; timing windows of the two are interleaved and the
 ratio of their medians is reported, so machine noise hits both alike. Peak memory (max RSS on
 CPU, max allocated on CUDA) is measured in a fresh subprocess per mode.
@@ -102,9 +106,15 @@ def make_search(
     ya = torch.randint(0, 10, (batch,), device=device)
     yb = torch.randint(0, 10, (batch,), device=device)
 
-    def step() -> None:
-        stepper.step(xa, ya, xb, yb)
+    every = 1 if cfg.arch_step == "joint" else cfg.arch_every
 
+    def step() -> None:
+        """One cycle: ``every`` weight steps on split A, the first with the architecture step
+        (joint: one step of both); timed against ``every`` plain steps."""
+        for i in range(every):
+            stepper.step(xa, ya, *((xb, yb) if i == 0 else (None, None)))
+
+    step.weight_steps = every  # type: ignore[attr-defined]
     return step
 
 
@@ -225,7 +235,9 @@ def main() -> None:
             "plain_step_ms": 1e3 * statistics.median(tp),
             "search_iter_ms": 1e3 * statistics.median(ts),
         }
-        row["ratio"] = row["search_iter_ms"] / row["plain_step_ms"]
+        # Per weight step: an architecture step every k weight steps counts at 1/k.
+        row["weight_steps_per_iter"] = srch.weight_steps
+        row["ratio"] = row["search_iter_ms"] / (srch.weight_steps * row["plain_step_ms"])
         if not args.no_memory:
             threads = torch.get_num_threads()
             plain_mem = peak_memory("plain", model, args.batch_size, args.device, 3, threads, size)

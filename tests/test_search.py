@@ -510,3 +510,68 @@ def test_projection_climbs_into_the_band_when_every_step_up_overshoots() -> None
             assert flops > high or flops <= net.shape_costs(shape)["flops"]
     projected = net.project(shape, budget)
     assert low <= net.shape_costs(projected)["flops"] <= high
+
+
+def _stepper(**settings):  # type: ignore[no-untyped-def]
+    from tasprune.search.step import SearchStepper, make_optimizers
+
+    torch.manual_seed(0)
+    cfg = SearchConfig(flops_ratio=0.3, **settings)
+    net = SuperNet("cifar_resnet20", num_classes=10, in_channels=1, input_size=(28, 28))
+    net.generator = torch.Generator().manual_seed(0)
+    w_opt, w_sched, a_opt = make_optimizers(net, cfg, 10)
+    return net, SearchStepper(net, w_opt, w_sched, a_opt, cfg)
+
+
+def _snapshot(net: SuperNet) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    arch = {id(p) for p in net.arch_parameters()}
+    weights = [p.detach().clone() for p in net.parameters() if id(p) not in arch]
+    return weights, [p.detach().clone() for p in net.arch_parameters()]
+
+
+def _moved(before: list[torch.Tensor], after: list[torch.Tensor]) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_weight_step_alone_leaves_the_logits_and_a_joint_step_moves_both() -> None:
+    """arch_every > 1: the steps without a split-B batch train the weights only. arch_step
+    joint: one forward, and both the weights and the logits move, the budget loss included
+    (the full-width argmax is far over a 0.3 budget)."""
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    net, stepper = _stepper(arch_every=4)
+    w0, a0 = _snapshot(net)
+    loss, arch_loss, bl, _ = stepper.step(x, y)
+    w1, a1 = _snapshot(net)
+    assert _moved(w0, w1) and not _moved(a0, a1)
+    assert float(arch_loss) == 0 and float(bl) == 0 and float(loss) > 0
+
+    net, stepper = _stepper(arch_step="joint")
+    w0, a0 = _snapshot(net)
+    loss, total, bl, _ = stepper.step(x, y, None, None)
+    w1, a1 = _snapshot(net)
+    assert _moved(w0, w1) and _moved(a0, a1)
+    assert float(bl) != 0 and float(total) == pytest.approx(float(loss) + float(bl), rel=1e-5)
+    assert stepper.a_opt.state_dict()["state"], "Adam stepped the logits"
+
+
+def test_arch_every_pairs_a_split_b_batch_with_every_kth_weight_step() -> None:
+    from tasprune.search.loop import _pairs
+
+    pairs = list(_pairs(range(7), iter("abc"), 3))
+    assert pairs == [(0, "a"), (1, None), (2, None), (3, "b"), (4, None), (5, None), (6, "c")]
+    assert list(_pairs(range(3), None, 1)) == [(0, None), (1, None), (2, None)]
+    assert list(_pairs(range(9), iter("ab"), 1)) == [(0, "a"), (1, "b")]  # as zip(A, B)
+    with pytest.raises(ValueError, match="arch_every"):
+        SearchConfig(arch_step="joint", arch_every=2)
+
+
+@pytest.mark.parametrize("settings", [{"arch_step": "joint"}, {"arch_every": 2}])
+def test_a_search_with_fewer_architecture_steps_ends_in_the_band(tmp_path, settings) -> None:
+    """Both cheaper schedules run the whole search (history, kept shape inside the band);
+    joint trains on A and B as one split, so an epoch has twice the weight steps."""
+    data = _subset(128)
+    cfg = SearchConfig(flops_ratio=0.5, epochs=2, batch_size=16, valid_batches=1, **settings)
+    result = search("cifar_resnet20", data, cfg, tmp_path / "s", progress=False)
+    assert cfg.flops_ratio - cfg.tolerance <= result.flops_ratio <= cfg.flops_ratio
+    assert len(result.history) == 2
+    assert all(row["arch_loss"] != 0 for row in result.history)

@@ -347,6 +347,7 @@ def search_loaders(
     seed: int = 0,
     world: tuple[int, int] | None = None,
     holdout: float = 0.0,
+    one_split: bool = False,
 ) -> tuple[Any, Any, Any]:
     """(split A, split B, validation) loaders of a TAS search: a stratified 50/50 split of the
     training images (weights train on A, the architecture on B), both augmented and sharded
@@ -354,7 +355,9 @@ def search_loaders(
     in-memory or streamed as :func:`train_test_loaders`.
 
     ``holdout`` (a fraction of B, stratified) is kept from the architecture steps and is the
-    validation set that ranks the in-band shapes; 0 validates on B itself, as the paper."""
+    validation set that ranks the in-band shapes; 0 validates on B itself, as the paper.
+    ``one_split`` (the joint search step): A and what B keeps are one training loader, and
+    the second loader is None."""
     idx_a, idx_b = stratified_split(train.labels, 0.5, seed)
     idx_val = idx_b
     if holdout > 0:
@@ -366,12 +369,16 @@ def search_loaders(
                 f"({idx_b.numel()} images). Fix: use more training images or holdout 0"
             )
         idx_b, idx_val = idx_b[keep], idx_b[held]
+    if one_split:
+        idx_a = torch.cat([idx_a, idx_b]).sort().values
     rank, size = world if world is not None else (ddp.get_rank(), ddp.get_world_size())
     batch = ddp.per_rank_batch(batch_size, size)
     if isinstance(train, StreamingFolder):
         return (
             train.loader(batch, train=True, seed=seed, rank=rank, world_size=size, part=idx_a),
-            train.loader(
+            None
+            if one_split
+            else train.loader(
                 batch, train=True, seed=seed + 10_000, rank=rank, world_size=size, part=idx_b
             ),
             train.loader(batch, train=False, rank=rank, world_size=size, part=idx_val),
@@ -391,4 +398,5 @@ def search_loaders(
             world_size=size,
         )
 
-    return half(idx_a, True, 0), half(idx_b, True, 10_000), half(idx_val, False, 0)
+    second = None if one_split else half(idx_b, True, 10_000)
+    return half(idx_a, True, 0), second, half(idx_val, False, 0)

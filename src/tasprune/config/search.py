@@ -129,6 +129,16 @@ class SearchConfig(SpaceOptions):
     # fmnist-r20-wd0-f30.md). The paper's recipes in configs/ set 0.001.
     arch_weight_decay: float = Field(default=0.0, ge=0)
 
+    # How the architecture steps interleave with the weight steps. "alternate" (the paper):
+    # a weight step on split A, then an architecture step on split B, every ``arch_every``-th
+    # weight step (1: every one). "joint": one forward per batch serves both (first-order,
+    # one split: A and B together), its loss the task loss plus the budget loss; about 1.4x
+    # a plain step instead of 2.4x (bench/results/search_cost_modes.md).
+    arch_step: Literal["alternate", "joint"] = "alternate"
+    arch_every: int = Field(
+        default=1, ge=1, description="alternate: an architecture step every k weight steps"
+    )
+
     # Gumbel temperature, cosine-annealed from tau_max to tau_min over the epochs.
     tau_max: float = Field(default=5.0, gt=0)
     tau_min: float = Field(default=0.1, gt=0)
@@ -155,6 +165,11 @@ class SearchConfig(SpaceOptions):
             self.flops_ratio = None  # a latency budget alone: the FLOPs default does not apply
         if self.flops_ratio is None and self.latency_ratio is None:
             raise ValueError("set flops_ratio or latency_ratio (or both)")
+        if self.arch_step == "joint" and self.arch_every != 1:
+            raise ValueError(
+                "arch_every applies to arch_step: alternate (joint makes an architecture "
+                "step with every weight step)"
+            )
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")
         for name in ("flops_ratio", "params_ratio", "latency_ratio"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -130,6 +131,20 @@ def valid_top1(
     return 100.0 * correct / max(1, total)
 
 
+def _pairs(a: Any, b: Any, every: int) -> Iterator[tuple[Any, Any]]:
+    """(batch of A, batch of B) for each weight step, B's batch only on every ``every``-th
+    (None between, and always None without a split B: the joint step)."""
+    it_b = iter(b) if b is not None else None
+    for i, batch in enumerate(a):
+        if it_b is None or i % every:
+            yield batch, None
+            continue
+        second = next(it_b, None)
+        if second is None:  # B is done: the epoch ends with it, as zip(A, B) does
+            return
+        yield batch, second
+
+
 def search(
     model: str,
     data: Any,
@@ -191,8 +206,12 @@ def search(
         seed=cfg.seed,
         world=(rank, world),
         holdout=cfg.holdout,
+        one_split=cfg.arch_step == "joint",
     )
-    steps = min(len(loader_a), len(loader_b))
+    steps = (
+        len(loader_a) if loader_b is None else min(len(loader_a), len(loader_b) * cfg.arch_every)
+    )
+    arch_steps = steps if loader_b is None else -(-steps // cfg.arch_every)
     if steps < 1:
         raise BudgetError(
             f"the training set is too small for batch {cfg.batch_size} "
@@ -239,10 +258,11 @@ def search(
         net.train()
         net.tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
         loader_a.set_epoch(epoch)
-        loader_b.set_epoch(epoch)
+        if loader_b is not None:
+            loader_b.set_epoch(epoch)
         acc, seconds = run_epoch(
             task,
-            zip(loader_a, loader_b, strict=False),
+            _pairs(loader_a, loader_b, cfg.arch_every),
             steps,
             device,
             epoch,
@@ -270,8 +290,8 @@ def search(
             "tau": net.tau,
             "lr": w_opt.param_groups[0]["lr"],
             "loss": sums["loss"] / steps,
-            "arch_loss": sums["arch_loss"] / steps,
-            "budget_loss": sums["budget"] / steps,
+            "arch_loss": sums["arch_loss"] / arch_steps,
+            "budget_loss": sums["budget"] / arch_steps,
             "flops": flops,
             "params": params,
             "flops_ratio": flops / net.full_flops,
@@ -288,7 +308,9 @@ def search(
             "entropy_mean": sum(ent.values()) / max(1, len(ent)),
             "entropy_max": max(ent.values(), default=0.0),
             "seconds": seconds,
-            "img_per_s": 2 * steps * cfg.batch_size / seconds,
+            "img_per_s": (steps + (0 if loader_b is None else arch_steps))
+            * cfg.batch_size
+            / seconds,
             "shape": shape.to_dict(),
         }
         if in_band and (best is None or top1 >= best["valid_top1"]):

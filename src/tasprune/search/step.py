@@ -1,4 +1,5 @@
-"""One TAS search iteration: a weight step on split A, then an architecture step on split B.
+"""One TAS search iteration: a weight step on split A, then an architecture step on split B
+(``arch_step: alternate``, every ``arch_every``-th weight step), or one joint step of both.
 
 `SearchStepper` is the step (with its optimisers: SGD + cosine schedule for the weights, Adam
 for the architecture logits); `SearchTask` hands it to the engine's `run_epoch`. Under DDP the
@@ -29,6 +30,7 @@ __all__ = [
     "SearchStepper",
     "SearchTask",
     "arch_update",
+    "budget_loss",
     "make_optimizers",
     "supernet_module",
     "wrap_search_ddp",
@@ -102,15 +104,23 @@ class SearchStepper:
             self._cost_cache[key] = self.net.shape_costs(shape)
         return self._cost_cache[key]
 
+    def current(self, device: torch.device) -> dict[str, Tensor] | dict[str, float]:
+        """The argmax shape's cost per metric: on an accelerator computed on the device
+        (`SuperNet.argmax_costs`), so a step never waits for the host; on the CPU, where a
+        host read is free, the memoised exact cost of ``derive()`` (cheaper there)."""
+        return self.exact(self.net.derive()) if device.type == "cpu" else self.net.argmax_costs()
+
     def step(
-        self, xa: Tensor, ya: Tensor, xb: Tensor, yb: Tensor
+        self, xa: Tensor, ya: Tensor, xb: Tensor | None = None, yb: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | float]:
         """Returns (weight loss, architecture loss, budget loss, the argmax shape's cost in the
         primary budget's metric).
 
-        On an accelerator the argmax shape's cost is computed on the device
-        (`SuperNet.argmax_cost`), so a step never waits for the host; on the CPU, where a
-        host read is free, it is the memoised exact cost of ``derive()`` (cheaper there)."""
+        ``arch_step: alternate``: a weight step on (xa, ya), then an architecture step on
+        (xb, yb) unless they are None (the steps between two architecture steps of
+        ``arch_every``). ``joint``: one step on (xa, ya) updates both; xb is not used."""
+        if self.cfg.arch_step == "joint":
+            return self._joint(xa, ya)
         net, cfg = self.net, self.cfg
         # Weight step on split A: the sampled widths carry no gradient to the logits here.
         for p in self.arch:
@@ -120,21 +130,17 @@ class SearchStepper:
         loss = F.cross_entropy(logits.float(), ya)
         self.w_opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.weights, cfg.grad_clip)
-        self.w_opt.step()
-        if self.w_sched is not None:
-            self.w_sched.step()
+        self._weight_update()
         for p in self.arch:
             p.requires_grad_(True)
+        if xb is None or yb is None:
+            zero = loss.detach().new_zeros(())
+            return loss.detach(), zero, zero, self.current(xa.device)[self.primary]
         # Architecture step on split B: gradients for the logits only, none for the weights.
         with autocast(xb.device, cfg.amp):
             logits = net(xb)
         ce = F.cross_entropy(logits.float(), yb)
-        on_cpu = xb.device.type == "cpu"
-        current: dict[str, Tensor] | dict[str, float] = (
-            self.exact(net.derive()) if on_cpu else net.argmax_costs()
-        )
+        current = self.current(xb.device)
         arch_loss, bl = arch_update(
             net,
             self.arch,
@@ -146,6 +152,54 @@ class SearchStepper:
             distributed=self.distributed,
         )
         return loss.detach(), arch_loss.detach(), bl.detach(), current[self.primary]
+
+    def _weight_update(self) -> None:
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.weights, self.cfg.grad_clip)
+        self.w_opt.step()
+        if self.w_sched is not None:
+            self.w_sched.step()
+
+    def _joint(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | float]:
+        """One forward of the sampled sub-network on (x, y); one backward gives the weights'
+        and the logits' gradients of task loss + budget loss (the budget loss depends on the
+        logits only); SGD steps the weights, Adam the logits."""
+        net, cfg = self.net, self.cfg
+        with autocast(x.device, cfg.amp):
+            logits = self.weight_model(x)
+        ce = F.cross_entropy(logits.float(), y)
+        current = self.current(x.device)
+        bl = budget_loss(net, self.budgets, cfg.budget_weight, current)
+        total = ce + bl.to(torch.float32)
+        self.w_opt.zero_grad(set_to_none=True)
+        for p in self.arch:
+            p.grad = None
+        total.backward()
+        if self.distributed:  # DDP averaged the weights' gradients, not the logits'
+            grads = _mean_over_ranks(tuple(p.grad for p in self.arch))
+            for p, g in zip(self.arch, grads, strict=True):
+                p.grad = g
+        self._weight_update()
+        self.a_opt.step()
+        return ce.detach(), total.detach(), bl.detach(), current[self.primary]
+
+
+def budget_loss(
+    net: SuperNet,
+    budgets: list[Budget],
+    budget_weight: float,
+    current: dict[str, Tensor] | dict[str, float],
+) -> Tensor:
+    """The sum of every budget's loss on the expected costs of the current distributions
+    (``current``: the argmax shape's cost per metric, which sets each loss's direction)."""
+    expected = net.expected_costs()
+    return sum(
+        (
+            b.loss(expected[b.metric], current[b.metric], net.full_cost(b.metric), budget_weight)
+            for b in budgets
+        ),
+        start=expected["flops"].new_zeros(()),
+    )
 
 
 def arch_update(
@@ -164,14 +218,7 @@ def arch_update(
     cost per metric) added to ``task_loss``, gradients for the logits ``arch`` only (the
     weights' ``.grad`` untouched; averaged over ranks when ``distributed``), one optimiser
     step. Returns (the architecture loss, the budget loss), detached."""
-    expected = net.expected_costs()
-    bl = sum(
-        (
-            b.loss(expected[b.metric], current[b.metric], net.full_cost(b.metric), budget_weight)
-            for b in budgets
-        ),
-        start=expected["flops"].new_zeros(()),
-    )
+    bl = budget_loss(net, budgets, budget_weight, current)
     total = task_loss.float() + bl.to(torch.float32)
     grads: tuple[Tensor | None, ...] = torch.autograd.grad(total, arch, allow_unused=True)
     if distributed:
@@ -192,14 +239,20 @@ class SearchTask:
         self.cost: Tensor | float = 0.0  # the argmax shape's cost at the last step
 
     def step(self, batch: Any, step: int) -> Tensor:
-        (xa, ya), (xb, yb) = batch
-        # No-ops for device-resident batches; streamed ones arrive on the CPU.
-        xa, ya, xb, yb = (t.to(self.device, non_blocking=True) for t in (xa, ya, xb, yb))
-        if self.cl:
-            xa = xa.contiguous(memory_format=torch.channels_last)
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        """``batch``: ((xa, ya), (xb, yb)), or ((xa, ya), None) for a weight step alone (or
+        a joint step)."""
+        first, second = batch
+        xa, ya = self._to_device(first)
+        xb, yb = self._to_device(second) if second is not None else (None, None)
         loss, arch_loss, bl, self.cost = self.stepper.step(xa, ya, xb, yb)
         return torch.stack([loss, arch_loss, bl])
+
+    def _to_device(self, batch: Any) -> tuple[Tensor, Tensor]:
+        # No-ops for device-resident batches; streamed ones arrive on the CPU.
+        x, y = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def postfix(self, sums: Tensor, steps: int, seconds: float) -> dict[str, str]:
         return {
