@@ -38,3 +38,28 @@ def test_own_loop_example(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rebuilt from a fresh SmallNet: outputs equal" in out.stdout
     assert (tmp_path / "shape.json").is_file() and (tmp_path / "student.pt").is_file()
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+@pytest.mark.parametrize(("example", "metric"), [("detection", "map"), ("segmentation", "miou")])
+def test_task_examples(tmp_path: Path, example: str, metric: str) -> None:
+    """The torchvision detector (SSDlite) and segmenter (LRASPP) examples on a few canvases:
+    searched and pruned inside the band (counted FLOPs), rebuilt from a fresh original with
+    equal outputs, exported to ONNX with parity, scored by COCO's mAP or mIoU."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TASPRUNE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, f"examples/{example}.py", "--tiny", "--out", str(tmp_path / "run")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert 0.45 <= report["flops_ratio"] <= 0.5
+    assert report["reload_equal"] is True and report["onnx_max_abs_diff"] < 1e-4
+    assert 0 <= report["student"]["test"][metric] <= 1

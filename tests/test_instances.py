@@ -169,3 +169,29 @@ def test_an_instance_trains_saves_and_loads_in_a_fresh_process(tmp_path: Path) -
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), want, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="not from this module"):
         tasprune.load(tmp_path / "fit", model=TinyNet(10, 3))
+
+
+def test_a_pruned_model_is_rebuilt_from_shape_and_weights_in_one_call(tmp_path: Path) -> None:
+    """Saved without pickling (shape.json + the pruned state dict), re-applied to a freshly
+    built original with one call, equal outputs; weights of another shape are refused."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    model = TwoHeads()
+    name = register_module(model, x)
+    shape = _half(name)
+    shape.save(tmp_path / "shape.json", model=name)
+    small = tasprune.prune(model, shape, example_inputs=x)
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(0.1)  # "fine-tuned": weights no original holds
+    torch.save(small.state_dict(), tmp_path / "student.pt")
+    fresh = TwoHeads()
+    weights = torch.load(tmp_path / "student.pt", weights_only=True)
+    rebuilt = tasprune.prune(fresh, tmp_path / "shape.json", example_inputs=x, pruned_state=weights)
+    assert type(rebuilt) is TwoHeads
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x)["boxes"], small.eval()(x)["boxes"])
+    with pytest.raises(ConfigError, match="pruned_state does not fit"):
+        tasprune.prune(
+            fresh, tmp_path / "shape.json", example_inputs=x, pruned_state=model.state_dict()
+        )

@@ -78,3 +78,36 @@ def test_bad_paths_and_kinds_are_one_clear_error() -> None:
     kd = tasprune.Distiller(teacher, teacher, outputs={"score": "mse"})
     with pytest.raises(ConfigError, match="no key 'score'"):
         kd(x, teacher(x))
+
+
+@pytest.mark.parametrize("class_dim", [1, -1])
+def test_soft_terms_average_the_kl_over_every_position_but_the_classes(class_dim: int) -> None:
+    """soft = T^2 x KL over the class dimension, averaged over the batch and every other
+    position (a segmentation map's pixels on dim 1, a detector's anchors with class_dim -1);
+    a head's scores named as a soft feature get the same term."""
+    torch.manual_seed(0)
+    teacher = TwoHeads().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 1, 32, 32)
+    kd = tasprune.Distiller(
+        teacher, student, outputs={"boxes": "soft"}, temperature=2.0, class_dim=class_dim
+    )
+    s, t = student(x)["boxes"], teacher(x)["boxes"]
+    p_t = torch.softmax(t / 2, class_dim)
+    kl = p_t * (torch.log_softmax(t / 2, class_dim) - torch.log_softmax(s / 2, class_dim))
+    want = kl.sum(class_dim).mean() * 4
+    got = kd(x, student(x)).detach()
+    assert float(got) == pytest.approx(float(want), rel=1e-4) and float(got) > 0
+    by_feature = tasprune.Distiller(
+        teacher,
+        student,
+        features={"box": "soft"},
+        temperature=2.0,
+        class_dim=class_dim,
+        example_inputs=x,
+    )
+    assert len(list(by_feature.parameters())) == 0  # soft features get no adapter
+    assert float(by_feature(x, student(x))) == pytest.approx(float(want), rel=1e-4)

@@ -149,3 +149,51 @@ def test_bad_use_is_one_clear_error() -> None:
     tas = tasprune.TAS(TinyNet(10, 1), x, epochs=1)
     with pytest.raises(ConfigError, match="not a scalar loss"):
         tas.arch_step(lambda: tas.model(x))
+
+
+@pytest.mark.slow
+def test_a_torchvision_detector_searches_in_train_mode_on_its_loss_dict() -> None:
+    """SSDlite traced the way it trains: example inputs (images, targets), a loss dict as its
+    output. The class and box convs of its head keep their widths (they feed the outputs),
+    the user's loss is the sum of the dict, and the pruned network is an SSD whose
+    detections (eval mode) and losses (train mode) have the original's structure, costing
+    what the analysis predicts per image."""
+    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = ssdlite320_mobilenet_v3_large(num_classes=4, weights=None, weights_backbone=None)
+    model.transform.min_size, model.transform.max_size = (64,), 64
+    model.transform.fixed_size = (64, 64)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    tas = tasprune.TAS(model.train(), (images, targets), epochs=1, flops_ratio=0.5, arch_lr=0.2)
+    from tasprune.models.traced import traced
+
+    heads = [
+        f"head.{k}_head.module_list.{i}.1"
+        for k in ("classification", "regression")
+        for i in range(6)
+    ]
+    assert set(heads) <= traced(tas.name).outputs
+    net = tas.model
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    for _ in range(2):
+        loss = sum(net(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tas.arch_step(lambda: sum(net(images, targets).values()))
+    tas.end_epoch()
+    small = tas.prune()
+    assert type(small) is type(model)
+    convs = dict(small.named_modules())
+    original = dict(model.named_modules())
+    assert all(convs[h].out_channels == original[h].out_channels for h in heads)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert set(small.train()(images, targets)) == {"bbox_regression", "classification"}
+    detections = small.eval()([images[0]])
+    assert set(detections[0]) == {"boxes", "scores", "labels"}
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        small.eval()([images[0]])
+    predicted = model_cost(tas.name, tas.shape())[0]
+    assert fc.get_total_flops() // 2 == predicted

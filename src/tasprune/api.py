@@ -330,6 +330,7 @@ def prune(
     in_channels: int = 3,
     state: dict[str, torch.Tensor] | None = None,
     example_inputs: Any = None,
+    pruned_state: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """The physically pruned network of ``shape`` (a Shape or a shape.json), for your own
     training loop: with ``state`` (an unpruned network's state_dict) its weights are cut from
@@ -337,7 +338,14 @@ def prune(
 
     ``model`` may be your network itself (an ``nn.Module`` with its trained weights, called on
     ``example_inputs``: a tensor or a tuple of its forward's arguments): the result is a
-    pruned copy, an instance of the same class, with its weights unless ``state`` is given."""
+    pruned copy, an instance of the same class, with its weights unless ``state`` is given.
+
+    ``pruned_state``: the pruned network's own state_dict (saved after fine-tuning), loaded
+    into the result, so a pruned model is saved as shape.json + weights, never pickled, and
+    rebuilt from a freshly built original with one call::
+
+        small = tasprune.prune(fresh, "shape.json", example_inputs=x, pruned_state=weights)
+    """
     if isinstance(model, nn.Module):
         if example_inputs is None:
             raise ConfigError(
@@ -357,7 +365,17 @@ def prune(
             )
     shape = upgrade_shape(name, shape)
     net = create_model(name, shape, num_classes=num_classes, in_channels=in_channels)
-    if state is not None:
+    if pruned_state is not None:
+        try:
+            net.load_state_dict(pruned_state)
+        except RuntimeError as err:
+            lines = str(err).splitlines()
+            detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:160]
+            raise ConfigError(
+                f"pruned_state does not fit the network of this shape ({detail}). Fix: pass "
+                "the state_dict saved with this shape.json"
+            ) from None
+    elif state is not None:
         load_weights(net, get_model_spec(name).transfer(state, shape, num_classes, in_channels))
     return net
 

@@ -62,8 +62,11 @@ class Distiller(nn.Module):
 
     ``outputs``: path -> kind; ``features``: module names present in both networks (a pruned
     student keeps the teacher's module names); ``temperature`` for ``soft``; ``weights``:
-    path or module name -> factor (default 1). The adapters are this module's parameters:
-    give them to your optimiser."""
+    path or module name -> factor (default 1); ``class_dim``: the class dimension of ``soft``
+    terms (1 for a classifier's logits or a segmentation map, -1 for a detector's per-anchor
+    scores). ``features`` may also map module names to kinds (default ``mse``; ``soft`` for
+    the class scores of a head, which need no adapter). The adapters are this module's
+    parameters: give them to your optimiser."""
 
     def __init__(
         self,
@@ -71,10 +74,11 @@ class Distiller(nn.Module):
         student: nn.Module,
         *,
         outputs: Mapping[str, str] | None = None,
-        features: Sequence[str] = (),
+        features: Sequence[str] | Mapping[str, str] = (),
         example_inputs: Any = None,
         temperature: float = 4.0,
         weights: Mapping[str, float] | None = None,
+        class_dim: int = 1,
     ) -> None:
         super().__init__()
         self.outputs = dict(outputs or {})
@@ -83,8 +87,14 @@ class Distiller(nn.Module):
             raise ConfigError(f"unknown KD kinds {bad}. Fix: use one of {', '.join(KINDS)}")
         if not self.outputs and not features:
             raise ConfigError("nothing to distil. Fix: name outputs={path: kind} or features=[...]")
-        self.features = list(features)
+        kinds = dict(features) if isinstance(features, Mapping) else dict.fromkeys(features, "mse")
+        bad = {n: k for n, k in kinds.items() if k not in KINDS}
+        if bad:
+            raise ConfigError(f"unknown KD kinds {bad}. Fix: use one of {', '.join(KINDS)}")
+        self.features = list(kinds)
+        self.feature_kinds = kinds
         self.temperature = temperature
+        self.class_dim = class_dim
         self.weights = dict(weights or {})
         self._teacher = [teacher]  # in a list: not a sub-module, so not trained or saved
         self.adapters = nn.ModuleDict()
@@ -121,7 +131,8 @@ class Distiller(nn.Module):
             for name, s_f, t_f in self._captured(
                 "is not a tensor output. Fix: name a module that returns one tensor"
             ):
-                self._adapter(name, s_f, t_f)
+                if self.feature_kinds[name] == "mse":
+                    self._adapter(name, s_f, t_f)
 
     def _capture(self, who: str, name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -179,9 +190,16 @@ class Distiller(nn.Module):
             "student's forward on x"
         )
         for name, s_f, t_f in self._captured(missing):
-            adapter = self._adapter(name, s_f, t_f)
+            kind = self.feature_kinds[name]
+            adapter = self._adapter(name, s_f, t_f) if kind == "mse" else None
             s_f = adapter(s_f.float()) if adapter is not None else s_f.float()
-            total = total + self.weights.get(name, 1.0) * F.mse_loss(s_f, t_f.detach().float())
+            if s_f.shape != t_f.shape:
+                raise ConfigError(
+                    f"feature {name!r} ({kind}): student {tuple(s_f.shape)} vs teacher "
+                    f"{tuple(t_f.shape)}. Fix: use mse (adapted) for features whose width differs"
+                )
+            term = self._term(s_f, t_f.detach().float(), kind)
+            total = total + self.weights.get(name, 1.0) * term
         return total
 
     def _captured(self, missing: str) -> list[tuple[str, Tensor, Tensor]]:
@@ -198,16 +216,16 @@ class Distiller(nn.Module):
 
     def _term(self, s: Tensor, t: Tensor, kind: str) -> Tensor:
         if kind == "soft":
-            temp = self.temperature
-            return (
-                F.kl_div(
-                    F.log_softmax(s / temp, dim=1),
-                    F.softmax(t / temp, dim=1),
-                    reduction="batchmean",
-                )
-                * temp
-                * temp
+            # KL summed over the classes, averaged over every other position (the batch, a
+            # segmentation map's pixels, a detector's anchors), times T^2.
+            temp, dim = self.temperature, self.class_dim
+            kl = F.kl_div(
+                F.log_softmax(s / temp, dim=dim),
+                F.log_softmax(t / temp, dim=dim),
+                reduction="none",
+                log_target=True,
             )
+            return kl.sum(dim).mean() * temp * temp
         if kind == "mse":
             return F.mse_loss(s, t)
         return F.l1_loss(s, t)

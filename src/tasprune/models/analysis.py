@@ -36,6 +36,7 @@ from tasprune.models.graph import (
     internal,
     out_channels_of,
     output_layers,
+    quiet,
     scopes,
     tied_conv,
 )
@@ -269,7 +270,9 @@ def _channel_groups(
     convs = (nn.Conv2d, nn.Linear)
     for scope, mod_scope, scope_example, dg in scopes(net, model, example):
         nodes.update(dg.module2node)
-        for tp_group in dg.get_all_groups(ignored_layers=kept, root_module_types=convs):
+        with quiet():
+            tp_groups = list(dg.get_all_groups(ignored_layers=kept, root_module_types=convs))
+        for tp_group in tp_groups:
             root_dep = tp_group[0].dep
             root = names.get(root_dep.target.module)
             if root is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,7 +147,7 @@ def internal(
     mod = twin.get_submodule(names[root_dep.target.module][len(scope) + 1 :])
     try:
         dg = dependency_graph(twin, example)
-        dg.get_pruning_group(mod, root_dep.handler, idxs=[full - 1]).prune()
+        prune_group(dg, mod, root_dep.handler, [full - 1])
         with eval_mode(twin), torch.no_grad():
             out = call(twin, example)
     except Exception:
@@ -163,7 +164,6 @@ def dependency_graph(net: nn.Module, example: Example | Tensor) -> Any:
     """Torch-Pruning's dependency graph of ``net`` called on ``example`` (a tensor or the
     positional arguments; its notices about unwrapped parameters such as layer scales are
     expected: they are pruned along their channel dimension)."""
-    import warnings
 
     import torch_pruning as tp
 
@@ -181,6 +181,22 @@ def dependency_graph(net: nn.Module, example: Example | Tensor) -> Any:
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Torch-Pruning's index-mapping walk warns "Maximum recursive depth reached!" on deep
+    graphs (a detector's); the walk's result is checked by the analysis, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Maximum recursive depth")
+        yield
+
+
+def prune_group(dg: Any, module: nn.Module, fn: Any, idxs: list[int]) -> None:
+    """Prune channels ``idxs`` of ``module`` (Torch-Pruning's handler ``fn``) and everything
+    coupled to them in ``dg``."""
+    with quiet():
+        dg.get_pruning_group(module, fn, idxs=idxs).prune()
 
 
 @contextlib.contextmanager

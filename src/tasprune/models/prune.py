@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tasprune.models.analysis import Traced
-from tasprune.models.graph import dependency_graph, eval_mode, module_inputs
+from tasprune.models.graph import dependency_graph, eval_mode, module_inputs, prune_group
 from tasprune.models.sources import Example
 from tasprune.shape import Shape
 
@@ -58,7 +58,7 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
                     fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
                 else:
                     fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
-                dg.get_pruning_group(mod, fn, idxs=list(range(k, g.full))).prune()
+                prune_group(dg, mod, fn, list(range(k, g.full)))
         for n, full_out in extra.items():
             # A conv subclass's own per-filter tensors (e.g. the gain of a weight-standardised
             # conv) that the graph does not prune: the kept filters are the first ones.

@@ -9,6 +9,7 @@ The source (name + build arguments) and the shape rebuild the network; no module
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -193,8 +194,8 @@ def traced_spec(model: str) -> Any:
 
     src = resolve(model)
     spec = _SPECS.get(src.key)
-    if spec is not None:
-        return spec
+    if spec is not None:  # one source under two spellings (NAME, tasprune:NAME): its own
+        return spec if spec.name == model else dataclasses.replace(spec, name=model)
     tr = traced(model)
 
     def build(shape: Shape, num_classes: int, in_channels: int) -> nn.Module:

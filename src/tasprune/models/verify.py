@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,14 +63,41 @@ def _trial(self: Traced, names: list[str]) -> str | None:
     try:
         found = cost_layers(self, copy.deepcopy(self.template), self.example)
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
+        batch = _first_batch(net)
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             y = call(net, self.example)
+        batch.remove()
         c = Counter(ExactAlgebra(shape))
         traced_cost(self, c, found)
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
     if (got := output_shapes(y)) != self.output_shapes:
         return f"outputs {got}, not {self.output_shapes}"
-    if fc.get_total_flops() // 2 != int(c.flops):
-        return f"counted {fc.get_total_flops() // 2} MACs, predicted {int(c.flops)}"
+    # The cost is per image (a layer's output size without its batch dimension); the
+    # example may hold several (a detector in train mode needs two for its batch norms).
+    counted = fc.get_total_flops() // 2
+    if counted != int(c.flops) * batch.size:
+        return f"counted {counted} MACs, predicted {int(c.flops) * batch.size}"
     return None
+
+
+class _first_batch:
+    """The batch size of the first conv/linear input in one call of ``net``."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.size = 1
+        self._seen = False
+        self._hooks = [
+            m.register_forward_hook(self._hook)
+            for m in net.modules()
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear))
+        ]
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        if not self._seen and args and isinstance(args[0], torch.Tensor):
+            self.size = int(args[0].shape[0]) if args[0].dim() >= 2 else 1
+            self._seen = True
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
