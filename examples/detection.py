@@ -291,6 +291,8 @@ def main() -> None:
         every=epochs,
         val=val_set,
     )
+    if kd is not None:
+        kd.remove()  # its feature hooks: the student is a plain SSD again
     student.eval()
     report["student"] = {"test": evaluate(student, test_set), "flops": flops(student)}
     report["flops_ratio"] = report["student"]["flops"] / report["teacher"]["flops"]

@@ -111,3 +111,6 @@ def test_soft_terms_average_the_kl_over_every_position_but_the_classes(class_dim
     )
     assert len(list(by_feature.parameters())) == 0  # soft features get no adapter
     assert float(by_feature(x, student(x))) == pytest.approx(float(want), rel=1e-4)
+    assert student.box._forward_hooks and teacher.box._forward_hooks
+    by_feature.remove()  # training done: no hooks of ours left on either network
+    assert not student.box._forward_hooks and not teacher.box._forward_hooks

@@ -100,6 +100,7 @@ class Distiller(nn.Module):
         self.adapters = nn.ModuleDict()
         self._seen: dict[str, dict[str, Tensor]] = {"teacher": {}, "student": {}}
         self._probing = False
+        self._hooks: list[Any] = []
         t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
         for name in self.features:
             if name not in t_mods or name not in s_mods:
@@ -107,8 +108,8 @@ class Distiller(nn.Module):
                     f"feature {name!r} is not a module of both networks. Fix: name a module "
                     "of the teacher that the student kept (model.named_modules())"
                 )
-            t_mods[name].register_forward_hook(self._capture("teacher", name))
-            s_mods[name].register_forward_hook(self._capture("student", name))
+            self._hooks.append(t_mods[name].register_forward_hook(self._capture("teacher", name)))
+            self._hooks.append(s_mods[name].register_forward_hook(self._capture("student", name)))
         if self.features:
             if example_inputs is None:
                 raise ConfigError(
@@ -133,6 +134,13 @@ class Distiller(nn.Module):
             ):
                 if self.feature_kinds[name] == "mse":
                     self._adapter(name, s_f, t_f)
+
+    def remove(self) -> None:
+        """Remove the feature hooks from both networks (after training: a student with no
+        hooks of ours left can be copied, pickled or traced like any module)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def _capture(self, who: str, name: str) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> None:
