@@ -195,3 +195,34 @@ def test_a_pruned_model_is_rebuilt_from_shape_and_weights_in_one_call(tmp_path: 
         tasprune.prune(
             fresh, tmp_path / "shape.json", example_inputs=x, pruned_state=model.state_dict()
         )
+
+
+class _GroupNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.g1 = nn.Conv2d(3, 64, 3, padding=1), nn.GroupNorm(8, 64)
+        self.c2, self.g2 = nn.Conv2d(64, 48, 3, padding=1), nn.GroupNorm(4, 48)
+        self.out = nn.Conv2d(48, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.g2(self.c2(self.g1(self.c1(x)).relu())).relu())
+
+
+def test_group_norm_widths_keep_whole_groups() -> None:
+    """A GroupNorm's channels are searched in whole groups (steps of its channels per
+    group), its group count follows, so the kept channels are normalised exactly as in the
+    unpruned network; the pruned network costs what is predicted."""
+    torch.manual_seed(0)
+    model, x = _GroupNormNet().eval(), torch.randn(2, 3, 16, 16)
+    name = register_module(model, x)
+    groups = traced(name).searchable_groups()
+    assert {n: g.multiple for n, g in groups.items()} == {"c1": 8, "c2": 12}
+    shape = traced(name).full_shape().replace(widths={"c1": 24, "c2": 36})
+    small = tasprune.prune(model, shape, example_inputs=x).eval()
+    assert (small.g1.num_groups, small.g1.num_channels) == (3, 24)
+    assert (small.g2.num_groups, small.g2.num_channels) == (3, 36)
+    with torch.no_grad():
+        assert torch.allclose(small.g1(small.c1(x)), model.g1(model.c1(x))[:, :24], atol=1e-5)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        small(x)
+    assert fc.get_total_flops() // 2 == model_cost(name, shape)[0] * 2  # two images

@@ -321,6 +321,18 @@ def _channel_groups(
         per = mod.out_channels // mod.groups
         g = groups[ri]
         g.multiple = g.multiple * per // math.gcd(g.multiple, per)
+    # A GroupNorm keeps whole groups: its width moves in steps of its channels per group
+    # (the group count follows, `prune_with`), so the kept channels are normalised exactly as
+    # in the unpruned network.
+    for layer, mod in net.named_modules():
+        if not isinstance(mod, nn.GroupNorm) or mod.num_groups == 1:
+            continue
+        roots = {_resolve(parent, g) for g in group_of.get((layer, True), [])}
+        per = mod.num_channels // mod.num_groups
+        for r in roots:
+            if len(roots) > 1:
+                groups[r].fixed = groups[r].fixed or f"GroupNorm {layer} spans several groups"
+            groups[r].multiple = groups[r].multiple * per // math.gcd(groups[r].multiple, per)
     merged = {n: g for n, g in groups.items() if parent[n] == n}
     group_of = {k: list(dict.fromkeys(_resolve(parent, g) for g in v)) for k, v in group_of.items()}
     # A group is named by the first layer (in module order) whose outputs are exactly its
@@ -349,7 +361,9 @@ def _channel_groups(
     merged = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
     for grp in merged.values():
         if grp.full % grp.multiple:
-            grp.fixed = grp.fixed or f"width {grp.full} is not a multiple of its conv groups"
+            grp.fixed = (
+                grp.fixed or f"width {grp.full} is not a multiple of its conv or norm groups"
+            )
     resolved: dict[tuple[str, bool, str], int] = {}
     for (layer, out, gn), off in offsets.items():
         key = (layer, out, _resolve(parent, gn))

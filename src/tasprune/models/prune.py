@@ -34,6 +34,11 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
             for n, m in mods.items()
             if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels
         }
+        norms = {  # GroupNorms and their channels per group, which stay (whole groups go)
+            n: m.num_channels // m.num_groups
+            for n, m in mods.items()
+            if isinstance(m, nn.GroupNorm)
+        }
         extra = {  # convs with per-filter parameters of their own, and their width
             n: m.out_channels
             for n, m in mods.items()
@@ -67,6 +72,10 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
             for pname, p in list(conv.named_parameters(recurse=False)):
                 if pname not in ("weight", "bias") and p.shape[:1] == (full_out,):
                     setattr(conv, pname, nn.Parameter(p.detach()[: conv.out_channels].clone()))
+        for n, per in norms.items():
+            norm = mods[n]
+            assert isinstance(norm, nn.GroupNorm)
+            norm.num_groups = norm.num_channels // per
         for n, (weight, groups) in grouped.items():
             # Whole groups are kept (Torch-Pruning would keep their count and thin each).
             conv = mods[n]
