@@ -39,7 +39,7 @@ test: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy src
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The inner loop: everything but the tests marked slow (end-to-end runs, torchrun launches).
 test-fast: setup

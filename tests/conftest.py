@@ -6,6 +6,7 @@ functions are imported (``from conftest import random_shape``).
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,15 @@ needs_fashion_mnist = pytest.mark.skipif(
     not (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
     reason=f"{SYSTEM_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers on two cores) every worker, and the
+    subprocesses its tests start, uses one intra-op thread: two workers of two threads each
+    would oversubscribe the cores several times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -226,3 +226,29 @@ def test_group_norm_widths_keep_whole_groups() -> None:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         small(x)
     assert fc.get_total_flops() // 2 == model_cost(name, shape)[0] * 2  # two images
+
+
+class _SharedHead(nn.Module):
+    """A trunk and one head conv applied to two pyramid levels (as detection heads are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Conv2d(32, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        p3 = self.trunk(x)
+        return [self.head(p3), self.head(self.down(p3))]
+
+
+def test_a_layer_called_on_several_levels_costs_every_call() -> None:
+    torch.manual_seed(0)
+    model, x = _SharedHead().eval(), torch.randn(1, 3, 16, 16)
+    name = register_module(model, x)
+    shape = _half(name)
+    small = tasprune.prune(model, shape, example_inputs=x).eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        small(x)
+    head_macs = 6 * 16 * 9 * (16 * 16 + 8 * 8)  # both levels, the pruned 16 input channels
+    assert model_cost(name, shape)[0] == fc.get_total_flops() // 2 > head_macs

@@ -203,7 +203,7 @@ def test_latency_budget_alone_drops_the_flops_default_and_both_can_be_set() -> N
 
 def test_unreachable_latency_budget_is_refused_with_the_minimum(cache, one_thread: None) -> None:
     with pytest.raises(BudgetError, match=r"smallest shape of cifar_resnet20 costs .* ms \(ratio"):
-        check_budget("cifar_resnet20", _cfg(latency_ratio=0.02, tolerance=0.01), (1, 8, 8), 10)
+        check_budget("cifar_resnet20", _cfg(latency_ratio=0.001, tolerance=0.0005), (1, 8, 8), 10)
 
 
 def test_a_latency_search_records_its_prediction(cache, tmp_path, one_thread: None) -> None:

@@ -347,7 +347,6 @@ def test_infeasible_target_is_refused_before_training(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.5, 0.7])
 def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
-    torch.set_num_threads(2)
     data = _subset(512)
     cfg = SearchConfig(
         flops_ratio=ratio,

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
@@ -36,6 +35,7 @@ from tasprune.models.graph import (
     internal,
     out_channels_of,
     output_layers,
+    output_shapes,
     quiet,
     scopes,
     tied_conv,
@@ -44,11 +44,6 @@ from tasprune.models.sources import Example, as_example, call
 from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)
-
-
-def output_shapes(out: Any) -> list[tuple[int, ...]]:
-    """The shapes of every tensor in a network's outputs, in order (any structure)."""
-    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
 
 
 def attention_modules(net: nn.Module) -> list[tuple[str, str]]:

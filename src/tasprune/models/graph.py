@@ -133,6 +133,13 @@ def module_inputs(net: nn.Module, example: Example) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def output_shapes(out: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a network's outputs, in order (any structure)."""
+    from torch.utils._pytree import tree_flatten
+
+    return [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+
+
 def internal(
     block: nn.Module, example: Example, root_dep: Any, full: int, names: dict[Any, str], scope: str
 ) -> bool:
@@ -152,7 +159,7 @@ def internal(
             out = call(twin, example)
     except Exception:
         return False
-    return isinstance(out, Tensor) and isinstance(ref, Tensor) and out.shape == ref.shape
+    return output_shapes(out) == output_shapes(ref)  # any output structure (a dict of maps)
 
 
 def tied_conv(mod: nn.Module) -> bool:

@@ -39,14 +39,16 @@ def cost_layers(
     net = net.eval()
     image = example[0] if example and isinstance(example[0], Tensor) else None
     in_channels = int(image.shape[1]) if image is not None and image.dim() == 4 else 0
-    sizes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    # Every call of a layer: one shared by several inputs (a detection head applied to each
+    # pyramid level) costs the sum of its calls.
+    sizes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     hooks = []
     for name, mod in net.named_modules():
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             hooks.append(
                 mod.register_forward_hook(
-                    lambda m, i, o, n=name: sizes.__setitem__(
-                        n, (tuple(i[0].shape), tuple(o.shape))
+                    lambda m, i, o, n=name: sizes.setdefault(n, []).append(
+                        (tuple(i[0].shape), tuple(o.shape))
                     )
                 )
             )
@@ -70,9 +72,10 @@ def cost_layers(
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             if name not in sizes:
                 continue  # never called (an unused head)
-            inp, out = sizes[name]
+            calls = sizes[name]
+            inp = calls[0][0]
             conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
-            pos = math.prod(out[2:]) if conv else math.prod(out[1:-1])
+            pos = sum(math.prod(out[2:]) if conv else math.prod(out[1:-1]) for _, out in calls)
             layers.append(
                 Layer(
                     name,
