@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--runtimes", default="eager,onnxruntime")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON and table")
+    ap.add_argument("--tag", default="", help="appended to the file names")
     args = ap.parse_args()
     c, h, w = (int(v) for v in args.input.split("x"))
     torch.set_num_threads(args.threads)
@@ -125,8 +127,8 @@ def main() -> None:
             f"{100 * summary['worst_error']:.1f}% | {100 * summary['median_ratio_error']:.1f}% | "
             f"{100 * summary['worst_ratio_error']:.1f}% |"
         )
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"latency_table_{args.model}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"latency_table_{args.model}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -260,3 +260,24 @@ def test_latency_table_command_writes_the_named_file_and_refuses_another_machine
     assert main(args) == 2
     assert "holds a latency table of another machine" in capsys.readouterr().err
     assert out.read_text() == before
+
+
+def test_an_int8_table_times_each_layer_quantised_as_the_export_ships_it(
+    one_thread: None,
+) -> None:
+    """latency_runtime onnxruntime-int8: its own table key (version says int8), widths looked
+    up at the padded block, each layer exported and quantised (QDQ) before it is timed, and a
+    whole network timed the same way."""
+    from tasprune.latency import LatencySettings, measure
+    from tasprune.search.latency import _timer
+
+    key = TableKey.here("onnxruntime-int8", 1, 4)
+    assert key.version.endswith("int8 QDQ") and key.slug().startswith("onnxruntime-int8")
+    op = Op("conv2d", (3, 3), (1, 1), (1, 1), (1, 1), (8, 8))
+    assert LatencyTable(key).padded(op, 5, 13) == (8, 16)
+    assert SearchConfig(latency_ratio=0.5, latency_runtime="onnxruntime-int8").snap_block == 8
+    ms = _timer(key, 3)(op, 16, 16)
+    assert ms >= 0.0
+    net = create_model("cifar_resnet20", num_classes=10, in_channels=1)
+    settings = LatencySettings("onnxruntime-int8", 2, 1, 3, 1)
+    assert measure(net, (1, 8, 8), settings)["median_ms"] > 0

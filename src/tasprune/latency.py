@@ -46,7 +46,7 @@ __all__ = [
     "torch_threads",
 ]
 
-Runtime = Literal["eager", "onnxruntime"]
+Runtime = Literal["eager", "onnxruntime", "onnxruntime-int8"]
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,13 @@ def onnx_session(
     x: Tensor,
     threads: int | None,
     fix: str = "use latency_runtime: eager",
+    *,
+    int8: bool = False,
 ) -> Any:
     """An ONNX Runtime session of ``model`` exported in memory at input ``x`` (the TorchScript
-    exporter at the export's opset); a runtime that cannot load it is one ConfigError line
-    ending in ``fix``."""
+    exporter at the export's opset); with ``int8`` quantised as `tasprune export --int8`
+    quantises (`tasprune.int8.quantize`, calibrated on ``x``: scales do not change the
+    time). A runtime that cannot load it is one ConfigError line ending in ``fix``."""
     buf = io.BytesIO()
     with quiet_exporters(), torch.no_grad():
         torch.onnx.export(
@@ -211,9 +214,12 @@ def onnx_session(
             opset_version=OPSET,
             input_names=["input"],
         )
-    return ort_session(
-        buf.getvalue(), threads, "no ONNX Runtime latency can be measured", fix, ConfigError
-    )
+    data = buf.getvalue()
+    if int8:
+        from tasprune.int8 import quantize
+
+        data = quantize(data, x.detach().cpu().numpy()).SerializeToString()
+    return ort_session(data, threads, "no ONNX Runtime latency can be measured", fix, ConfigError)
 
 
 def bound_run(session: Any, x: Tensor, model: nn.Module) -> Callable[[], None]:
@@ -276,7 +282,8 @@ def _measure_onnx_module(
     try:
         with torch_threads(settings.threads):
             twin = padded_copy(model, x, ORT_BLOCK)
-            session = onnx_session(twin, x, settings.threads)
+            int8 = settings.runtime == "onnxruntime-int8"
+            session = onnx_session(twin, x, settings.threads, int8=int8)
             times = time_calls(bound_run(session, x, twin), settings.repeats, settings.warmup)
     finally:
         model.train(was_training)

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["RUNTIMES", "LatencyTable", "Op", "TableKey", "cache_dir", "default_table_path"]
 
-RUNTIMES = ("eager", "onnxruntime")
+RUNTIMES = ("eager", "onnxruntime", "onnxruntime-int8")
+ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
 FORMAT = 1
 ORT_BLOCK = 8  # ONNX exports are padded to this many channels (tasprune.padding)
 
@@ -144,6 +145,16 @@ def _runtime_version(runtime: str) -> str:
             "onnxruntime is not installed, so no ONNX Runtime latency table can be measured. "
             "Fix: pip install 'tasprune[export]' or use latency_runtime: eager"
         ) from err
+    if runtime == "onnxruntime-int8":
+        try:
+            import onnxruntime.quantization  # noqa: F401  (an optional part of onnxruntime)
+        except ImportError as err:
+            raise ConfigError(
+                f"onnxruntime.quantization is unavailable ({err}), so no int8 latency table "
+                "can be measured. Fix: pip install 'tasprune[export]' or use "
+                "latency_runtime: onnxruntime"
+            ) from err
+        return f"onnxruntime {ort.__version__} int8 QDQ"
     return f"onnxruntime {ort.__version__}"
 
 
@@ -163,7 +174,7 @@ class TableKey:
             raise ConfigError(
                 f"unknown latency runtime {runtime!r}. Fix: use one of {', '.join(RUNTIMES)}"
             )
-        if runtime == "onnxruntime" and device != "cpu":
+        if runtime in ONNX_RUNTIMES and device != "cpu":
             raise ConfigError(
                 "the ONNX Runtime latency table is measured on the CPU. Fix: use "
                 "latency_runtime: eager for a GPU"
@@ -210,7 +221,7 @@ class LatencyTable:
     # ------------------------------------------------------------------ lookups
     def padded(self, op: Op, cin: int, cout: int) -> tuple[int, int]:
         """The widths the runtime actually runs (ONNX exports are padded to 8 channels)."""
-        if self.key.runtime != "onnxruntime":
+        if self.key.runtime not in ONNX_RUNTIMES:
             return cin, cout
         up = lambda c: math.ceil(c / ORT_BLOCK) * ORT_BLOCK  # noqa: E731
         return (cin if op.image else up(cin)), (cout if op.head else up(cout))

@@ -99,8 +99,10 @@ class SearchConfig(SpaceOptions):
         le=1,
         description="target predicted latency / unpruned latency (a measured per-layer table)",
     )
-    latency_runtime: Literal["eager", "onnxruntime"] = Field(
-        default="onnxruntime", description="runtime the latency is measured in"
+    latency_runtime: Literal["eager", "onnxruntime", "onnxruntime-int8"] = Field(
+        default="onnxruntime",
+        description="runtime the latency is measured in (onnxruntime-int8: what "
+        "'tasprune export --int8' ships)",
     )
     latency_batch: int = Field(default=64, ge=1, description="batch the latency is measured at")
     latency_threads: int = Field(
@@ -218,4 +220,4 @@ class SearchConfig(SpaceOptions):
         from tasprune.latency_table import ORT_BLOCK
 
         on = self.latency_ratio is not None and self.latency_snap
-        return ORT_BLOCK if on and self.latency_runtime == "onnxruntime" else 1
+        return ORT_BLOCK if on and self.latency_runtime.startswith("onnxruntime") else 1

@@ -207,11 +207,12 @@ def _timer(key: TableKey, repeats: int) -> Callable[[Op, int, int], float]:
         return eager
 
     overhead = _ort_overhead(key.threads, key.batch, repeats)
+    int8 = key.runtime == "onnxruntime-int8"
 
     def onnx(op: Op, cin: int, cout: int) -> float:
         layer = op.build(cin, cout).eval()
         x = op.example(key.batch, cin, cout)
-        run = bound_run(onnx_session(layer, x, key.threads), x, layer)
+        run = bound_run(onnx_session(layer, x, key.threads, int8=int8), x, layer)
         return max(median_ms(time_calls(run, repeats, LAYER_WARMUP)) - overhead, 0.0)
 
     return onnx
