@@ -114,7 +114,7 @@ def test_ctrl_c_is_one_line(
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "flops", "space", "search", "distill", "run", "report", "export"]
+    "command", ["train", "flops", "space", "search", "distill", "run", "sweep", "report", "export"]
 )
 def test_help_of_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:

@@ -7,12 +7,12 @@ settings: built-in defaults < ``--config`` recipe (a shipped recipe's name or a 
 failure ends the command with one ``error: ...`` line on stderr (a traceback only with
 ``--debug`` or ``TASPRUNE_DEBUG=1``): exit code 2 for a :class:`TaspruneError`, a bad flag or
 an OS error (disk full, permissions), 1 for an unexpected exception (a bug: rerun with --debug
-and report it); Ctrl-C exits 130 and the same command resumes. ``run``/``train``/``search``/
-``distill``/``report`` hold their output folder's lock (:mod:`tasprune.lock`) for their whole
-life.
+and report it); Ctrl-C exits 130 and the same command resumes. ``run``/``sweep``/``train``/
+``search``/``distill``/``report`` hold their output folder's lock (:mod:`tasprune.lock`) for
+their whole life.
 
 - `flags`: the generator (a field -> a flag) and `Command`.
-- `commands`: train, search, distill, run, report, export, bench.
+- `commands`: train, search, distill, run, sweep, report, export, bench.
 - `measure`: flops, space, latency-table.
 - `app`: the parser, `main` and the one-line errors.
 """

@@ -12,14 +12,36 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
 
-from tasprune.cli.commands import BENCH, DISTILL, EXPORT, REPORT, RUN, SEARCH, TRAIN, bench
+from tasprune.cli.commands import (
+    BENCH,
+    DISTILL,
+    EXPORT,
+    REPORT,
+    RUN,
+    SEARCH,
+    SWEEP,
+    TRAIN,
+    bench,
+)
 from tasprune.cli.flags import INPUTS, Command, given
 from tasprune.cli.measure import FLOPS, LATENCY_TABLE, SPACE
 from tasprune.errors import TaspruneError
 
 COMMANDS: dict[str, Command] = {
     c.name: c
-    for c in (TRAIN, FLOPS, SPACE, SEARCH, LATENCY_TABLE, DISTILL, RUN, REPORT, EXPORT, BENCH)
+    for c in (
+        TRAIN,
+        FLOPS,
+        SPACE,
+        SEARCH,
+        LATENCY_TABLE,
+        DISTILL,
+        RUN,
+        SWEEP,
+        REPORT,
+        EXPORT,
+        BENCH,
+    )
 }
 
 

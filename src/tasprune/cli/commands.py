@@ -1,5 +1,6 @@
 """Commands that run stages or use their outputs: ``train``, ``search``, ``distill``, ``run``,
-``report``, ``export``, ``bench``; each its function, its own flags and its recipe flags."""
+``sweep``, ``report``, ``export``, ``bench``; each its function, its own flags and its recipe
+flags."""
 
 from __future__ import annotations
 
@@ -238,11 +239,16 @@ DISTILL = Command(
 )
 
 
-class RunInputs(RecipeInputs):
+class PositionalRecipeInputs(RecipeInputs):
+    """The recipe as the positional argument (``tasprune run RECIPE``, ``sweep RECIPE``)."""
+
     config: str = Field(
         description="a shipped recipe's name (e.g. fmnist-r20-quick) or a recipe YAML file",
         json_schema_extra={"positional": True, "metavar": "recipe"},
     )
+
+
+class RunInputs(PositionalRecipeInputs):
     out: Path = Field(description="run folder (resumes there)")
     from_stage: str | None = Field(
         default=None,
@@ -262,12 +268,41 @@ def cmd_run(a: RunInputs, recipe: Recipe) -> int:
     return 0
 
 
-RUN = Command(
-    "run",
-    cmd_run,
-    "the whole pipeline from a recipe",
-    RunInputs,
-    (Flag("device"), Flag("deterministic"), Flag("log")),
+# The recipe flags of the commands that take a whole recipe (run, sweep): where and how it runs.
+_WHOLE_RECIPE = (Flag("device"), Flag("deterministic"), Flag("log"))
+RUN = Command("run", cmd_run, "the whole pipeline from a recipe", RunInputs, _WHOLE_RECIPE)
+
+
+class SweepInputs(PositionalRecipeInputs):
+    out: Path = Field(description="sweep folder (resumes there)")
+    ratios: tuple[float, ...] = Field(
+        description="the budgets: ratios of the unpruned network's FLOPs (or latency), each in "
+        "(0, 1]; one run folder each"
+    )
+    metric: Literal["flops", "latency"] = Field(
+        default="flops", description="what the ratios budget (search.flops_ratio or latency_ratio)"
+    )
+    no_uniform: bool = Field(
+        default=False, description="skip the uniform-scaling baseline at each budget"
+    )
+
+
+def cmd_sweep(a: SweepInputs, recipe: Recipe) -> int:
+    """Prune at every ratio (one shared teacher, one search and student each) and write the
+    trade-off table and plot (``out/sweep.json``, ``sweep.md``, ``sweep.png``); resumes."""
+    from tasprune.sweep import sweep
+
+    sweep(recipe, a.ratios, a.out, metric=a.metric, uniform=not a.no_uniform, progress=not a.quiet)
+    say(f"{a.out}/sweep.md, {a.out}/sweep.png")
+    return 0
+
+
+SWEEP = Command(
+    "sweep",
+    cmd_sweep,
+    "the accuracy/cost trade-off: one pruned network per budget",
+    SweepInputs,
+    _WHOLE_RECIPE,
 )
 
 # --------------------------------------------------------------------------- outputs
