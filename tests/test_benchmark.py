@@ -232,3 +232,29 @@ def test_targets_need_a_margin_above_the_seed_noise() -> None:
     assert (
         evaluate_targets({"top1": 91.3}, rows, Budget(0.5, 0.05, "flops"), 64)[4]["status"] == "n/a"
     )
+
+
+def test_a_protocol_folder_in_use_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A second `tasprune bench` on the same protocol folder stops at once, naming the
+    holder, instead of resuming the first one's checkpoints."""
+    import subprocess
+    import sys
+
+    from tasprune.errors import RunInUseError
+
+    folder = tmp_path / "runs" / "tiny"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"from tasprune.lock import run_lock\nimport sys, time\n"
+         f"with run_lock({str(folder)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        path = _write(tmp_path / "p.yaml", tiny_protocol())
+        with pytest.raises(RunInUseError):
+            bench.run_protocol(path, tmp_path / "runs", results_dir=tmp_path / "r", progress=False)
+        assert not (folder / "protocol.yaml").exists() and not (tmp_path / "r").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -31,6 +31,7 @@ from tasprune.data import ArrayDataset
 from tasprune.errors import ConfigError, TaspruneError
 from tasprune.export import export_model, load_exportable
 from tasprune.latency import measure
+from tasprune.lock import run_lock
 from tasprune.pipeline import (
     load_run_data,
     load_supernet_state,
@@ -397,28 +398,30 @@ def run_protocol(
     load_start = machine_info()["load_average"]
     proto, recipe = load_protocol(protocol_path, seeds=seeds, quick=quick)
     bench = _Bench(proto, recipe, Path(out_root) / proto.name, progress)
-    bench.prepare()
-    logger.info(
-        "benchmark %s: methods %s, seeds %s, into %s",
-        proto.name,
-        ", ".join(proto.methods),
-        proto.seeds,
-        bench.root,
-    )
     needs_search = any(m.startswith("tas_") for m in proto.methods) or (
         recipe.distill.init == "supernet"
     )
-    try:
-        bench.stage_teacher()
-        for seed in proto.seeds:
-            if needs_search:
-                bench.stage_search(seed)
-            for method in proto.methods:
-                bench.stage_method(method, seed)
-        measure = bench.stage_measure()
-    except BaseException:
-        bench.interrupted()
-        raise
+    # One process per protocol folder: a second one would resume the first's checkpoints.
+    with run_lock(bench.root):
+        bench.prepare()
+        logger.info(
+            "benchmark %s: methods %s, seeds %s, into %s",
+            proto.name,
+            ", ".join(proto.methods),
+            proto.seeds,
+            bench.root,
+        )
+        try:
+            bench.stage_teacher()
+            for seed in proto.seeds:
+                if needs_search:
+                    bench.stage_search(seed)
+                for method in proto.methods:
+                    bench.stage_method(method, seed)
+            measure = bench.stage_measure()
+        except BaseException:
+            bench.interrupted()
+            raise
     teacher, rows = aggregate(proto, recipe, bench.root, measure)
     targets = evaluate_targets(teacher, rows, recipe.search.budget, max(proto.latency_batches))
     search_rows, agreement = searches(proto, bench.root)
