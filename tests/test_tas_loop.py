@@ -197,3 +197,35 @@ def test_a_torchvision_detector_searches_in_train_mode_on_its_loss_dict() -> Non
         small.eval()([images[0]])
     predicted = model_cost(tas.name, tas.shape())[0]
     assert fc.get_total_flops() // 2 == predicted
+
+
+def test_the_joint_step_in_the_users_loop() -> None:
+    """arch_step="joint": one forward per batch; the user's loss plus tas.budget_loss(), one
+    backward, the user's optimiser steps the weights and tas.step() the logits (which the
+    user's optimiser does not hold); the search ends in the band. Misuse is one line."""
+    x, y = _fmnist(256)
+    torch.manual_seed(0)
+    tas = tasprune.TAS(
+        TinyNet(10, 1), x[:2], epochs=2, flops_ratio=0.5, arch_lr=0.2, arch_step="joint"
+    )
+    net = tas.model
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in held for p in tas.arch)
+    before = [p.detach().clone() for p in tas.arch]
+    for _ in range(2):
+        for i in range(0, 256, 32):
+            loss = F.cross_entropy(net(x[i : i + 32]), y[i : i + 32]) + tas.budget_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tas.step()
+        row = tas.end_epoch()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tas.arch, strict=True))
+    assert all(p.grad is None for p in tas.arch)
+    assert row["flops_ratio"] < 0.8  # the budget term moved the most probable shape down
+    with pytest.raises(ConfigError, match="no gradients"):
+        tas.step()
+    plain = tasprune.TAS(TinyNet(10, 1), x[:2], epochs=1, flops_ratio=0.5)
+    with pytest.raises(ConfigError, match="joint"):
+        plain.budget_loss()

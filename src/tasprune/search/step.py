@@ -176,7 +176,7 @@ class SearchStepper:
             p.grad = None
         total.backward()
         if self.distributed:  # DDP averaged the weights' gradients, not the logits'
-            grads = _mean_over_ranks(tuple(p.grad for p in self.arch))
+            grads = mean_over_ranks(tuple(p.grad for p in self.arch))
             for p, g in zip(self.arch, grads, strict=True):
                 p.grad = g
         self._weight_update()
@@ -222,7 +222,7 @@ def arch_update(
     total = task_loss.float() + bl.to(torch.float32)
     grads: tuple[Tensor | None, ...] = torch.autograd.grad(total, arch, allow_unused=True)
     if distributed:
-        grads = _mean_over_ranks(grads)
+        grads = mean_over_ranks(grads)
     for p, g in zip(arch, grads, strict=True):
         p.grad = g
     optimizer.step()
@@ -268,7 +268,7 @@ class SearchTask:
         )
 
 
-def _mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+def mean_over_ranks(grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
     """Average gradients over ranks with one all-reduce of their concatenation.
 
     Every rank sampled the same sub-network, so the same logits got no gradient (None)
