@@ -246,8 +246,10 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
 
 
 def latency(task: Task, out: Path, threads: int) -> dict[str, Any]:
-    """Eager and ONNX Runtime medians of the teacher and each arm's seed-0 network, alone."""
-    import onnxruntime as ort
+    """Eager and ONNX Runtime medians of the teacher and each arm's seed-0 network, alone,
+    timed by `tasprune.latency` (the ONNX file exported and checked by the example's own
+    ``export_onnx``)."""
+    from tasprune.latency import LatencySettings, measure, measure_onnx_latency
 
     torch.set_num_threads(threads)
     nets = {"teacher": task.teacher()}
@@ -255,52 +257,17 @@ def latency(task: Task, out: Path, threads: int) -> dict[str, Any]:
         path = out / f"{arm}-seed0" / "student.pt"
         if path.is_file():
             nets[arm] = torch.load(path, weights_only=False)
-    size = task.ex.SIZE
+    size = (3, task.ex.SIZE, task.ex.SIZE)
     rows: dict[str, Any] = {}
     for name, model in nets.items():
         net = task.exported(model.eval()).eval()
-        entry: dict[str, Any] = {}
-        for batch in (1, 32):
-            x = torch.rand(batch, 3, size, size)
-            with torch.no_grad():
-                for _ in range(3):
-                    net(x)
-                times = []
-                for _ in range(15):
-                    t = time.perf_counter()
-                    net(x)
-                    times.append(time.perf_counter() - t)
-            entry[f"eager_ms_b{batch}"] = 1e3 * statistics.median(times)
         path = out / f"{name}.onnx"
-        x = torch.rand(2, 3, size, size)
-        torch.onnx.export(
-            net,
-            (x,),
-            str(path),
-            input_names=["images"],
-            dynamo=False,
-            dynamic_axes={"images": {0: "batch"}},
-        )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            want = net(x)
-        want = want if isinstance(want, tuple) else (want,)
-        got = session.run(None, {"images": x.numpy()})
-        entry["onnx_max_abs_diff"] = max(
-            float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want, strict=True)
-        )
+        entry: dict[str, Any] = {"onnx_max_abs_diff": task.ex.export_onnx(model, path)}
         for batch in (1, 32):
-            feed = {"images": torch.rand(batch, 3, size, size).numpy()}
-            for _ in range(3):
-                session.run(None, feed)
-            times = []
-            for _ in range(15):
-                t = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - t)
-            entry[f"onnx_ms_b{batch}"] = 1e3 * statistics.median(times)
+            eager = LatencySettings("eager", batch, threads, 15, 3)
+            entry[f"eager_ms_b{batch}"] = measure(net, size, eager)["median_ms"]
+            onnx = measure_onnx_latency(path, size, batch, 15, 3, threads=threads)
+            entry[f"onnx_ms_b{batch}"] = onnx["median_ms"]
         rows[name] = entry
     return rows
 

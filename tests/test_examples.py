@@ -14,21 +14,14 @@ from conftest import needs_fashion_mnist
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@needs_fashion_mnist
-@pytest.mark.slow
-def test_own_loop_example(tmp_path: Path) -> None:
+def _run(script: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python examples/SCRIPT ARGS`` from the clone's root, one thread (a canvas set, when
+    built, goes to ``cache``); asserts it exits 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cache is not None:
+        env["TASPRUNE_CACHE"] = str(cache)
     out = subprocess.run(
-        [
-            sys.executable,
-            "examples/own_loop.py",
-            "--images",
-            "600",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, f"examples/{script}", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -36,6 +29,13 @@ def test_own_loop_example(tmp_path: Path) -> None:
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_own_loop_example(tmp_path: Path) -> None:
+    out = _run("own_loop.py", "--images", "600", "--epochs", "1", "--out", str(tmp_path))
     assert "rebuilt from a fresh SmallNet: outputs equal" in out.stdout
     assert (tmp_path / "shape.json").is_file() and (tmp_path / "student.pt").is_file()
 
@@ -49,16 +49,7 @@ def test_task_examples(tmp_path: Path, example: str, metric: str) -> None:
     equal outputs, exported to ONNX with parity, scored by COCO's mAP or mIoU."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TASPRUNE_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run(
-        [sys.executable, f"examples/{example}.py", "--tiny", "--out", str(tmp_path / "run")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    _run(f"{example}.py", "--tiny", "--out", str(tmp_path / "run"), cache=tmp_path / "cache")
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert 0.45 <= report["flops_ratio"] <= 0.5
     assert report["reload_equal"] is True and report["onnx_max_abs_diff"] < 1e-4

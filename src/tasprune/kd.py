@@ -82,13 +82,10 @@ class Distiller(nn.Module):
     ) -> None:
         super().__init__()
         self.outputs = dict(outputs or {})
-        bad = {p: k for p, k in self.outputs.items() if k not in KINDS}
-        if bad:
-            raise ConfigError(f"unknown KD kinds {bad}. Fix: use one of {', '.join(KINDS)}")
         if not self.outputs and not features:
             raise ConfigError("nothing to distil. Fix: name outputs={path: kind} or features=[...]")
         kinds = dict(features) if isinstance(features, Mapping) else dict.fromkeys(features, "mse")
-        bad = {n: k for n, k in kinds.items() if k not in KINDS}
+        bad = {n: k for n, k in {**self.outputs, **kinds}.items() if k not in KINDS}
         if bad:
             raise ConfigError(f"unknown KD kinds {bad}. Fix: use one of {', '.join(KINDS)}")
         self.features = list(kinds)

@@ -217,7 +217,7 @@ class SearchConfig(SpaceOptions):
     @property
     def snap_block(self) -> int:
         """The channel block width candidates are snapped up to (1: none)."""
-        from tasprune.latency_table import ORT_BLOCK
+        from tasprune.latency_table import ONNX_RUNTIMES, ORT_BLOCK
 
         on = self.latency_ratio is not None and self.latency_snap
-        return ORT_BLOCK if on and self.latency_runtime.startswith("onnxruntime") else 1
+        return ORT_BLOCK if on and self.latency_runtime in ONNX_RUNTIMES else 1

@@ -315,7 +315,7 @@ def _channel_groups(
             groups[ri].fixed = groups[ri].fixed or groups[ro].fixed
         per = mod.out_channels // mod.groups
         g = groups[ri]
-        g.multiple = g.multiple * per // math.gcd(g.multiple, per)
+        g.multiple = math.lcm(g.multiple, per)
     # A GroupNorm keeps whole groups: its width moves in steps of its channels per group
     # (the group count follows, `prune_with`), so the kept channels are normalised exactly as
     # in the unpruned network.
@@ -327,7 +327,7 @@ def _channel_groups(
         for r in roots:
             if len(roots) > 1:
                 groups[r].fixed = groups[r].fixed or f"GroupNorm {layer} spans several groups"
-            groups[r].multiple = groups[r].multiple * per // math.gcd(groups[r].multiple, per)
+            groups[r].multiple = math.lcm(groups[r].multiple, per)
     merged = {n: g for n, g in groups.items() if parent[n] == n}
     group_of = {k: list(dict.fromkeys(_resolve(parent, g) for g in v)) for k, v in group_of.items()}
     # A group is named by the first layer (in module order) whose outputs are exactly its

@@ -154,10 +154,6 @@ class TAS:
                     f"{type(task).__name__ if not isinstance(task, Tensor) else tuple(task.shape)}"
                     ", not a scalar loss. Fix: return the loss of tas.model on the batch"
                 )
-            shape = sn.derive()
-            key = shape.to_json()
-            if key not in self._costs:
-                self._costs[key] = sn.shape_costs(shape)
             total, budget = arch_update(
                 sn,
                 self.arch,
@@ -165,7 +161,7 @@ class TAS:
                 task,
                 self.budgets,
                 cfg.budget_weight,
-                self._costs[key],
+                self._current(),
                 distributed=ddp.is_distributed(),
             )
         finally:
@@ -175,6 +171,8 @@ class TAS:
         return {"loss": float(task.detach()), "budget_loss": float(budget)}
 
     def _current(self) -> dict[str, float]:
+        """The exact cost of the most probable shape per metric (memoised: the budget loss's
+        direction, which rarely changes from step to step)."""
         shape = self.supernet.derive()
         key = shape.to_json()
         if key not in self._costs:
