@@ -2,8 +2,8 @@
 keeps its width is derived from the outputs), the pruned network is an instance of the user's
 class with the same output structure, its counted FLOPs are the predicted ones, it reproduces
 the original at the full shape, and it survives save -> load in a fresh process. Also the
-whole-run bugs: a module's state version metadata survives checkpoints, and a transformer is
-one clear error."""
+whole-run bugs: a module's state version metadata survives checkpoints. Transformers:
+tests/test_attention.py."""
 
 from __future__ import annotations
 
@@ -92,14 +92,6 @@ def test_ignore_keeps_the_named_modules_width() -> None:
     assert "neck.0" not in tr.searchable_groups()
     with pytest.raises(ConfigError, match="not a sub-module"):
         register_module(net, x, ignore=["nek"])
-
-
-def test_a_transformer_is_one_clear_error() -> None:
-    from torchvision.models import VisionTransformer
-
-    vit = VisionTransformer(32, 8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
-    with pytest.raises(ConfigError, match="multi-head attention.*Fix"):
-        traced(register_module(vit, torch.zeros(1, 3, 32, 32)))
 
 
 def test_a_shape_of_another_network_is_refused_before_anything_changes(tmp_path: Path) -> None:

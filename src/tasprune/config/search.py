@@ -47,6 +47,12 @@ class SpaceOptions(BaseModel):
         default=True,
         description="one width choice per residual stream (false: one per conv, the paper's)",
     )
+    # A transformer's embedding width is normalised by LayerNorms, whose statistics change
+    # under the search's masks: the searched network only approximates the pruned one there.
+    search_embedding: bool = Field(
+        default=False,
+        description="search the width of the token stream attention reads (the embedding)",
+    )
     width_multiple: int = Field(
         default=1, ge=1, description="round width candidates to multiples of this"
     )

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
+from tasprune.models.attention import Attention, find_attention
 from tasprune.models.graph import (
     internal,
     out_channels_of,
@@ -46,21 +47,6 @@ from tasprune.shape import Shape
 logger = logging.getLogger(__name__)
 
 
-def attention_modules(net: nn.Module) -> list[tuple[str, str]]:
-    """(name, class) of the multi-head attention modules of ``net``: an
-    ``nn.MultiheadAttention``, or a module with an integer ``num_heads`` whose class names
-    attention (timm's and torchvision's transformer blocks)."""
-    found = []
-    for name, mod in net.named_modules():
-        cls = type(mod).__name__
-        heads = isinstance(getattr(mod, "num_heads", None), int)
-        if isinstance(mod, nn.MultiheadAttention) or (
-            heads and ("Attn" in cls or "Attention" in cls)
-        ):
-            found.append((name, cls))
-    return found
-
-
 @dataclass
 class Group:
     """One width choice: the layers whose channels change together."""
@@ -71,6 +57,7 @@ class Group:
     multiple: int = 1  # candidates must be multiples (grouped convs keep whole groups)
     fixed: str | None = None  # why the width cannot be searched
     scope: str = ""  # the sub-module traced for it ("" = the whole network)
+    embedding: bool = False  # the token stream an attention module reads (LayerNorm-normalised)
 
 
 @dataclass
@@ -101,6 +88,7 @@ class Layer:
     extra: int = 0  # per-filter parameters of its own besides weight and bias (a conv's gain)
     op: Op | None = None  # its geometry, for the latency table
     optional: bool = False  # a projection that exists only where its in and out widths differ
+    weights: bool = True  # False: a product of activations (attention's token-token products)
 
 
 class Traced:
@@ -121,15 +109,6 @@ class Traced:
         self.model = name
         self.template = module
         self.example = as_example(example)
-        heads = attention_modules(module)
-        if heads:
-            where, cls = heads[0]
-            raise ConfigError(
-                f"{name} has multi-head attention ({cls} at {where or 'the top'}"
-                f"{f' and {len(heads) - 1} more' if len(heads) > 1 else ''}), which tasprune "
-                "does not search yet: convolutional networks only. Fix: prune a CNN "
-                "(torchvision/timm conv networks), or a conv sub-network of this model"
-            )
         net = copy.deepcopy(module).eval()
         try:
             with torch.no_grad():
@@ -150,6 +129,7 @@ class Traced:
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
             net, name, self.example, keep
         )
+        self.attention = self._head_groups(net)
         self.stages = _depth_stages(net, self.example)
         self.stage_of: dict[str, tuple[str, int]] = {}
         for st in self.stages.values():
@@ -157,6 +137,58 @@ class Traced:
                 self.stage_of[b] = (st.name, i)
         self._drop_overlaps(net)
         self.stage_outputs = self._stage_outputs()
+
+    def _head_groups(self, net: nn.Module) -> dict[str, Attention]:
+        """Each multi-head attention module's heads as one width choice (named after its
+        first q/k/v projection), in place of the graph's groups there, which cannot follow
+        the reshape into heads: q, k and v rows (per_channel counts how many of them a layer
+        holds) and the output projection's input columns, in whole heads, masked at v."""
+        found, other = find_attention(net)
+        for where, cls in other:
+            logger.info(
+                "%s: the heads of %s (%s) are not searched: its projections are not the "
+                "q/k/v and output linears tasprune reads",
+                self.model,
+                where or "the top",
+                cls,
+            )
+        order = {n: i for i, n in enumerate(dict(net.named_modules()))}
+        out: dict[str, Attention] = {}
+        for att in found:
+            producers = att.producers()
+            sides = [(p, True) for p in producers] + [(att.out, False)]
+            stale = {g for side in sides for g in self.group_of.get(side, [])}
+            if any(side[0] in self.outputs for side in sides):
+                continue
+            for g in stale:
+                self.groups.pop(g, None)
+            for key, gs in self.group_of.items():
+                if stale & set(gs):
+                    self.group_of[key] = [g for g in gs if g not in stale]
+            for layer, sites in list(self.masks.items()):
+                self.masks[layer] = [site for site in sites if site[0] not in stale]
+            gname = producers[0]
+            self.groups[gname] = Group(
+                gname,
+                att.width,
+                [(p, True) for p in producers],
+                multiple=att.head_dim,
+                fixed=None if att.heads > 1 else "a single head",
+            )
+            for p in producers:
+                for g in self.group_of.get((p, False), []):
+                    self.groups[g].embedding = True
+                self.group_of[(p, True)] = [gname]
+                self.masks.pop(p, None)
+                rows = sum(1 for layer, _ in att.rows if layer == p)
+                if rows > 1:
+                    self.per_channel[(p, True, gname)] = rows
+            self.group_of[(att.out, False)] = [gname]
+            v_layer, v_first = att.rows[2]
+            self.masks[v_layer] = [(gname, v_first, True)]
+            out[gname] = att
+        self.groups = dict(sorted(self.groups.items(), key=lambda kv: order.get(kv[0], len(order))))
+        return out
 
     def _stage_outputs(self) -> dict[str, list[str]]:
         """Per stage, the group of each block's output (the group with a member that writes
@@ -430,19 +462,27 @@ def _mask_sites(
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
+class _Leaves(torch.fx.Tracer):
+    """Traces a block's own forward only: every sub-module is one opaque call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
 def _is_residual(block: nn.Module) -> bool:
-    """Does ``block`` add its own input to its output (y = x + f(x))?"""
+    """Does ``block`` add its own input to its output (y = x + f(x), or a chain of such sums:
+    a transformer block adds attention, then the MLP, onto the same stream)?"""
     import torch.fx as fx
 
     try:
-        graph = fx.symbolic_trace(block).graph
+        graph = _Leaves().trace(block)
     except Exception:
         return False
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
-        return False
+    if not inputs or any(not n.args for n in inputs[1:]):
+        return False  # more than one input without a default
     modules = dict(block.named_modules())
-    same = {inputs[0]}  # the input, and the input through identities (a shortcut)
+    same: set[fx.Node] = {inputs[0]}  # the stream: the input, its identities, sums onto it
     for n in graph.nodes:
         through = isinstance(modules.get(n.target), nn.Identity) or getattr(
             modules.get(n.target), "tasprune_optional", False
@@ -454,8 +494,10 @@ def _is_residual(block: nn.Module) -> bool:
         is_add = (n.op == "call_function" and n.target in _ADDS) or (
             n.op == "call_method" and n.target in ("add", "add_")
         )
-        if is_add and any(a in same for a in n.args[:2]) and _reaches_output(n, modules):
-            return True
+        if is_add and any(a in same for a in n.args[:2]):
+            if _reaches_output(n, modules):
+                return True
+            same.add(n)
     return False
 
 

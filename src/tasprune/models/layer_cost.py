@@ -65,6 +65,9 @@ def cost_layers(
     finally:
         for h in hooks:
             h.remove()
+    # Costs are per image: the batch of the first conv/linear call (several rows per image
+    # where a layer runs on windows or crops).
+    images = next((calls[0][0][0] for calls in sizes.values() if calls[0][0]), 1) or 1
     layers: list[Layer] = []
     others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
     for name, mod in net.named_modules():
@@ -75,7 +78,11 @@ def cost_layers(
             calls = sizes[name]
             inp = calls[0][0]
             conv = isinstance(mod, (nn.Conv1d, nn.Conv2d))
-            pos = sum(math.prod(out[2:]) if conv else math.prod(out[1:-1]) for _, out in calls)
+            # output positions: a conv's batch x spatial size, a linear's rows
+            pos = sum(
+                out[0] * math.prod(out[2:]) if conv else math.prod(out[:-1]) for _, out in calls
+            )
+            pos //= images
             layers.append(
                 Layer(
                     name,
@@ -100,6 +107,9 @@ def cost_layers(
             )
             continue
         own = list(mod.named_parameters(recurse=False))
+        for att in tr.attention.values():
+            if att.name == name:
+                layers.append(_scores(tr, att, sizes, images, stage, index))
         if not own:
             continue
         groups = tuple(tr.group_of.get((name, True), ()))
@@ -114,6 +124,39 @@ def cost_layers(
             channels = sum(tr.groups[g].full for g in groups) or 1
             others.append((full, p.numel(), groups, channels, stage, index))
     return tuple(layers), tuple(others)
+
+
+def _scores(
+    tr: Traced,
+    att: Any,
+    sizes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]],
+    images: int,
+    stage: str | None,
+    index: int,
+) -> Layer:
+    """The token-token products of one attention module (q k^T and the weights times v) as
+    a layer without weights: per attention instance (a batch row, a window) q tokens x k
+    tokens x the heads' width, twice; read off the outputs of its q and k projections."""
+    group = tr.group_of[(att.rows[0][0], True)][0]
+    calls_q = sizes[att.rows[0][0]]
+    calls_k = sizes[att.rows[1][0]]
+    pos = 0
+    for (_, q), (_, k) in zip(calls_q, calls_k, strict=True):
+        pos += 2 * q[0] * math.prod(q[1:-1]) * math.prod(k[1:-1])
+    return Layer(
+        f"{att.name}:scores",
+        1,
+        att.width,
+        (),
+        (group,),
+        1,
+        1,
+        pos // images,
+        False,
+        stage,
+        index,
+        weights=False,
+    )
 
 
 # A side of a layer: its groups as (group, channels per group channel, the stage whose mixed
@@ -199,6 +242,8 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
         else:
             weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
         c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
+        if not ly.weights:  # a product of activations
+            continue
         c.params = c.params + keep * weights * ly.kernel
         if c.table is not None and ly.op is not None and optional:
             c.layer_latency(ly.op, a.total(cin), a.total(cout), keep, differ=True)

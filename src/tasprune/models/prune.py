@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tasprune.models.analysis import Traced
+from tasprune.models.attention import prune_heads
 from tasprune.models.graph import dependency_graph, eval_mode, module_inputs, prune_group
 from tasprune.models.sources import Example
 from tasprune.shape import Shape
@@ -54,6 +55,8 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
                 x = (torch.zeros(inputs[scope]),) if scope else example
                 graphs[scope] = dependency_graph(mod, x)
         for gname, k in cut.items():
+            if gname in tr.attention:
+                continue  # whole heads, below
             g = tr.groups[gname]
             dg = graphs[g.scope]
             for layer, out in g.roots:
@@ -64,6 +67,9 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
                 else:
                     fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
                 prune_group(dg, mod, fn, list(range(k, g.full)))
+        for gname, att in tr.attention.items():
+            if gname in cut:
+                prune_heads(net, att, cut[gname])
         for n, full_out in extra.items():
             # A conv subclass's own per-filter tensors (e.g. the gain of a weight-standardised
             # conv) that the graph does not prune: the kept filters are the first ones.

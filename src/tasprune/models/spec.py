@@ -33,3 +33,6 @@ class ModelSpec:
     width_step: Callable[[str], int]
     # The weights of the network at a shape, cut from an unpruned network's state.
     transfer: TransferFn
+    # Is a width choice the token stream an attention module reads (a transformer's
+    # embedding width, searched only with ``search.search_embedding``)?
+    embedding: Callable[[str], bool] = lambda name: False

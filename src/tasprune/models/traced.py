@@ -223,6 +223,7 @@ def traced_spec(model: str) -> Any:
         residual_groups=lambda: residual_groups(model),
         width_step=width_step,
         transfer=transfer,
+        embedding=lambda name: tr.groups[name].embedding,
     )
     _SPECS[src.key] = spec
     return spec

@@ -23,6 +23,14 @@ from tasprune.models.sources import call
 logger = logging.getLogger(__name__)
 
 
+def countable_attention() -> Any:
+    """Scaled dot-product attention on its math kernel, whose matrix products the FLOP
+    counter sees (the fused CPU kernels escape it: their attention would count as 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def verify(self: Traced) -> None:
     """Prune every searchable group to about half on a copy and check that the network
     runs and its counted FLOPs equal the prediction; when not, find the groups that
@@ -64,7 +72,7 @@ def _trial(self: Traced, names: list[str]) -> str | None:
         found = cost_layers(self, copy.deepcopy(self.template), self.example)
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
         batch = _first_batch(net)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
             y = call(net, self.example)
         batch.remove()
         c = Counter(ExactAlgebra(shape))

@@ -42,7 +42,7 @@ def choice_widths(spec: ModelSpec, name: str, full: int, opts: SpaceOptions) -> 
     if not opts.search_width:
         return [full]
     step = spec.width_step(name)
-    if step == 0:
+    if step == 0 or (spec.embedding(name) and not opts.search_embedding):
         return [full]
     values = width_candidates(full, opts.width_fractions, opts.width_multiple, opts.width_snap)
     if step > 1:

@@ -1,0 +1,145 @@
+"""Transformers: a multi-head attention module's heads are one width choice in whole heads,
+runs of transformer blocks are depth choices, the embedding width is searched only on
+request, attention's token-token products are in the cost (and the counter sees them), and
+the pruned network is the searched network at its shape, with ``num_heads`` following."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tasprune
+from tasprune.config import SearchConfig
+from tasprune.cost import model_cost
+from tasprune.models import get_model_spec
+from tasprune.models.traced import register_module, traced
+from tasprune.models.verify import countable_attention
+from tasprune.search.space import choice_widths
+
+pytestmark = pytest.mark.usefixtures("fast_cpu")
+timm = pytest.importorskip("timm")
+
+
+def _vit(depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=28,
+        patch_size=7,
+        depth=depth,
+        embed_dim=48,
+        num_heads=4,
+        mlp_ratio=2,
+        num_classes=10,
+        in_chans=1,
+    ).eval()
+
+
+def _counted(net: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
+        net(x)
+    return {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+
+def test_heads_mlp_widths_and_blocks_are_the_choices() -> None:
+    name = register_module(_vit(), torch.zeros(1, 1, 28, 28))
+    tr = traced(name)
+    for i in range(3):
+        heads = tr.groups[f"blocks.{i}.attn.qkv"]
+        assert (heads.full, heads.multiple, heads.fixed) == (48, 12, None)
+        assert tr.groups[f"blocks.{i}.mlp.fc1"].fixed is None
+    assert [st.blocks for st in tr.stages.values()] == [["blocks.0", "blocks.1", "blocks.2"]]
+    # The embedding width (the stream attention reads) is searched only on request.
+    spec = get_model_spec(name)
+    assert tr.groups["patch_embed.proj"].embedding
+    assert choice_widths(spec, "patch_embed.proj", 48, SearchConfig()) == [48]
+    assert len(choice_widths(spec, "patch_embed.proj", 48, SearchConfig(search_embedding=True))) > 1
+    assert choice_widths(spec, "blocks.0.attn.qkv", 48, SearchConfig()) == [12, 24, 36, 48]
+
+
+def test_the_pruned_vit_is_the_searched_network_at_its_shape() -> None:
+    x = torch.rand(4, 1, 28, 28)
+    tas = tasprune.TAS(_vit(), x[:2], epochs=1, flops_ratio=0.5)
+    full = traced(tas.name).full_shape()
+    shape = full.replace(
+        widths={"blocks.0.attn.qkv": 24, "blocks.1.attn.qkv": 12, "blocks.0.mlp.fc1": 38},
+        depths={"blocks.0": 2},
+    )
+    small = tas.prune(shape)
+    assert type(small).__name__ == "VisionTransformer"
+    assert [b.attn.num_heads for b in small.blocks[:2]] == [2, 1]
+    assert small.blocks[0].attn.qkv.weight.shape == (72, 48)
+    assert small.blocks[1].attn.proj.weight.shape == (48, 12)
+    assert isinstance(small.blocks[2], torch.nn.Identity)
+    small.eval()
+    tas.model.eval()
+    with torch.no_grad(), tas.supernet.fixed(shape):
+        tas.supernet.training = False
+        want = tas.model(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    counted = _counted(small, x[:1])
+    assert counted["aten.bmm"] > 0  # the counter sees attention's products
+    assert sum(counted.values()) // 2 == model_cost(tas.name, shape)[0]
+
+
+def test_window_attention_costs_every_window() -> None:
+    """Swin's attention runs on windows (rows = images x windows): its linear layers and
+    token products cost per image what the counter counts."""
+    net = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        window_size=7,
+        embed_dim=24,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        num_classes=10,
+        in_chans=1,
+    ).eval()
+    name = register_module(net, torch.zeros(1, 1, 56, 56))
+    tr = traced(name)
+    heads = [g for g in tr.groups.values() if g.name.endswith("attn.qkv")]
+    assert len(heads) == 4 and all(g.fixed is None for g in heads)
+    shape = tr.full_shape().replace(widths={g.name: g.multiple for g in heads})
+    small = tasprune.TAS(net, torch.zeros(2, 1, 56, 56), epochs=1, flops_ratio=0.5).prune(shape)
+    counted = _counted(small.eval(), torch.zeros(1, 1, 56, 56))
+    assert sum(counted.values()) // 2 == model_cost(name, shape, (1, 56, 56))[0]
+
+
+def test_attention_it_cannot_read_keeps_its_heads_with_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from torchvision.models import VisionTransformer
+
+    class Opaque(torch.nn.Module):
+        """An attention with one projection the reader does not know."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads = 2
+            self.mix = torch.nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mix(x)
+
+    Opaque.__name__ = "OpaqueAttention"
+    vit = VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32)
+    vit.encoder.layers[0].mlp.add_module("odd", Opaque())
+    with caplog.at_level(logging.INFO, logger="tasprune.models.analysis"):
+        tr = traced(register_module(vit, torch.zeros(1, 3, 32, 32)))
+    assert any("encoder.layers.encoder_layer_0.mlp.odd" in r.message for r in caplog.records)
+    assert tr.groups["encoder.layers.encoder_layer_1.mlp.0"].fixed is None
+    assert len(tr.stages) == 1
+
+
+def test_a_full_shape_is_the_unpruned_transformer() -> None:
+    x = torch.rand(2, 1, 28, 28)
+    vit = _vit()
+    name = register_module(vit, x[:1])
+    small = tasprune.TAS(vit, x[:1], epochs=1, flops_ratio=0.5).prune(traced(name).full_shape())
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), vit(x))
