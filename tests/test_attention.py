@@ -5,6 +5,7 @@ the pruned network is the searched network at its shape, with ``num_heads`` foll
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -87,6 +88,48 @@ def test_the_pruned_vit_is_the_searched_network_at_its_shape() -> None:
     assert sum(counted.values()) // 2 == model_cost(tas.name, shape)[0]
 
 
+def _tv_vit() -> torch.nn.Module:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(28, 7, num_layers=3, num_heads=4, hidden_dim=32, mlp_dim=64).eval()
+
+
+@pytest.mark.parametrize("build", [_vit, _tv_vit], ids=["timm", "torchvision"])
+def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(build: object) -> None:
+    """timm's Attention and torchvision's nn.MultiheadAttention (split into q/k/v linears
+    with the same state dict): the pruned network at a shape with fewer heads and blocks is
+    the searched one there and costs what was predicted, attention's products included."""
+    net = build()  # type: ignore[operator]
+    channels = 1 if isinstance(net, timm.models.VisionTransformer) else 3
+    x = torch.rand(3, channels, 28, 28)
+    tas = tasprune.TAS(net, x[:2], epochs=1, flops_ratio=0.5)
+    tr = traced(tas.name)
+    assert len(tr.attention) == 3 and all(tr.groups[g].fixed is None for g in tr.attention)
+    heads = {g: tr.groups[g].multiple * (i + 1) for i, g in enumerate(tr.attention)}
+    shape = tr.full_shape().replace(widths=heads, depths={s: 2 for s in tr.stages})
+    small = tas.prune(shape).eval()
+    assert [a.num_heads for a in _attentions(small)] == [1, 2]  # the third block is skipped
+    tas.model.eval()
+    with torch.no_grad(), tas.supernet.fixed(shape):
+        tas.supernet.training = False
+        want = tas.model(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    counted = _counted(small, x[:1])
+    assert counted["aten.bmm"] > 0
+    assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (channels, 28, 28))[0]
+    if channels == 3:  # the state dict is nn.MultiheadAttention's
+        assert any(k.endswith("self_attention.in_proj_weight") for k in small.state_dict())
+
+
+def _attentions(net: torch.nn.Module) -> list[torch.nn.Module]:
+    from tasprune.models.attention import is_attention
+
+    return [m for m in net.modules() if is_attention(m)]
+
+
 def test_window_attention_costs_every_window() -> None:
     """Swin's attention runs on windows (rows = images x windows): its linear layers and
     token products cost per image what the counter counts."""
@@ -143,3 +186,51 @@ def test_a_full_shape_is_the_unpruned_transformer() -> None:
     small = tasprune.TAS(vit, x[:1], epochs=1, flops_ratio=0.5).prune(traced(name).full_shape())
     with torch.no_grad():
         torch.testing.assert_close(small.eval()(x), vit(x))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_attention_is_multihead_attention(batch_first: bool) -> None:
+    """`SplitAttention` computes what nn.MultiheadAttention computes, for each way it is
+    called, and saves and loads its state dict."""
+    from tasprune.models.attention import SplitAttention, split_attention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    wrap = split_attention(torch.nn.Sequential(copy.deepcopy(mha)))
+    split = wrap[0]
+    assert isinstance(split, SplitAttention)
+    b, n_q, n_k = 3, 5, 7
+    x, y = torch.randn(b, n_q, 16), torch.randn(b, n_k, 16)
+    if not batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    padding = torch.zeros(b, n_k, dtype=torch.bool)
+    padding[:, -2:] = True
+    causal = torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), 1)
+    calls = [
+        {},
+        {"need_weights": False},
+        {"key_padding_mask": padding},
+        {"average_attn_weights": False},
+        {"attn_mask": causal},
+        {"attn_mask": torch.randn(b * 4, n_q, n_k), "need_weights": False},
+    ]
+    for kw in calls:
+        want, want_w = mha(x, y, y, **kw)
+        got, got_w = split(x, y, y, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert (got_w is None) == (want_w is None)
+        if want_w is not None:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    state = wrap.state_dict()
+    assert set(state) == set(torch.nn.Sequential(mha).state_dict())
+    fresh = split_attention(torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4)))
+    fresh.load_state_dict(state)
+    fresh[0].batch_first = batch_first
+    torch.testing.assert_close(fresh.eval()[0](x, y, y)[0], mha(x, y, y)[0])
+    unbatched = x[0] if batch_first else x[:, 0]
+    torch.testing.assert_close(
+        split(unbatched, unbatched, unbatched)[0],
+        mha(unbatched, unbatched, unbatched)[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )

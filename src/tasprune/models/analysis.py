@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
-from tasprune.models.attention import Attention, find_attention
+from tasprune.models.attention import Attention, find_attention, split_attention
 from tasprune.models.graph import (
     internal,
     out_channels_of,
@@ -107,9 +107,11 @@ class Traced:
         ignore: Sequence[str] = (),
     ) -> None:
         self.model = name
-        self.template = module
         self.example = as_example(example)
-        net = copy.deepcopy(module).eval()
+        # nn.MultiheadAttention as the equivalent SplitAttention, whose heads can be searched
+        split = any(type(m) is nn.MultiheadAttention for m in module.modules())
+        self.template = split_attention(copy.deepcopy(module)) if split else module
+        net = copy.deepcopy(self.template).eval()
         try:
             with torch.no_grad():
                 self.output_shapes = output_shapes(call(net, self.example))

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 # (q, k, v) producers: child names and how many of q/k/v each holds, in row order.
 _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
@@ -145,3 +145,141 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
     for attr in _INNER:
         if getattr(mod, attr, None) == att.width:
             setattr(mod, attr, width)
+
+
+class SplitAttention(nn.Module):
+    """``nn.MultiheadAttention`` with q, k and v as their own linears (``q_proj``,
+    ``k_proj``, ``v_proj``), so that its heads are a width choice like any other attention's:
+    the same call signature, outputs and state dict (``in_proj_weight``/``in_proj_bias``, its
+    three projections stacked), computed with explicit ops whose costs are counted. Made by
+    `split_attention` from an ``nn.MultiheadAttention`` of one embedding width without
+    ``bias_k``/``bias_v`` or ``add_zero_attn``."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        e = mha.embed_dim
+        self.embed_dim, self.num_heads, self.head_dim = e, mha.num_heads, mha.head_dim
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        for i, child in enumerate(("q_proj", "k_proj", "v_proj")):
+            lin = nn.Linear(e, e, bias=b is not None, device=w.device, dtype=w.dtype)
+            lin.weight = nn.Parameter(w.detach()[i * e : (i + 1) * e].clone())
+            if b is not None:
+                lin.bias = nn.Parameter(b.detach()[i * e : (i + 1) * e].clone())
+            self.add_module(child, lin)
+        self.out_proj = mha.out_proj
+        self._register_state_dict_hook(_stacked)
+        self.register_load_state_dict_pre_hook(_unstacked)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not self.batch_first or unbatched:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, n_q, n_k, h, d = (
+            query.shape[0],
+            query.shape[1],
+            key.shape[1],
+            self.num_heads,
+            self.head_dim,
+        )
+        q = self.q_proj(query).view(b, n_q, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(b, n_k, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(b, n_k, h, d).transpose(1, 2)
+        mask = _additive(attn_mask, key_padding_mask, b, h, n_q, n_k, q.dtype)
+        p = self.dropout if self.training else 0.0
+        weights: Tensor | None = None
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) * d**-0.5
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(-1)
+            out = torch.nn.functional.dropout(weights, p) @ v
+            if average_attn_weights:
+                weights = weights.mean(1)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p
+            )
+        out = self.out_proj(out.transpose(1, 2).reshape(b, n_q, h * d))
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+            weights = weights.squeeze(0) if weights is not None else None
+        return out, weights
+
+
+def _additive(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    b: int,
+    h: int,
+    n_q: int,
+    n_k: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
+    """nn.MultiheadAttention's masks (True or -inf: not attended) as one additive mask."""
+
+    def additive(m: Tensor) -> Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        return m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        mask = m.view(1, 1, n_q, n_k) if m.dim() == 2 else m.view(b, h, n_q, n_k)
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask).view(b, 1, 1, n_k)
+        mask = kp if mask is None else mask + kp
+    return mask
+
+
+def _stacked(module: nn.Module, state: dict[str, Tensor], prefix: str, meta: object) -> None:
+    """Save as ``nn.MultiheadAttention`` does: the three projections stacked."""
+    for part in ("weight", "bias"):
+        keys = [f"{prefix}{c}.{part}" for c in ("q_proj", "k_proj", "v_proj")]
+        if keys[0] in state:
+            state[f"{prefix}in_proj_{part}"] = torch.cat([state.pop(k) for k in keys])
+
+
+def _unstacked(module: nn.Module, state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load ``nn.MultiheadAttention``'s stacked projections into the three linears."""
+    for part in ("weight", "bias"):
+        stacked = state.pop(f"{prefix}in_proj_{part}", None)
+        if stacked is not None:
+            for c, t in zip(("q_proj", "k_proj", "v_proj"), stacked.chunk(3), strict=True):
+                state[f"{prefix}{c}.{part}"] = t
+
+
+def split_attention(net: nn.Module) -> nn.Module:
+    """``net`` with every ``nn.MultiheadAttention`` it can split replaced by a
+    `SplitAttention` (in place; the same function and state dict), returned."""
+    for name, mod in list(net.named_modules()):
+        plain = (
+            type(mod) is nn.MultiheadAttention
+            and mod._qkv_same_embed_dim
+            and mod.bias_k is None
+            and not mod.add_zero_attn
+        )
+        if plain and name:
+            net.set_submodule(name, SplitAttention(mod))  # type: ignore[arg-type]
+    return net

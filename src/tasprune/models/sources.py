@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tasprune.errors import ConfigError
+from tasprune.models.attention import split_attention
 
 # torchvision:NAME, timm:NAME; tasprune:NAME (or NAME alone) a shipped network;
 # py:MODULE:FUNCTION is a user's factory, called as FUNCTION(num_classes=..., in_channels=...)
@@ -131,7 +132,7 @@ def resolve(name: str) -> Source:
     def build(num_classes: int, in_channels: int) -> nn.Module:
         net = build_source(name, num_classes, in_channels)
         insert_projections(net)
-        return net
+        return split_attention(net)
 
     return Source(name, build, _image_example, trace)
 
@@ -209,7 +210,7 @@ def register_module(
                 f"{hint}. Fix: name modules as model.named_modules() does"
             )
     name = f"module:{type(module).__name__}-{_fingerprint(module)}"
-    template = copy.deepcopy(module).cpu()
+    template = split_attention(copy.deepcopy(module).cpu())
     image = len(example) == 1 and isinstance(example[0], Tensor) and example[0].dim() == 4
     trace = tuple(example[0].shape[1:]) if image else None
 
