@@ -234,3 +234,28 @@ def test_split_attention_is_multihead_attention(batch_first: bool) -> None:
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
+    """Before a search the teacher's heads are sorted by their weights' L1 norm (whole
+    heads; the MLP widths by their rows' L1 norm): the same function, heads in order."""
+    from tasprune.importance import order_channels
+    from tasprune.models.vit import ViT
+
+    torch.manual_seed(0)
+    net = ViT(10, 1, depth=2).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ordered = order_channels(net, "bn", (1, 28, 28))
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ordered(x), net(x), rtol=1e-5, atol=1e-5)
+    for block in ordered.blocks:
+        qkv = block.attn.qkv.weight.detach().abs().reshape(3, 4, 24, -1).mean((0, 2, 3))
+        proj = block.attn.proj.weight.detach().abs().reshape(-1, 4, 24).mean((0, 2))
+        score = (qkv * 3 + proj).tolist()
+        assert score == sorted(score, reverse=True)
+        fc1 = block.mlp[0].weight.detach().abs().sum(1).tolist()
+        assert fc1 == sorted(fc1, reverse=True)
+    assert not torch.equal(ordered.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)

@@ -33,6 +33,7 @@ __all__ = ["Criterion", "group_importance", "order_channels"]
 logger = logging.getLogger(__name__)
 
 Criterion = Literal["l1", "bn", "taylor"]
+PERMUTED = [nn.Conv2d, nn.Linear]  # the layers whose output channels root a group
 
 
 def _tp() -> Any:
@@ -47,14 +48,23 @@ def _tp() -> Any:
 
 
 def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
-    """(dependency graph, every coupled group rooted on a conv's output channels). The
-    classifier's outputs are never permuted (its inputs are, as a consumer)."""
-    from tasprune.models.graph import dependency_graph
+    """(dependency graph, every coupled group rooted on a conv's or linear's output
+    channels). What produces the network's outputs is never permuted (its inputs are, as a
+    consumer), nor are attention's q/k/v projections (their heads move whole: `_order_heads`)."""
+    from tasprune.models.attention import find_attention
+    from tasprune.models.graph import dependency_graph, output_layers, quiet
 
     _tp()  # the clear error when Torch-Pruning is missing
     dg = dependency_graph(model, example)
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    groups = list(dg.get_all_groups(ignored_layers=heads, root_module_types=[nn.Conv2d]))
+    mods = dict(model.named_modules())
+    outputs = [mods[n] for n in output_layers(model, (example,))]
+    qkv = {mods[p] for att in find_attention(model)[0] for p in att.producers()}
+    with quiet():
+        groups = [
+            g
+            for g in dg.get_all_groups(ignored_layers=outputs, root_module_types=PERMUTED)
+            if g[0].dep.target.module not in qkv
+        ]
     return dg, groups
 
 
@@ -90,7 +100,7 @@ def group_importance(
     for module, is_out, idxs, roots in _items(dg, group):
         if not is_out:
             continue
-        if criterion == "l1" and isinstance(module, nn.Conv2d):
+        if criterion == "l1" and isinstance(module, (nn.Conv2d, nn.Linear)):
             score = module.weight.detach()[idxs].flatten(1).abs().sum(1).float()
         elif criterion == "bn" and isinstance(module, nn.BatchNorm2d) and module.affine:
             score = module.weight.detach()[idxs].abs().float()
@@ -172,6 +182,11 @@ def _permute(
             for t in (module.weight, module.bias, module.running_mean, module.running_var):
                 if t is not None:
                     t.copy_(t[ix])
+        elif isinstance(module, nn.Linear) and is_out:
+            ix = index(module.out_features)
+            module.weight.copy_(module.weight[ix])
+            if module.bias is not None:
+                module.bias.copy_(module.bias[ix])
         elif isinstance(module, nn.Linear):  # its inputs
             ix = index(module.in_features)
             module.weight.copy_(module.weight[:, ix])
@@ -188,11 +203,39 @@ def _can_permute(module: Any, is_out: bool) -> bool:
     if isinstance(module, nn.BatchNorm2d):
         return True
     if isinstance(module, nn.Linear):
-        return not is_out
+        return True
     stateful = any(True for _ in module.parameters(recurse=False)) or any(
         True for _ in module.buffers(recurse=False)
     )
     return not stateful  # a traced op without state (add, activation, pooling)
+
+
+def _weight(model: nn.Module, name: str) -> Tensor:
+    w = model.get_submodule(name).weight
+    assert isinstance(w, Tensor)
+    return w.detach()
+
+
+def _order_heads(model: nn.Module) -> int:
+    """Sort the heads of every multi-head attention module by the mean absolute value of
+    their q, k and v rows and output-projection columns, most important first (whole heads
+    move, with the tables that have one entry per head); returns how many modules changed."""
+    from tasprune.models.attention import find_attention, permute_heads
+
+    moved = 0
+    for att in find_attention(model)[0]:
+        d = att.head_dim
+        score = torch.zeros(att.heads)
+        for layer, first in att.rows:
+            w = _weight(model, layer)[first : first + att.width]
+            score += w.abs().reshape(att.heads, d, -1).mean((1, 2)).cpu()
+        out = _weight(model, att.out)
+        score += out.abs().reshape(out.shape[0], att.heads, d).mean((0, 2)).cpu()
+        order = torch.argsort(score, descending=True, stable=True).tolist()
+        if order != sorted(order):
+            permute_heads(model, att, order)
+            moved += 1
+    return moved
 
 
 def order_channels(
@@ -221,6 +264,8 @@ def order_channels(
     moved = kept = 0
     for group in groups:
         scores = group_importance(dg, group, criterion, grads)
+        if scores is None and criterion != "l1":  # no batch norm in the group: its weights
+            scores = group_importance(dg, group, "l1")
         if scores is None:
             continue
         order = torch.argsort(scores, descending=True, stable=True).tolist()
@@ -234,6 +279,7 @@ def order_channels(
             _permute(module, is_out, idxs, roots, order)
         moved += 1
     work.requires_grad_(False)
+    heads = _order_heads(work)
     logger.info(
         "teacher channels ordered by %s: %d of %d groups permuted%s",
         criterion,
@@ -241,5 +287,7 @@ def order_channels(
         len(groups),
         f"; {kept} left as trained (a layer in them cannot be reordered)" if kept else "",
     )
+    if heads:
+        logger.info("attention heads ordered by the L1 norm of their weights in %d modules", heads)
     device = next(model.parameters()).device
     return work.to(device).train(model.training)

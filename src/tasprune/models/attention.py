@@ -111,6 +111,42 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
     return None
 
 
+def _per_head(mod: nn.Module, heads: int) -> list[tuple[str, Tensor, int]]:
+    """(name, tensor, dim) of ``mod``'s own tensors with one entry per head along one dim."""
+    found = []
+    for pname, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+        dims = [d for d, n in enumerate(t.shape) if n == heads]
+        if len(dims) == 1:  # one entry per head (a relative position bias table)
+            found.append((pname, t, dims[0]))
+    return found
+
+
+def _linear(net: nn.Module, name: str) -> nn.Linear:
+    lin = net.get_submodule(name)
+    assert isinstance(lin, nn.Linear)
+    return lin
+
+
+def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
+    """Reorder the heads of ``att`` in ``net`` in place (new head j is old head order[j]):
+    the same function, computed with the heads in another order."""
+    d = att.head_dim
+    channels = torch.tensor([h * d + i for h in order for i in range(d)])
+    with torch.no_grad():
+        for layer, first in att.rows:
+            lin = _linear(net, layer)
+            rows = torch.arange(lin.weight.shape[0])
+            rows[first : first + att.width] = channels + first
+            lin.weight.copy_(lin.weight[rows])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias[rows])
+        out = _linear(net, att.out)
+        out.weight.copy_(out.weight[:, channels])
+        index = torch.tensor(order)
+        for _, t, dim in _per_head(net.get_submodule(att.name), att.heads):
+            t.copy_(t.index_select(dim, index.to(t.device)))
+
+
 def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
     """Keep the first ``width`` channels (whole heads) of ``att`` in ``net``, in place: the
     q, k and v rows, the output projection's input columns, and the head count."""
@@ -133,14 +169,12 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
     out.weight = nn.Parameter(out.weight.detach()[:, :width].clone())
     out.in_features = width
     mod = net.get_submodule(att.name)
-    for pname, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-        dims = [d for d, n in enumerate(t.shape) if n == att.heads]
-        if len(dims) == 1:  # one entry per head (a relative position bias table)
-            cut = t.detach().narrow(dims[0], 0, keep).clone()
-            if isinstance(t, nn.Parameter):
-                setattr(mod, pname, nn.Parameter(cut, requires_grad=t.requires_grad))
-            else:
-                setattr(mod, pname, cut)
+    for pname, t, dim in _per_head(mod, att.heads):
+        cut = t.detach().narrow(dim, 0, keep).clone()
+        if isinstance(t, nn.Parameter):
+            setattr(mod, pname, nn.Parameter(cut, requires_grad=t.requires_grad))
+        else:
+            setattr(mod, pname, cut)
     setattr(mod, "num_heads", keep)  # noqa: B010 (an int attribute of any module class)
     for attr in _INNER:
         if getattr(mod, attr, None) == att.width:
