@@ -55,12 +55,13 @@ def _flops(model: str, shape: Shape, input_size: Size, num_classes: int) -> int:
 
 def _scaled(model: str, s: float) -> Shape:
     """Every searchable width of ``model`` times ``s`` (rounded to its step, at least one
-    step); widths that cannot be pruned stay full, depths are kept."""
+    step); widths that cannot be pruned stay full, as does a transformer's embedding width
+    (the search's default space leaves it too), depths are kept."""
     spec = get_model_spec(model)
     full = spec.full_shape()
     widths = {}
     for key, w in full.widths.items():
-        step = spec.width_step(key)
+        step = 0 if spec.embedding(key) else spec.width_step(key)
         widths[key] = w if step == 0 else min(w, max(step, step * round(s * w / step)))
     return Shape(widths=widths, depths=dict(full.depths))
 
