@@ -34,8 +34,13 @@ swapped pair of channels in any tensor moved MNASNet's and ConvNeXt's outputs by
 A model passes only if every check that applies to it passes; the checks add about 10 s to a
 small model, and ``--timeout`` (default 900 s per model) bounds them all.
 
-    python bench/bench_coverage.py [--only torchvision|timm] [--models NAME ...] [--fresh]
-                                   [--results DIR]
+    python bench/bench_coverage.py [--only torchvision|timm] [--transformers]
+                                   [--models NAME ...] [--fresh] [--results DIR]
+
+``--transformers`` runs the transformer lists (torchvision's ViT, Swin and MaxViT; the timm
+transformer and hybrid families of ``TIMM_TRANSFORMERS``) at their own input sizes; a model
+with multi-head attention passes only if every attention module's heads are searched and the
+FLOP counter sees attention's products (on the math attention kernel) in the pruned network.
 
 Resumable: models already in DIR/coverage.json (default bench/results) with these four checks
 are skipped (``--fresh`` redoes them; an entry written by the earlier, path-only version is
@@ -70,12 +75,12 @@ REPORT_MODELS = (
     "timm:convnext_atto",  # LayerNorm, layer scale, depth choices
 )
 
-# Excluded by rule: transformers (ViT, Swin, MaxViT: no conv channel groups to search) and
-# networks over 200 M parameters at 10 classes (time, and ONNX's 2 GB limit): regnet_y_128gf.
-# The list is torchvision.models.list_models(module=torchvision.models) of torchvision 0.29.1
-# minus those: 67 networks.
+# Excluded by rule: networks over 200 M parameters at 10 classes (time, and ONNX's 2 GB
+# limit): regnet_y_128gf, vit_h_14, vit_l_16, vit_l_32. The list is
+# torchvision.models.list_models(module=torchvision.models) of torchvision 0.29.1 minus
+# those: 67 CNNs and 6 transformers (vit_b_16, vit_b_32, swin_t/s/b, swin_v2_t/s/b, maxvit_t).
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "swin3d", "maxvit_")
-TOO_LARGE = ("regnet_y_128gf",)
+TOO_LARGE = ("regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32")
 # The timm list: the smallest variant of each CNN family (fixed before the first run).
 TIMM = [
     "resnet18",
@@ -145,18 +150,68 @@ TIMM = [
 ]
 
 
-def torchvision_models() -> list[str]:
+# The timm transformers and hybrids: the smallest variant of each family (fixed before the
+# first run). A model with multi-head attention passes only if every attention module's heads
+# are searched and the counter sees attention's products in the pruned network.
+TIMM_TRANSFORMERS = [
+    "deit_tiny_patch16_224",
+    "vit_tiny_patch16_224",
+    "eva02_tiny_patch14_224",
+    "cait_xxs24_224",
+    "swin_tiny_patch4_window7_224",
+    "swinv2_cr_tiny_ns_224",
+    "efficientvit_m0",
+    "levit_128s",
+    "efficientformer_l1",
+    "efficientformerv2_s0",
+    "mobilevit_xxs",
+    "mobilevitv2_050",
+    "edgenext_xx_small",
+    "coatnet_nano_rw_224",
+    "coat_lite_tiny",
+    "fastvit_sa12",
+    "poolformer_s12",
+    "convformer_s18",
+    "caformer_s18",
+    "pit_ti_224",
+    "tnt_s_patch16_224",
+    "xcit_nano_12_p16_224",
+    "crossvit_tiny_240",
+    "twins_pcpvt_small",
+    "pvt_v2_b0",
+    "nextvit_small",
+    "maxvit_nano_rw_256",
+    "tiny_vit_5m_224",
+    "davit_tiny",
+    "gcvit_xxtiny",
+]
+
+
+def torchvision_models(transformers: bool = False) -> list[str]:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
     return [
-        n for n in sorted(names) if not n.startswith(TRANSFORMER_PREFIXES) and n not in TOO_LARGE
+        n
+        for n in sorted(names)
+        if n.startswith(TRANSFORMER_PREFIXES) == transformers and n not in TOO_LARGE
     ]
+
+
+def is_transformer(model: str) -> bool:
+    kind, name = model.split(":", 1)
+    return name in TIMM_TRANSFORMERS if kind == "timm" else name.startswith(TRANSFORMER_PREFIXES)
 
 
 def input_side(model: str) -> int:
     from tasprune.models.traced import min_side
 
+    if is_transformer(model):  # position embeddings and windows fix the input size
+        if model.startswith("timm:"):
+            import timm
+
+            return int(timm.models.get_pretrained_cfg(model[5:]).input_size[-1])
+        return 224
     if model.split(":", 1)[1].startswith(("vgg", "alexnet")):
         return 224  # ONNX's adaptive average pool needs the 7x7 grid to divide the feature map
     return max(SIDE, min_side(model))
@@ -223,10 +278,12 @@ def run_one(model: str) -> dict[str, Any]:
             if c.detail is not None:
                 out["details"][name] = c.detail
     failed = [n for n in CHECKS if out["checks"][n] not in ("ok", "-")]
-    out["status"] = "failed" if failed else "ok"
+    out["status"] = "failed" if failed or out.get("attention_error") else "ok"
     if failed:
         step, _, error = out["errors"][failed[0]].partition(": ")
         out.update(step=f"{failed[0]}/{step}", error=error)
+    elif out.get("attention_error"):
+        out.update(step="path/heads", error=out["attention_error"])
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -239,13 +296,27 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
 
     from tasprune.config import SearchConfig
     from tasprune.models import create_model
+    from tasprune.models.attention import is_attention
     from tasprune.models.traced import traced
+    from tasprune.models.verify import countable_attention
     from tasprune.search.supernet import SuperNet
 
     c.step = "build"
     side = input_side(model)
     tr = traced(model)
     c.step = "groups"
+    attention = [n for n, m in tr.template.named_modules() if is_attention(m)]
+    searched = {a.name for g, a in tr.attention.items() if tr.groups[g].fixed is None}
+    out["attention_modules"], out["heads_searched"] = len(attention), len(searched)
+    missing = [n for n in attention if n not in searched]
+    if missing:
+        why = next(
+            (tr.groups[g].fixed for g, a in tr.attention.items() if a.name == missing[0]), None
+        )
+        out["attention_error"] = (
+            f"the heads of {len(missing)} of {len(attention)} attention modules are not "
+            f"searched ({missing[0]}: {why or 'its projections are not read'})"
+        )
     out["width_choices"] = len(tr.searchable_groups())
     out["fixed_widths"] = len(tr.groups) - len(tr.searchable_groups())
     out["depth_choices"] = len(tr.stages)
@@ -278,12 +349,16 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     c.step = "prune"
     pruned = create_model(model, shape, num_classes=10, in_channels=3).eval()
     c.step = "forward"
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), countable_attention():
         logits = pruned(torch.randn(2, 3, side, side))
     if tuple(logits.shape) != (2, 10):
         raise RuntimeError(f"output shape {tuple(logits.shape)}, not (2, 10)")
     c.step = "flops"
     counted = counter.get_total_flops() // 4  # 2 FLOPs per MAC, batch of 2
+    products = counter.get_flop_counts().get("Global", {})
+    out["attention_macs"] = sum(v for k, v in products.items() if "bmm" in str(k)) // 4
+    if attention and out["attention_macs"] == 0 and "attention_error" not in out:
+        out["attention_error"] = "the counter sees no attention products in the pruned network"
     out["counted_equals_predicted"] = counted == predicted
     out["params_equal"] = sum(p.numel() for p in pruned.parameters()) == params
     if counted != predicted:
@@ -539,10 +614,16 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
     lines = []
-    for kind in ("torchvision", "timm"):
-        rs = [r for n, r in results.items() if n.startswith(kind + ":")]
+    for kind, transformers in [(k, t) for k in ("torchvision", "timm") for t in (False, True)]:
+        rs = [
+            r
+            for n, r in results.items()
+            if n.startswith(kind + ":") and is_transformer(n) == transformers
+        ]
         if not rs:
             continue
+        if transformers:
+            kind += " transformers"
         ok = sum(r["status"] == "ok" and whole_path(r) for r in rs)
         per = []
         for check in CHECKS:
@@ -594,6 +675,9 @@ def run_isolated(model: str, timeout: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["torchvision", "timm"])
+    ap.add_argument(
+        "--transformers", action="store_true", help="the transformer lists instead of the CNNs"
+    )
     ap.add_argument("--models", nargs="+", help="names with their prefix (torchvision:...)")
     ap.add_argument("--fresh", action="store_true", help="redo models already recorded")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
@@ -609,9 +693,10 @@ def main() -> None:
     if args.reload:
         reload(*args.reload)
         return
+    tv, tm = torchvision_models(args.transformers), TIMM_TRANSFORMERS if args.transformers else TIMM
     models = args.models or (
-        ([] if args.only == "timm" else [f"torchvision:{n}" for n in torchvision_models()])
-        + ([] if args.only == "torchvision" else [f"timm:{n}" for n in TIMM])
+        ([] if args.only == "timm" else [f"torchvision:{n}" for n in tv])
+        + ([] if args.only == "torchvision" else [f"timm:{n}" for n in tm])
     )
     folder: Path = args.results
     path = folder / "coverage.json"

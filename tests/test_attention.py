@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -96,10 +98,13 @@ def _tv_vit() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("build", [_vit, _tv_vit], ids=["timm", "torchvision"])
-def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(build: object) -> None:
+def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(
+    build: object, tmp_path: Path
+) -> None:
     """timm's Attention and torchvision's nn.MultiheadAttention (split into q/k/v linears
     with the same state dict): the pruned network at a shape with fewer heads and blocks is
-    the searched one there and costs what was predicted, attention's products included."""
+    the searched one there and costs what was predicted, attention's products included, and
+    exports to ONNX with parity."""
     net = build()  # type: ignore[operator]
     channels = 1 if isinstance(net, timm.models.VisionTransformer) else 3
     x = torch.rand(3, channels, 28, 28)
@@ -122,6 +127,11 @@ def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(build: object) -> 
     assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (channels, 28, 28))[0]
     if channels == 3:  # the state dict is nn.MultiheadAttention's
         assert any(k.endswith("self_attention.in_proj_weight") for k in small.state_dict())
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
 
 
 def _attentions(net: torch.nn.Module) -> list[torch.nn.Module]:

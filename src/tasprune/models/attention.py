@@ -288,10 +288,11 @@ def _additive(
 
 
 def _stacked(module: nn.Module, state: dict[str, Tensor], prefix: str, meta: object) -> None:
-    """Save as ``nn.MultiheadAttention`` does: the three projections stacked."""
+    """Save as ``nn.MultiheadAttention`` does: the three projections stacked. A state of the
+    live parameters (``keep_vars=True``, what tracers and exporters read) keeps them."""
     for part in ("weight", "bias"):
         keys = [f"{prefix}{c}.{part}" for c in ("q_proj", "k_proj", "v_proj")]
-        if keys[0] in state:
+        if keys[0] in state and not isinstance(state[keys[0]], nn.Parameter):
             state[f"{prefix}in_proj_{part}"] = torch.cat([state.pop(k) for k in keys])
 
 

@@ -56,8 +56,16 @@ def canonical(name: str) -> str:
 
 
 def min_side(name: str) -> int:
-    """The smallest input side a source runs at (its trace and tests use at least this)."""
-    return _MIN_SIDE.get(canonical(name).split(":", 1)[1], 32)
+    """The smallest input side a source runs at (its trace and tests use at least this); a
+    network with a fixed input size (position embeddings, attention windows) runs at that."""
+    kind, base = canonical(name).split(":", 1)
+    if kind == "timm":
+        cfg = _timm().models.get_pretrained_cfg(base)
+        if cfg is not None and cfg.fixed_input_size:
+            return int(cfg.input_size[-1])
+    if kind == "torchvision" and base.startswith(("vit_", "maxvit_")):
+        return 224
+    return _MIN_SIDE.get(base, 32)
 
 
 def as_example(inputs: Any) -> Example:
