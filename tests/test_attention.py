@@ -157,6 +157,10 @@ def test_window_attention_costs_every_window() -> None:
     tr = traced(name)
     heads = [g for g in tr.groups.values() if g.name.endswith("attn.qkv")]
     assert len(heads) == 4 and all(g.fixed is None for g in heads)
+    # its blocks reshape the token stream between their two sums: still depth choices
+    assert [st.blocks for st in tr.stages.values()] == [
+        [f"layers.{i}.blocks.0", f"layers.{i}.blocks.1"] for i in (0, 1)
+    ]
     shape = tr.full_shape().replace(widths={g.name: g.multiple for g in heads})
     small = tasprune.TAS(net, torch.zeros(2, 1, 56, 56), epochs=1, flops_ratio=0.5).prune(shape)
     counted = _counted(small.eval(), torch.zeros(1, 1, 56, 56))
@@ -269,3 +273,67 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
         fc1 = block.mlp[0].weight.detach().abs().sum(1).tolist()
         assert fc1 == sorted(fc1, reverse=True)
     assert not torch.equal(ordered.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
+
+
+def test_a_block_that_does_not_trace_is_asked_at_run_time() -> None:
+    """A residual block whose forward the tracer cannot follow (a branch on a tensor's
+    value) is a depth choice when, with its branches' outputs zeroed, it returns its input;
+    a block that is not residual is not."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self, residual: bool) -> None:
+            super().__init__()
+            self.residual = residual
+            self.f = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.abs().sum() >= 0):  # data-dependent: symbolic tracing fails here
+                return x + self.f(x) if self.residual else self.f(x)
+            return x
+
+    for residual in (True, False):
+        blocks = [Branchy(residual) for _ in range(3 if residual else 2)]  # two sources
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), *blocks)
+        tr = traced(register_module(net, torch.zeros(2, 4)))
+        assert len(tr.stages) == int(residual)
+
+
+def test_the_latency_table_times_attention_at_every_head_count() -> None:
+    """A latency budget sees attention's token products: the cost function asks the table
+    for them at each candidate head count, and the op runs at those widths."""
+    from tasprune.latency_table import LatencyTable, TableKey
+    from tasprune.search.supernet import SuperNet
+
+    name = register_module(_vit(depth=2), torch.zeros(1, 1, 28, 28))
+    net = SuperNet(name, num_classes=10, in_channels=1, input_size=(28, 28))
+    table = LatencyTable(TableKey("test device", "eager", "torch test", 1, 2))
+    net.latency_table = table
+    with table.collecting() as wanted:
+        net.expected_costs()
+    attention = sorted((op, cout) for op, _, cout in wanted if op.kind == "attention")
+    assert {cout for _, cout in attention} == {12, 24, 36, 48}  # 1 to 4 heads of 12
+    op = attention[0][0]
+    assert (op.size, op.head_dim, op.instances) == ((17, 17), 12, 1)  # 16 patches + cls token
+    y = op.build(1, 24)(op.example(2, 1, 24))
+    assert tuple(y.shape) == (2, 17, 24)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_shipped_vit_builds_every_shape_at_its_cost(seed: int) -> None:
+    """vit_fmnist at random shapes of its space (heads, MLP widths, blocks): built by
+    create_model, it costs what the cost function says (attention included) at 28 and 32 px,
+    and its weights move from the unpruned network."""
+    import random
+
+    from tasprune.models import create_model
+    from tasprune.search.supernet import SuperNet
+
+    net = SuperNet("vit_fmnist", num_classes=10, in_channels=1, input_size=(28, 28))
+    shape = net.sample(random.Random(seed))
+    small = create_model("vit_fmnist", shape, num_classes=10, in_channels=1).eval()
+    for side in (28, 32):
+        counted = _counted(small, torch.rand(1, 1, side, side))
+        assert sum(counted.values()) // 2 == model_cost("vit_fmnist", shape, (1, side, side))[0]
+    full = create_model("vit_fmnist", num_classes=10, in_channels=1)
+    state = get_model_spec("vit_fmnist").transfer(full.state_dict(), shape, 10, 1)
+    small.load_state_dict(state)

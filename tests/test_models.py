@@ -23,7 +23,7 @@ from tasprune.shape import Shape
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 
-MODELS = list_models()
+MODELS = [m for m in list_models() if not m.startswith("vit")]  # CNNs; ViT: test_attention
 TINY = (3, 16, 16)  # small enough for ResNet-164 on CPU, still downsamples twice
 
 
@@ -55,7 +55,8 @@ def is_identity(module: nn.Module) -> bool:
 
 
 def has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+    """A block with a layer of its own (a conv, or a transformer block's linears)."""
+    return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
 def is_bare_projection(module: nn.Module, cin: int, cout: int) -> bool:
@@ -106,17 +107,18 @@ def test_spec_is_consistent(name: str) -> None:
     assert all(isinstance(v, int) and v >= 1 for v in full.depths.values())
     full.validate_against(full, name)
     assert len(spec.default_input) == 3
-    # Width keys: the convs of the unpruned network that first write each group, at its width.
+    # Width keys: the layers of the unpruned network that first write each group, at its width.
     model = create_model(name)
     modules = dict(model.named_modules())
+    tr = traced(name)
     for key, width in full.widths.items():
-        conv = modules.get(key)
-        assert isinstance(conv, nn.Conv2d), f"width key {key} is not a conv"
-        assert conv.out_channels == width, key
+        layer = modules.get(key)  # a conv, or the linear of an attention's heads (q/k/v rows)
+        assert isinstance(layer, (nn.Conv2d, nn.Linear)), f"width key {key} is not a layer"
+        out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        assert out == width * tr.per_channel.get((key, True, key), 1), key
         step = spec.width_step(key)
         assert step >= 0 and (step == 0 or width % step == 0), (key, step)
     # Depth keys: the first block of a stage of residual blocks, as many as it holds.
-    tr = traced(name)
     assert set(full.depths) == set(tr.stages)
     for stage, depth in full.depths.items():
         st = tr.stages[stage]

@@ -53,11 +53,13 @@ ORT_BLOCK = 8  # ONNX exports are padded to this many channels (tasprune.padding
 class Op:
     """One layer's geometry, everything but its widths.
 
-    ``kind``: "conv2d", "conv1d" or "linear". ``size``: the input's spatial size (a conv), the
-    token count (a linear over tokens) or () (a linear over features). ``per_group``: a grouped
-    conv's (in, out) channels per group; its width then sets the number of groups (in and out
-    tied: a depthwise conv is (1, 1)). ``image``: the input is the network's own (never padded);
-    ``head``: the output is the classifier's (never padded)."""
+    ``kind``: "conv2d", "conv1d", "linear" or "attention". ``size``: the input's spatial size
+    (a conv), the token count (a linear over tokens), () (a linear over features), or the
+    (query, key) token counts of an attention's products. ``per_group``: a grouped conv's
+    (in, out) channels per group; its width then sets the number of groups (in and out tied: a
+    depthwise conv is (1, 1)). ``image``: the input is the network's own (never padded);
+    ``head``: the output is the classifier's (never padded). An attention's width is its
+    heads x ``head_dim``, computed on ``instances`` rows per image (windows)."""
 
     kind: str
     kernel: tuple[int, ...] = ()
@@ -68,10 +70,14 @@ class Op:
     per_group: tuple[int, int] | None = None
     image: bool = False
     head: bool = False
+    head_dim: int = 0
+    instances: int = 1
 
     def label(self) -> str:
         parts = [self.kind]
-        if self.kind != "linear":
+        if self.kind == "attention":
+            parts += [f"hd{self.head_dim}", f"x{self.instances}"]
+        elif self.kind != "linear":
             parts += [
                 "k" + "x".join(map(str, self.kernel)),
                 "s" + "x".join(map(str, self.stride)),
@@ -100,6 +106,8 @@ class Op:
         """The layer (+ BatchNorm + ReLU for a conv) at widths ``cin`` -> ``cout``."""
         if self.kind == "linear":
             return nn.Linear(cin, cout)
+        if self.kind == "attention":
+            return _Attend(self.head_dim, *self.size)
         cin, cout, groups = self.channels(cin, cout)
         conv_cls, bn_cls = (
             (nn.Conv2d, nn.BatchNorm2d) if self.kind == "conv2d" else (nn.Conv1d, nn.BatchNorm1d)
@@ -120,7 +128,25 @@ class Op:
         """A random input batch of the layer at widths (``cin``, ``cout``)."""
         if self.kind == "linear":
             return torch.rand(batch, *self.size, cin)
+        if self.kind == "attention":
+            return torch.rand(batch * self.instances, self.size[0], cout)
         return torch.rand(batch, self.channels(cin, cout)[0], *self.size)
+
+
+class _Attend(nn.Module):
+    """An attention's token products alone: softmax(q k^T / sqrt(d)) v over heads of ``d``
+    channels (q, k and v are the input, or a fixed key/value when the token counts differ)."""
+
+    def __init__(self, head_dim: int, n_q: int, n_k: int) -> None:
+        super().__init__()
+        self.d, self.n_q, self.n_k = head_dim, n_q, n_k
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h = x.shape[0], x.shape[-1] // self.d
+        q = x.view(b, self.n_q, h, self.d).transpose(1, 2)
+        kv = q if self.n_k == self.n_q else q.mean(2, keepdim=True).expand(-1, -1, self.n_k, -1)
+        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
+        return out.transpose(1, 2).reshape(b, self.n_q, h * self.d)
 
 
 def _device_name(device: str) -> str:
@@ -221,8 +247,8 @@ class LatencyTable:
     # ------------------------------------------------------------------ lookups
     def padded(self, op: Op, cin: int, cout: int) -> tuple[int, int]:
         """The widths the runtime actually runs (ONNX exports are padded to 8 channels)."""
-        if self.key.runtime not in ONNX_RUNTIMES:
-            return cin, cout
+        if self.key.runtime not in ONNX_RUNTIMES or op.kind == "attention":
+            return cin, cout  # heads are never padded
         up = lambda c: math.ceil(c / ORT_BLOCK) * ORT_BLOCK  # noqa: E731
         return (cin if op.image else up(cin)), (cout if op.head else up(cout))
 

@@ -462,6 +462,7 @@ def _mask_sites(
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
+_RESHAPES = ("reshape", "view", "flatten", "contiguous")
 
 
 class _Leaves(torch.fx.Tracer):
@@ -471,15 +472,17 @@ class _Leaves(torch.fx.Tracer):
         return True
 
 
-def _is_residual(block: nn.Module) -> bool:
+def _is_residual(block: nn.Module, x: Tensor | None = None) -> bool:
     """Does ``block`` add its own input to its output (y = x + f(x), or a chain of such sums:
-    a transformer block adds attention, then the MLP, onto the same stream)?"""
+    a transformer block adds attention, then the MLP, onto the same stream)? Read off its
+    forward's graph; a forward that does not trace (it unpacks shapes, say) is asked at run
+    time on its input ``x``."""
     import torch.fx as fx
 
     try:
         graph = _Leaves().trace(block)
     except Exception:
-        return False
+        return x is not None and _passes_input(block, x)
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if not inputs or any(not n.args for n in inputs[1:]):
         return False  # more than one input without a default
@@ -493,6 +496,9 @@ def _is_residual(block: nn.Module) -> bool:
             if n.args[0] in same:
                 same.add(n)
             continue
+        if n.op == "call_method" and n.target in _RESHAPES and n.args and n.args[0] in same:
+            same.add(n)  # the stream reshaped (a Swin block flattens its tokens in between)
+            continue
         is_add = (n.op == "call_function" and n.target in _ADDS) or (
             n.op == "call_method" and n.target in ("add", "add_")
         )
@@ -501,6 +507,34 @@ def _is_residual(block: nn.Module) -> bool:
                 return True
             same.add(n)
     return False
+
+
+def _passes_input(block: nn.Module, x: Tensor) -> bool:
+    """With the outputs of its children that hold parameters zeroed (its branches), does
+    ``block`` return its (positive) input exactly? Then its output is its input plus what
+    those branches add."""
+    kids = [
+        m
+        for m in block.children()
+        if any(True for _ in m.parameters()) and not getattr(m, "tasprune_optional", False)
+    ]
+    if not kids:
+        return False
+
+    def zero(m: nn.Module, args: Any, out: Any) -> Any:
+        return torch.zeros_like(out) if isinstance(out, Tensor) else out
+
+    hooks = [m.register_forward_hook(zero) for m in kids]
+    probe = x.abs() + 0.5  # positive: an activation after the sum passes it unchanged
+    try:
+        with torch.no_grad():
+            y = block(probe)
+    except Exception:
+        return False
+    finally:
+        for h in hooks:
+            h.remove()
+    return isinstance(y, Tensor) and torch.equal(y, probe)
 
 
 def _reaches_output(node: Any, modules: dict[str, nn.Module]) -> bool:
@@ -518,6 +552,7 @@ def _reaches_output(node: Any, modules: dict[str, nn.Module]) -> bool:
 def _depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
     """Runs of residual blocks of the same input and output shape in one ``nn.Sequential``."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    inputs: dict[str, Tensor] = {}
     hooks = []
     containers = [
         (n, m)
@@ -531,6 +566,7 @@ def _depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
             def hook(m: nn.Module, args: Any, out: Any, n: str = bname) -> None:
                 if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
                     shapes[n] = (tuple(args[0].shape), tuple(out.shape))
+                    inputs.setdefault(n, args[0].detach())
 
             hooks.append(block.register_forward_hook(hook))
     try:
@@ -550,7 +586,7 @@ def _depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
                 io is not None
                 and io[0] == io[1]
                 and any(p.requires_grad for p in block.parameters())
-                and _is_residual(block)
+                and _is_residual(block, inputs.get(bname))
             )
             skippable.append(ok)
         i = 0

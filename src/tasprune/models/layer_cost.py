@@ -143,6 +143,13 @@ def _scores(
     pos = 0
     for (_, q), (_, k) in zip(calls_q, calls_k, strict=True):
         pos += 2 * q[0] * math.prod(q[1:-1]) * math.prod(k[1:-1])
+    (_, q), (_, k) = calls_q[0], calls_k[0]
+    op = Op(
+        "attention",
+        size=(math.prod(q[1:-1]), math.prod(k[1:-1])),
+        head_dim=att.head_dim,
+        instances=max(1, q[0] // images),
+    )
     return Layer(
         f"{att.name}:scores",
         1,
@@ -155,6 +162,7 @@ def _scores(
         False,
         stage,
         index,
+        op=op,
         weights=False,
     )
 
@@ -242,9 +250,8 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
         else:
             weights = sum(a.prod(x, y) * (mx * my) for x, mx in cin for y, my in cout)
         c.flops = c.flops + keep * weights * (ly.kernel * ly.hw)
-        if not ly.weights:  # a product of activations
-            continue
-        c.params = c.params + keep * weights * ly.kernel
+        if ly.weights:  # else a product of activations
+            c.params = c.params + keep * weights * ly.kernel
         if c.table is not None and ly.op is not None and optional:
             c.layer_latency(ly.op, a.total(cin), a.total(cout), keep, differ=True)
         elif c.table is not None and ly.op is not None:

@@ -6,6 +6,8 @@ analysis finds its heads, MLP widths and depth like any other network's."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -72,8 +74,15 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        x = self.norm(self.blocks(x))
+        x = self.patch_embed(x)
+        h, w = x.shape[-2:]
+        pos = self.pos_embed
+        if pos.shape[1] != h * w:  # another input size: the position grid interpolated
+            g = math.isqrt(pos.shape[1])
+            grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+            pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        x = self.norm(self.blocks(x.flatten(2).transpose(1, 2) + pos))
         return self.head(x.mean(1))
 
 
