@@ -76,7 +76,7 @@ class ViT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
         h, w = x.shape[-2:]
-        pos = self.pos_embed
+        pos: Tensor = self.pos_embed
         if pos.shape[1] != h * w:  # another input size: the position grid interpolated
             g = math.isqrt(pos.shape[1])
             grid = pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
