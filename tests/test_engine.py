@@ -106,6 +106,16 @@ def test_optimizer_no_decay_on_bn_and_bias() -> None:
     assert opt.defaults["nesterov"] is True
 
 
+def test_adamw_keeps_the_same_decay_groups() -> None:
+    """optimizer: adamw (for transformers): decoupled decay on the weights only."""
+    model = tiny_net()
+    opt = build_optimizer(model, cfg(weight_decay=0.05, lr=1e-3, optimizer="adamw"))
+    assert isinstance(opt, torch.optim.AdamW)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and all(p.ndim > 1 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in no_decay["params"])
+
+
 def test_scheduler_warmup_then_cosine() -> None:
     c = cfg(epochs=4, warmup_epochs=1, lr=0.1)
     opt = build_optimizer(tiny_net(), c)

@@ -1,5 +1,5 @@
 """The optimiser and the learning-rate schedule of every training loop (fit and the search's
-weight step): SGD without weight decay on norms and biases, linear warm-up then cosine to 0,
+weight step): SGD or AdamW without weight decay on norms and biases, linear warm-up then cosine to 0,
 stepped once per iteration."""
 
 from __future__ import annotations
@@ -15,13 +15,24 @@ from torch.optim.lr_scheduler import LambdaLR
 from tasprune.config import TrainConfig
 from tasprune.errors import ConfigError, DataError
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "weight_optimizer"]
+
+
+def weight_optimizer(
+    groups: list[dict[str, Any]], kind: str, lr: float, momentum: float, nesterov: bool
+) -> torch.optim.Optimizer:
+    """SGD with (Nesterov) momentum, or AdamW (decoupled weight decay, the usual choice for
+    transformers), over parameter groups that carry their own weight decay."""
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, params: Iterable[nn.Parameter] | None = None
-) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum; weight decay only on weights with ndim > 1.
+) -> torch.optim.Optimizer:
+    """SGD with (Nesterov) momentum or AdamW (``cfg.optimizer``); weight decay only on
+    weights with ndim > 1.
 
     BatchNorm affine parameters and biases (ndim <= 1) get no decay: decaying them only
     shrinks scales/offsets and costs accuracy. ``params`` restricts training to a subset
@@ -43,8 +54,7 @@ def build_optimizer(
         groups.append({"params": decay, "weight_decay": cfg.weight_decay})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    nesterov = cfg.nesterov and cfg.momentum > 0
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
+    return weight_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:

@@ -122,7 +122,10 @@ class SearchConfig(SpaceOptions):
     # Schedule of the network weights (split A of the training set).
     epochs: int = Field(default=600, ge=1, description="passes over split A")
     batch_size: int = Field(default=256, ge=1, description="images per step, on each split")
-    lr: float = Field(default=0.1, gt=0)  # SGD peak learning rate, cosine to 0
+    lr: float = Field(default=0.1, gt=0)  # peak learning rate, cosine to 0
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd", description="of the weights: sgd (momentum) or adamw"
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0)

@@ -20,6 +20,10 @@ class TrainConfig(BaseModel):
     epochs: int = Field(ge=1, description="passes over the training set")
     batch_size: int = Field(default=128, ge=1, description="images per step")
     lr: float = Field(default=0.1, gt=0, description="peak learning rate, reached after warm-up")
+    optimizer: Literal["sgd", "adamw"] = Field(
+        default="sgd",
+        description="sgd: SGD with momentum; adamw: AdamW (decoupled decay; for transformers)",
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(default=True, description="Nesterov momentum (needs momentum > 0)")
     weight_decay: float = Field(

@@ -22,7 +22,7 @@ from tasprune.budget import Budget
 from tasprune.config import SearchConfig
 from tasprune.epoch import autocast
 from tasprune.errors import TrainingError
-from tasprune.optim import lr_factor
+from tasprune.optim import lr_factor, weight_optimizer
 from tasprune.search.supernet import SuperNet
 from tasprune.shape import Shape
 
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
+def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.Optimizer:
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in net.net.named_parameters():
@@ -47,15 +47,13 @@ def _weight_optimizer(net: SuperNet, cfg: SearchConfig) -> torch.optim.SGD:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.SGD(
-        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
-    )
+    return weight_optimizer(groups, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov)
 
 
 def make_optimizers(
     net: SuperNet, cfg: SearchConfig, steps_per_epoch: int
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR, torch.optim.Adam]:
-    """SGD + per-step cosine schedule for the weights, Adam for the architecture logits."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, torch.optim.Adam]:
+    """SGD or AdamW + per-step cosine schedule for the weights, Adam for the logits."""
     w_opt = _weight_optimizer(net, cfg)
     total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     w_sched = torch.optim.lr_scheduler.LambdaLR(w_opt, lambda s: lr_factor(s, total, warm))
