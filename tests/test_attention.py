@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tasprune
+from conftest import needs_fashion_mnist
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.models import get_model_spec
@@ -337,3 +338,55 @@ def test_the_shipped_vit_builds_every_shape_at_its_cost(seed: int) -> None:
     full = create_model("vit_fmnist", num_classes=10, in_channels=1)
     state = get_model_spec("vit_fmnist").transfer(full.state_dict(), shape, 10, 1)
     small.load_state_dict(state)
+
+
+@needs_fashion_mnist
+def test_tasprune_run_prunes_the_shipped_vit_and_it_loads_elsewhere(tmp_path: Path) -> None:
+    """The shipped recipe, shrunk to a smoke run: teacher, search, student and report; the
+    student has fewer heads or blocks, is in the band, and a fresh process loads it to the
+    same outputs."""
+    import subprocess
+    import sys
+
+    from tasprune import pipeline
+    from tasprune.config import load_recipe
+
+    recipe = load_recipe(
+        "fmnist-vit",
+        {
+            "device": "cpu",
+            "data": {"train_subset": 160, "test_subset": 64},
+            "teacher": {"train": {"epochs": 1, "batch_size": 64}},
+            "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
+            "distill": {"train": {"epochs": 1, "batch_size": 64}},
+            "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
+        },
+    )
+    out = tmp_path / "run"
+    pipeline.run(recipe, out, progress=False)
+    assert (out / "report.md").is_file()
+    student = tasprune.load(out / "student" / "model.pt").eval()
+    full = model_cost("vit_fmnist", None, (1, 28, 28))[0]
+    with torch.no_grad():
+        counted = _counted(student, torch.rand(1, 1, 28, 28))
+    small = sum(counted.values()) // 2
+    assert 0.45 * full - 1 <= small <= 0.5 * full + 1
+    x = torch.rand(2, 1, 28, 28)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, tasprune; net = tasprune.load(sys.argv[1]).eval(); "
+        "torch.save(net(torch.load(sys.argv[2])).detach(), sys.argv[3])"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(out / "student" / "model.pt"),
+            str(tmp_path / "x.pt"),
+            str(tmp_path / "y.pt"),
+        ],
+        check=True,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), student(x))
