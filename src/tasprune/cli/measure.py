@@ -122,6 +122,14 @@ def cmd_space(a: SpaceInputs, recipe: Recipe) -> int:
     depths = {s: c.candidates for s, c in net.depth_of.items()}
     # Widths the graph leaves unsearched, and why.
     fixed = {n: str(g.fixed) for n, g in traced(model).groups.items() if g.fixed}
+    if not space.search_embedding:
+        fixed.update(
+            {
+                n: "the embedding width (search.search_embedding: true searches it)"
+                for n, g in traced(model).groups.items()
+                if g.embedding and not g.fixed
+            }
+        )
     obj = {
         "model": model,
         "fixed_widths": fixed,

@@ -88,12 +88,15 @@ def analyse(module: nn.Module, example: Any, *, name: str = "model", ignore: Any
     tr = Traced(module, example, name=name, ignore=ignore)
     verify(tr)
     fixed = [g for g in tr.groups.values() if g.fixed]
+    embedding = [g for g in tr.groups.values() if g.embedding and not g.fixed]
     logger.info(
-        "%s: %d width choices (%d kept at full width; `tasprune space --model %s` says why), "
-        "%d depth choices",
+        "%s: %d width choices (%s%d kept at full width%s; `tasprune space --model %s` says "
+        "why), %d depth choices",
         name,
         len(tr.groups),
+        f"{len(tr.attention)} of them attention heads; " if tr.attention else "",
         len(fixed),
+        ", and the embedding width unless search.search_embedding" if embedding else "",
         name,
         len(tr.stages),
     )
