@@ -210,7 +210,8 @@ def input_side(model: str) -> int:
         if model.startswith("timm:"):
             import timm
 
-            return int(timm.models.get_pretrained_cfg(model[5:]).input_size[-1])
+            cfg = timm.models.get_pretrained_cfg(model[5:])
+            return int(cfg.input_size[-1]) if cfg is not None else 224
         return 224
     if model.split(":", 1)[1].startswith(("vgg", "alexnet")):
         return 224  # ONNX's adaptive average pool needs the 7x7 grid to divide the feature map
