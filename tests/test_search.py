@@ -91,7 +91,9 @@ def test_search_divergence_names_the_exact_step(tmp_path, monkeypatch) -> None:
     import tasprune.search.step as step
 
     data = _subset(256)
-    cfg = SearchConfig(epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6, holdout=0)
+    cfg = SearchConfig(
+        epochs=1, batch_size=16, valid_batches=1, flops_ratio=0.6, holdout=0, arch_step="alternate"
+    )  # split A: 8 steps of 16 images
     real_step = step.SearchStepper.step
     calls = {"n": 0}
 

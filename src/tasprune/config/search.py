@@ -144,8 +144,9 @@ class SearchConfig(SpaceOptions):
     # a weight step on split A, then an architecture step on split B, every ``arch_every``-th
     # weight step (1: every one). "joint": one forward per batch serves both (first-order,
     # one split: A and B together), its loss the task loss plus the budget loss; about 1.4x
-    # a plain step instead of 2.4x (bench/results/search_cost_modes.md).
-    arch_step: Literal["alternate", "joint"] = "alternate"
+    # a plain step instead of 2.4x (bench/results/search_cost_modes.md). The default since
+    # fmnist-r20 and fmnist-r56 measured it level with the alternation (docs/results.md).
+    arch_step: Literal["alternate", "joint"] = "joint"
     arch_every: int = Field(
         default=1, ge=1, description="alternate: an architecture step every k weight steps"
     )
@@ -176,6 +177,8 @@ class SearchConfig(SpaceOptions):
             self.flops_ratio = None  # a latency budget alone: the FLOPs default does not apply
         if self.flops_ratio is None and self.latency_ratio is None:
             raise ValueError("set flops_ratio or latency_ratio (or both)")
+        if self.arch_every != 1 and "arch_step" not in self.model_fields_set:
+            self.arch_step = "alternate"  # every k-th step: the alternation's schedule
         if self.arch_step == "joint" and self.arch_every != 1:
             raise ValueError(
                 "arch_every applies to arch_step: alternate (joint makes an architecture "

@@ -83,6 +83,10 @@ class TAS:
                 "tas.model instead"
             )
         base = config.model_dump() if isinstance(config, SearchConfig) else dict(config or {})
+        if not isinstance(config, SearchConfig) and "arch_step" not in {**base, **settings}:
+            # your loop's default stays the paper's alternation (its call is arch_step on
+            # the architecture split); tasprune's own loop defaults to the joint step
+            settings["arch_step"] = "alternate"
         if "epochs" not in {**base, **settings}:
             raise ConfigError(
                 "TAS needs the number of epochs (its temperature schedule spans them). "
