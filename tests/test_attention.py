@@ -64,7 +64,7 @@ def test_heads_mlp_widths_and_blocks_are_the_choices() -> None:
     assert choice_widths(spec, "blocks.0.attn.qkv", 48, SearchConfig()) == [12, 24, 36, 48]
 
 
-def test_the_pruned_vit_is_the_searched_network_at_its_shape() -> None:
+def test_the_pruned_vit_has_the_heads_widths_and_blocks_of_its_shape() -> None:
     x = torch.rand(4, 1, 28, 28)
     tas = tasprune.TAS(_vit(), x[:2], epochs=1, flops_ratio=0.5)
     full = traced(tas.name).full_shape()
@@ -75,20 +75,12 @@ def test_the_pruned_vit_is_the_searched_network_at_its_shape() -> None:
     small = tas.prune(shape)
     assert type(small).__name__ == "VisionTransformer"
     assert [b.attn.num_heads for b in small.blocks[:2]] == [2, 1]
-    assert small.blocks[0].attn.qkv.weight.shape == (72, 48)
+    assert [b.attn.attn_dim for b in small.blocks[:2]] == [24, 12]
+    assert small.blocks[0].attn.qkv.weight.shape == (72, 48)  # q, k, v: 2 heads of 12 each
     assert small.blocks[1].attn.proj.weight.shape == (48, 12)
+    assert small.blocks[0].mlp.fc1.weight.shape == (38, 48)
     assert isinstance(small.blocks[2], torch.nn.Identity)
-    small.eval()
-    tas.model.eval()
-    with torch.no_grad(), tas.supernet.fixed(shape):
-        tas.supernet.training = False
-        want = tas.model(x)
-    with torch.no_grad():
-        got = small(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    counted = _counted(small, x[:1])
-    assert counted["aten.bmm"] > 0  # the counter sees attention's products
-    assert sum(counted.values()) // 2 == model_cost(tas.name, shape)[0]
+    # outputs and cost at a shape: test_any_vit_prunes_heads_and_blocks_to_what_was_searched
 
 
 def _tv_vit() -> torch.nn.Module:
