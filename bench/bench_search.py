@@ -69,9 +69,10 @@ def prepare(device: torch.device) -> None:
 def make_plain(
     model: str, batch: int, device: torch.device, size: tuple[int, int, int] | None = None
 ) -> Any:
-    net = create_model(model).to(device).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     size = size or input_size(model)
+    net = create_model(model, in_channels=size[0]).to(device)
+    net = net.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, *size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -95,7 +96,8 @@ def make_search(
 ) -> Any:
     cfg = SearchConfig(epochs=1, batch_size=batch, **space)
     size = size or input_size(model)
-    net = SuperNet(model, input_size=size[1:], options=cfg.space()).to(device)
+    net = SuperNet(model, in_channels=size[0], input_size=size[1:], options=cfg.space())
+    net = net.to(device)
     net = net.to(memory_format=torch.channels_last).train()
     net.generator = torch.Generator().manual_seed(0)
     w_opt, _, a_opt = make_optimizers(net, cfg, steps_per_epoch=1000)
