@@ -641,35 +641,40 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_isolated(model: str, timeout: int) -> dict[str, Any]:
-    """``run_one`` in a subprocess; a crash or a hang is that model's failure."""
+def isolated(script: str, model: str, timeout: int) -> dict[str, Any]:
+    """``script --one model`` in a subprocess, one thread: the record its last stdout line
+    holds; a crash (no record) or a hang is a failed record naming the step "process" or
+    "timeout". The coverage scripts' one way of running a model alone."""
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", model],
+            [sys.executable, script, "--one", model],
             capture_output=True,
             text=True,
             timeout=timeout,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-        r = (
-            json.loads(last[0])
-            if last
-            else {
-                "model": model,
-                "status": "failed",
-                "step": "process",
-                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300],
-            }
-        )
+        try:
+            r: dict[str, Any] = json.loads(last[0]) if last else {}
+        except json.JSONDecodeError:
+            r = {}
+        if "status" not in r:
+            why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            r = {"model": model, "status": "failed", "step": "process", "error": why[:300]}
     except subprocess.TimeoutExpired:
         r = {"model": model, "status": "failed", "step": "timeout", "error": f"over {timeout} s"}
+    r.setdefault("seconds", round(time.perf_counter() - t0, 1))
+    return r
+
+
+def run_isolated(model: str, timeout: int) -> dict[str, Any]:
+    """``run_one`` in a subprocess; a crash or a hang is that model's failure."""
+    r = isolated(__file__, model, timeout)
     if r["status"] != "ok" and "checks" not in r:  # the whole process failed: every check did
         r["checks"] = {
             n: "-" if n == "report" and model not in REPORT_MODELS else "failed" for n in CHECKS
         }
-    r.setdefault("seconds", round(time.perf_counter() - t0, 1))
     return r
 
 

@@ -45,15 +45,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_coverage import TIMM_TRANSFORMERS, input_side, torchvision_models  # noqa: E402
+from bench_coverage import (  # noqa: E402
+    TIMM_TRANSFORMERS,
+    input_side,
+    isolated,
+    torchvision_models,
+)
 
 RESULTS = Path(__file__).parent / "results"
 NUM_CLASSES = 10
@@ -227,27 +230,7 @@ def run_one(model: str) -> dict[str, Any]:
 
 def run_isolated(model: str, timeout: int) -> dict[str, Any]:
     """``run_one`` in a subprocess; a crash or a hang is that model's failure."""
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", model],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-        try:
-            r: dict[str, Any] = json.loads(last[0]) if last else {}
-        except json.JSONDecodeError:
-            r = {}
-        if "status" not in r:
-            why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-            r = {"model": model, "status": "failed", "step": "process", "error": why[:300]}
-    except subprocess.TimeoutExpired:
-        r = {"model": model, "status": "failed", "step": "timeout", "error": f"over {timeout} s"}
-    r.setdefault("seconds", round(time.perf_counter() - t0, 1))
-    return r
+    return isolated(__file__, model, timeout)
 
 
 def params_ratio(r: dict[str, Any]) -> str:
