@@ -24,6 +24,17 @@ needs_fashion_mnist = pytest.mark.skipif(
     reason=f"{SYSTEM_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)",
 )
 
+# A recipe's overrides that shrink any run to a smoke run (a few batches of real data, one
+# epoch a stage, a one-batch latency, no int8).
+TINY_RUN: dict[str, Any] = {
+    "device": "cpu",
+    "data": {"train_subset": 160, "test_subset": 64},
+    "teacher": {"train": {"epochs": 1, "batch_size": 64}},
+    "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
+    "distill": {"train": {"epochs": 1, "batch_size": 64}},
+    "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
+}
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs two workers on two cores) every worker, and the

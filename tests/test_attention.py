@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import tasprune
-from conftest import needs_fashion_mnist
+from conftest import TINY_RUN, needs_fashion_mnist
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.models import get_model_spec
@@ -343,17 +343,7 @@ def test_tasprune_run_prunes_the_shipped_vit_and_it_loads_elsewhere(tmp_path: Pa
     from tasprune import pipeline
     from tasprune.config import load_recipe
 
-    recipe = load_recipe(
-        "fmnist-vit",
-        {
-            "device": "cpu",
-            "data": {"train_subset": 160, "test_subset": 64},
-            "teacher": {"train": {"epochs": 1, "batch_size": 64}},
-            "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
-            "distill": {"train": {"epochs": 1, "batch_size": 64}},
-            "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
-        },
-    )
+    recipe = load_recipe("fmnist-vit", TINY_RUN)
     out = tmp_path / "run"
     pipeline.run(recipe, out, progress=False)
     assert (out / "report.md").is_file()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import tasprune.stages as stages
-from conftest import needs_fashion_mnist
+from conftest import TINY_RUN, needs_fashion_mnist
 from tasprune.cli import main
 from tasprune.config import Recipe, deep_merge, load_recipe
 from tasprune.errors import ConfigError
@@ -20,14 +20,7 @@ from tasprune.sweep import sweep
 pytestmark = [needs_fashion_mnist, pytest.mark.usefixtures("one_thread")]
 
 RATIOS = [0.5, 0.3]  # given unsorted: the sweep sorts them
-TINY: dict[str, Any] = {
-    "device": "cpu",
-    "data": {"train_subset": 160, "test_subset": 64},
-    "teacher": {"train": {"epochs": 1, "batch_size": 64}},
-    "search": {"epochs": 1, "batch_size": 64, "valid_batches": 1},
-    "distill": {"train": {"epochs": 1, "batch_size": 64}},
-    "report": {"latency_batches": [1], "latency_repeats": 1, "int8": False},
-}
+TINY = TINY_RUN
 
 
 def _sets(node: dict[str, Any], prefix: str = "") -> list[str]:
