@@ -28,6 +28,7 @@ from tasprune.config import SpaceOptions
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError
 from tasprune.models import create_model, get_model_spec
+from tasprune.search.space import searched_step
 from tasprune.shape import Shape
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _scaled(model: str, s: float) -> Shape:
     full = spec.full_shape()
     widths = {}
     for key, w in full.widths.items():
-        step = 0 if spec.embedding(key) else spec.width_step(key)
+        step = searched_step(spec, key)
         widths[key] = w if step == 0 else min(w, max(step, step * round(s * w / step)))
     return Shape(widths=widths, depths=dict(full.depths))
 

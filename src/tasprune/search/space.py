@@ -35,14 +35,23 @@ def width_candidates(
     return sorted(values)
 
 
+def searched_step(spec: ModelSpec, name: str, opts: SpaceOptions | None = None) -> int:
+    """The step a searched width of ``spec`` moves in; 0 when the space leaves it at its full
+    width (it cannot be pruned, or it is the embedding and ``search_embedding`` is off)."""
+    opts = opts or SpaceOptions()
+    if spec.embedding(name) and not opts.search_embedding:
+        return 0
+    return spec.width_step(name)
+
+
 def choice_widths(spec: ModelSpec, name: str, full: int, opts: SpaceOptions) -> list[int]:
     """The candidate widths of one width choice of ``spec``: `width_candidates`, restricted
     to the steps the model needs (whole groups of a grouped conv; a width that cannot be
     searched keeps its full value)."""
     if not opts.search_width:
         return [full]
-    step = spec.width_step(name)
-    if step == 0 or (spec.embedding(name) and not opts.search_embedding):
+    step = searched_step(spec, name, opts)
+    if step == 0:
         return [full]
     values = width_candidates(full, opts.width_fractions, opts.width_multiple, opts.width_snap)
     if step > 1:
