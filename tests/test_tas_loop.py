@@ -17,7 +17,7 @@ import tasprune
 from conftest import needs_fashion_mnist
 from tasprune.cost import model_cost
 from tasprune.errors import BudgetError, ConfigError
-from user_nets import TinyNet, TwoHeads
+from user_nets import KeptBoxes, TinyNet, TwoHeads
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 
@@ -138,6 +138,29 @@ def test_any_output_structure_with_the_users_own_loss() -> None:
     assert type(small) is TwoHeads
     out = small.eval()(x[:2])
     assert out["boxes"].shape == (2, 4, 16, 16) and out["scores"][0].shape == (2, 3, 16, 16)
+
+
+def test_outputs_whose_sizes_depend_on_the_data_search_the_same_groups() -> None:
+    """A detector's kept boxes are as many as score above a threshold, so a pruned copy
+    returns another number of them: the analysis still searches every group the same network
+    without that post-processing searches (the layers producing the outputs keep their shapes),
+    and the pruned network runs."""
+    from tasprune.models.traced import traced
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 32, 32)
+    plain, kept = TwoHeads(), KeptBoxes()
+    kept.load_state_dict(plain.state_dict())
+    searched = {}
+    for net in (plain, kept):
+        tas = tasprune.TAS(net, x, epochs=1, flops_ratio=0.6)
+        groups = traced(tas.name).groups
+        searched[type(net)] = sorted(n for n, g in groups.items() if g.fixed is None)
+    assert searched[KeptBoxes] == searched[TwoHeads] and searched[TwoHeads]
+    small = tas.prune().eval()
+    with torch.no_grad():
+        full, pruned = kept.eval()(x)["boxes"].shape[0], small(x)["boxes"].shape[0]
+    assert full != pruned  # the check the analysis makes would have failed on the shapes
 
 
 def test_bad_use_is_one_clear_error() -> None:

@@ -80,3 +80,17 @@ class TwoHeads(nn.Module):
     def forward(self, x: Tensor) -> dict[str, object]:
         f = self.neck(self.trunk(self.stem(x).relu()))
         return {"boxes": self.box(f), "scores": [self.score(f)]}
+
+
+class KeptBoxes(TwoHeads):
+    """TwoHeads whose eval output keeps only the boxes scoring above the mean, as a detector's
+    post-processing does: how many come out depends on the weights and the data."""
+
+    def forward(self, x: Tensor) -> dict[str, object]:  # type: ignore[override]
+        out = super().forward(x)
+        if self.training:
+            return out
+        boxes = out["boxes"].permute(0, 2, 3, 1).reshape(-1, 4)  # type: ignore[union-attr]
+        scores = out["scores"][0][:, 0].flatten()  # type: ignore[index]
+        keep = scores > scores.mean()
+        return {"boxes": boxes[keep], "scores": scores[keep]}

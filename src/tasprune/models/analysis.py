@@ -98,6 +98,9 @@ class Traced:
     arguments it is called with (a tensor is one argument); ``ignore`` names modules whose
     output widths are kept besides the outputs' producers."""
 
+    # the output shapes of the outputs' producers, call by call (verify's, computed once)
+    head_shapes: dict[str, list[tuple[int, ...]]] | None = None
+
     def __init__(
         self,
         module: nn.Module,

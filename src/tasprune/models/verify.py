@@ -79,7 +79,7 @@ def _trial(self: Traced, names: list[str]) -> str | None:
         traced_cost(self, c, found)
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-    if (got := output_shapes(y)) != self.output_shapes:
+    if (got := output_shapes(y)) != self.output_shapes and not _same_heads(self, net, got):
         return f"outputs {got}, not {self.output_shapes}"
     # The cost is per image (a layer's output size without its batch dimension); the
     # example may hold several (a detector in train mode needs two for its batch norms).
@@ -87,6 +87,38 @@ def _trial(self: Traced, names: list[str]) -> str | None:
     if counted != int(c.flops) * batch.size:
         return f"counted {counted} MACs, predicted {int(c.flops) * batch.size}"
     return None
+
+
+def _same_heads(self: Traced, net: torch.nn.Module, got: list[tuple[int, ...]]) -> bool:
+    """Outputs whose sizes depend on the data (a detector's kept boxes: the pruned copy scores
+    differently) differ in shape while the network is right. They are accepted when they
+    have the same structure (as many tensors, of the same ranks) and every layer producing the
+    outputs (kept at full width) gives the shapes it gives in the full network."""
+    if [len(s) for s in got] != [len(s) for s in self.output_shapes]:
+        return False
+    if self.head_shapes is None:
+        self.head_shapes = _layer_shapes(self, copy.deepcopy(self.template))
+    return _layer_shapes(self, net) == self.head_shapes
+
+
+def _layer_shapes(self: Traced, net: torch.nn.Module) -> dict[str, list[tuple[int, ...]]]:
+    """The output shapes of the layers producing the network's outputs, call by call."""
+    shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name in sorted(self.outputs)}
+
+    def hook(name: str) -> Any:
+        def record(m: torch.nn.Module, args: Any, out: Any) -> None:
+            shapes[name].append(tuple(out.shape) if isinstance(out, torch.Tensor) else ())
+
+        return record
+
+    hooks = [net.get_submodule(n).register_forward_hook(hook(n)) for n in shapes]
+    try:
+        with torch.no_grad():
+            call(net.eval(), self.example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 class _first_batch:
