@@ -576,3 +576,47 @@ def test_a_search_with_fewer_architecture_steps_ends_in_the_band(tmp_path, setti
     assert cfg.flops_ratio - cfg.tolerance <= result.flops_ratio <= cfg.flops_ratio
     assert len(result.history) == 2
     assert all(row["arch_loss"] != 0 for row in result.history)
+
+
+@pytest.mark.parametrize("arch_step", ["joint", "alternate"])
+def test_warm_epochs_do_not_depend_on_the_budget_and_a_search_continues_from_them(
+    tmp_path, arch_step: str
+) -> None:
+    """The warm epochs are weight steps alone (the logits untouched, no budget loss), so two
+    budgets' searches keep the same warm checkpoint; a search that starts from the other
+    budget's warm checkpoint ends exactly where its own run from scratch ends (what the
+    sweep relies on), inside its band."""
+    from tasprune.checkpoint import load_checkpoint
+    from tasprune.search.loop import WARM_CHECKPOINT, continue_from_warm
+
+    data = _subset(128)
+
+    def cfg(ratio: float) -> SearchConfig:
+        return SearchConfig(
+            flops_ratio=ratio,
+            epochs=3,
+            warm_epochs=1,
+            batch_size=16,
+            valid_batches=1,
+            arch_step=arch_step,
+            deterministic=True,
+        )
+
+    runs = {
+        r: search("cifar_resnet20", data, cfg(r), tmp_path / f"s{r}", progress=False)
+        for r in (0.5, 0.7)
+    }
+    warm = {r: load_checkpoint(tmp_path / f"s{r}" / WARM_CHECKPOINT) for r in (0.5, 0.7)}
+    assert warm[0.5]["epoch"] == 0
+    for key, value in warm[0.5]["model"].items():
+        assert torch.equal(value, warm[0.7]["model"][key]), key
+    first = runs[0.5].history
+    assert first[0]["warm"] and first[0]["arch_loss"] == 0 and first[0]["tau"] == 5.0
+    assert not first[1]["warm"] and first[1]["arch_loss"] != 0 and first[1]["tau"] == 5.0
+    # the 0.7 search again, from the 0.5 search's warm checkpoint
+    assert continue_from_warm(tmp_path / "s0.5", shared := tmp_path / "shared") == 1
+    again = search("cifar_resnet20", data, cfg(0.7), shared, progress=False)
+    assert again.shape == runs[0.7].shape
+    assert 0.65 <= again.flops_ratio <= 0.7
+    assert [r["flops"] for r in again.history] == [r["flops"] for r in runs[0.7].history]
+    assert again.history[0] == runs[0.5].history[0]  # the warm epoch's row, copied

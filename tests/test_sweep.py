@@ -169,3 +169,28 @@ def test_a_latency_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert tas["flops_ratio"] - tol - 1e-9 <= uni["flops_ratio"] <= tas["flops_ratio"] + 1e-9
     stored = load_recipe(tmp_path / "s" / "ratio-0.60" / "recipe.yaml").search
     assert (stored.latency_ratio, stored.flops_ratio) == (0.6, None)
+
+
+def test_the_warm_epochs_run_once(tmp_path: Path) -> None:
+    """With search.warm_epochs the first budget's search runs them and every other budget's
+    search continues from its warm checkpoint: their history holds the same warm row (its
+    wall time included, so it was copied, not rerun) and their own searched epochs after it."""
+    recipe = load_recipe(
+        "fmnist-r20-quick", deep_merge(TINY, {"search": {"epochs": 2, "warm_epochs": 1}})
+    )
+    sweep(recipe, RATIOS, tmp_path / "s", uniform=False, progress=False)
+    rows = {
+        r: [
+            json.loads(line)
+            for line in (tmp_path / "s" / f"ratio-{r}" / "search" / "history.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        for r in ("0.30", "0.50")
+    }
+    assert rows["0.30"][0] == rows["0.50"][0] and rows["0.30"][0]["warm"]
+    assert [len(r) for r in rows.values()] == [2, 2]
+    assert not rows["0.30"][1]["warm"] and not rows["0.50"][1]["warm"]
+    for r in RATIOS:  # each kept shape in its own budget's band
+        kept = json.loads((tmp_path / "s" / f"ratio-{r:.2f}" / "search" / "shape.json").read_text())
+        assert r - 0.05 <= kept["flops_ratio"] <= r

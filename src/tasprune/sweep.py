@@ -19,10 +19,13 @@ the same FLOPs band; with a latency budget, at the TAS student's FLOPs) is train
 distill stage from the same teacher (and, with ``distill.init: supernet``, from that budget's
 supernet, as the benchmark does) and measured by the same report.
 
-The supernet is not shared between budgets: each budget's search is its own trajectory (the
-budget loss pulls the architecture and the weights trained under it towards another region
-from the first epoch), so a supernet warmed at one budget is not the search another budget
-would have run. Every search starts from the shared teacher instead.
+The supernet is shared between budgets where that is exact: with ``search.warm_epochs`` the
+first epochs are weight steps alone, the same whatever the budget, so they run once (in the
+first budget's search) and every other budget's search continues from that search's
+``warm.pt`` (`tasprune.search.loop.continue_from_warm`), ending where its own run would have.
+After them each budget's search is its own trajectory (the budget loss pulls the architecture
+and the weights trained under it towards another region), so a supernet searched at one budget
+is not reused for another (docs/results.md measures the warm epochs against none).
 
 Resuming: every step is skipped when its marker exists (the pipeline's own markers,
 ``uniform-R/report.json``); rerunning the same command continues where it stopped. Everything
@@ -247,8 +250,25 @@ class _Sweep:
         if not stage_done(folder, "teacher"):
             _share_teacher(self.out / "teacher", folder / "teacher")
         logger.info("sweep: %s ratio %s -> %s", self.metric, folder_name(ratio), folder)
+        self.share_warm(folder / "search")
         run_pipeline(self.recipes[ratio], folder, progress=self.progress)
         return read_json_object(folder / "report.json") or {}
+
+    def share_warm(self, search_dir: Path) -> None:
+        """With ``search.warm_epochs``, a search not yet started continues from another
+        budget's warm checkpoint (the warm epochs do not depend on the budget), so they run
+        once per sweep."""
+        from tasprune.checkpoint import checkpoint_exists
+        from tasprune.search.loop import WARM_CHECKPOINT, continue_from_warm
+
+        if self.recipe.search.warm_epochs == 0 or checkpoint_exists(search_dir / "checkpoint.pt"):
+            return
+        for r in self.ratios:
+            source = self.tas_dir(r) / "search"
+            if source != search_dir and (source / WARM_CHECKPOINT).is_file():
+                done = continue_from_warm(source, search_dir)
+                logger.info("sweep: the search continues from %s's %d warm epochs", source, done)
+                return
 
     def uniform_shape(self, ratio: float, flops_ratio: float) -> Shape:
         from tasprune.baselines import uniform_shape

@@ -151,6 +151,12 @@ class SearchConfig(SpaceOptions):
         default=1, ge=1, description="alternate: an architecture step every k weight steps"
     )
 
+    # Epochs of weight steps alone before the first architecture step: every width is sampled
+    # from the logits' initial (uniform) distribution and no budget loss applies, so these
+    # epochs are the same whatever the budget; `tasprune sweep` runs them once and every
+    # budget's search continues from them. The temperature anneals over the epochs after.
+    warm_epochs: int = Field(default=0, ge=0)
+
     # Gumbel temperature, cosine-annealed from tau_max to tau_min over the epochs.
     tau_max: float = Field(default=5.0, gt=0)
     tau_min: float = Field(default=0.1, gt=0)
@@ -183,6 +189,11 @@ class SearchConfig(SpaceOptions):
             raise ValueError(
                 "arch_every applies to arch_step: alternate (joint makes an architecture "
                 "step with every weight step)"
+            )
+        if self.warm_epochs >= self.epochs:
+            raise ValueError(
+                f"warm_epochs ({self.warm_epochs}) must be below epochs ({self.epochs}): the "
+                "search needs epochs with architecture steps after them"
             )
         if self.tau_min > self.tau_max:
             raise ValueError(f"tau_min ({self.tau_min}) must be <= tau_max ({self.tau_max})")

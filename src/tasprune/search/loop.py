@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,9 +44,35 @@ log = logging.getLogger(__name__)
 CHECK_EVERY = 50
 
 
-def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float) -> float:
-    """Cosine-annealed Gumbel temperature: tau_max at epoch 0, tau_min at the end."""
-    return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+def tau_at(epoch: int, epochs: int, tau_max: float, tau_min: float, warm: int = 0) -> float:
+    """Cosine-annealed Gumbel temperature: tau_max until the end of the ``warm`` epochs and at
+    the first epoch after them, tau_min at the end."""
+    t = max(0, epoch - warm) / (epochs - warm)
+    return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * t)) / 2
+
+
+#: The checkpoint a search with warm epochs keeps of its state after them (the same for every
+#: budget: `tasprune sweep` starts the other budgets' searches from it).
+WARM_CHECKPOINT = "warm.pt"
+
+
+def continue_from_warm(source: str | Path, dest: str | Path) -> int:
+    """Start the search in folder ``dest`` where the search in ``source`` stood after its warm
+    epochs (its ``warm.pt`` and their history rows): the warm epochs are the same whatever the
+    budget, so a search of another budget with the same settings and seed continues from
+    there as if it had run them itself. Returns the epochs that are done."""
+    from tasprune.checkpoint import load_checkpoint, save_checkpoint
+
+    src, out = Path(source), Path(dest)
+    payload = load_checkpoint(src / WARM_CHECKPOINT)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in JsonlLogger(src / "history.jsonl").rows() if r["epoch"] <= payload["epoch"]]
+    history = JsonlLogger(out / "history.jsonl")
+    history.truncate_after(-1)
+    for row in rows:
+        history.log(row)
+    save_checkpoint(out / "checkpoint.pt", payload)
+    return int(payload["epoch"]) + 1
 
 
 def check_budget(
@@ -256,17 +283,23 @@ def search(
     task = SearchTask(stepper, device, cl)
     for epoch in range(start, cfg.epochs):
         net.train()
-        net.tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min)
+        net.tau = tau_at(epoch, cfg.epochs, cfg.tau_max, cfg.tau_min, cfg.warm_epochs)
+        warm = stepper.warm = epoch < cfg.warm_epochs
         loader_a.set_epoch(epoch)
-        if loader_b is not None:
+        if loader_b is not None and not warm:
             loader_b.set_epoch(epoch)
+        pairs = (
+            islice(_pairs(loader_a, None, 1), steps)
+            if warm
+            else _pairs(loader_a, loader_b, cfg.arch_every)
+        )
         acc, seconds = run_epoch(
             task,
-            _pairs(loader_a, loader_b, cfg.arch_every),
+            pairs,
             steps,
             device,
             epoch,
-            desc=f"search {epoch + 1}/{cfg.epochs}",
+            desc=f"search {epoch + 1}/{cfg.epochs}{' (warm)' if warm else ''}",
             progress=progress,
             check_every=CHECK_EVERY,
         )
@@ -284,7 +317,9 @@ def search(
         ratio = costs[budget.metric] / full_primary
         top1 = valid_top1(net, valid, cfg.valid_batches, cl, distributed=use_ddp)
         ent = net.entropy()
-        in_band = all(b.contains(costs[b.metric], net.full_cost(b.metric)) for b in stepper.budgets)
+        in_band = not warm and all(
+            b.contains(costs[b.metric], net.full_cost(b.metric)) for b in stepper.budgets
+        )
         row = {
             "epoch": epoch,
             "tau": net.tau,
@@ -304,16 +339,17 @@ def search(
                 else {}
             ),
             "in_band": in_band,
+            "warm": warm,
             "valid_top1": top1,
             "entropy_mean": sum(ent.values()) / max(1, len(ent)),
             "entropy_max": max(ent.values(), default=0.0),
             "seconds": seconds,
-            "img_per_s": (steps + (0 if loader_b is None else arch_steps))
+            "img_per_s": (steps + (0 if loader_b is None or warm else arch_steps))
             * cfg.batch_size
             / seconds,
             "shape": shape.to_dict(),
         }
-        if in_band and (best is None or top1 >= best["valid_top1"]):
+        if in_band and not warm and (best is None or top1 >= best["valid_top1"]):
             best = {"epoch": epoch, "valid_top1": top1, "shape": shape.to_dict()}
         if main:
             log.info(
@@ -332,18 +368,17 @@ def search(
         if history is not None:
             history.log(row)
         if ckpt is not None and main:
-            save_epoch(
-                ckpt,
-                epoch,
-                {
-                    "model": net.state_dict(),
-                    "optimizer": w_opt.state_dict(),
-                    "arch_optimizer": a_opt.state_dict(),
-                    "scheduler": w_sched.state_dict(),
-                    "gumbel_rng": gumbel.get_state(),
-                    "meta": {"model": model, "config": cfg.model_dump(mode="json"), "best": best},
-                },
-            )
+            state = {
+                "model": net.state_dict(),
+                "optimizer": w_opt.state_dict(),
+                "arch_optimizer": a_opt.state_dict(),
+                "scheduler": w_sched.state_dict(),
+                "gumbel_rng": gumbel.get_state(),
+                "meta": {"model": model, "config": cfg.model_dump(mode="json"), "best": best},
+            }
+            save_epoch(ckpt, epoch, state)
+            if epoch == cfg.warm_epochs - 1:
+                save_epoch(ckpt.with_name(WARM_CHECKPOINT), epoch, state)
 
     if use_ddp:
         ddp.barrier()  # rank 0's last history row is on disk before the others read it

@@ -94,6 +94,8 @@ class SearchStepper:
         self.budgets = cfg.budgets()
         self.primary = self.budgets[0].metric
         self._cost_cache: dict[str, dict[str, float]] = {}
+        # The warm epochs (cfg.warm_epochs): weight steps alone, whatever arch_step says.
+        self.warm = False
 
     def exact(self, shape: Shape) -> dict[str, float]:
         """Exact cost of a shape per metric, memoised (the argmax rarely changes per step)."""
@@ -117,7 +119,7 @@ class SearchStepper:
         ``arch_step: alternate``: a weight step on (xa, ya), then an architecture step on
         (xb, yb) unless they are None (the steps between two architecture steps of
         ``arch_every``). ``joint``: one step on (xa, ya) updates both; xb is not used."""
-        if self.cfg.arch_step == "joint":
+        if self.cfg.arch_step == "joint" and not self.warm:
             return self._joint(xa, ya)
         net, cfg = self.net, self.cfg
         # Weight step on split A: the sampled widths carry no gradient to the logits here.
@@ -131,7 +133,7 @@ class SearchStepper:
         self._weight_update()
         for p in self.arch:
             p.requires_grad_(True)
-        if xb is None or yb is None:
+        if xb is None or yb is None or self.warm:
             zero = loss.detach().new_zeros(())
             return loss.detach(), zero, zero, self.current(xa.device)[self.primary]
         # Architecture step on split B: gradients for the logits only, none for the weights.
