@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,export,baselines,tensorboard,timm,detection]'
+	$(BIN)/pip install -q -e '.[dev,export,baselines,tensorboard,timm,detection,yolo]'
 	touch $(STAMP)
 
 # Fashion-MNIST (real images) from Debian's dataset-fashion-mnist package.

@@ -50,9 +50,10 @@ def _tp() -> Any:
 def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     """(dependency graph, every coupled group rooted on a conv's or linear's output
     channels). What produces the network's outputs is never permuted (its inputs are, as a
-    consumer), nor are attention's q/k/v projections (their heads move whole: `_order_heads`)."""
+    consumer), nor are attention's q/k/v projections (their heads move whole: `_order_heads`),
+    nor chunked channels (each part would need the same order: they keep the trained one)."""
     from tasprune.models.attention import find_attention
-    from tasprune.models.graph import dependency_graph, output_layers, quiet
+    from tasprune.models.graph import chunked, dependency_graph, output_layers, quiet
 
     _tp()  # the clear error when Torch-Pruning is missing
     dg = dependency_graph(model, example)
@@ -63,7 +64,7 @@ def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
         groups = [
             g
             for g in dg.get_all_groups(ignored_layers=outputs, root_module_types=PERMUTED)
-            if g[0].dep.target.module not in qkv
+            if g[0].dep.target.module not in qkv and chunked(dg, g) is None
         ]
     return dg, groups
 

@@ -33,6 +33,7 @@ from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
 from tasprune.models.attention import Attention, find_attention, split_attention
 from tasprune.models.graph import (
+    chunked,
     internal,
     out_channels_of,
     output_layers,
@@ -58,6 +59,9 @@ class Group:
     fixed: str | None = None  # why the width cannot be searched
     scope: str = ""  # the sub-module traced for it ("" = the whole network)
     embedding: bool = False  # the token stream an attention module reads (LayerNorm-normalised)
+    # The roots' channels hold the width this many times, one segment after the other (a
+    # chunk into equal parts, C2f's halves): every segment keeps the same leading channels.
+    segments: int = 1
 
 
 @dataclass
@@ -305,16 +309,19 @@ def _channel_groups(
         with quiet():
             tp_groups = list(dg.get_all_groups(ignored_layers=kept, root_module_types=convs))
         for tp_group in tp_groups:
+            parts = 1
+            if (whole := chunked(dg, tp_group)) is not None:
+                tp_group, parts = whole
             root_dep = tp_group[0].dep
             root = names.get(root_dep.target.module)
-            if root is None:
+            if root is None or root in groups:
                 continue
             full = len(tp_group[0].idxs)
             if scope and not internal(mod_scope, scope_example, root_dep, full, names, scope):
                 continue  # crosses the traced block's boundary: left unsearched
             root_out = root_dep.handler.__name__ == "prune_out_channels"
             gname = root
-            g = Group(gname, full, [(root, root_out)], scope=scope)
+            g = Group(gname, full // parts, [(root, root_out)], scope=scope, segments=parts)
             why: str | None = None
             for dep, idxs in tp_group:
                 mod = dep.target.module
@@ -350,6 +357,8 @@ def _channel_groups(
             parent[ro] = ri
             groups[ri].roots += groups[ro].roots
             groups[ri].fixed = groups[ri].fixed or groups[ro].fixed
+            if groups[ri].segments != groups[ro].segments:
+                groups[ri].fixed = f"grouped conv {layer} reads a chunked part"
         per = mod.out_channels // mod.groups
         g = groups[ri]
         g.multiple = math.lcm(g.multiple, per)
@@ -406,6 +415,12 @@ def _channel_groups(
         for (layer, out, gn), n in spans.items()
         if n > groups[_resolve(parent, gn)].full
     }
+    for layer, sites in masks.items():  # a chunked output: each part masked alike
+        masks[layer] = [
+            (g, off + s * merged[g].full, mix)
+            for g, off, mix in sites
+            for s in range(per_channel.get((layer, True, g), 1) if merged[g].segments > 1 else 1)
+        ]
     return merged, group_of, masks, per_channel
 
 

@@ -172,22 +172,119 @@ def dependency_graph(net: nn.Module, example: Example | Tensor) -> Any:
     positional arguments; its notices about unwrapped parameters such as layer scales are
     expected: they are pruned along their channel dimension)."""
 
-    import torch_pruning as tp
-
     # The graph is read off autograd: it is built with gradients on (also under a caller's
     # no_grad) and every parameter requiring them (a frozen teacher's included), then restored.
     frozen = [p for p in net.parameters() if not p.requires_grad]
     try:
         for p in frozen:
             p.requires_grad_(True)
-        with warnings.catch_warnings(), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad(), _chunks_as_slices() as chunks:
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(
+            dg = _graph_class()().build_dependency(
                 net, example_inputs=list(as_example(example)), forward_fn=lambda m, x: m(*x)
             )
+        dg.tasprune_chunks = chunks
+        return dg
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+def _graph_class() -> type:
+    """Torch-Pruning's DependencyGraph, told the width of a channel slice: 1.6 takes a
+    slice's input width for its own, so a concatenation of slices (C2f's chunked halves)
+    gets wrong offsets and no index mapping."""
+    import torch_pruning as tp
+
+    class Graph(tp.DependencyGraph):  # type: ignore[misc]
+        def get_out_channels(self, module_or_node: Any) -> Any:
+            node = module_or_node
+            if not isinstance(node, tp.dependency.Node):
+                node = self.module2node.get(module_or_node)
+            op = getattr(node, "module", None)
+            if isinstance(op, tp.ops._SliceOp) and op.dim == 1:
+                sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+                if sizes is not None and len(sizes) > 1:
+                    return len(range(*slice(op.start, op.end, op.step).indices(int(sizes[1]))))
+            return super().get_out_channels(module_or_node)
+
+    return Graph
+
+
+def chunked(dg: Any, group: Any) -> Any:
+    """``group`` whole when its channels are chunked into equal parts (C2f's ``chunk(2)``):
+    (the group rooted on the chunked tensor's producer with all its channels, the parts), or
+    None. Torch-Pruning couples each part with its own consumers, so it may hand out a part
+    alone; the parts are segments of one width choice, pruned alike."""
+    import torch_pruning as tp
+
+    chunks: dict[Any, tuple[int, int]] = getattr(dg, "tasprune_chunks", {})
+    found = [chunks[item.dep.target.grad_fn] for item in group if item.dep.target.grad_fn in chunks]
+    if not found:
+        return None
+    parts, channels = found[0]
+    for item in group:
+        mod = item.dep.target.module
+        if not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        if isinstance(mod, nn.Conv2d) and mod.out_channels == channels:
+            fn = tp.prune_conv_out_channels
+        elif isinstance(mod, nn.Linear) and mod.out_features == channels:
+            fn = tp.prune_linear_out_channels
+        else:
+            continue
+        with quiet():
+            return dg.get_pruning_group(mod, fn, idxs=list(range(channels))), parts
+    return None
+
+
+_LAYERS = ("Convolution", "BatchNorm", "Addmm", "Linear", "LayerNorm", "GroupNorm")
+_MOVES = ("View", "Reshape", "Cat", "Split", "Slice", "Transpose", "Permute", "Select", "Index")
+
+
+def _layer_output(x: Tensor) -> bool:
+    """Is ``x`` a layer's output channels (a conv, linear or norm, through activations)? Only
+    those are chunked as slices: a chunk of rearranged channels (ShuffleNet's, after its
+    channel shuffle) stays Torch-Pruning's, which cannot follow it, so only the blocks are
+    searched, as before."""
+    fn = x.grad_fn
+    for _ in range(8):
+        if fn is None:
+            return False
+        name = fn.name()
+        if any(k in name for k in _LAYERS):
+            return True
+        following = [f for f, _ in fn.next_functions if f is not None]
+        if len(following) != 1 or any(k in name for k in _MOVES):
+            return False
+        fn = following[0]
+    return False
+
+
+@contextlib.contextmanager
+def _chunks_as_slices() -> Iterator[dict[Any, tuple[int, int]]]:
+    """While the graph is traced, a ``chunk`` along the channels returns one slice per part
+    and is recorded (the chunked tensor's grad_fn -> (parts, channels)). Torch-Pruning 1.6 maps a split's
+    i-th consumer to its i-th part, which is wrong when a part feeds several layers or none
+    (C2f: the second half feeds the first bottleneck and the concatenation); slices are
+    mapped by their own offsets."""
+    chunks: dict[Any, tuple[int, int]] = {}
+    tensor_chunk, torch_chunk = torch.Tensor.chunk, torch.chunk
+
+    def chunk(x: Tensor, parts: int, dim: int = 0) -> tuple[Tensor, ...]:
+        if x.dim() < 2 or dim % x.dim() != 1 or x.shape[1] % parts or not _layer_output(x):
+            return tuple(tensor_chunk(x, parts, dim))
+        size = x.shape[1] // parts
+        chunks[x.grad_fn] = (parts, int(x.shape[1]))
+        return tuple(x[:, i * size : (i + 1) * size] for i in range(parts))
+
+    torch.Tensor.chunk = chunk  # type: ignore[method-assign,assignment]
+    torch.chunk = chunk  # type: ignore[assignment]
+    try:
+        yield chunks
+    finally:
+        torch.Tensor.chunk = tensor_chunk  # type: ignore[method-assign]
+        torch.chunk = torch_chunk
 
 
 @contextlib.contextmanager

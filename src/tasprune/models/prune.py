@@ -66,10 +66,14 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
                     fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
                 else:
                     fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
-                prune_group(dg, mod, fn, list(range(k, g.full)))
+                cut_idxs = [s * g.full + j for s in range(g.segments) for j in range(k, g.full)]
+                prune_group(dg, mod, fn, cut_idxs)
         for gname, att in tr.attention.items():
             if gname in cut:
                 prune_heads(net, att, cut[gname])
+        for gname, k in cut.items():
+            if tr.groups[gname].segments > 1:
+                _chunk_width(net, tr, gname, k)
         for n, full_out in extra.items():
             # A conv subclass's own per-filter tensors (e.g. the gain of a weight-standardised
             # conv) that the graph does not prune: the kept filters are the first ones.
@@ -95,6 +99,25 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
             setattr(cont, child, nn.Identity())
     drop_equal_projections(net)
     return net
+
+
+def _chunk_width(net: nn.Module, tr: Traced, gname: str, width: int) -> None:
+    """A chunked group's part width recorded on the module that holds all its layers (C2f's
+    ``c``, which Ultralytics' export path splits by): its int attributes equal to the unpruned
+    part width take the pruned one."""
+    layers = [layer.split(".") for (layer, _), gs in tr.group_of.items() if gname in gs]
+    common: list[str] = []
+    for parts in zip(*layers, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if not common:
+        return  # spread over the whole network: no one module owns the chunk
+    owner = net.get_submodule(".".join(common))
+    full = tr.groups[gname].full
+    for attr, value in list(vars(owner).items()):
+        if type(value) is int and value == full and not attr.startswith("_"):
+            setattr(owner, attr, width)
 
 
 def drop_equal_projections(net: nn.Module) -> None:
