@@ -79,6 +79,11 @@ def data_yaml(root: str | os.PathLike[str], path: str | os.PathLike[str] | None 
     return out
 
 
+def _module(model: Any) -> nn.Module:
+    assert isinstance(model, nn.Module)
+    return model
+
+
 def _trainer_class() -> type:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -99,7 +104,7 @@ def _trainer_class() -> type:
             state = {
                 "epoch": self.epoch,
                 "tas": self.tas.state_dict(),
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "model": {k: v.detach().cpu() for k, v in _module(self.model).state_dict().items()},
             }
             self.wdir.mkdir(parents=True, exist_ok=True)
             torch.save(state, self.wdir / "search.pt")
@@ -191,6 +196,6 @@ def finetune(
     trainer = DetectionTrainer(overrides=args)
     if isinstance(teacher, nn.Module):  # the trainer's arguments cannot carry it as text
         trainer.args.distill_model = teacher.float().eval()
-    trainer.model = student.float()
+    trainer.model = student.float()  # type: ignore[assignment]
     trainer.train()
     return trainer
