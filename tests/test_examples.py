@@ -54,3 +54,20 @@ def test_task_examples(tmp_path: Path, example: str, metric: str) -> None:
     assert 0.45 <= report["flops_ratio"] <= 0.5
     assert report["reload_equal"] is True and report["onnx_max_abs_diff"] < 1e-4
     assert 0 <= report["student"]["test"][metric] <= 1
+
+
+@needs_fashion_mnist
+@pytest.mark.slow
+def test_yolo_example(tmp_path: Path) -> None:
+    """YOLOv8n inside the Ultralytics trainer on a few canvases: searched and pruned inside
+    the band (counted FLOPs), fine-tuned with Ultralytics' distillation and validated by its
+    val, rebuilt from a fresh YOLOv8n with equal outputs, exported by Ultralytics with ONNX
+    Runtime parity."""
+    import json
+
+    pytest.importorskip("ultralytics")
+    _run("yolo.py", "--tiny", "--out", str(tmp_path / "run"), cache=tmp_path / "cache")
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert 0.45 <= report["flops_ratio"] <= 0.5
+    assert report["reload_equal"] is True and report["onnx_max_abs_diff"] < 1e-3
+    assert 0 <= report["student"]["test_map"] <= 1
