@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tasprune.models.algebra import Counter
-from tasprune.models.analysis import Group, Layer, Stage, Traced
+from tasprune.models.analysis import Group, Layer, Traced
+from tasprune.models.depth import Stage
 from tasprune.models.layer_cost import Layers, cost_layers, traced_cost
 from tasprune.models.prune import prune_with
 from tasprune.models.sources import (
