@@ -279,41 +279,57 @@ def table(task: Task, results: dict[str, Any]) -> str:
         f"# {task.name}: TAS vs Torch-Pruning L1 vs uniform at {results['ratio']} of the FLOPs",
         "",
         f"Teacher: test {metric} {teacher['test']:.4f}, {teacher['flops'] / 1e6:.1f} MMACs.",
+        *arm_lines(results["rows"], teacher["test"], metric),
+    ]
+    lat = results.get("latency")
+    if lat:
+        lines += latency_lines(lat, "")
+    return "\n".join(lines) + "\n"
+
+
+def arm_lines(rows: list[dict[str, Any]], teacher: float, metric: str) -> list[str]:
+    """The methods' table: each arm's test score over its seeds (mean +- std), its share of
+    the teacher's, FLOPs and params ratios, the training images it saw."""
+    lines = [
         "",
         f"| method | test {metric} (mean +- std) | of teacher | FLOPs ratio | params ratio | "
         "images seen | seeds |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for arm in ARMS:
-        rows = [r for r in results["rows"] if r["arm"] == arm]
-        if not rows:
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
             continue
-        vals = [r["test"] for r in rows]
+        vals = [r["test"] for r in mine]
         mean = statistics.mean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        share = f"{mean / teacher:.3f}" if teacher > 0 else "n/a"
         lines.append(
-            f"| {arm} | {mean:.4f} +- {std:.4f} | {mean / teacher['test']:.3f} | "
-            f"{statistics.mean(r['flops_ratio'] for r in rows):.3f} | "
-            f"{statistics.mean(r['params_ratio'] for r in rows):.3f} | "
-            f"{rows[0]['images_seen']:,} | {len(rows)} |"
+            f"| {arm} | {mean:.4f} +- {std:.4f} | {share} | "
+            f"{statistics.mean(r['flops_ratio'] for r in mine):.3f} | "
+            f"{statistics.mean(r['params_ratio'] for r in mine):.3f} | "
+            f"{mine[0]['images_seen']:,} | {len(mine)} |"
         )
-    lat = results.get("latency")
-    if lat:
-        lines += [
-            "",
-            "Latency (one thread, medians of 15, timed alone; ratios to the teacher):",
-            "",
-            "| network | eager b1 | eager b32 | ONNX b1 | ONNX b32 | ONNX parity |",
-            "|---|---:|---:|---:|---:|---:|",
+    return lines
+
+
+def latency_lines(lat: dict[str, Any], note: str) -> list[str]:
+    """The latency table of ``--latency``'s rows (teacher first), ratios to the teacher."""
+    lines = [
+        "",
+        f"Latency (one thread, medians of 15, timed alone; ratios to the teacher{note}):",
+        "",
+        "| network | eager b1 | eager b32 | ONNX b1 | ONNX b32 | ONNX parity |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    t = lat["teacher"]
+    for name, e in lat.items():
+        cells = [
+            f"{e[k]:.2f} ms ({e[k] / t[k]:.2f}x)"
+            for k in ("eager_ms_b1", "eager_ms_b32", "onnx_ms_b1", "onnx_ms_b32")
         ]
-        t = lat["teacher"]
-        for name, e in lat.items():
-            cells = [
-                f"{e[k]:.2f} ms ({e[k] / t[k]:.2f}x)"
-                for k in ("eager_ms_b1", "eager_ms_b32", "onnx_ms_b1", "onnx_ms_b32")
-            ]
-            lines.append(f"| {name} | {' | '.join(cells)} | {e['onnx_max_abs_diff']:.1e} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {name} | {' | '.join(cells)} | {e['onnx_max_abs_diff']:.1e} |")
+    return lines
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ Ultralytics' own.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -194,8 +195,13 @@ def finetune(
     if isinstance(teacher, (str, os.PathLike)):
         args["distill_model"] = str(teacher)
     trainer = DetectionTrainer(overrides=args)
-    if isinstance(teacher, nn.Module):  # the trainer's arguments cannot carry it as text
-        trainer.args.distill_model = teacher.float().eval()
+    if isinstance(teacher, nn.Module):
+        # As a checkpoint file of Ultralytics' format: the trainer's arguments (saved into
+        # every checkpoint it writes) then hold its path, not the whole teacher.
+        path = trainer.wdir / "teacher.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": copy.deepcopy(teacher).float().eval()}, path)
+        trainer.args.distill_model = str(path)
     trainer.model = student.float()  # type: ignore[assignment]
     trainer.train()
     return trainer
