@@ -252,3 +252,23 @@ def test_the_joint_step_in_the_users_loop() -> None:
     plain = tasprune.TAS(TinyNet(10, 1), x[:2], epochs=1, flops_ratio=0.5)
     with pytest.raises(ConfigError, match="joint"):
         plain.budget_loss()
+
+
+def test_only_searches_the_named_submodules() -> None:
+    """``only=["trunk"]``: the widths written inside the trunk and its run of blocks are
+    searched; the neck keeps its width and the stem its (the stream it writes is read outside
+    the trunk too); ``only=["neck"]`` keeps the trunk's depth. A name that is not a
+    sub-module is one clear error."""
+    from tasprune.models.traced import traced
+
+    x = torch.randn(2, 1, 32, 32)
+    model = TwoHeads()
+    trunk = traced(tasprune.TAS(model, x, epochs=1, flops_ratio=0.8, only=["trunk"]).name)
+    searched = {n for n, g in trunk.groups.items() if g.fixed is None}
+    assert searched and all(n.startswith("trunk.") for n in searched)
+    assert list(trunk.stages) == ["trunk.0"]
+    neck = traced(tasprune.TAS(model, x, epochs=1, flops_ratio=0.98, only=["neck"]).name)
+    assert {n for n, g in neck.groups.items() if g.fixed is None} == {"neck.0"}
+    assert not neck.stages
+    with pytest.raises(ConfigError, match="only= names 'nek'.*did you mean neck"):
+        tasprune.TAS(model, x, epochs=1, only=["nek"])

@@ -126,6 +126,8 @@ def search(
     batch: int = 16,
     flops_ratio: float | None = 0.5,
     params_ratio: float | None = None,
+    only: tuple[str, ...] | list[str] = (),
+    ignore: tuple[str, ...] | list[str] = (),
     tas_settings: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> TAS:
@@ -134,7 +136,8 @@ def search(
     `shape()`, `save_shape()`, `prune()`). ``tas_settings``: more `SearchConfig` fields
     (``arch_lr``, ``tau_max``, ...); ``overrides``: the trainer's own arguments (``lr0``,
     ``project``, ``name``, ``workers``, ``device``, ...). Validation during the search runs on
-    the argmax network of the moment (``val=False`` skips it)."""
+    the argmax network of the moment (``val=False`` skips it). ``only``/``ignore``: as
+    `TAS`'s (``only=["model.0", ..., "model.9"]``: the backbone of a YOLOv8 alone)."""
     if overrides.get("resume"):
         raise ConfigError(
             "resume is not offered while searching (the searchable model does not pickle). "
@@ -146,7 +149,7 @@ def search(
     if params_ratio is not None:
         settings["params_ratio"] = params_ratio
     example = torch.zeros(1, 3, imgsz, imgsz)
-    tas = TAS(model.float().train(), example, epochs=epochs, **settings)
+    tas = TAS(model.float().train(), example, epochs=epochs, only=only, ignore=ignore, **settings)
     args = {
         "model": "tasprune-search.yaml",  # a label: the trainer receives the module itself
         "data": str(data),

@@ -123,13 +123,17 @@ class Traced:
         for prefix in ignore:
             for n, _ in net.named_modules():
                 if n == prefix or n.startswith(prefix + "."):
-                    keep.setdefault(n, f"inside {prefix}, which ignore= names")
+                    keep.setdefault(n, f"inside {prefix}, which ignore= (or only=) leaves out")
         self.ignore = tuple(ignore)
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
             net, name, self.example, keep
         )
         self.attention = self._head_groups(net)
-        self.stages = depth_stages(net, self.example)
+        self.stages = {  # a run of blocks inside an ignored module keeps its depth
+            n: st
+            for n, st in depth_stages(net, self.example).items()
+            if not any(st.container == p or st.container.startswith(p + ".") for p in ignore)
+        }
         self.stage_of: dict[str, tuple[str, int]] = {}
         for st in self.stages.values():
             for i, b in enumerate(st.blocks):

@@ -192,14 +192,19 @@ def _shapes(example: Example) -> tuple[Any, ...]:
 
 
 def register_module(
-    module: nn.Module, example_inputs: Any, *, ignore: tuple[str, ...] | list[str] = ()
+    module: nn.Module,
+    example_inputs: Any,
+    *,
+    ignore: tuple[str, ...] | list[str] = (),
+    only: tuple[str, ...] | list[str] = (),
 ) -> str:
     """Make a module instance a model source; returns its name ``module:CLASS-HASH``.
 
     The source builds copies of ``module`` (with its weights); it is analysed on
     ``example_inputs`` (a tensor, or a tuple of its forward's positional arguments). A single
     image-like tensor (N, C, H, W) may be resized for costing at another input size; any
-    other example is costed as given. ``ignore`` names modules whose output widths are kept.
+    other example is costed as given. ``ignore`` names modules whose output widths (and
+    depths) are kept; ``only`` names the sub-modules searched, everything else is ignored.
     """
     if not isinstance(module, nn.Module):
         raise ConfigError(
@@ -209,14 +214,17 @@ def register_module(
         x.detach()[:1] if isinstance(x, Tensor) else x for x in as_example(example_inputs)
     )
     names = dict(module.named_modules())
-    for n in ignore:
-        if n not in names:
-            close = difflib.get_close_matches(n, list(names), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(
-                f"ignore= names {n!r}, which is not a sub-module of {type(module).__name__}"
-                f"{hint}. Fix: name modules as model.named_modules() does"
-            )
+    for arg, given in (("ignore", ignore), ("only", only)):
+        for n in given:
+            if n not in names or n == "":
+                close = difflib.get_close_matches(n, list(names), n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ConfigError(
+                    f"{arg}= names {n!r}, which is not a sub-module of "
+                    f"{type(module).__name__}{hint}. Fix: name modules as "
+                    "model.named_modules() does"
+                )
+    ignore = tuple(ignore) + outside(module, only)
     name = f"module:{type(module).__name__}-{_fingerprint(module)}"
     template = split_attention(copy.deepcopy(module).cpu())
     image = len(example) == 1 and isinstance(example[0], Tensor) and example[0].dim() == 4
@@ -244,6 +252,27 @@ def register_module(
         meta=meta,
     )
     return name
+
+
+def outside(module: nn.Module, only: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The largest sub-modules of ``module`` that hold none of ``only`` and lie in none of
+    them (what ``only=`` leaves unsearched); () when ``only`` is empty."""
+    if not only:
+        return ()
+    found: list[str] = []
+
+    def visit(prefix: str, mod: nn.Module) -> None:
+        for child, sub in mod.named_children():
+            name = f"{prefix}.{child}" if prefix else child
+            if any(name == o or name.startswith(o + ".") for o in only):
+                continue  # searched
+            if any(o.startswith(name + ".") for o in only):
+                visit(name, sub)  # holds a searched module deeper down
+            else:
+                found.append(name)
+
+    visit("", module)
+    return tuple(found)
 
 
 def _torchvision_names() -> list[str]:

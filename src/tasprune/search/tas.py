@@ -64,7 +64,8 @@ class TAS:
     the temperature schedule spans it; ``flops_ratio``, ``params_ratio``, ``tolerance``,
     ``arch_lr``, ``tau_max``/``tau_min``, ``width_fractions``, ``search_depth``, ``seed``, ...);
     ``config`` a SearchConfig or mapping they override. ``ignore`` names modules whose output
-    widths are kept (the outputs' producers always are). ``callback(row)`` receives each
+    widths and depths are kept (the outputs' producers always are); ``only`` names the
+    sub-modules searched (``only=["backbone", "neck"]``), the rest is ignored. ``callback(row)`` receives each
     epoch's row from `end_epoch`."""
 
     def __init__(
@@ -74,6 +75,7 @@ class TAS:
         *,
         config: SearchConfig | dict[str, Any] | None = None,
         ignore: tuple[str, ...] | list[str] = (),
+        only: tuple[str, ...] | list[str] = (),
         callback: Callable[[dict[str, Any]], None] | None = None,
         **settings: Any,
     ) -> None:
@@ -99,7 +101,7 @@ class TAS:
                 "flops_ratio/params_ratio, or tasprune.search for a latency budget"
             )
         cfg = self.config
-        self.name = register_module(model, example_inputs, ignore=ignore)
+        self.name = register_module(model, example_inputs, ignore=ignore, only=only)
         self.supernet = SuperNet(self.name, options=cfg.space())
         for budget in cfg.budgets():
             small = self.supernet.shape_costs(smallest_shape(self.name, cfg.space()))
