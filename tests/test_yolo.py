@@ -21,12 +21,18 @@ pytestmark = pytest.mark.usefixtures("fast_cpu")
 
 @pytest.fixture(scope="module")
 def yolo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[type]:
-    """Ultralytics' DetectionModel, offline (its settings in a folder of the test's own)."""
+    """Ultralytics' DetectionModel, offline (its settings in a folder of the test's own).
+    Importing Ultralytics replaces PIL's ``Image.open`` process-wide (a HEIF fallback that
+    pip-installs a plugin); the original is put back afterwards for the other tests."""
+    from PIL import Image
+
     folder = tmp_path_factory.mktemp("ultralytics")
     saved = {k: os.environ.get(k) for k in ("YOLO_OFFLINE", "YOLO_CONFIG_DIR")}
     os.environ.update({"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(folder)})
+    image_open = Image.open
     tasks = pytest.importorskip("ultralytics.nn.tasks")
     yield tasks.DetectionModel
+    Image.open = image_open
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -2,7 +2,8 @@
 fine-tuned, validated and exported by Ultralytics itself.
 
 Ultralytics is AGPL-3.0: an optional extra (``pip install 'tasprune[yolo]'``), imported
-only here and only when these functions run; tasprune itself never imports it.
+only here and only when these functions run; tasprune itself never imports it. (Importing
+Ultralytics replaces PIL's ``Image.open`` in the whole process: its own behaviour.)
 
     from tasprune.integrations import ultralytics as tu
     tas = tu.search(model, "data.yaml", flops_ratio=0.5, epochs=10, imgsz=128)
