@@ -123,3 +123,29 @@ def test_a_chunk_along_the_channels_is_one_width_in_equal_parts() -> None:
         tas.supernet.training = False
         want = tas.supernet.net(x)
     torch.testing.assert_close(small(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_yolo11n_searches_around_its_attention(yolo: type) -> None:
+    """YOLO11n: Torch-Pruning's walk of its C2PSA attention does not end, so the analysis
+    stops it and searches inside the sub-modules; the attention's token products (its q/k/v
+    are one conv, not read as heads) are a constant rest, and the pruned network still costs
+    what the analysis predicts."""
+    import copy
+
+    from tasprune.models.layer_cost import cost_layers
+    from tasprune.models.traced import traced
+
+    torch.manual_seed(0)
+    model = yolo("yolo11n.yaml", nc=3, verbose=False).eval()
+    x = torch.rand(1, 3, 64, 64)
+    tas = tasprune.TAS(model, x, epochs=1, flops_ratio=0.6)
+    tr = traced(tas.name)
+    assert len(tr.searchable_groups()) >= 30
+    assert cost_layers(tr, copy.deepcopy(tr.template), tr.example)[2] > 0
+    shape = tas.shape()
+    small = tas.prune().eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        small(x)
+    assert fc.get_total_flops() // 2 == model_cost(tas.name, shape)[0]
+    assert model_cost(tas.name, shape)[0] / model_cost(tas.name)[0] <= 0.6 + 1e-9

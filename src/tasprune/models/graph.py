@@ -80,7 +80,7 @@ def scopes(
     network, or, when its graph cannot be followed (e.g. a channel shuffle), the largest
     sub-modules that can; groups inside those are searched, the rest keeps its width."""
     try:
-        return [("", net, example, dependency_graph(net, example))]
+        return [("", net, example, grouped(dependency_graph(net, example)))]
     except Exception as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     inputs = module_inputs(net, example)
@@ -89,11 +89,14 @@ def scopes(
     def visit(prefix: str, mod: nn.Module) -> None:
         for child, sub in mod.named_children():
             name = f"{prefix}.{child}" if prefix else child
-            if name not in inputs or not any(True for _ in sub.children()):
+            if not any(True for _ in sub.children()):
+                continue
+            if name not in inputs:  # never called itself (a ModuleList the parent walks)
+                visit(name, sub)
                 continue
             x = (torch.zeros(inputs[name]),)
             try:
-                found.append((name, sub, x, dependency_graph(sub, x)))
+                found.append((name, sub, x, grouped(dependency_graph(sub, x))))
             except Exception:
                 visit(name, sub)
 
@@ -110,6 +113,44 @@ def scopes(
         len(found),
     )
     return found
+
+
+_MAX_INDICES = 1 << 18  # more channels than any layer has: index lists that only grow
+
+
+class GraphRunaway(RuntimeError):
+    """Torch-Pruning's walk of one group did not end (ever new index sets around a cycle)."""
+
+
+@contextlib.contextmanager
+def bounded(dg: Any) -> Iterator[None]:
+    """Stop a group walk of ``dg`` that grows past 8 entries per node of the graph or maps
+    onto more channels than any layer has: Torch-Pruning 1.6 can walk for ever where index
+    mappings of different sizes meet in a cycle (YOLO11's C2PSA attention, which reshapes q,
+    k and v of one conv into heads, and flattens them)."""
+    from torch_pruning.dependency.group import Group
+
+    add, limit = Group.add_dep, 8 * len(dg.module2node) + 64
+
+    def add_dep(group: Any, dep: Any, idxs: Any) -> None:
+        if len(group.items) > limit or len(idxs) > _MAX_INDICES:
+            raise GraphRunaway("a channel group's walk does not end (Torch-Pruning 1.6)")
+        add(group, dep, idxs)
+
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        Group.add_dep = add
+
+
+def grouped(dg: Any) -> Any:
+    """``dg`` once every channel group it holds has been walked within `bounded`'s limit (a
+    `GraphRunaway` otherwise: the graph is then searched inside its sub-modules)."""
+    with bounded(dg), quiet():
+        for _ in dg.get_all_groups(root_module_types=PRUNABLE):
+            pass
+    return dg
 
 
 def module_inputs(net: nn.Module, example: Example) -> dict[str, tuple[int, ...]]:

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
-from tasprune.models.algebra import Counter
+from tasprune.models.algebra import Counter, ExactAlgebra
 from tasprune.models.analysis import Layer, output_shapes
 from tasprune.models.graph import out_channels_of
 from tasprune.models.sources import Example, call
@@ -24,10 +25,21 @@ from tasprune.models.sources import Example, call
 if TYPE_CHECKING:
     from tasprune.models.analysis import Traced
 
-# (layers, other parameters: (name, numel, groups, channels, stage, block index))
+# (layers, other parameters: (name, numel, groups, channels, stage, block index), the rest:
+# MACs per image outside every conv/linear the analysis reads, constant under pruning)
 Layers = tuple[
-    tuple[Layer, ...], tuple[tuple[str, int, tuple[str, ...], int, str | None, int], ...]
+    tuple[Layer, ...],
+    tuple[tuple[str, int, tuple[str, ...], int, str | None, int], ...],
+    int,
 ]
+
+
+def countable_attention() -> Any:
+    """Scaled dot-product attention on its math kernel, whose matrix products the FLOP
+    counter sees (the fused CPU kernels escape it: their attention would count as 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def cost_layers(
@@ -53,7 +65,7 @@ def cost_layers(
                 )
             )
     try:
-        with torch.no_grad():
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
             call(net, example)
     except Exception as err:  # the model's own message, in one line
         shapes = [s[1:] if len(s) == 4 else s for s in output_shapes(example)]
@@ -123,7 +135,17 @@ def cost_layers(
             groups = tuple(tr.group_of.get((f"param:{full}", True), ()))
             channels = sum(tr.groups[g].full for g in groups) or 1
             others.append((full, p.numel(), groups, channels, stage, index))
-    return tuple(layers), tuple(others)
+    found: Layers = (tuple(layers), tuple(others), 0)
+    # What the counter sees beyond the layers read here (token products of an attention
+    # whose heads are not read, say): a constant, checked by the analysis under pruning.
+    c = Counter(ExactAlgebra(tr.full_shape()))
+    traced_cost(tr, c, found)
+    # the inserted projections run at full width here, where the cost gives them none
+    projections = sum(
+        ly.cin * ly.cout // ly.groups * ly.kernel * ly.hw for ly in layers if ly.optional
+    )
+    rest = int(fc.get_total_flops() // 2) // images - int(c.flops) - projections
+    return (found[0], found[1], rest) if rest > 0 else found
 
 
 def _scores(
@@ -193,7 +215,7 @@ def _plan(tr: Traced, found: Layers) -> Any:
         rest = total - sum(tr.groups[g].full * m for g, m, _ in parts)
         return tuple(parts), rest
 
-    layers, others = found
+    layers, others, _ = found
     plan = (
         [
             (
@@ -270,6 +292,7 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
             c.params = c.params + keep * share * (numel // channels)
         else:
             c.params = c.params + keep * numel
+    c.flops = c.flops + found[2]
 
 
 def op_of(mod: nn.Module, inp: tuple[int, ...], in_channels: int, head: bool) -> Op:

@@ -16,19 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from tasprune.errors import ConfigError
 from tasprune.models.algebra import Counter, ExactAlgebra
 from tasprune.models.analysis import Traced, output_shapes
-from tasprune.models.layer_cost import cost_layers, traced_cost
+from tasprune.models.layer_cost import cost_layers, countable_attention, traced_cost
 from tasprune.models.prune import prune_with
 from tasprune.models.sources import call
 
 logger = logging.getLogger(__name__)
-
-
-def countable_attention() -> Any:
-    """Scaled dot-product attention on its math kernel, whose matrix products the FLOP
-    counter sees (the fused CPU kernels escape it: their attention would count as 0)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def verify(self: Traced) -> None:
@@ -39,6 +31,15 @@ def verify(self: Traced) -> None:
         raise ConfigError(
             f"{self.model}: the traced graph does not describe the network ({why}). Fix: "
             "search only a sub-module that traces, or report it with the model name"
+        )
+    rest = cost_layers(self, copy.deepcopy(self.template), self.example)[2]
+    if rest:
+        logger.info(
+            "%s: %d MACs per image are in no layer tasprune reads (the token products of an "
+            "attention whose heads it does not read, say); they count as a constant, checked "
+            "under pruning",
+            self.model,
+            rest,
         )
     names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
     if names and (why := _trial(self, names)) is not None:
