@@ -147,6 +147,14 @@ class Traced:
         the reshape into heads: q, k and v rows (per_channel counts how many of them a layer
         holds) and the output projection's input columns, in whole heads, masked at v."""
         found, other = find_attention(net)
+        if found:  # projections used through their weights (F.linear), not called, are not read
+            called = _called(net, self.example, {n for a in found for n in (*a.producers(), a.out)})
+            other += [
+                (a.name, "its projections are not called as modules")
+                for a in found
+                if not {*a.producers(), a.out} <= called
+            ]
+            found = [a for a in found if {*a.producers(), a.out} <= called]
         for where, cls in other:
             logger.info(
                 "%s: the heads of %s (%s) are not searched: its projections are not the "
@@ -471,3 +479,18 @@ def _mask_sites(
             entry = set() if tied_conv(modules[conv]) else {g for g in groups if g not in tied}
         sites[layer] = [(g, offsets[(layer, True, g)], g in entry) for g in groups]
     return sites
+
+
+def _called(net: nn.Module, example: Example, names: set[str]) -> set[str]:
+    """Which of the sub-modules ``names`` one forward of ``net`` on ``example`` calls."""
+    seen: set[str] = set()
+    hooks = [
+        net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.add(n)) for n in names
+    ]
+    try:
+        with torch.no_grad():
+            call(net, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
