@@ -76,7 +76,9 @@ def load_imagefolder(root: str | Path, split: str, image_size: int | None = None
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError):
+        except (OSError, UnidentifiedImageError, ImportError):
+            # ImportError: an Image.open another library replaced in the process (Ultralytics'
+            # fallback for files PIL cannot identify installs a HEIF plugin, which fails offline)
             raise DataError(f"image {path} is unreadable. Fix: remove or replace it") from None
         if image_size is not None:
             img = TF.center_crop(TF.resize(img, image_size), [image_size, image_size])
