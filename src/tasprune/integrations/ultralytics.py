@@ -81,6 +81,24 @@ def data_yaml(root: str | os.PathLike[str], path: str | os.PathLike[str] | None 
     return out
 
 
+def _arguments(
+    label: str, data: Any, epochs: int, imgsz: int, batch: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The trainer's arguments: ``label`` names the model (the trainer receives the module
+    itself); fp32 on the CPU, no plots, no pretrained weights, unless ``overrides`` say."""
+    return {
+        "model": f"{label}.yaml",
+        "data": str(data),
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "amp": False,
+        "plots": False,
+        "pretrained": False,
+        **overrides,
+    }
+
+
 def _module(model: Any) -> nn.Module:
     assert isinstance(model, nn.Module)
     return model
@@ -151,18 +169,9 @@ def search(
         settings["params_ratio"] = params_ratio
     example = torch.zeros(1, 3, imgsz, imgsz)
     tas = TAS(model.float().train(), example, epochs=epochs, only=only, ignore=ignore, **settings)
-    args = {
-        "model": "tasprune-search.yaml",  # a label: the trainer receives the module itself
-        "data": str(data),
-        "epochs": epochs,
-        "imgsz": imgsz,
-        "batch": batch,
-        "amp": False,
-        "plots": False,
-        "pretrained": False,
-        **overrides,
-    }
-    trainer = _trainer_class()(overrides=args)
+    trainer = _trainer_class()(
+        overrides=_arguments("tasprune-search", data, epochs, imgsz, batch, overrides)
+    )
     trainer.tas = tas
     trainer.model = tas.model
     trainer.add_callback("on_train_epoch_end", lambda _: tas.end_epoch())
@@ -185,17 +194,7 @@ def finetune(
     its ``best.pt``, which ``YOLO(...).val()`` and ``.export()`` read)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    args = {
-        "model": "tasprune-student.yaml",  # a label: the trainer receives the module itself
-        "data": str(data),
-        "epochs": epochs,
-        "imgsz": imgsz,
-        "batch": batch,
-        "amp": False,
-        "plots": False,
-        "pretrained": False,
-        **overrides,
-    }
+    args = _arguments("tasprune-student", data, epochs, imgsz, batch, overrides)
     if isinstance(teacher, (str, os.PathLike)):
         args["distill_model"] = str(teacher)
     trainer = DetectionTrainer(overrides=args)
