@@ -120,9 +120,11 @@ class Traced:
             ) from None
         self.outputs = output_layers(net, self.example)
         keep = {n: "produces the network's outputs" for n in self.outputs}
+        ignored: set[str] = set()  # every module inside what ignore= names
         for prefix in ignore:
             for n, _ in net.named_modules():
                 if n == prefix or n.startswith(prefix + "."):
+                    ignored.add(n)
                     keep.setdefault(n, f"inside {prefix}, which ignore= (or only=) leaves out")
         self.ignore = tuple(ignore)
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
@@ -132,7 +134,7 @@ class Traced:
         self.stages = {  # a run of blocks inside an ignored module keeps its depth
             n: st
             for n, st in depth_stages(net, self.example).items()
-            if not any(st.container == p or st.container.startswith(p + ".") for p in ignore)
+            if st.container not in ignored
         }
         self.stage_of: dict[str, tuple[str, int]] = {}
         for st in self.stages.values():
@@ -148,7 +150,8 @@ class Traced:
         holds) and the output projection's input columns, in whole heads, masked at v."""
         found, other = find_attention(net)
         if found:  # projections used through their weights (F.linear), not called, are not read
-            called = _called(net, self.example, {n for a in found for n in (*a.producers(), a.out)})
+            layers = sorted({n for a in found for n in (*a.producers(), a.out)})
+            called = {n for n, calls in call_shapes(net, self.example, layers).items() if calls}
             other += [
                 (a.name, "its projections are not called as modules")
                 for a in found
@@ -481,16 +484,24 @@ def _mask_sites(
     return sites
 
 
-def _called(net: nn.Module, example: Example, names: set[str]) -> set[str]:
-    """Which of the sub-modules ``names`` one forward of ``net`` on ``example`` calls."""
-    seen: set[str] = set()
-    hooks = [
-        net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.add(n)) for n in names
-    ]
+def call_shapes(
+    net: nn.Module, example: Example, names: Sequence[str]
+) -> dict[str, list[tuple[int, ...]]]:
+    """The output shapes of the sub-modules ``names``, call by call, in one forward of ``net``
+    on ``example`` (an empty list: not called)."""
+    shapes: dict[str, list[tuple[int, ...]]] = {n: [] for n in names}
+
+    def hook(name: str) -> Any:
+        def record(m: nn.Module, args: Any, out: Any) -> None:
+            shapes[name].append(tuple(out.shape) if isinstance(out, torch.Tensor) else ())
+
+        return record
+
+    hooks = [net.get_submodule(n).register_forward_hook(hook(n)) for n in shapes]
     try:
         with torch.no_grad():
             call(net, example)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    return shapes

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tasprune.errors import ConfigError
 from tasprune.models.algebra import Counter, ExactAlgebra
-from tasprune.models.analysis import Traced, output_shapes
-from tasprune.models.layer_cost import cost_layers, countable_attention, traced_cost
+from tasprune.models.analysis import Traced, call_shapes, output_shapes
+from tasprune.models.layer_cost import Layers, cost_layers, countable_attention, traced_cost
 from tasprune.models.prune import prune_with
 from tasprune.models.sources import call
 
@@ -27,13 +27,13 @@ def verify(self: Traced) -> None:
     """Prune every searchable group to about half on a copy and check that the network
     runs and its counted FLOPs equal the prediction; when not, find the groups that
     break it (the graph missed an op, e.g. a channel slice) and leave them unsearched."""
-    if (why := _trial(self, [])) is not None:
-        raise ConfigError(
-            f"{self.model}: the traced graph does not describe the network ({why}). Fix: "
-            "search only a sub-module that traces, or report it with the model name"
-        )
-    rest = cost_layers(self, copy.deepcopy(self.template), self.example)[2]
-    if rest:
+    try:  # the unpruned network's layers: the same for every trial
+        found = cost_layers(self, copy.deepcopy(self.template), self.example)
+    except Exception as err:
+        raise _undescribed(self, _why(err)) from None
+    if (why := _trial(self, [], found)) is not None:
+        raise _undescribed(self, why)
+    if rest := found[2]:
         logger.info(
             "%s: %d MACs per image are in no layer tasprune reads (the token products of an "
             "attention whose heads it does not read, say); they count as a constant, checked "
@@ -42,35 +42,47 @@ def verify(self: Traced) -> None:
             rest,
         )
     names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
-    if names and (why := _trial(self, names)) is not None:
+    if names and (why := _trial(self, names, found)) is not None:
         logger.info("%s: pruning all groups fails (%s); finding which", self.model, why)
-        _bisect(self, names)
+        _bisect(self, names, found)
         left = [n for n in names if self.groups[n].fixed is None]
-        if left and (why := _trial(self, left)) is not None:  # only in combination
+        if left and (why := _trial(self, left, found)) is not None:  # only in combination
             for n in left:
                 self.groups[n].fixed = f"pruning it with the others breaks the network ({why})"
 
 
-def _bisect(self: Traced, names: list[str]) -> None:
+def _bisect(self: Traced, names: list[str], found: Layers) -> None:
     """Fix the groups of ``names`` whose pruning breaks the network (``names`` as a whole
     is known to): halves that prune cleanly are cleared in one trial."""
     if len(names) == 1:
-        why = _trial(self, names)
+        why = _trial(self, names, found)
         self.groups[names[0]].fixed = f"pruning it breaks the network ({why})"
         return
     for half in (names[: len(names) // 2], names[len(names) // 2 :]):
-        if _trial(self, half) is not None:
-            _bisect(self, half)
+        if _trial(self, half, found) is not None:
+            _bisect(self, half, found)
 
 
-def _trial(self: Traced, names: list[str]) -> str | None:
+def _undescribed(self: Traced, why: str) -> ConfigError:
+    return ConfigError(
+        f"{self.model}: the traced graph does not describe the network ({why}). Fix: "
+        "search only a sub-module that traces, or report it with the model name"
+    )
+
+
+def _why(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+
+
+def _trial(self: Traced, names: list[str], found: Layers) -> str | None:
+    """Prune the groups ``names`` to about half on a copy: None when it runs, keeps the
+    outputs and costs what ``found`` (the unpruned network's layers) predicts; else why."""
     half = {}
     for n in names:
         g = self.groups[n]
         half[n] = max(g.multiple, g.full // 2 // g.multiple * g.multiple)
     shape = self.full_shape().replace(widths=half)
     try:
-        found = cost_layers(self, copy.deepcopy(self.template), self.example)
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
         batch = _first_batch(net)
         with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
@@ -79,7 +91,7 @@ def _trial(self: Traced, names: list[str]) -> str | None:
         c = Counter(ExactAlgebra(shape))
         traced_cost(self, c, found)
     except Exception as err:
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        return _why(err)
     if (got := output_shapes(y)) != self.output_shapes and not _same_heads(self, net, got):
         return f"outputs {got}, not {self.output_shapes}"
     # The cost is per image (a layer's output size without its batch dimension); the
@@ -97,29 +109,10 @@ def _same_heads(self: Traced, net: torch.nn.Module, got: list[tuple[int, ...]]) 
     outputs (kept at full width) gives the shapes it gives in the full network."""
     if [len(s) for s in got] != [len(s) for s in self.output_shapes]:
         return False
+    heads = sorted(self.outputs)
     if self.head_shapes is None:
-        self.head_shapes = _layer_shapes(self, copy.deepcopy(self.template))
-    return _layer_shapes(self, net) == self.head_shapes
-
-
-def _layer_shapes(self: Traced, net: torch.nn.Module) -> dict[str, list[tuple[int, ...]]]:
-    """The output shapes of the layers producing the network's outputs, call by call."""
-    shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name in sorted(self.outputs)}
-
-    def hook(name: str) -> Any:
-        def record(m: torch.nn.Module, args: Any, out: Any) -> None:
-            shapes[name].append(tuple(out.shape) if isinstance(out, torch.Tensor) else ())
-
-        return record
-
-    hooks = [net.get_submodule(n).register_forward_hook(hook(n)) for n in shapes]
-    try:
-        with torch.no_grad():
-            call(net.eval(), self.example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+        self.head_shapes = call_shapes(copy.deepcopy(self.template).eval(), self.example, heads)
+    return call_shapes(net.eval(), self.example, heads) == self.head_shapes
 
 
 class _first_batch:

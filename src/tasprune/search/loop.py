@@ -349,7 +349,7 @@ def search(
             / seconds,
             "shape": shape.to_dict(),
         }
-        if in_band and not warm and (best is None or top1 >= best["valid_top1"]):
+        if in_band and (best is None or top1 >= best["valid_top1"]):  # never a warm epoch
             best = {"epoch": epoch, "valid_top1": top1, "shape": shape.to_dict()}
         if main:
             log.info(

@@ -94,7 +94,8 @@ class SearchStepper:
         self.budgets = cfg.budgets()
         self.primary = self.budgets[0].metric
         self._cost_cache: dict[str, dict[str, float]] = {}
-        # The warm epochs (cfg.warm_epochs): weight steps alone, whatever arch_step says.
+        # The warm epochs (cfg.warm_epochs): weight steps alone, whatever arch_step says (the
+        # loop hands them no split-B batch).
         self.warm = False
 
     def exact(self, shape: Shape) -> dict[str, float]:
@@ -133,7 +134,7 @@ class SearchStepper:
         self._weight_update()
         for p in self.arch:
             p.requires_grad_(True)
-        if xb is None or yb is None or self.warm:
+        if xb is None or yb is None:  # between architecture steps, or a warm epoch
             zero = loss.detach().new_zeros(())
             return loss.detach(), zero, zero, self.current(xa.device)[self.primary]
         # Architecture step on split B: gradients for the logits only, none for the weights.

@@ -65,8 +65,8 @@ class TAS:
     ``arch_lr``, ``tau_max``/``tau_min``, ``width_fractions``, ``search_depth``, ``seed``, ...);
     ``config`` a SearchConfig or mapping they override. ``ignore`` names modules whose output
     widths and depths are kept (the outputs' producers always are); ``only`` names the
-    sub-modules searched (``only=["backbone", "neck"]``), the rest is ignored. ``callback(row)`` receives each
-    epoch's row from `end_epoch`."""
+    sub-modules searched (``only=["backbone", "neck"]``), the rest is ignored.
+    ``callback(row)`` receives each epoch's row from `end_epoch`."""
 
     def __init__(
         self,
