@@ -165,22 +165,33 @@ def l1_pruned(task: Task, teacher: nn.Module, ratio: float) -> tuple[nn.Module, 
         pruner.step()
         return model
 
+    found = bisect_layer_ratio(prune_at, lambda m: task.flops(m) / full, ratio)
+    if found is None or found[2] < ratio - TOLERANCE:
+        raise RuntimeError(f"Torch-Pruning's layer ratio found no FLOPs in the band near {ratio}")
+    return found[0], found[1]
+
+
+def bisect_layer_ratio(
+    prune_at: Any, ratio_of: Any, ratio: float
+) -> tuple[nn.Module, float, float] | None:
+    """Bisect Torch-Pruning's one layer ratio (12 steps over [0, 0.95]) until the network's
+    FLOPs ratio (``ratio_of``) lands in the band [ratio - tolerance, ratio]: (the largest
+    network found at or under ``ratio``, its layer ratio, its FLOPs ratio), None if none."""
     lo, hi = 0.0, 0.95
-    best: tuple[nn.Module, float] | None = None
+    under: tuple[nn.Module, float, float] | None = None
     for _ in range(12):
         mid = (lo + hi) / 2
         model = prune_at(mid)
-        got = task.flops(model) / full
+        got = ratio_of(model)
         if got > ratio:
             lo = mid
         else:
             hi = mid
+            if under is None or got > under[2]:
+                under = (model, mid, got)
             if got >= ratio - TOLERANCE:
-                best = (model, mid)
                 break
-    if best is None:
-        raise RuntimeError(f"Torch-Pruning's layer ratio found no FLOPs in the band near {ratio}")
-    return best
+    return under
 
 
 def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:

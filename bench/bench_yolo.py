@@ -48,7 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_tasks import arm_lines, example, latency_lines  # the examples as modules; the table
+from bench_tasks import (  # shared with the torchvision detection/segmentation benchmark
+    TOLERANCE,
+    arm_lines,
+    bisect_layer_ratio,
+    example,
+    latency_lines,
+)
 from torch import nn
 
 from tasprune.integrations import ultralytics as tu
@@ -56,7 +62,6 @@ from tasprune.integrations import ultralytics as tu
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ARMS = ("tas_kd", "tas_ft", "l1_kd", "uniform_kd")
-TOLERANCE = 0.05
 CLASSES = 10
 C2F_PATCH = (
     "every C2f replaced by C2f_v2 (Torch-Pruning's examples/yolov8/yolov8_pruning.py): cv1 "
@@ -219,20 +224,7 @@ def l1_pruned(
         pruner.step()
         return model
 
-    lo, hi = 0.0, 0.95
-    under: tuple[nn.Module, float, float] | None = None  # the largest at or under the budget
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        model = prune_at(mid)
-        got = bench.flops(model) / full
-        if got > ratio:
-            lo = mid
-        else:
-            hi = mid
-            if under is None or got > under[2]:
-                under = (model, mid, got)
-            if got >= ratio - TOLERANCE:
-                break
+    under = bisect_layer_ratio(prune_at, lambda m: bench.flops(m) / full, ratio)
     if under is None:
         raise BandError(f"Torch-Pruning's layer ratio found no FLOPs at or under {ratio}")
     model, layer_ratio, got = under
