@@ -192,12 +192,15 @@ def test_a_torchvision_detector_searches_in_train_mode_on_its_loss_dict() -> Non
     tas = tasprune.TAS(model.train(), (images, targets), epochs=1, flops_ratio=0.5, arch_lr=0.2)
     from tasprune.models.traced import traced
 
-    heads = [
-        f"head.{k}_head.module_list.{i}.1"
-        for k in ("classification", "regression")
-        for i in range(6)
-    ]
-    assert set(heads) <= traced(tas.name).outputs
+    heads_kinds = ("classification", "regression")
+    heads = [f"head.{k}_head.module_list.{i}.1" for k in heads_kinds for i in range(6)]
+    tr = traced(tas.name)
+    assert set(heads) <= tr.outputs
+    # the feature maps the heads read are searched (the class convs' walks into the loss,
+    # index by index, are never taken: they keep their widths anyway)
+    reads = [(f"head.{k}_head.module_list.{i}.0.0", True) for k in heads_kinds for i in range(6)]
+    assert all(r in tr.group_of for r in reads)  # depthwise: its channels are what it reads
+    assert all(tr.groups[g].fixed is None for r in reads for g in tr.group_of[r])
     net = tas.model
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     for _ in range(2):

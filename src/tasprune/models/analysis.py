@@ -38,7 +38,6 @@ from tasprune.models.graph import (
     out_channels_of,
     output_layers,
     output_shapes,
-    quiet,
     scopes,
     tied_conv,
 )
@@ -309,10 +308,8 @@ def _channel_groups(
     parent: dict[str, str] = {}
     nodes: dict[Any, Any] = {}
     convs = (nn.Conv2d, nn.Linear)
-    for scope, mod_scope, scope_example, dg in scopes(net, model, example):
+    for scope, mod_scope, scope_example, dg, tp_groups in scopes(net, model, example, kept):
         nodes.update(dg.module2node)
-        with quiet():
-            tp_groups = list(dg.get_all_groups(ignored_layers=kept, root_module_types=convs))
         for tp_group in tp_groups:
             parts = 1
             if (whole := chunked(dg, tp_group)) is not None:

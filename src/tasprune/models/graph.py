@@ -24,6 +24,7 @@ from tasprune.models.sources import Example, as_example, call
 logger = logging.getLogger(__name__)
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+ROOTS = (nn.Conv2d, nn.Linear)  # the layers whose output channels root a width choice
 
 
 def output_layers(net: nn.Module, example: Example) -> set[str]:
@@ -74,17 +75,21 @@ def output_layers(net: nn.Module, example: Example) -> set[str]:
 
 
 def scopes(
-    net: nn.Module, model: str, example: Example
-) -> list[tuple[str, nn.Module, Example, Any]]:
-    """(name, module, example input, dependency graph) of what can be traced: the whole
-    network, or, when its graph cannot be followed (e.g. a channel shuffle), the largest
-    sub-modules that can; groups inside those are searched, the rest keeps its width."""
+    net: nn.Module, model: str, example: Example, kept: list[nn.Module]
+) -> list[tuple[str, nn.Module, Example, Any, list[Any]]]:
+    """(name, module, example input, dependency graph, its channel groups) of what can be
+    traced: the whole network, or, when its graph cannot be followed (e.g. a channel
+    shuffle), the largest sub-modules that can; groups inside those are searched, the rest
+    keeps its width. Groups are rooted at the layers not in ``kept``: a kept layer's output
+    channels (a detector's class conv, whose walk runs through its loss index by index)
+    are never walked."""
     try:
-        return [("", net, example, grouped(dependency_graph(net, example)))]
+        dg = dependency_graph(net, example)
+        return [("", net, example, dg, grouped(dg, kept))]
     except Exception as err:
         reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     inputs = module_inputs(net, example)
-    found: list[tuple[str, nn.Module, Example, Any]] = []
+    found: list[tuple[str, nn.Module, Example, Any, list[Any]]] = []
 
     def visit(prefix: str, mod: nn.Module) -> None:
         for child, sub in mod.named_children():
@@ -96,7 +101,8 @@ def scopes(
                 continue
             x = (torch.zeros(inputs[name]),)
             try:
-                found.append((name, sub, x, grouped(dependency_graph(sub, x))))
+                dg = dependency_graph(sub, x)
+                found.append((name, sub, x, dg, grouped(dg, kept)))
             except Exception:
                 visit(name, sub)
 
@@ -144,13 +150,12 @@ def bounded(dg: Any) -> Iterator[None]:
         Group.add_dep = add
 
 
-def grouped(dg: Any) -> Any:
-    """``dg`` once every channel group it holds has been walked within `bounded`'s limit (a
-    `GraphRunaway` otherwise: the graph is then searched inside its sub-modules)."""
+def grouped(dg: Any, kept: list[nn.Module]) -> list[Any]:
+    """The channel groups of ``dg`` rooted at its convs and linears outside ``kept``, each
+    walked within `bounded`'s limit (a `GraphRunaway` otherwise: the graph is then searched
+    inside its sub-modules)."""
     with bounded(dg), quiet():
-        for _ in dg.get_all_groups(root_module_types=PRUNABLE):
-            pass
-    return dg
+        return list(dg.get_all_groups(ignored_layers=list(kept), root_module_types=ROOTS))
 
 
 def module_inputs(net: nn.Module, example: Example) -> dict[str, tuple[int, ...]]:
