@@ -135,11 +135,17 @@ class Traced:
             for n, st in depth_stages(net, self.example).items()
             if st.container not in ignored
         }
+        self._drop_overlaps(net)
+        self.drop_stages([])
+
+    def drop_stages(self, names: list[str]) -> None:
+        """Keep the depth of the stages ``names`` (and derive what follows from the stages)."""
+        for n in names:
+            del self.stages[n]
         self.stage_of: dict[str, tuple[str, int]] = {}
         for st in self.stages.values():
             for i, b in enumerate(st.blocks):
                 self.stage_of[b] = (st.name, i)
-        self._drop_overlaps(net)
         self.stage_outputs = self._stage_outputs()
 
     def _head_groups(self, net: nn.Module) -> dict[str, Attention]:

@@ -1,8 +1,11 @@
-"""Depth choices read off a network: runs of residual blocks in one ``nn.Sequential``. A block
-is residual when its own forward, traced with its children as leaves, sums its input onto
-its output through a chain of sums (the stream followed through reshapes, as in Swin); a
-forward that does not trace is asked at run time whether, with its branches zeroed, it
-returns its input.
+"""Depth choices read off a network: runs of residual blocks among the children of one module
+(an ``nn.Sequential``, a ``ModuleList`` its parent loops over, any module whose forward calls
+its children in turn). Read at run time: each block of a run is called once, on the previous
+block's output, which nothing but that block reads (a concatenation of every block's output,
+as in YOLO's C2f, makes no run). A block is residual when its own forward, traced with its
+children as leaves, sums its input onto its output through a chain of sums (the stream
+followed through reshapes, as in Swin); a forward that does not trace is asked at run time
+whether, with its branches zeroed, it returns its input.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from tasprune.models.sources import Example, call
 
@@ -28,6 +32,27 @@ class Stage:
     container: str
     children: list[str]  # their names in the container
     blocks: list[str]  # their full module names
+    plain: bool = True  # every block is called on one tensor alone (else a dropped one is `Skip`)
+
+
+class Skip(nn.Identity):
+    """A dropped block that was called with more than its input (a mask, say): returns the
+    input."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return x
+
+
+@dataclass
+class _Call:
+    """A child's first call in the analysed forward."""
+
+    x: Tensor
+    out: Tensor
+    out_fn: Any  # the output's autograd node when it was returned (before any in-place op)
+    in_fn: Any
+    plain: bool
+    times: int = 1
 
 
 class _Leaves(torch.fx.Tracer):
@@ -115,60 +140,102 @@ def _reaches_output(node: Any, modules: dict[str, nn.Module]) -> bool:
 
 
 def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
-    """Runs of residual blocks of the same input and output shape in one ``nn.Sequential``."""
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    inputs: dict[str, Tensor] = {}
+    """Runs of residual blocks of the same input and output shape among one module's children,
+    each called once on the previous one's output, which only that block reads."""
+    calls: dict[str, _Call] = {}
     hooks = []
-    containers = [
-        (n, m)
-        for n, m in net.named_modules()
-        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
-    ]
-    for cname, cont in containers:
-        for child, block in cont.named_children():
-            bname = f"{cname}.{child}" if cname else child
+    parents = [(n, m) for n, m in net.named_modules() if sum(1 for _ in m.children()) > 1]
+    for pname, parent in parents:
+        for child, block in parent.named_children():
+            bname = f"{pname}.{child}" if pname else child
 
-            def hook(m: nn.Module, args: Any, out: Any, n: str = bname) -> None:
-                if args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
-                    shapes[n] = (tuple(args[0].shape), tuple(out.shape))
-                    inputs.setdefault(n, args[0].detach())
+            def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, n: str = bname) -> None:
+                if n in calls:
+                    calls[n].times += 1
+                elif args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+                    plain = len(args) == 1 and not kwargs
+                    calls[n] = _Call(args[0], out, out.grad_fn, args[0].grad_fn, plain)
 
-            hooks.append(block.register_forward_hook(hook))
+            hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad():
-            call(net, example)
+        with torch.enable_grad():
+            result = call(net, example)
     finally:
         for h in hooks:
             h.remove()
+    readers = _readers(result)
     stages: dict[str, Stage] = {}
-    for cname, cont in containers:
-        skippable = []
+    for cname, cont in parents:
         children = list(cont.named_children())
-        for child, block in children:
-            bname = f"{cname}.{child}" if cname else child
-            io = shapes.get(bname)
-            ok = (
-                io is not None
-                and io[0] == io[1]
+        names = [f"{cname}.{c}" if cname else c for c, _ in children]
+        got = [c if (c := calls.get(n)) is not None and c.times == 1 else None for n in names]
+
+        skippable = []
+        for k, (_, block) in enumerate(children):
+            c = got[k]
+            skippable.append(
+                c is not None
+                and c.x.shape == c.out.shape
                 and any(p.requires_grad for p in block.parameters())
-                and _is_residual(block, inputs.get(bname))
+                and _is_residual(block, c.x.detach())
             )
-            skippable.append(ok)
         i = 0
-        while i < len(cont):
+        while i < len(children):
             if not skippable[i]:
                 i += 1
                 continue
-            j = i
-            while j < len(cont) and skippable[j]:
+            j = i + 1
+            while j < len(children) and skippable[j] and _feeds(got[j - 1], got[j], readers):
                 j += 1
-            first = i - 1 if i > 0 and _is_block(children[i - 1][1]) else i
+            first = (
+                i - 1
+                if i > 0 and _is_block(children[i - 1][1]) and _feeds(got[i - 1], got[i], readers)
+                else i
+            )
             kids = [children[k][0] for k in range(first, j)]
-            blocks = [f"{cname}.{k}" if cname else k for k in kids]
-            if len(blocks) > 1:
-                stages[blocks[0]] = Stage(blocks[0], cname, kids, blocks)
+            if len(kids) > 1:
+                blocks = names[first:j]
+                plain = all(c is not None and c.plain for c in got[first:j])
+                stages[blocks[0]] = Stage(blocks[0], cname, kids, blocks, plain)
             i = j
     return stages
+
+
+def _feeds(a: _Call | None, b: _Call | None, readers: dict[Any, set[Any]]) -> bool:
+    """Does the output of call ``a`` go to call ``b`` (its input), and to nothing else?"""
+    if a is None or b is None or b.x is not a.out or a.out_fn is None:
+        return False
+    return readers.get(a.out_fn, set()) <= _inside(b.out_fn, a.out_fn)
+
+
+def _readers(out: Any) -> dict[Any, set[Any]]:
+    """Every autograd node of the graph that produced ``out`` -> the nodes that read it."""
+    stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    readers: dict[Any, set[Any]] = {}
+    seen: set[Any] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for f, _ in fn.next_functions:
+            if f is not None:
+                readers.setdefault(f, set()).add(fn)
+                stack.append(f)
+    return readers
+
+
+def _inside(out_fn: Any, in_fn: Any) -> set[Any]:
+    """The autograd nodes between a block's input (``in_fn``) and its output (``out_fn``)."""
+    found: set[Any] = set()
+    stack = [out_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn is in_fn or fn in found:
+            continue
+        found.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
 
 
 def _is_block(mod: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from torch import nn
 
 from tasprune.models.analysis import Traced
 from tasprune.models.attention import prune_heads
+from tasprune.models.depth import Skip
 from tasprune.models.graph import dependency_graph, eval_mode, module_inputs, prune_group
 from tasprune.models.sources import Example
 from tasprune.shape import Shape
@@ -96,7 +97,7 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
     for st in tr.stages.values():
         cont = net.get_submodule(st.container)
         for child in st.children[shape.depths[st.name] :]:
-            setattr(cont, child, nn.Identity())
+            setattr(cont, child, nn.Identity() if st.plain else Skip())
     drop_equal_projections(net)
     return net
 

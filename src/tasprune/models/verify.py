@@ -41,6 +41,16 @@ def verify(self: Traced) -> None:
             self.model,
             rest,
         )
+    stages = list(self.stages)
+    if stages and (why := _trial(self, [], found, stages)) is not None:
+        logger.info("%s: the shallowest network fails (%s); finding which stages", self.model, why)
+        broken = [s for s in stages if _trial(self, [], found, [s]) is not None]
+        for s in broken:
+            logger.info(
+                "%s: the depth of %s is kept (dropping its blocks breaks it)", self.model, s
+            )
+        self.drop_stages(broken)
+        found = cost_layers(self, copy.deepcopy(self.template), self.example)
     names = [n for n, g in self.groups.items() if g.fixed is None and g.full > g.multiple]
     if names and (why := _trial(self, names, found)) is not None:
         logger.info("%s: pruning all groups fails (%s); finding which", self.model, why)
@@ -74,14 +84,17 @@ def _why(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
 
 
-def _trial(self: Traced, names: list[str], found: Layers) -> str | None:
-    """Prune the groups ``names`` to about half on a copy: None when it runs, keeps the
-    outputs and costs what ``found`` (the unpruned network's layers) predicts; else why."""
+def _trial(
+    self: Traced, names: list[str], found: Layers, shallow: list[str] | None = None
+) -> str | None:
+    """Prune the groups ``names`` to about half (and the stages ``shallow`` to one block) on a
+    copy: None when it runs, keeps the outputs and costs what ``found`` (the unpruned
+    network's layers) predicts; else why."""
     half = {}
     for n in names:
         g = self.groups[n]
         half[n] = max(g.multiple, g.full // 2 // g.multiple * g.multiple)
-    shape = self.full_shape().replace(widths=half)
+    shape = self.full_shape().replace(widths=half, depths=dict.fromkeys(shallow or [], 1))
     try:
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
         batch = _first_batch(net)

@@ -23,6 +23,7 @@ fixed shape they reduce to the pruned network, so expected and exact cost are un
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -98,34 +99,37 @@ class _Widths:
         return apply
 
 
-def _stage_forward(net: SuperNet, container: nn.Sequential, stages: list[Stage]) -> Any:
-    """A forward for ``container`` that mixes the outputs of its stages over depths."""
-    starts = {st.children[0]: st for st in stages}
+def _depth_forwards(net: SuperNet, body: nn.Module, st: Stage) -> None:
+    """The blocks of ``st`` mix the stage's outputs over its depths, wherever they sit (a
+    Sequential, a ModuleList their parent loops over): each runs its own forward; the deepest
+    selected one returns the weighted sum of the selected depths' outputs, the blocks after
+    it return their input. Bound to each block, so a copy of the network (an EMA) runs its
+    own blocks."""
+    state: dict[str, Any] = {}
 
-    def forward(x: Tensor) -> Tensor:
-        kids = list(container.named_children())
-        i = 0
-        while i < len(kids):
-            name, mod = kids[i]
-            st = starts.get(name)
-            if st is None:
-                x = mod(x)
-                i += 1
-                continue
-            sel = net.depth_of[st.name].selected
-            deepest = max(d for _, d, _ in sel)
-            weights = {d: w for _, d, w in sel}
-            outs: list[tuple[Tensor, Any]] = []
-            for j, child in enumerate(st.children[:deepest]):
-                x = container.get_submodule(child)(x)
-                if j + 1 in weights:
-                    outs.append((x, weights[j + 1]))
-            if not (len(outs) == 1 and isinstance(outs[0][1], float) and outs[0][1] == 1.0):
-                x = sum(o * w for o, w in outs)  # type: ignore[assignment]
-            i += len(st.children)
-        return x
+    def bound(j: int, original: Any) -> Any:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            if j == 0:
+                sel = net.depth_of[st.name].selected
+                state["deepest"] = max(d for _, d, _ in sel)
+                state["weights"] = {d: w for _, d, w in sel}
+                state["outs"] = []
+            if j >= state["deepest"]:
+                return args[0]
+            y = original(self, *args, **kwargs)
+            if (w := state["weights"].get(j + 1)) is not None:
+                state["outs"].append((y, w))
+            if j + 1 == state["deepest"]:
+                outs, state["outs"] = state["outs"], []
+                if not (len(outs) == 1 and isinstance(outs[0][1], float) and outs[0][1] == 1.0):
+                    y = sum(o * w for o, w in outs)
+            return y
 
-    return forward
+        return forward
+
+    for j, name in enumerate(st.blocks):
+        block = body.get_submodule(name)
+        block.forward = types.MethodType(bound(j, type(block).forward), block)  # type: ignore[method-assign]
 
 
 def _normalised(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -280,11 +284,6 @@ def searchable_network(net: SuperNet, model: str) -> nn.Module:
             mod.register_forward_hook(_aligned(net, group, align))
         else:
             mod.register_forward_hook(widths.hook(sites))
-    by_container: dict[str, list[Stage]] = {}
     for st in tr.stages.values():
-        by_container.setdefault(st.container, []).append(st)
-    for cname, stages in by_container.items():
-        cont = body.get_submodule(cname)
-        assert isinstance(cont, nn.Sequential)
-        cont.forward = _stage_forward(net, cont, stages)  # type: ignore[method-assign]
+        _depth_forwards(net, body, st)
     return body
