@@ -111,8 +111,10 @@ def test_blocks_in_a_module_list_its_forward_loops_over_are_a_depth_choice() -> 
     assert found == {"blocks.0": 4}  # the downsampling block first, then the residual run
     _, found = _stages(TapNet())
     assert found == {"blocks.0": 2, "blocks.2": 2}  # the tapped output ends the first run
-    _, found = _stages(ConcatNet())
-    assert found == {}
+    tas, found = _stages(ConcatNet())
+    assert found == {"m.0": 3}  # concatenated blocks: a depth choice of its own kind
+    stage = traced(tas.name).stages["m.0"]
+    assert stage.consumer == "fuse.0" and stage.segments == [(8, 8), (16, 8), (24, 8)]
 
 
 def _at(tas: tasprune.TAS, depth: int) -> Shape:
@@ -126,7 +128,7 @@ def _outputs(y: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return y if isinstance(y, tuple) else (y,)
 
 
-@pytest.mark.parametrize("cls", [ListNet, GatedNet, TapNet])
+@pytest.mark.parametrize("cls", [ListNet, GatedNet, TapNet, ConcatNet])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_searched_equals_pruned_and_costs_what_is_predicted(cls: type, depth: int) -> None:
     torch.manual_seed(0)
@@ -138,8 +140,11 @@ def test_searched_equals_pruned_and_costs_what_is_predicted(cls: type, depth: in
     small = tasprune.prune(cls(), shape, example_inputs=X).eval()
     small.load_state_dict(tas.supernet.plain_state_dict(shape))
     assert type(small) is cls
-    dropped = [m for m in small.blocks[depth:] if not isinstance(m, nn.Sequential | Res)]
-    if cls is not TapNet:
+    if cls is ConcatNet:  # the dropped blocks leave the list, their segments the conv
+        assert len(small.m) == depth
+        assert small.fuse[0].in_channels == small.stem[0].out_channels * (1 + depth)
+    dropped = [] if cls is ConcatNet else [m for m in small.blocks[depth:] if type(m) is not Res]
+    if cls not in (TapNet, ConcatNet):
         assert len(dropped) == 4 - depth
         assert all(type(m) is (Skip if cls is GatedNet else nn.Identity) for m in dropped)
     with torch.no_grad():
@@ -188,3 +193,17 @@ def test_an_fpn_backbone_searches_the_depth_of_its_stages() -> None:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         small(x)
     assert fc.get_total_flops() // 2 == model_cost(tas.name, shape)[0]
+
+
+def test_the_forward_reaches_the_depth_logits_of_concatenated_blocks() -> None:
+    """Sampled depths weigh each block's segment where the conv reads it: the task loss
+    alone (no budget) gives the stage's logits a gradient."""
+    torch.manual_seed(0)
+    tas = tasprune.TAS(ConcatNet(), X, epochs=1, flops_ratio=0.7)
+    net = tas.supernet.train()
+    net.generator = torch.Generator().manual_seed(0)
+    logits = net.logits_of(net.depth_of["m.0"])
+    assert logits is not None
+    logits.requires_grad_(True)  # as in an architecture step
+    net(X).square().mean().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

@@ -71,10 +71,12 @@ def test_yolov8n_searches_every_width_and_prunes_c2f_halves_alike(yolo: type) ->
     shape = tas.shape()
     small = tas.prune().eval()
     assert type(small) is type(model)
+    narrower = 0
     for name in c2f:  # both halves of cv1's output keep the same width
         block = small.get_submodule(name)
         assert block.cv1.conv.out_channels == 2 * block.m[0].cv1.conv.in_channels
-        assert block.cv1.conv.out_channels < model.get_submodule(name).cv1.conv.out_channels
+        narrower += block.cv1.conv.out_channels < model.get_submodule(name).cv1.conv.out_channels
+    assert narrower >= 6
     net.eval()
     with torch.no_grad(), tas.supernet.fixed(shape):
         tas.supernet.training = False
@@ -86,6 +88,24 @@ def test_yolov8n_searches_every_width_and_prunes_c2f_halves_alike(yolo: type) ->
         small(x[:1])
     assert fc.get_total_flops() // 2 == model_cost(tas.name, shape)[0]
     assert 0.45 <= model_cost(tas.name, shape)[0] / model_cost(tas.name)[0] <= 0.5 + 1e-9
+    # C2f's bottlenecks are a depth choice where it has two: a dropped one leaves C2f.m and
+    # its segment of the concatenation leaves cv2's input
+    stages = {n: st.consumer for n, st in tr.stages.items()}
+    assert stages == {"model.4.m.0": "model.4.cv2.conv", "model.6.m.0": "model.6.cv2.conv"}
+    shallow = shape.replace(depths=dict.fromkeys(stages, 1))
+    fresh = yolo("yolov8n.yaml", nc=3, verbose=False)
+    short = tasprune.prune(fresh, shallow, example_inputs=x[:1])
+    short.load_state_dict(tas.supernet.plain_state_dict(shallow))
+    assert len(short.model[4].m) == len(short.model[6].m) == 1
+    assert short.model[4].cv2.conv.in_channels == 3 * short.model[4].c
+    with torch.no_grad(), tas.supernet.fixed(shallow):
+        want = tas.supernet.net(x)
+    with torch.no_grad():
+        got = short.eval()(x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        short(x[:1])
+    assert fc.get_total_flops() // 2 == model_cost(tas.name, shallow)[0]
 
 
 def test_a_chunk_along_the_channels_is_one_width_in_equal_parts() -> None:

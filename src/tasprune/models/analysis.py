@@ -147,6 +147,38 @@ class Traced:
             for i, b in enumerate(st.blocks):
                 self.stage_of[b] = (st.name, i)
         self.stage_outputs = self._stage_outputs()
+        self.concat_parts = self._concat_parts()
+
+    def _concat_parts(self) -> dict[str, list[tuple[str, int, str | None, int]]]:
+        """For the conv that reads a concatenation of a stage's blocks: (stage, block, the
+        group of the block's segment or None where its width is fixed, segment width). A
+        stage whose segments are not one group each (or fixed) keeps its depth."""
+        out: dict[str, list[tuple[str, int, str | None, int]]] = {}
+        for st in list(self.stages.values()):
+            if st.consumer is None:
+                continue
+            reads = set(self.group_of.get((st.consumer, False), []))
+            parts: list[tuple[str, int, str | None, int]] = []
+            for j, (block, (_, width)) in enumerate(zip(st.blocks, st.segments, strict=True)):
+                writes = {
+                    g
+                    for (lay, o), gs in self.group_of.items()
+                    if o and (lay == block or lay.startswith(block + "."))
+                    for g in gs
+                }
+                found = writes & reads
+                g = found.pop() if len(found) == 1 else None
+                if len(found) > 0 or (g is not None and self.groups[g].full != width):
+                    parts = []
+                    break
+                parts.append((st.name, j, g, width))
+            if parts:
+                out.setdefault(st.consumer, []).extend(parts)
+            else:
+                del self.stages[st.name]
+                for b in st.blocks:
+                    self.stage_of.pop(b, None)
+        return out
 
     def _head_groups(self, net: nn.Module) -> dict[str, Attention]:
         """Each multi-head attention module's heads as one width choice (named after its
@@ -216,6 +248,8 @@ class Traced:
         when its residual stream is one group."""
         out: dict[str, list[str]] = {}
         for st in self.stages.values():
+            if st.consumer is not None:
+                continue  # every block's output is read (concatenated), none is "the last"
             per_block = []
             for block in st.blocks:
 

@@ -11,16 +11,18 @@ whether, with its branches zeroed, it returns its input.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from tasprune.models.sources import Example, call
 
 _ADDS = {operator.add, operator.iadd, torch.add}
+_CATS = (torch.cat, torch.concat, torch.concatenate)
 _RESHAPES = ("reshape", "view", "flatten", "contiguous")
 
 
@@ -33,6 +35,10 @@ class Stage:
     children: list[str]  # their names in the container
     blocks: list[str]  # their full module names
     plain: bool = True  # every block is called on one tensor alone (else a dropped one is `Skip`)
+    # A concatenation of every block's output (YOLO's C2f) feeds this conv: a dropped block's
+    # segment leaves its input. (offset, width) of each block's segment in that input.
+    consumer: str | None = None
+    segments: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Skip(nn.Identity):
@@ -157,8 +163,18 @@ def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
                     calls[n] = _Call(args[0], out, out.grad_fn, args[0].grad_fn, plain)
 
             hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+    conv_in: dict[str, Tensor] = {}  # what a conv that may read a concatenation reads
+    for n, m in net.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+
+            def pre(m: nn.Module, args: Any, n: str = n) -> None:
+                if args and isinstance(args[0], Tensor):
+                    conv_in.setdefault(n, args[0])
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    cats = Cats()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), cats:
             result = call(net, example)
     finally:
         for h in hooks:
@@ -198,7 +214,80 @@ def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
                 plain = all(c is not None and c.plain for c in got[first:j])
                 stages[blocks[0]] = Stage(blocks[0], cname, kids, blocks, plain)
             i = j
+        if len(children) > 1 and not any(st.container == cname for st in stages.values()):
+            found: tuple[str, list[tuple[int, int]]] | None = None
+            if isinstance(cont, (nn.ModuleList, nn.Sequential)):  # shortened when pruned
+                found = _concatenated(got, children, readers, cats, conv_in)
+            if found is not None:
+                plain = all(c is not None and c.plain for c in got)
+                kids = [c for c, _ in children]
+                stages[names[0]] = Stage(names[0], cname, kids, names, plain, *found)
     return stages
+
+
+class Cats(TorchFunctionMode):
+    """Records every concatenation of one forward: (its input tensors, dim, output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[list[Tensor], int, Tensor]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CATS and isinstance(out, Tensor) and out.dim() > 1:
+            tensors = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            self.calls.append((list(tensors), int(dim) % out.dim(), out))
+        return out
+
+
+def segments_of(cats: Cats, outs: list[Tensor], into: Tensor) -> list[tuple[int, int]] | None:
+    """(offset, width) of each of ``outs`` along the channels of the concatenation that
+    is ``into``, or None when no recorded concatenation is."""
+    for tensors, dim, out in cats.calls:
+        if out is not into or dim != 1:
+            continue
+        offsets: dict[int, int] = {}
+        at = 0
+        for t in tensors:
+            offsets.setdefault(id(t), at)
+            at += int(t.shape[1])
+        if all(id(o) in offsets for o in outs):
+            return [(offsets[id(o)], int(o.shape[1])) for o in outs]
+    return None
+
+
+def _concatenated(
+    got: list[_Call | None],
+    children: list[tuple[str, nn.Module]],
+    readers: dict[Any, set[Any]],
+    cats: Cats,
+    conv_in: dict[str, Tensor],
+) -> tuple[str, list[tuple[int, int]]] | None:
+    """The children of one module as concatenated blocks (YOLO's C2f: each block runs on the
+    previous one's output, and every block's output is also concatenated for one conv):
+    (that conv, each block's segment of its input), or None."""
+    calls = [c for c in got if c is not None]
+    if len(calls) != len(children) or any(
+        c.x.shape != c.out.shape or c.out_fn is None for c in calls
+    ):
+        return None
+    if not all(any(p.requires_grad for p in m.parameters()) for _, m in children):
+        return None
+    if any(b.x is not a.out for a, b in zip(calls, calls[1:], strict=False)):
+        return None
+    for conv, x in conv_in.items():
+        found = segments_of(cats, [c.out for c in calls], x)
+        if found is None or x.grad_fn is None or len(readers.get(x.grad_fn, ())) != 1:
+            continue
+        cat = {x.grad_fn}
+        for k, c in enumerate(calls):  # each output: read by the next block and the cat only
+            inside = _inside(calls[k + 1].out_fn, c.out_fn) if k + 1 < len(calls) else set()
+            if not readers.get(c.out_fn, set()) <= inside | cat:
+                return None
+        return conv, found
+    return None
 
 
 def _feeds(a: _Call | None, b: _Call | None, readers: dict[Any, set[Any]]) -> bool:

@@ -190,8 +190,12 @@ def _scores(
 
 
 # A side of a layer: its groups as (group, channels per group channel, the stage whose mixed
-# output it reads or None), and the fixed rest of its channels.
-Side = tuple[tuple[tuple[str, int, str | None], ...], int]
+# output it reads or None, the (stage, block) of each further segment of the group that is
+# there only while that block is kept), the fixed rest of its channels, and the fixed-width
+# segments there only while their block is kept (channels, stage, block). The segments are a
+# concatenation of every block's output (YOLO's C2f).
+Keeps = tuple[tuple[str, int], ...]
+Side = tuple[tuple[tuple[str, int, str | None, Keeps], ...], int, tuple[tuple[int, str, int], ...]]
 _PLANS: dict[int, tuple[Layers, Any]] = {}
 
 
@@ -207,13 +211,17 @@ def _plan(tr: Traced, found: Layers) -> Any:
 
     def side(layer: str, out: bool, groups: tuple[str, ...], total: int) -> Side:
         parts = []
+        concat = [] if out else tr.concat_parts.get(layer, [])
         for g in groups:
             stage = last.get(g) if not out else None
             if stage is not None and tr.where(layer)[0] == stage:
                 stage = None
-            parts.append((g, tr.per_channel.get((layer, out, g), 1), stage))
-        rest = total - sum(tr.groups[g].full * m for g, m, _ in parts)
-        return tuple(parts), rest
+            keeps = tuple((st, j) for st, j, bg, _ in concat if bg == g)
+            m = tr.per_channel.get((layer, out, g), 1)
+            parts.append((g, m - len(keeps), stage, keeps))
+        rest = total - sum(tr.groups[g].full * (m + len(k)) for g, m, _, k in parts)
+        fixed = tuple((w, st, j) for st, j, bg, w in concat if bg is None)
+        return tuple(parts), rest - sum(w for w, _, _ in fixed), fixed
 
     layers, others, _ = found
     plan = (
@@ -240,20 +248,28 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
     a = c.alg
     layers, others = _plan(tr, found)
 
-    def parts(spec: Side) -> list[Any]:
+    def parts(spec: Side, full: bool = False) -> list[Any]:
         """(count, channels per count) making up a layer side's channels: its searched groups
-        (a group may span several channels per group channel, after a flatten), then the
-        fixed rest."""
-        groups, rest = spec
+        (a group may span several channels per group channel, after a flatten; a segment
+        of a concatenated block counts as kept as its block), then the fixed rest. ``full``:
+        every block's segment counted (the latency table's widths)."""
+        groups, rest, fixed = spec
+
+        def times(m: int, keeps: Keeps) -> Any:
+            if full or not keeps:
+                return m + len(keeps)
+            return m + sum(a.keep(st, j) for st, j in keeps)
+
         out = [
             (
                 a.width(g)
                 if stage is None
                 else a.stage_output(stage, [a.width(b) for b in tr.stage_outputs[stage]]),
-                m,
+                times(m, keeps),
             )
-            for g, m, stage in groups
+            for g, m, stage, keeps in groups
         ]
+        out += [(a.const(w), 1 if full else a.keep(st, j)) for w, st, j in fixed]
         return [*out, (a.const(rest), 1)] if rest > 0 else out
 
     def mean(ps: list[Any]) -> Any:
@@ -277,9 +293,10 @@ def traced_cost(tr: Traced, c: Counter, found: Layers) -> None:
         if c.table is not None and ly.op is not None and optional:
             c.layer_latency(ly.op, a.total(cin), a.total(cout), keep, differ=True)
         elif c.table is not None and ly.op is not None:
+            # a concatenation's segments at full depth: the table is read at whole widths
             tied = ly.op.per_group is not None
             width_out = a.total(cout)
-            width_in = width_out if tied else a.total(cin)
+            width_in = width_out if tied else a.total(parts(in_side, full=True))
             c.layer_latency(ly.op, width_in, width_out, keep)
         if ly.bias:
             c.params = c.params + keep * mean(cout)

@@ -13,9 +13,9 @@ from torch import nn
 
 from tasprune.models.analysis import Traced
 from tasprune.models.attention import prune_heads
-from tasprune.models.depth import Skip
+from tasprune.models.depth import Cats, Skip, Stage, segments_of
 from tasprune.models.graph import dependency_graph, eval_mode, module_inputs, prune_group
-from tasprune.models.sources import Example
+from tasprune.models.sources import Example, call
 from tasprune.shape import Shape
 
 
@@ -96,10 +96,47 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
             conv.weight = nn.Parameter(weight[:k].contiguous())
     for st in tr.stages.values():
         cont = net.get_submodule(st.container)
-        for child in st.children[shape.depths[st.name] :]:
+        depth = shape.depths[st.name]
+        if st.consumer is not None:
+            if depth < len(st.blocks):
+                _drop_concatenated(net, st, depth, example)
+            continue
+        for child in st.children[depth:]:
             setattr(cont, child, nn.Identity() if st.plain else Skip())
     drop_equal_projections(net)
     return net
+
+
+def _drop_concatenated(net: nn.Module, st: Stage, depth: int, example: Example) -> None:
+    """Blocks ``depth``.. of a concatenated stage leave their container, and their segments
+    the input of the conv that reads the concatenation (where they sit at the pruned widths:
+    read off one forward)."""
+    blocks = [net.get_submodule(b) for b in st.blocks]
+    conv = net.get_submodule(st.consumer or "")
+    assert isinstance(conv, nn.Conv2d)
+    outs: dict[int, Any] = {}
+    seen: dict[str, Any] = {}
+    hooks = [
+        b.register_forward_hook(lambda m, a, o, j=j: outs.setdefault(j, o))
+        for j, b in enumerate(blocks)
+    ]
+    hooks.append(conv.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0])))
+    cats = Cats()
+    try:
+        with eval_mode(net), torch.no_grad(), cats:
+            call(net, example)
+    finally:
+        for h in hooks:
+            h.remove()
+    segments = segments_of(cats, [outs[j] for j in range(len(blocks))], seen["x"])
+    assert segments is not None, f"{st.consumer} no longer reads {st.container}'s concatenation"
+    dropped = {c for off, w in segments[depth:] for c in range(off, off + w)}
+    keep = [c for c in range(conv.in_channels) if c not in dropped]
+    conv.weight = nn.Parameter(conv.weight.detach()[:, keep].contiguous())
+    conv.in_channels = len(keep)
+    cont = net.get_submodule(st.container)
+    assert isinstance(cont, (nn.ModuleList, nn.Sequential))
+    del cont[depth:]
 
 
 def _chunk_width(net: nn.Module, tr: Traced, gname: str, width: int) -> None:

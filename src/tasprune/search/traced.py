@@ -117,6 +117,8 @@ def _depth_forwards(net: SuperNet, body: nn.Module, st: Stage) -> None:
             if j >= state["deepest"]:
                 return args[0]
             y = original(self, *args, **kwargs)
+            if st.consumer is not None:
+                return y  # concatenated: the segments are weighed where they are read
             if (w := state["weights"].get(j + 1)) is not None:
                 state["outs"].append((y, w))
             if j + 1 == state["deepest"]:
@@ -130,6 +132,34 @@ def _depth_forwards(net: SuperNet, body: nn.Module, st: Stage) -> None:
     for j, name in enumerate(st.blocks):
         block = body.get_submodule(name)
         block.forward = types.MethodType(bound(j, type(block).forward), block)  # type: ignore[method-assign]
+    if st.consumer is not None:
+        body.get_submodule(st.consumer).register_forward_pre_hook(_segments_kept(net, st))
+
+
+def _segments_kept(net: SuperNet, st: Stage) -> Any:
+    """A pre-hook on the conv reading a concatenation of ``st``'s blocks: block j's segment
+    scaled by P(depth > j) of the current selection (1 or 0 at a fixed shape: the pruned
+    conv without those columns)."""
+
+    def hook(m: nn.Module, args: Any) -> Any:
+        x = args[0]
+        sel = net.depth_of[st.name].selected
+        keeps = [sum(w for _, d, w in sel if d > j) for j in range(len(st.segments))]
+        if all(isinstance(k, float) and k == 1.0 for k in keeps):
+            return None
+        pieces, at = [], 0
+        for (off, width), k in sorted(zip(st.segments, keeps, strict=True), key=lambda p: p[0]):
+            if off > at:
+                pieces.append(x.new_ones(off - at))
+            kt = k if isinstance(k, Tensor) else x.new_tensor(float(k))
+            pieces.append(kt.to(x.dtype).reshape(1).expand(width))
+            at = off + width
+        if at < x.shape[1]:
+            pieces.append(x.new_ones(x.shape[1] - at))
+        scale = torch.cat(pieces).view(1, -1, *([1] * (x.dim() - 2)))
+        return (x * scale, *args[1:])
+
+    return hook
 
 
 def _normalised(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
