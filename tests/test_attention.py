@@ -127,6 +127,56 @@ def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
 
 
+def test_torchvision_maxvit_prunes_heads_to_what_was_searched(tmp_path: Path) -> None:
+    """torchvision's MaxViT reshapes its heads' concatenation to its input's width, which
+    fixes the head count: tasprune runs it as `MaxVitAttention` (the same parameters and
+    function, a subclass), whose heads are searched like any other's, in its window and grid
+    attention alike; pruned to one head each it is the searched network there, costs what
+    was predicted and exports with parity."""
+    from torchvision.models.maxvit import MaxVit, RelativePositionalMultiHeadAttention
+
+    torch.manual_seed(0)
+    net = MaxVit(
+        input_size=(32, 32),
+        stem_channels=8,
+        partition_size=2,
+        block_channels=[16, 32],
+        block_layers=[2, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+    tas = tasprune.TAS(net, x[:1], epochs=1, flops_ratio=0.6)
+    tr = traced(tas.name)
+    assert len(tr.attention) == 6 and all(tr.groups[g].fixed is None for g in tr.attention)
+    shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
+    small = tas.prune(shape).eval()
+    heads = [m for m in small.modules() if isinstance(m, RelativePositionalMultiHeadAttention)]
+    assert len(heads) == 6 and all(m.n_heads == 1 for m in heads)
+    tas.model.eval()
+    tas.supernet.training = False
+    with torch.no_grad(), tas.supernet.fixed(tr.full_shape()):  # the same function
+        torch.testing.assert_close(tas.model(x), ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), tas.supernet.fixed(shape):
+        tas.supernet.training = False
+        want = tas.model(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    counted = _counted(small, x[:1])
+    assert counted["aten.bmm"] > 0
+    assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
+    assert set(small.state_dict()) == set(net.state_dict())
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "maxvit.onnx"
+    torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
+
+
 def _attentions(net: torch.nn.Module) -> list[torch.nn.Module]:
     from tasprune.models.attention import is_attention
 

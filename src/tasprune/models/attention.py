@@ -11,9 +11,10 @@ The searched network masks each head's v rows: a head with v = 0 adds nothing to
 projection's input, exactly as if it were removed, so the searched mixture is the pruned
 network (no normalisation statistics change, unlike masking the embedding width).
 
-Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` and
-linear projections named as the common implementations name them (a fused ``qkv``; ``q`` and
-``kv``; or ``q``, ``k``, ``v``; then ``proj``, ``o`` or ``out_proj``), whose widths agree.
+Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
+``n_heads``) and linear projections named as the common implementations name them (a fused
+``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v``; then ``proj``, ``o``,
+``out_proj`` or ``merge``), whose widths agree.
 Other attention modules keep their heads, with one log line naming them.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 
 # (q, k, v) producers: child names and how many of q/k/v each holds, in row order.
 _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
@@ -30,8 +32,10 @@ _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
     (("q", 1), ("kv", 2)),
     (("q", 1), ("k", 1), ("v", 1)),
     (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)),
+    (("to_qkv", 3),),
 )
-_OUTS = ("proj", "o", "out_proj", "o_proj")
+_OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
+_HEADS = ("num_heads", "n_heads")  # the head count's attribute
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
 
@@ -58,7 +62,7 @@ def is_attention(mod: nn.Module) -> bool:
     """A multi-head attention module: ``nn.MultiheadAttention``, or a module with an integer
     ``num_heads`` whose class names attention."""
     cls = type(mod).__name__
-    heads = isinstance(getattr(mod, "num_heads", None), int)
+    heads = any(isinstance(getattr(mod, a, None), int) for a in _HEADS)
     return isinstance(mod, nn.MultiheadAttention) or (
         heads and ("Attn" in cls or "Attention" in cls)
     )
@@ -77,11 +81,13 @@ def find_attention(net: nn.Module) -> tuple[list[Attention], list[tuple[str, str
             other.append((name, type(mod).__name__))
         else:
             found.append(att)
+    # a wrapper around an attention module that is read (MaxViT's PartitionAttentionLayer)
+    other = [(n, c) for n, c in other if not any(a.name.startswith(f"{n}.") for a in found)]
     return found, other
 
 
 def _read(name: str, mod: nn.Module) -> Attention | None:
-    heads = getattr(mod, "num_heads", None)
+    heads = next((getattr(mod, a) for a in _HEADS if hasattr(mod, a)), None)
     if isinstance(mod, nn.MultiheadAttention) or not isinstance(heads, int) or heads < 1:
         return None
     kids = dict(mod.named_children())
@@ -175,7 +181,9 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
             setattr(mod, pname, nn.Parameter(cut, requires_grad=t.requires_grad))
         else:
             setattr(mod, pname, cut)
-    setattr(mod, "num_heads", keep)  # noqa: B010 (an int attribute of any module class)
+    for attr in _HEADS:
+        if isinstance(getattr(mod, attr, None), int):
+            setattr(mod, attr, keep)
     for attr in _INNER:
         if getattr(mod, attr, None) == att.width:
             setattr(mod, attr, width)
@@ -305,10 +313,33 @@ def _unstacked(module: nn.Module, state: dict[str, Tensor], prefix: str, *args: 
                 state[f"{prefix}{c}.{part}"] = t
 
 
+class MaxVitAttention(RelativePositionalMultiHeadAttention):
+    """torchvision MaxViT's attention with its heads a width choice: the same parameters and
+    function, its windows folded into the batch before the projections (as timm's window
+    attention is written, so its token products are read off q and k) and the heads'
+    concatenation as wide as n_heads x head_dim (torchvision reshapes it to the input's
+    width, which fixes the head count). `split_attention` makes every torchvision MaxViT
+    attention one, in place."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, g, p, d = x.shape
+        h, dh = self.n_heads, self.head_dim
+        q, k, v = self.to_qkv(x.reshape(b * g, p, d)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b * g, p, h, dh).transpose(1, 2) for t in (q, k, v))
+        scores = q @ (k * self.scale_factor).transpose(-2, -1)
+        weights = (scores + self.get_relative_positional_bias()).softmax(-1)
+        out = (weights @ v).transpose(1, 2).reshape(b, g, p, h * dh)
+        return self.merge(out)  # type: ignore[no-any-return]
+
+
 def split_attention(net: nn.Module) -> nn.Module:
     """``net`` with every ``nn.MultiheadAttention`` it can split replaced by a
-    `SplitAttention` (in place; the same function and state dict), returned."""
+    `SplitAttention`, and torchvision MaxViT's attention made a `MaxVitAttention` (in place;
+    the same function and state dict), returned."""
     for name, mod in list(net.named_modules()):
+        if type(mod) is RelativePositionalMultiHeadAttention:
+            mod.__class__ = MaxVitAttention
+            continue
         plain = (
             type(mod) is nn.MultiheadAttention
             and mod._qkv_same_embed_dim
