@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,16 +128,11 @@ def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
 
 
-def test_torchvision_maxvit_prunes_heads_to_what_was_searched(tmp_path: Path) -> None:
-    """torchvision's MaxViT reshapes its heads' concatenation to its input's width, which
-    fixes the head count: tasprune runs it as `MaxVitAttention` (the same parameters and
-    function, a subclass), whose heads are searched like any other's, in its window and grid
-    attention alike; pruned to one head each it is the searched network there, costs what
-    was predicted and exports with parity."""
-    from torchvision.models.maxvit import MaxVit, RelativePositionalMultiHeadAttention
+def _tv_maxvit() -> torch.nn.Module:
+    from torchvision.models.maxvit import MaxVit
 
     torch.manual_seed(0)
-    net = MaxVit(
+    return MaxVit(
         input_size=(32, 32),
         stem_channels=8,
         partition_size=2,
@@ -146,22 +142,53 @@ def test_torchvision_maxvit_prunes_heads_to_what_was_searched(tmp_path: Path) ->
         stochastic_depth_prob=0.0,
         num_classes=5,
     ).eval()
+
+
+def _tv_swin() -> torch.nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "attentions"), [(_tv_maxvit, 6), (_tv_swin, 4)], ids=["maxvit", "swin"]
+)
+def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
+    build: Any, attentions: int, tmp_path: Path
+) -> None:
+    """torchvision's MaxViT and Swin (v1) write their attention so that the head count cannot
+    change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
+    projections' weights to a function that derives the head width from the input's):
+    tasprune runs them as `MaxVitAttention` and `SwinAttention` (subclasses with the same
+    parameters and function), whose heads are searched like any other's (Swin's shifted
+    windows and MaxViT's grid attention included); pruned to one head each the network is
+    the searched one there, costs what was predicted and exports with parity."""
+    net = build()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = net(x)
     tas = tasprune.TAS(net, x[:1], epochs=1, flops_ratio=0.6)
     tr = traced(tas.name)
-    assert len(tr.attention) == 6 and all(tr.groups[g].fixed is None for g in tr.attention)
+    assert len(tr.attention) == attentions
+    assert all(tr.groups[g].fixed is None for g in tr.attention)
     shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
     small = tas.prune(shape).eval()
-    heads = [m for m in small.modules() if isinstance(m, RelativePositionalMultiHeadAttention)]
-    assert len(heads) == 6 and all(m.n_heads == 1 for m in heads)
+    heads = [getattr(m, "n_heads", getattr(m, "num_heads", None)) for m in _readable(small)]
+    assert heads == [1] * attentions
     tas.model.eval()
     tas.supernet.training = False
     with torch.no_grad(), tas.supernet.fixed(tr.full_shape()):  # the same function
         torch.testing.assert_close(tas.model(x), ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad(), tas.supernet.fixed(shape):
-        tas.supernet.training = False
         want = tas.model(x)
     with torch.no_grad():
         got = small(x)
@@ -171,10 +198,18 @@ def test_torchvision_maxvit_prunes_heads_to_what_was_searched(tmp_path: Path) ->
     assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
     assert set(small.state_dict()) == set(net.state_dict())
     ort = pytest.importorskip("onnxruntime")
-    path = tmp_path / "maxvit.onnx"
+    path = tmp_path / "net.onnx"
     torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
+
+
+def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    kinds = (RelativePositionalMultiHeadAttention, ShiftedWindowAttention)
+    return [m for m in net.modules() if isinstance(m, kinds)]
 
 
 def _attentions(net: torch.nn.Module) -> list[torch.nn.Module]:

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 # (q, k, v) producers: child names and how many of q/k/v each holds, in row order.
 _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
@@ -332,13 +334,68 @@ class MaxVitAttention(RelativePositionalMultiHeadAttention):
         return self.merge(out)  # type: ignore[no-any-return]
 
 
+class SwinAttention(ShiftedWindowAttention):
+    """torchvision Swin's (v1) shifted-window attention with its heads a width choice: the
+    same parameters and function, written with its projections called as modules after the
+    windows are partitioned (torchvision passes their weights to a function that derives the
+    head width from the input's, which fixes the head count), the head width read off q.
+    `split_attention` makes every torchvision Swin v1 attention one, in place."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        ws, shift = self.window_size, list(self.shift_size)
+        x = F.pad(x, (0, 0, 0, (ws[1] - w % ws[1]) % ws[1], 0, (ws[0] - h % ws[0]) % ws[0]))
+        ph, pw = x.shape[1], x.shape[2]
+        shift = [0 if ws[i] >= (ph, pw)[i] else shift[i] for i in range(2)]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        gh, gw = ph // ws[0], pw // ws[1]
+        x = x.view(b, gh, ws[0], gw, ws[1], c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b * gh * gw, ws[0] * ws[1], c)
+        n, heads = x.size(1), self.num_heads
+        qkv = self.qkv(x)
+        dh = qkv.size(-1) // 3 // heads
+        q, k, v = qkv.reshape(x.size(0), n, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q * dh**-0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
+        if sum(shift) > 0:
+            scores = scores.view(b, gh * gw, heads, n, n) + _shift_mask(x, ph, pw, ws, shift)
+            scores = scores.view(-1, heads, n, n)
+        weights = F.dropout(scores.softmax(-1), self.attention_dropout, self.training)
+        x = (weights @ v).transpose(1, 2).reshape(x.size(0), n, heads * dh)
+        x = F.dropout(self.proj(x), self.dropout, self.training)
+        x = x.view(b, gh, gw, ws[0], ws[1], -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+
+def _shift_mask(x: Tensor, ph: int, pw: int, ws: list[int], shift: list[int]) -> Tensor:
+    """Swin's mask of the shifted windows: -100 between tokens from different regions,
+    shaped (1, windows, 1, tokens, tokens)."""
+    regions = x.new_zeros((ph, pw))
+    count = 0
+    for r in ((0, -ws[0]), (-ws[0], -shift[0]), (-shift[0], None)):
+        for c in ((0, -ws[1]), (-ws[1], -shift[1]), (-shift[1], None)):
+            regions[r[0] : r[1], c[0] : c[1]] = count
+            count += 1
+    regions = regions.view(ph // ws[0], ws[0], pw // ws[1], ws[1]).permute(0, 2, 1, 3)
+    regions = regions.reshape(-1, ws[0] * ws[1])
+    differ = regions.unsqueeze(1) - regions.unsqueeze(2)
+    mask = differ.masked_fill(differ != 0, -100.0).masked_fill(differ == 0, 0.0)
+    return mask.unsqueeze(1).unsqueeze(0)
+
+
 def split_attention(net: nn.Module) -> nn.Module:
     """``net`` with every ``nn.MultiheadAttention`` it can split replaced by a
-    `SplitAttention`, and torchvision MaxViT's attention made a `MaxVitAttention` (in place;
-    the same function and state dict), returned."""
+    `SplitAttention`, and torchvision MaxViT's and Swin's (v1) attention made a
+    `MaxVitAttention` and a `SwinAttention` (in place; the same function and state dict),
+    returned."""
     for name, mod in list(net.named_modules()):
         if type(mod) is RelativePositionalMultiHeadAttention:
             mod.__class__ = MaxVitAttention
+            continue
+        if type(mod) is ShiftedWindowAttention:
+            mod.__class__ = SwinAttention
             continue
         plain = (
             type(mod) is nn.MultiheadAttention
