@@ -297,7 +297,7 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
 
     from tasprune.config import SearchConfig
     from tasprune.models import create_model
-    from tasprune.models.attention import is_attention
+    from tasprune.models.attention import attention_modules
     from tasprune.models.traced import traced
     from tasprune.models.verify import countable_attention
     from tasprune.search.supernet import SuperNet
@@ -306,7 +306,7 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     side = input_side(model)
     tr = traced(model)
     c.step = "groups"
-    attention = [n for n, m in tr.template.named_modules() if is_attention(m)]
+    attention = [n for n, _ in attention_modules(tr.template)]
     searched = {a.name for g, a in tr.attention.items() if tr.groups[g].fixed is None}
     out["attention_modules"], out["heads_searched"] = len(attention), len(searched)
     missing = [n for n in attention if n not in searched]

@@ -75,17 +75,23 @@ def find_attention(net: nn.Module) -> tuple[list[Attention], list[tuple[str, str
     the others."""
     found: list[Attention] = []
     other: list[tuple[str, str]] = []
-    for name, mod in net.named_modules():
-        if not is_attention(mod):
-            continue
+    for name, mod in attention_modules(net):
         att = _read(name, mod)
         if att is None:
             other.append((name, type(mod).__name__))
         else:
             found.append(att)
-    # a wrapper around an attention module that is read (MaxViT's PartitionAttentionLayer)
-    other = [(n, c) for n, c in other if not any(a.name.startswith(f"{n}.") for a in found)]
     return found, other
+
+
+def attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The multi-head attention modules of ``net`` (`is_attention`), innermost: a wrapper
+    around one (MaxViT's PartitionAttentionLayer, which also holds its head count) is not."""
+    return [
+        (n, m)
+        for n, m in net.named_modules()
+        if is_attention(m) and not any(is_attention(s) for s in m.modules() if s is not m)
+    ]
 
 
 def _read(name: str, mod: nn.Module) -> Attention | None:
