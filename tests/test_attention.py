@@ -204,6 +204,36 @@ def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
 
 
+def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None:
+    """timm's qk_norm: a LayerNorm over each head's q and k, which the graph had as a mask
+    site of the groups the heads replace (the searchable network failed to build)."""
+    torch.manual_seed(0)
+    net = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        qk_norm=True,
+        num_classes=5,
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tas = tasprune.TAS(net, x, epochs=1, flops_ratio=0.6)
+    tr = traced(tas.name)
+    assert len(tr.attention) == 2 and all(tr.groups[g].fixed is None for g in tr.attention)
+    shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
+    small = tas.prune(shape).eval()
+    tas.model.eval()
+    tas.supernet.training = False
+    with torch.no_grad(), tas.supernet.fixed(shape):
+        want = tas.model(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sum(_counted(small, x[:1]).values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
+
+
 def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention

@@ -218,6 +218,8 @@ class Traced:
                     self.group_of[key] = [g for g in gs if g not in stale]
             for layer, sites in list(self.masks.items()):
                 self.masks[layer] = [site for site in sites if site[0] not in stale]
+                if not self.masks[layer]:  # it masked only the groups the heads replace
+                    del self.masks[layer]
             gname = producers[0]
             self.groups[gname] = Group(
                 gname,
