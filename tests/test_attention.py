@@ -159,19 +159,49 @@ def _tv_swin() -> torch.nn.Module:
     ).eval()
 
 
+def _tv_swin_v2() -> torch.nn.Module:
+    from torchvision.models.swin_transformer import (
+        PatchMergingV2,
+        SwinTransformer,
+        SwinTransformerBlockV2,
+    )
+
+    torch.manual_seed(0)
+    net = SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+        block=SwinTransformerBlockV2,
+        downsample_layer=PatchMergingV2,
+    ).eval()
+    with torch.no_grad():  # trained-like: a bias on k that v2 leaves out, scales per head
+        for m in net.modules():
+            if hasattr(m, "logit_scale"):
+                m.qkv.bias.normal_()
+                m.logit_scale.normal_(2.0, 0.3)
+    return net
+
+
 @pytest.mark.parametrize(
-    ("build", "attentions"), [(_tv_maxvit, 6), (_tv_swin, 4)], ids=["maxvit", "swin"]
+    ("build", "attentions"),
+    [(_tv_maxvit, 6), (_tv_swin, 4), (_tv_swin_v2, 4)],
+    ids=["maxvit", "swin", "swin_v2"],
 )
 def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
     build: Any, attentions: int, tmp_path: Path
 ) -> None:
-    """torchvision's MaxViT and Swin (v1) write their attention so that the head count cannot
+    """torchvision's MaxViT and Swin write their attention so that the head count cannot
     change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
     projections' weights to a function that derives the head width from the input's):
-    tasprune runs them as `MaxVitAttention` and `SwinAttention` (subclasses with the same
-    parameters and function), whose heads are searched like any other's (Swin's shifted
-    windows and MaxViT's grid attention included); pruned to one head each the network is
-    the searched one there, costs what was predicted and exports with parity."""
+    tasprune runs them as `MaxVitAttention`, `SwinAttention` and `SwinAttentionV2`
+    (subclasses with the same parameters and function), whose heads are searched like any
+    other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
+    attention included); pruned to one head each the network is the searched one there,
+    costs what was predicted and exports with parity."""
     net = build()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -238,7 +268,7 @@ def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
-    kinds = (RelativePositionalMultiHeadAttention, ShiftedWindowAttention)
+    kinds = (RelativePositionalMultiHeadAttention, ShiftedWindowAttention)  # v2 is one too
     return [m for m in net.modules() if isinstance(m, kinds)]
 
 
@@ -381,6 +411,32 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
         fc1 = block.mlp[0].weight.detach().abs().sum(1).tolist()
         assert fc1 == sorted(fc1, reverse=True)
     assert not torch.equal(ordered.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("build", [_tv_maxvit, _tv_swin, _tv_swin_v2], ids=["maxvit", "swin", "v2"])
+def test_ordering_torchvision_window_attention_keeps_the_function(build: Any) -> None:
+    """Sorting the heads of torchvision's MaxViT and Swin moves their per-head tables (and
+    Swin v2's per-head scales and bias-MLP rows) with them: the same function."""
+    from tasprune.importance import order_channels
+    from tasprune.models.attention import split_attention
+
+    net = split_attention(build())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ordered = order_channels(net, "bn", (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ordered(x), net(x), rtol=1e-4, atol=1e-4)
+    moved = [
+        not torch.equal(a.qkv.weight if hasattr(a, "qkv") else a.to_qkv.weight, b_w)
+        for a, b_w in zip(
+            _readable(ordered),
+            [m.qkv.weight if hasattr(m, "qkv") else m.to_qkv.weight for m in _readable(net)],
+            strict=True,
+        )
+    ]
+    assert any(moved)
 
 
 def test_a_block_that_does_not_trace_is_asked_at_run_time() -> None:

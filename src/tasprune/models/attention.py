@@ -20,13 +20,18 @@ Other attention modules keep their heads, with one log line naming them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-from torchvision.models.swin_transformer import ShiftedWindowAttention
+from torchvision.models.swin_transformer import (
+    ShiftedWindowAttention,
+    ShiftedWindowAttentionV2,
+    _get_relative_position_bias,
+)
 
 # (q, k, v) producers: child names and how many of q/k/v each holds, in row order.
 _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
@@ -126,7 +131,11 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
 
 
 def _per_head(mod: nn.Module, heads: int) -> list[tuple[str, Tensor, int]]:
-    """(name, tensor, dim) of ``mod``'s own tensors with one entry per head along one dim."""
+    """(name, tensor, dim) of ``mod``'s own tensors with one entry per head along one dim
+    (named by its class's ``head_tensors`` where it has them)."""
+    named = getattr(type(mod), "head_tensors", None)
+    if named is not None:
+        return [(n, getattr(mod, n), d) for n, d in named]
     found = []
     for pname, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
         dims = [d for d, n in enumerate(t.shape) if n == heads]
@@ -157,8 +166,12 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
         out = _linear(net, att.out)
         out.weight.copy_(out.weight[:, channels])
         index = torch.tensor(order)
-        for _, t, dim in _per_head(net.get_submodule(att.name), att.heads):
+        mod = net.get_submodule(att.name)
+        for _, t, dim in _per_head(mod, att.heads):
             t.copy_(t.index_select(dim, index.to(t.device)))
+        for name in getattr(type(mod), "head_rows", ()):
+            t = mod.get_parameter(name)
+            t[: att.heads].copy_(t[: att.heads].index_select(0, index.to(t.device)))
 
 
 def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
@@ -348,31 +361,62 @@ class SwinAttention(ShiftedWindowAttention):
     `split_attention` makes every torchvision Swin v1 attention one, in place."""
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        ws, shift = self.window_size, list(self.shift_size)
-        x = F.pad(x, (0, 0, 0, (ws[1] - w % ws[1]) % ws[1], 0, (ws[0] - h % ws[0]) % ws[0]))
-        ph, pw = x.shape[1], x.shape[2]
-        shift = [0 if ws[i] >= (ph, pw)[i] else shift[i] for i in range(2)]
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        gh, gw = ph // ws[0], pw // ws[1]
-        x = x.view(b, gh, ws[0], gw, ws[1], c).permute(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b * gh * gw, ws[0] * ws[1], c)
-        n, heads = x.size(1), self.num_heads
-        qkv = self.qkv(x)
-        dh = qkv.size(-1) // 3 // heads
-        q, k, v = qkv.reshape(x.size(0), n, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
-        scores = (q * dh**-0.5) @ k.transpose(-2, -1) + self.get_relative_position_bias()
-        if sum(shift) > 0:
-            scores = scores.view(b, gh * gw, heads, n, n) + _shift_mask(x, ph, pw, ws, shift)
-            scores = scores.view(-1, heads, n, n)
-        weights = F.dropout(scores.softmax(-1), self.attention_dropout, self.training)
-        x = (weights @ v).transpose(1, 2).reshape(x.size(0), n, heads * dh)
-        x = F.dropout(self.proj(x), self.dropout, self.training)
-        x = x.view(b, gh, gw, ws[0], ws[1], -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :h, :w, :].contiguous()
+        return _windows(self, x, cosine=False)
+
+
+class SwinAttentionV2(ShiftedWindowAttentionV2):
+    """`SwinAttention` for Swin v2: cosine attention with a scale per head, and the bias of
+    each head from one MLP (``cpb_mlp``) that stays whole (its last layer's rows follow the
+    heads' order; the kept heads read the first rows)."""
+
+    head_tensors = (("logit_scale", 0),)  # cut and reordered with the heads
+    head_rows = ("cpb_mlp.2.weight",)  # reordered with the heads, never cut
+
+    def get_relative_position_bias(self) -> Tensor:
+        table = self.cpb_mlp(self.relative_coords_table)
+        table = table.reshape(-1, table.shape[-1])[:, : self.num_heads]
+        index = self.relative_position_index
+        return 16 * torch.sigmoid(_get_relative_position_bias(table, index, self.window_size))  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _windows(self, x, cosine=True)
+
+
+def _windows(mod: ShiftedWindowAttention, x: Tensor, cosine: bool) -> Tensor:
+    """torchvision's shifted-window attention, the projections called as modules."""
+    b, h, w, c = x.shape
+    ws, shift = mod.window_size, list(mod.shift_size)
+    x = F.pad(x, (0, 0, 0, (ws[1] - w % ws[1]) % ws[1], 0, (ws[0] - h % ws[0]) % ws[0]))
+    ph, pw = x.shape[1], x.shape[2]
+    shift = [0 if ws[i] >= (ph, pw)[i] else shift[i] for i in range(2)]
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    gh, gw = ph // ws[0], pw // ws[1]
+    x = x.view(b, gh, ws[0], gw, ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b * gh * gw, ws[0] * ws[1], c)
+    n, heads = x.size(1), mod.num_heads
+    qkv = mod.qkv(x)
+    width = qkv.size(-1) // 3
+    if cosine and mod.qkv.bias is not None:  # v2 adds no bias to k
+        qkv = qkv - F.pad(mod.qkv.bias[width : 2 * width], (width, width))
+    dh = width // heads
+    q, k, v = qkv.reshape(x.size(0), n, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    if cosine:
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = scores * torch.clamp(mod.logit_scale, max=math.log(100.0)).exp()
+    else:
+        scores = (q * dh**-0.5) @ k.transpose(-2, -1)
+    scores = scores + mod.get_relative_position_bias()
+    if sum(shift) > 0:
+        scores = scores.view(b, gh * gw, heads, n, n) + _shift_mask(x, ph, pw, ws, shift)
+        scores = scores.view(-1, heads, n, n)
+    weights = F.dropout(scores.softmax(-1), mod.attention_dropout, mod.training)
+    x = (weights @ v).transpose(1, 2).reshape(x.size(0), n, heads * dh)
+    x = F.dropout(mod.proj(x), mod.dropout, mod.training)
+    x = x.view(b, gh, gw, ws[0], ws[1], -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :h, :w, :].contiguous()
 
 
 def _shift_mask(x: Tensor, ph: int, pw: int, ws: list[int], shift: list[int]) -> Tensor:
@@ -393,8 +437,8 @@ def _shift_mask(x: Tensor, ph: int, pw: int, ws: list[int], shift: list[int]) ->
 
 def split_attention(net: nn.Module) -> nn.Module:
     """``net`` with every ``nn.MultiheadAttention`` it can split replaced by a
-    `SplitAttention`, and torchvision MaxViT's and Swin's (v1) attention made a
-    `MaxVitAttention` and a `SwinAttention` (in place; the same function and state dict),
+    `SplitAttention`, and torchvision MaxViT's and Swin's attention made a `MaxVitAttention`,
+    `SwinAttention` or `SwinAttentionV2` (in place; the same function and state dict),
     returned."""
     for name, mod in list(net.named_modules()):
         if type(mod) is RelativePositionalMultiHeadAttention:
@@ -402,6 +446,9 @@ def split_attention(net: nn.Module) -> nn.Module:
             continue
         if type(mod) is ShiftedWindowAttention:
             mod.__class__ = SwinAttention
+            continue
+        if type(mod) is ShiftedWindowAttentionV2:
+            mod.__class__ = SwinAttentionV2
             continue
         plain = (
             type(mod) is nn.MultiheadAttention
