@@ -56,7 +56,6 @@ class _Call:
     x: Tensor
     out: Tensor
     out_fn: Any  # the output's autograd node when it was returned (before any in-place op)
-    in_fn: Any
     plain: bool
     times: int = 1
 
@@ -160,7 +159,7 @@ def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
                     calls[n].times += 1
                 elif args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
                     plain = len(args) == 1 and not kwargs
-                    calls[n] = _Call(args[0], out, out.grad_fn, args[0].grad_fn, plain)
+                    calls[n] = _Call(args[0], out, out.grad_fn, plain)
 
             hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     conv_in: dict[str, Tensor] = {}  # what a conv that may read a concatenation reads
