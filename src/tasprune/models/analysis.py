@@ -31,7 +31,7 @@ from torch import nn
 from tasprune.errors import ConfigError
 from tasprune.latency_table import Op
 from tasprune.models.attention import Attention, find_attention, split_attention
-from tasprune.models.depth import depth_stages
+from tasprune.models.depth import Stage, depth_stages
 from tasprune.models.graph import (
     chunked,
     internal,
@@ -122,7 +122,7 @@ class Traced:
         ignored: set[str] = set()  # every module inside what ignore= names
         for prefix in ignore:
             for n, _ in net.named_modules():
-                if n == prefix or n.startswith(prefix + "."):
+                if within(n, prefix):
                     ignored.add(n)
                     keep.setdefault(n, f"inside {prefix}, which ignore= (or only=) leaves out")
         self.ignore = tuple(ignore)
@@ -136,7 +136,9 @@ class Traced:
             if st.container not in ignored
         }
         self._drop_overlaps(net)
-        self.drop_stages([])
+        # concatenated blocks whose segments are not one group each (or fixed) keep their depth
+        unread = [n for n, st in self.stages.items() if st.consumer and self._segments(st) is None]
+        self.drop_stages(unread)
 
     def drop_stages(self, names: list[str]) -> None:
         """Keep the depth of the stages ``names`` (and derive what follows from the stages)."""
@@ -147,38 +149,33 @@ class Traced:
             for i, b in enumerate(st.blocks):
                 self.stage_of[b] = (st.name, i)
         self.stage_outputs = self._stage_outputs()
-        self.concat_parts = self._concat_parts()
+        # the conv reading a concatenation of a stage's blocks -> (stage, block, the group of
+        # the block's segment or None where its width is fixed, segment width)
+        self.concat_parts: dict[str, list[tuple[str, int, str | None, int]]] = {}
+        for st in self.stages.values():
+            if st.consumer is not None:
+                segments = self._segments(st)
+                assert segments is not None  # unreadable ones were dropped
+                self.concat_parts.setdefault(st.consumer, []).extend(segments)
 
-    def _concat_parts(self) -> dict[str, list[tuple[str, int, str | None, int]]]:
-        """For the conv that reads a concatenation of a stage's blocks: (stage, block, the
-        group of the block's segment or None where its width is fixed, segment width). A
-        stage whose segments are not one group each (or fixed) keeps its depth."""
-        out: dict[str, list[tuple[str, int, str | None, int]]] = {}
-        for st in list(self.stages.values()):
-            if st.consumer is None:
-                continue
-            reads = set(self.group_of.get((st.consumer, False), []))
-            parts: list[tuple[str, int, str | None, int]] = []
-            for j, (block, (_, width)) in enumerate(zip(st.blocks, st.segments, strict=True)):
-                writes = {
-                    g
-                    for (lay, o), gs in self.group_of.items()
-                    if o and (lay == block or lay.startswith(block + "."))
-                    for g in gs
-                }
-                found = writes & reads
-                g = found.pop() if len(found) == 1 else None
-                if len(found) > 0 or (g is not None and self.groups[g].full != width):
-                    parts = []
-                    break
-                parts.append((st.name, j, g, width))
-            if parts:
-                out.setdefault(st.consumer, []).extend(parts)
-            else:
-                del self.stages[st.name]
-                for b in st.blocks:
-                    self.stage_of.pop(b, None)
-        return out
+    def _segments(self, st: Stage) -> list[tuple[str, int, str | None, int]] | None:
+        """Each concatenated block's segment of ``st`` as (stage, block, its group or None
+        where its width is fixed, width), or None when a segment is not one group."""
+        reads = set(self.group_of.get((st.consumer or "", False), []))
+        parts = []
+        for j, (block, (_, width)) in enumerate(zip(st.blocks, st.segments, strict=True)):
+            found = self._written_in(block) & reads
+            if len(found) > 1:
+                return None
+            g = found.pop() if found else None
+            if g is not None and self.groups[g].full != width:
+                return None
+            parts.append((st.name, j, g, width))
+        return parts
+
+    def _written_in(self, block: str) -> set[str]:
+        """The groups of the output channels of the layers inside ``block``."""
+        return {g for (lay, o), gs in self.group_of.items() if o and within(lay, block) for g in gs}
 
     def _head_groups(self, net: nn.Module) -> dict[str, Attention]:
         """Each multi-head attention module's heads as one width choice (named after its
@@ -254,20 +251,13 @@ class Traced:
                 continue  # every block's output is read (concatenated), none is "the last"
             per_block = []
             for block in st.blocks:
-
-                def inside(layer: str, b: str = block) -> bool:
-                    return layer == b or layer.startswith(b + ".")
-
-                writes = {
-                    g for (lay, o), gs in self.group_of.items() if o and inside(lay) for g in gs
-                }
                 reads = {
                     g
                     for (lay, o), gs in self.group_of.items()
-                    if not o and not inside(lay)
+                    if not o and not within(lay, block)
                     for g in gs
                 }
-                found = writes & reads
+                found = self._written_in(block) & reads
                 if len(found) != 1:
                     break
                 per_block.append(found.pop())
@@ -313,9 +303,14 @@ class Traced:
     def where(self, module_name: str) -> tuple[str | None, int]:
         """(stage, block index) of a layer inside a skippable block, else (None, 0)."""
         for block, (stage, i) in self.stage_of.items():
-            if module_name == block or module_name.startswith(block + "."):
+            if within(module_name, block):
                 return stage, i
         return None, 0
+
+
+def within(name: str, prefix: str) -> bool:
+    """Is the module ``name`` the module ``prefix`` or inside it?"""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def _resolve(parent: dict[str, str], g: str) -> str:
