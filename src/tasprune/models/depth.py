@@ -162,16 +162,15 @@ def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
                     calls[n] = _Call(args[0], out, out.grad_fn, plain)
 
             hooks.append(block.register_forward_hook(hook, with_kwargs=True))
-    conv_in: dict[str, Tensor] = {}  # what a conv that may read a concatenation reads
+    cats = Cats()
     for n, m in net.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups == 1:
+        if isinstance(m, nn.Conv2d) and m.groups == 1:  # a conv that may read a concatenation
 
             def pre(m: nn.Module, args: Any, n: str = n) -> None:
-                if args and isinstance(args[0], Tensor):
-                    conv_in.setdefault(n, args[0])
+                if args and (i := cats.index.get(id(args[0]))) is not None:
+                    cats.consumer.setdefault(i, n)
 
             hooks.append(m.register_forward_pre_hook(pre))
-    cats = Cats()
     try:
         with torch.enable_grad(), cats:
             result = call(net, example)
@@ -216,7 +215,7 @@ def depth_stages(net: nn.Module, example: Example) -> dict[str, Stage]:
         if len(children) > 1 and not any(st.container == cname for st in stages.values()):
             found: tuple[str, list[tuple[int, int]]] | None = None
             if isinstance(cont, (nn.ModuleList, nn.Sequential)):  # shortened when pruned
-                found = _concatenated(got, children, readers, cats, conv_in)
+                found = _concatenated(got, children, readers, cats)
             if found is not None:
                 plain = all(c is not None and c.plain for c in got)
                 kids = [c for c, _ in children]
@@ -230,6 +229,8 @@ class Cats(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[list[Tensor], int, Tensor]] = []
+        self.index: dict[int, int] = {}  # id of an output -> its call
+        self.consumer: dict[int, str] = {}  # call -> the conv reading its output (filled by hooks)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -237,6 +238,7 @@ class Cats(TorchFunctionMode):
         if func in _CATS and isinstance(out, Tensor) and out.dim() > 1:
             tensors = args[0] if args else kwargs.get("tensors")
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            self.index[id(out)] = len(self.calls)
             self.calls.append((list(tensors), int(dim) % out.dim(), out))
         return out
 
@@ -262,7 +264,6 @@ def _concatenated(
     children: list[tuple[str, nn.Module]],
     readers: dict[Any, set[Any]],
     cats: Cats,
-    conv_in: dict[str, Tensor],
 ) -> tuple[str, list[tuple[int, int]]] | None:
     """The children of one module as concatenated blocks (YOLO's C2f: each block runs on the
     previous one's output, and every block's output is also concatenated for one conv):
@@ -276,7 +277,8 @@ def _concatenated(
         return None
     if any(b.x is not a.out for a, b in zip(calls, calls[1:], strict=False)):
         return None
-    for conv, x in conv_in.items():
+    for i, conv in cats.consumer.items():
+        x = cats.calls[i][2]
         found = segments_of(cats, [c.out for c in calls], x)
         if found is None or x.grad_fn is None or len(readers.get(x.grad_fn, ())) != 1:
             continue

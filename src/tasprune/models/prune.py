@@ -94,33 +94,40 @@ def prune_with(tr: Traced, net: nn.Module, shape: Shape, example: Example) -> nn
             k, per_out = conv.out_channels, weight.shape[0] // groups
             conv.groups, conv.in_channels = k // per_out, k
             conv.weight = nn.Parameter(weight[:k].contiguous())
+    shallow = [
+        (st, shape.depths[st.name])
+        for st in tr.stages.values()
+        if st.consumer is not None and shape.depths[st.name] < len(st.blocks)
+    ]
+    if shallow:
+        _drop_concatenated(net, shallow, example)
     for st in tr.stages.values():
-        cont = net.get_submodule(st.container)
-        depth = shape.depths[st.name]
-        if st.consumer is not None:
-            if depth < len(st.blocks):
-                _drop_concatenated(net, st, depth, example)
-            continue
-        for child in st.children[depth:]:
-            setattr(cont, child, nn.Identity() if st.plain else Skip())
+        if st.consumer is None:
+            cont = net.get_submodule(st.container)
+            for child in st.children[shape.depths[st.name] :]:
+                setattr(cont, child, nn.Identity() if st.plain else Skip())
     drop_equal_projections(net)
     return net
 
 
-def _drop_concatenated(net: nn.Module, st: Stage, depth: int, example: Example) -> None:
-    """Blocks ``depth``.. of a concatenated stage leave their container, and their segments
+def _drop_concatenated(net: nn.Module, shallow: list[tuple[Stage, int]], example: Example) -> None:
+    """Blocks ``depth``.. of each concatenated stage leave their container, and their segments
     the input of the conv that reads the concatenation (where they sit at the pruned widths:
     read off one forward)."""
-    blocks = [net.get_submodule(b) for b in st.blocks]
-    conv = net.get_submodule(st.consumer or "")
-    assert isinstance(conv, nn.Conv2d)
-    outs: dict[int, Any] = {}
-    seen: dict[str, Any] = {}
-    hooks = [
-        b.register_forward_hook(lambda m, a, o, j=j: outs.setdefault(j, o))
-        for j, b in enumerate(blocks)
-    ]
-    hooks.append(conv.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0])))
+    outs: dict[str, Any] = {}  # a block's or a conv's name -> its output or input
+    hooks = []
+    for st, _ in shallow:
+        for b in st.blocks:
+            hook = net.get_submodule(b).register_forward_hook(
+                lambda m, a, o, b=b: outs.setdefault(b, o)
+            )
+            hooks.append(hook)
+        c = st.consumer or ""
+        hooks.append(
+            net.get_submodule(c).register_forward_pre_hook(
+                lambda m, a, c=c: outs.setdefault(c, a[0])
+            )
+        )
     cats = Cats()
     try:
         with eval_mode(net), torch.no_grad(), cats:
@@ -128,15 +135,18 @@ def _drop_concatenated(net: nn.Module, st: Stage, depth: int, example: Example) 
     finally:
         for h in hooks:
             h.remove()
-    segments = segments_of(cats, [outs[j] for j in range(len(blocks))], seen["x"])
-    assert segments is not None, f"{st.consumer} no longer reads {st.container}'s concatenation"
-    dropped = {c for off, w in segments[depth:] for c in range(off, off + w)}
-    keep = [c for c in range(conv.in_channels) if c not in dropped]
-    conv.weight = nn.Parameter(conv.weight.detach()[:, keep].contiguous())
-    conv.in_channels = len(keep)
-    cont = net.get_submodule(st.container)
-    assert isinstance(cont, (nn.ModuleList, nn.Sequential))
-    del cont[depth:]
+    for st, depth in shallow:
+        conv = net.get_submodule(st.consumer or "")
+        assert isinstance(conv, nn.Conv2d)
+        segments = segments_of(cats, [outs[b] for b in st.blocks], outs[st.consumer or ""])
+        assert segments is not None, f"{st.consumer} no longer reads {st.container}'s blocks"
+        dropped = {c for off, w in segments[depth:] for c in range(off, off + w)}
+        keep = [c for c in range(conv.in_channels) if c not in dropped]
+        conv.weight = nn.Parameter(conv.weight.detach()[:, keep].contiguous())
+        conv.in_channels = len(keep)
+        cont = net.get_submodule(st.container)
+        assert isinstance(cont, (nn.ModuleList, nn.Sequential))
+        del cont[depth:]
 
 
 def _chunk_width(net: nn.Module, tr: Traced, gname: str, width: int) -> None:
