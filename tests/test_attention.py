@@ -23,6 +23,7 @@ from tasprune.models import get_model_spec
 from tasprune.models.traced import register_module, traced
 from tasprune.models.verify import countable_attention
 from tasprune.search.space import choice_widths
+from tasprune.shape import Shape
 
 pytestmark = pytest.mark.usefixtures("fast_cpu")
 timm = pytest.importorskip("timm")
@@ -84,6 +85,18 @@ def test_the_pruned_vit_has_the_heads_widths_and_blocks_of_its_shape() -> None:
     # outputs and cost at a shape: test_any_vit_prunes_heads_and_blocks_to_what_was_searched
 
 
+def _searched_is_pruned(tas: tasprune.TAS, shape: Shape, small: torch.nn.Module, x: Any) -> Any:
+    """The searched network at ``shape`` computes what the pruned ``small`` does; its output."""
+    tas.model.eval()
+    tas.supernet.training = False
+    with torch.no_grad(), tas.supernet.fixed(shape):
+        want = tas.model(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return got
+
+
 def _tv_vit() -> torch.nn.Module:
     from torchvision.models import VisionTransformer
 
@@ -109,13 +122,7 @@ def test_any_vit_prunes_heads_and_blocks_to_what_was_searched(
     shape = tr.full_shape().replace(widths=heads, depths={s: 2 for s in tr.stages})
     small = tas.prune(shape).eval()
     assert [a.num_heads for a in _attentions(small)] == [1, 2]  # the third block is skipped
-    tas.model.eval()
-    with torch.no_grad(), tas.supernet.fixed(shape):
-        tas.supernet.training = False
-        want = tas.model(x)
-    with torch.no_grad():
-        got = small(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = _searched_is_pruned(tas, shape, small, x)
     counted = _counted(small, x[:1])
     assert counted["aten.bmm"] > 0
     assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (channels, 28, 28))[0]
@@ -144,22 +151,7 @@ def _tv_maxvit() -> torch.nn.Module:
     ).eval()
 
 
-def _tv_swin() -> torch.nn.Module:
-    from torchvision.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(0)
-    return SwinTransformer(
-        patch_size=[2, 2],
-        embed_dim=16,
-        depths=[2, 2],
-        num_heads=[2, 4],
-        window_size=[2, 2],
-        stochastic_depth_prob=0.0,
-        num_classes=5,
-    ).eval()
-
-
-def _tv_swin_v2() -> torch.nn.Module:
+def _tv_swin(v2: bool = False) -> torch.nn.Module:
     from torchvision.models.swin_transformer import (
         PatchMergingV2,
         SwinTransformer,
@@ -167,6 +159,7 @@ def _tv_swin_v2() -> torch.nn.Module:
     )
 
     torch.manual_seed(0)
+    version = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
     net = SwinTransformer(
         patch_size=[2, 2],
         embed_dim=16,
@@ -175,8 +168,7 @@ def _tv_swin_v2() -> torch.nn.Module:
         window_size=[2, 2],
         stochastic_depth_prob=0.0,
         num_classes=5,
-        block=SwinTransformerBlockV2,
-        downsample_layer=PatchMergingV2,
+        **version,
     ).eval()
     with torch.no_grad():  # trained-like: a bias on k that v2 leaves out, scales per head
         for m in net.modules():
@@ -184,6 +176,10 @@ def _tv_swin_v2() -> torch.nn.Module:
                 m.qkv.bias.normal_()
                 m.logit_scale.normal_(2.0, 0.3)
     return net
+
+
+def _tv_swin_v2() -> torch.nn.Module:
+    return _tv_swin(v2=True)
 
 
 @pytest.mark.parametrize(
@@ -218,11 +214,7 @@ def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
     tas.supernet.training = False
     with torch.no_grad(), tas.supernet.fixed(tr.full_shape()):  # the same function
         torch.testing.assert_close(tas.model(x), ref, rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), tas.supernet.fixed(shape):
-        want = tas.model(x)
-    with torch.no_grad():
-        got = small(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = _searched_is_pruned(tas, shape, small, x)
     counted = _counted(small, x[:1])
     assert counted["aten.bmm"] > 0
     assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
@@ -254,13 +246,7 @@ def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None
     assert len(tr.attention) == 2 and all(tr.groups[g].fixed is None for g in tr.attention)
     shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
     small = tas.prune(shape).eval()
-    tas.model.eval()
-    tas.supernet.training = False
-    with torch.no_grad(), tas.supernet.fixed(shape):
-        want = tas.model(x)
-    with torch.no_grad():
-        got = small(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _searched_is_pruned(tas, shape, small, x)
     assert sum(_counted(small, x[:1]).values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
 
 
