@@ -4,6 +4,7 @@ against Torch-Pruning's magnitude (L1) pruning and uniform width scaling, on the
     python bench/bench_tasks.py detection --seeds 0 1 2 --out /tmp/tasks      # resumable
     python bench/bench_tasks.py segmentation --seeds 0 1 2 --out /tmp/tasks
     python bench/bench_tasks.py detection --latency --out /tmp/tasks          # alone, after
+    python bench/bench_tasks.py detection --arms tas_kd --width-snap 8 --out /tmp/snap8
 
 The task's code is the example's (examples/detection.py: SSDlite320-MobileNetV3, COCO's
 mAP@[.5:.95]; examples/segmentation.py: LRASPP-MobileNetV3, mIoU), its teacher the committed
@@ -211,7 +212,12 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
         shared.mkdir(parents=True, exist_ok=True)
         if not (shared / "shape.json").is_file():
             tas = task.ex.search(
-                copy.deepcopy(teacher), task.train, args.search_epochs, args.ratio, seed=seed
+                copy.deepcopy(teacher),
+                task.train,
+                args.search_epochs,
+                args.ratio,
+                seed=seed,
+                width_snap=args.width_snap,
             )
             tas.save_shape(shared / "shape.json")
             torch.save(tas.prune().state_dict(), shared / "searched.pt")
@@ -353,6 +359,9 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=8)
     ap.add_argument("--counts", type=int, nargs=3, default=(4000, 500, 1000))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--width-snap", type=int, default=1, help="TAS widths in multiples of this (8: ONNX RT)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--latency", action="store_true", help="time the saved networks (alone)")
@@ -368,6 +377,8 @@ def main() -> None:
     results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     settings = {k: getattr(args, k) for k in ("ratio", "search_epochs", "finetune_epochs")}
     settings["counts"] = list(args.counts)
+    if args.width_snap != 1:  # recorded only where set: earlier results had no such setting
+        settings["width_snap"] = args.width_snap
     if results and results.get("settings") != settings:
         sys.exit(
             f"error: {path} holds another protocol ({results.get('settings')}). Fix: use another --out"

@@ -145,6 +145,7 @@ def search(
     *,
     batch: int = 32,
     seed: int = 0,
+    width_snap: int = 1,
     log: Callable[[str], None] = print,
 ) -> tasprune.TAS:
     """TAS in the user's loop: weight steps on one half of the training canvases, an
@@ -154,7 +155,13 @@ def search(
     split_a, split_b = Subset(data, order[:half]), Subset(data, order[half:])
     example = next(iter(loader(split_a, 2, seed)))  # the detector traced as it trains
     tas = tasprune.TAS(
-        teacher.train(), example, epochs=epochs, flops_ratio=ratio, arch_lr=0.05, seed=seed
+        teacher.train(),
+        example,
+        epochs=epochs,
+        flops_ratio=ratio,
+        arch_lr=0.05,
+        seed=seed,
+        width_snap=width_snap,  # 8: widths an ONNX Runtime's kernels run fast
     )
     net = tas.model  # your detector, searchable; the architecture logits live in `tas`
     opt = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=1e-4)
