@@ -293,13 +293,12 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     """Search, derive, prune, exact FLOPs inside the band, ONNX parity."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
     from tasprune.config import SearchConfig
     from tasprune.models import create_model
     from tasprune.models.attention import attention_modules
+    from tasprune.models.layer_cost import counting
     from tasprune.models.traced import traced
-    from tasprune.models.verify import countable_attention
     from tasprune.search.supernet import SuperNet
 
     c.step = "build"
@@ -352,7 +351,7 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     c.step = "forward"
     # one image: the cost is per image, and what runs once per call whatever the batch (Swin
     # v2's bias MLP) counts once
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), countable_attention():
+    with counting(pruned) as counter:
         logits = pruned(torch.randn(1, 3, side, side))
     if tuple(logits.shape) != (1, 10):
         raise RuntimeError(f"output shape {tuple(logits.shape)}, not (1, 10)")

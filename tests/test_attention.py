@@ -13,15 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import tasprune
 from conftest import TINY_RUN, needs_fashion_mnist
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.models import get_model_spec
+from tasprune.models.layer_cost import counting
 from tasprune.models.traced import register_module, traced
-from tasprune.models.verify import countable_attention
 from tasprune.search.space import choice_widths
 from tasprune.shape import Shape
 
@@ -45,7 +44,7 @@ def _vit(depth: int = 3) -> torch.nn.Module:
 
 
 def _counted(net: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
+    with counting(net) as fc:
         net(x)
     return {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
 

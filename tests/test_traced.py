@@ -317,3 +317,40 @@ def test_a_shipped_family_traced_costs_what_its_own_cost_function_says() -> None
     assert model_cost("tasprune:cifar_resnet20", None, size) == model_cost(
         "cifar_resnet20", None, size
     )
+
+
+class _ClassToken(torch.nn.Module):
+    """A learned token expanded per image and handed to a module with the patch tokens, as
+    CaiT's class-attention blocks take it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 16, 3, stride=2)
+        self.token = torch.nn.Parameter(torch.zeros(1, 1, 16))
+        self.mix = _Mix()
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        cls = self.mix(tokens, self.token.expand(x.shape[0], -1, -1))
+        return self.head(cls[:, 0])
+
+
+class _Mix(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, tokens: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return cls + self.fc(tokens).mean(1, keepdim=True)
+
+
+def test_a_parameter_expanded_into_a_module_is_counted() -> None:
+    # Under no_grad a view of a parameter still requires grad, without a grad_fn; the FLOP
+    # counter's module tracker failed on it as a module's input.
+    from tasprune.models.traced import register_module
+
+    net = _ClassToken()
+    tr = traced(register_module(net, torch.zeros(1, 1, 28, 28)))
+    assert "stem" in tr.groups and tr.groups["stem"].fixed is None
+    assert all(p.requires_grad for p in net.parameters())

@@ -8,7 +8,9 @@ of the physically pruned network (checked by the analysis on every network).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +44,23 @@ def countable_attention() -> Any:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@contextlib.contextmanager
+def counting(net: nn.Module) -> Iterator[FlopCounterMode]:
+    """Count the FLOPs of no-grad calls of ``net``: `torch.utils.flop_counter` with attention
+    on its countable kernel (`countable_attention`) and ``net``'s parameters frozen meanwhile
+    (the counter's module tracker fails on a view of a parameter taken under no_grad, which
+    still requires grad: CaiT's class token)."""
+    frozen = [p for p in net.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
+            yield fc
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def cost_layers(
     tr: Traced, net: nn.Module, example: Example, fix: str = "use larger images or another model"
 ) -> Layers:
@@ -65,7 +84,7 @@ def cost_layers(
                 )
             )
     try:
-        with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
+        with counting(net) as fc:
             call(net, example)
     except Exception as err:  # the model's own message, in one line
         shapes = [s[1:] if len(s) == 4 else s for s in output_shapes(example)]

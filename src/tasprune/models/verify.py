@@ -11,12 +11,11 @@ import logging
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from tasprune.errors import ConfigError
 from tasprune.models.algebra import Counter, ExactAlgebra
 from tasprune.models.analysis import Traced, call_shapes, output_shapes
-from tasprune.models.layer_cost import Layers, cost_layers, countable_attention, traced_cost
+from tasprune.models.layer_cost import Layers, cost_layers, counting, traced_cost
 from tasprune.models.prune import prune_with
 from tasprune.models.sources import call
 
@@ -98,7 +97,7 @@ def _trial(
     try:
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
         batch = _first_batch(net)
-        with FlopCounterMode(display=False) as fc, torch.no_grad(), countable_attention():
+        with counting(net) as fc:
             y = call(net, self.example)
         batch.remove()
         c = Counter(ExactAlgebra(shape))
