@@ -181,18 +181,38 @@ def _tv_swin_v2() -> torch.nn.Module:
     return _tv_swin(v2=True)
 
 
+def _timm_swin_cr() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = timm.create_model(
+        "swinv2_cr_tiny_ns_224",
+        img_size=32,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        num_classes=5,
+    ).eval()
+    with torch.no_grad():  # trained-like scales per head
+        for m in net.modules():
+            if hasattr(m, "logit_scale"):
+                m.qkv.bias.normal_()
+                m.logit_scale.normal_(2.0, 0.3)
+    return net
+
+
 @pytest.mark.parametrize(
     ("build", "attentions"),
-    [(_tv_maxvit, 6), (_tv_swin, 4), (_tv_swin_v2, 4)],
-    ids=["maxvit", "swin", "swin_v2"],
+    [(_tv_maxvit, 6), (_tv_swin, 4), (_tv_swin_v2, 4), (_timm_swin_cr, 4)],
+    ids=["maxvit", "swin", "swin_v2", "timm_swinv2_cr"],
 )
 def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
     build: Any, attentions: int, tmp_path: Path
 ) -> None:
     """torchvision's MaxViT and Swin write their attention so that the head count cannot
     change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
-    projections' weights to a function that derives the head width from the input's):
-    tasprune runs them as `MaxVitAttention`, `SwinAttention` and `SwinAttentionV2`
+    projections' weights to a function that derives the head width from the input's; timm's
+    SwinV2-CR derives it from the input's too): tasprune runs them as `MaxVitAttention`,
+    `SwinAttention`, `SwinAttentionV2` and `SwinCrAttention`
     (subclasses with the same parameters and function), whose heads are searched like any
     other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
     attention included); pruned to one head each the network is the searched one there,
@@ -250,10 +270,15 @@ def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None
 
 
 def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
+    from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
 
-    kinds = (RelativePositionalMultiHeadAttention, ShiftedWindowAttention)  # v2 is one too
+    kinds = (  # torchvision's Swin v2 is a ShiftedWindowAttention too
+        RelativePositionalMultiHeadAttention,
+        ShiftedWindowAttention,
+        WindowMultiHeadAttention,
+    )
     return [m for m in net.modules() if isinstance(m, kinds)]
 
 

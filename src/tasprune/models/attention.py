@@ -21,6 +21,7 @@ Other attention modules keep their heads, with one log line naming them.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -438,9 +439,16 @@ def _shift_mask(x: Tensor, ph: int, pw: int, ws: list[int], shift: list[int]) ->
 def split_attention(net: nn.Module) -> nn.Module:
     """``net`` with every ``nn.MultiheadAttention`` it can split replaced by a
     `SplitAttention`, and torchvision MaxViT's and Swin's attention made a `MaxVitAttention`,
-    `SwinAttention` or `SwinAttentionV2` (in place; the same function and state dict),
-    returned."""
+    `SwinAttention` or `SwinAttentionV2`, and the timm attention modules of
+    `tasprune.models.timm_attention` its subclasses (in place; the same function and state
+    dict), returned."""
+    timm_subclasses: dict[type, type] = {}
+    if "timm" in sys.modules:  # a timm model is built only where timm is imported
+        from tasprune.models.timm_attention import SUBCLASSES as timm_subclasses
     for name, mod in list(net.named_modules()):
+        if type(mod) in timm_subclasses:
+            mod.__class__ = timm_subclasses[type(mod)]
+            continue
         if type(mod) is RelativePositionalMultiHeadAttention:
             mod.__class__ = MaxVitAttention
             continue
