@@ -200,19 +200,53 @@ def _timm_swin_cr() -> torch.nn.Module:
     return net
 
 
+def _timm_caformer() -> torch.nn.Module:
+    from timm.models import metaformer as mf
+
+    torch.manual_seed(0)
+    return mf.MetaFormer(
+        num_classes=5,
+        depths=(1, 1, 2, 1),
+        dims=(16, 32, 64, 64),
+        token_mixers=[mf.SepConv, mf.SepConv, mf.Attention, mf.Attention],
+        norm_layers=[mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2,
+    ).eval()
+
+
+def _timm_fastvit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    kw = {"layers": (1, 1, 1, 2), "embed_dims": (16, 32, 64, 64), "num_classes": 5}
+    return timm.create_model("fastvit_sa12", **kw).eval()
+
+
+def _timm_xcit() -> torch.nn.Module:  # its class attention's heads (XCA's are not read)
+    torch.manual_seed(0)
+    kw = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 5}
+    return timm.create_model("xcit_nano_12_p16_224", patch_size=8, **kw).eval()
+
+
 @pytest.mark.parametrize(
     ("build", "attentions"),
-    [(_tv_maxvit, 6), (_tv_swin, 4), (_tv_swin_v2, 4), (_timm_swin_cr, 4)],
-    ids=["maxvit", "swin", "swin_v2", "timm_swinv2_cr"],
+    [
+        (_tv_maxvit, 6),
+        (_tv_swin, 4),
+        (_tv_swin_v2, 4),
+        (_timm_swin_cr, 4),
+        (_timm_caformer, 3),
+        (_timm_fastvit, 2),
+        (_timm_xcit, 2),
+    ],
+    ids=["maxvit", "swin", "swin_v2", "timm_swinv2_cr", "caformer", "fastvit", "xcit_class"],
 )
-def test_torchvision_maxvit_and_swin_prune_heads_to_what_was_searched(
+def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     build: Any, attentions: int, tmp_path: Path
 ) -> None:
     """torchvision's MaxViT and Swin write their attention so that the head count cannot
     change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
     projections' weights to a function that derives the head width from the input's; timm's
-    SwinV2-CR derives it from the input's too): tasprune runs them as `MaxVitAttention`,
-    `SwinAttention`, `SwinAttentionV2` and `SwinCrAttention`
+    SwinV2-CR, MetaFormer, FastViT and the class attention of CaiT and XCiT derive it from the
+    input's too): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
+    and the subclasses of `tasprune.models.timm_attention`
     (subclasses with the same parameters and function), whose heads are searched like any
     other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
     attention included); pruned to one head each the network is the searched one there,
@@ -270,6 +304,7 @@ def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None
 
 
 def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
+    from timm.models import cait, fastvit, metaformer
     from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
     from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
     from torchvision.models.swin_transformer import ShiftedWindowAttention
@@ -278,6 +313,9 @@ def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
         RelativePositionalMultiHeadAttention,
         ShiftedWindowAttention,
         WindowMultiHeadAttention,
+        metaformer.Attention,
+        fastvit.Attention,
+        cait.ClassAttn,
     )
     return [m for m in net.modules() if isinstance(m, kinds)]
 

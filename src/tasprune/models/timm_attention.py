@@ -5,11 +5,61 @@ timm is, by `tasprune.models.attention.split_attention`)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from timm.models import cait, fastvit, metaformer
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import Tensor
 from torch.nn import functional as F
+
+
+def _attend(mod: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T * scale) v per head (batch, heads, tokens, head width), with the
+    module's attention dropout, its heads concatenated: (batch, tokens, heads x head width)."""
+    drop = mod.attn_drop.p if mod.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=mod.scale)
+    return out.transpose(1, 2).flatten(2)
+
+
+def _tokens(mod: Any, x: Tensor) -> Tensor:
+    """A ViT attention on tokens (batch, tokens, width) with one fused qkv linear, its head
+    width read off qkv."""
+    b, n, _ = x.shape
+    qkv = mod.qkv(x)
+    heads = mod.num_heads
+    q, k, v = qkv.reshape(b, n, 3, heads, qkv.size(-1) // 3 // heads).permute(2, 0, 3, 1, 4)
+    return mod.proj_drop(mod.proj(_attend(mod, q, k, v)))  # type: ignore[no-any-return]
+
+
+class MetaFormerAttention(metaformer.Attention):
+    """timm MetaFormer's (CAFormer's) attention with its heads a width choice: timm reshapes
+    the heads' concatenation to the input's width, which fixes the head count."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _tokens(self, x)
+
+
+class FastVitAttention(fastvit.Attention):
+    """timm FastViT's attention (on a feature map) with its heads a width choice: timm
+    reshapes the heads' concatenation to the input's width, which fixes the head count."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        out = _tokens(self, x.flatten(2).transpose(-2, -1))
+        return out.transpose(-2, -1).reshape(b, -1, h, w)
+
+
+class ClassAttention(cait.ClassAttn):
+    """timm's class attention (CaiT, XCiT: the class token attends to every token) with its
+    heads a width choice: timm derives the head width from the input's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        heads = self.num_heads
+        q, k, v = self.q(x[:, :1]), self.k(x), self.v(x)
+        q, k, v = (t.reshape(b, t.size(1), heads, -1).transpose(1, 2) for t in (q, k, v))
+        return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
 
 
 class SwinCrAttention(WindowMultiHeadAttention):
@@ -44,4 +94,9 @@ class SwinCrAttention(WindowMultiHeadAttention):
 
 
 # timm's class -> the subclass it becomes
-SUBCLASSES: dict[type, type] = {WindowMultiHeadAttention: SwinCrAttention}
+SUBCLASSES: dict[type, type] = {
+    WindowMultiHeadAttention: SwinCrAttention,
+    metaformer.Attention: MetaFormerAttention,
+    fastvit.Attention: FastVitAttention,
+    cait.ClassAttn: ClassAttention,
+}
