@@ -296,7 +296,7 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
 
     from tasprune.config import SearchConfig
     from tasprune.models import create_model
-    from tasprune.models.attention import attention_modules
+    from tasprune.models.attention import attention_modules, head_count
     from tasprune.models.layer_cost import counting
     from tasprune.models.traced import traced
     from tasprune.search.supernet import SuperNet
@@ -305,7 +305,8 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     side = input_side(model)
     tr = traced(model)
     c.step = "groups"
-    attention = [n for n, _ in attention_modules(tr.template)]
+    # multi-head: a single head has no head count to search
+    attention = [n for n, m in attention_modules(tr.template) if head_count(m) != 1]
     searched = {a.name for g, a in tr.attention.items() if tr.groups[g].fixed is None}
     out["attention_modules"], out["heads_searched"] = len(attention), len(searched)
     missing = [n for n in attention if n not in searched]

@@ -6,6 +6,7 @@ the pruned network is the searched network at its shape, with ``num_heads`` foll
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from conftest import TINY_RUN, needs_fashion_mnist
 from tasprune.config import SearchConfig
 from tasprune.cost import model_cost
 from tasprune.models import get_model_spec
+from tasprune.models.attention import head_count
 from tasprune.models.layer_cost import counting
 from tasprune.models.traced import register_module, traced
 from tasprune.search.space import choice_widths
@@ -225,6 +227,21 @@ def _timm_xcit() -> torch.nn.Module:  # its class attention's heads (XCA's are n
     return timm.create_model("xcit_nano_12_p16_224", patch_size=8, **kw).eval()
 
 
+def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
+    torch.manual_seed(0)
+    kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
+    return timm.create_model(name, num_classes=5, **kw).eval()
+
+
+def _timm_crossvit() -> torch.nn.Module:  # its fusion: a class token attends to the other branch
+    torch.manual_seed(0)
+    kw = {"embed_dim": [32, 64], "depth": [[1, 2, 0]], "num_heads": [2, 2], "mlp_ratio": [2, 2, 1]}
+    net = timm.create_model(
+        "crossvit_tiny_240", img_size=32, img_scale=1.0, patch_size=[8, 16], **kw
+    )
+    return net.eval()
+
+
 @pytest.mark.parametrize(
     ("build", "attentions"),
     [
@@ -235,8 +252,22 @@ def _timm_xcit() -> torch.nn.Module:  # its class attention's heads (XCA's are n
         (_timm_caformer, 3),
         (_timm_fastvit, 2),
         (_timm_xcit, 2),
+        (functools.partial(_timm_pyramid, "pvt_v2_b0"), 4),
+        (functools.partial(_timm_pyramid, "twins_pcpvt_small"), 4),
+        (_timm_crossvit, 5),
     ],
-    ids=["maxvit", "swin", "swin_v2", "timm_swinv2_cr", "caformer", "fastvit", "xcit_class"],
+    ids=[
+        "maxvit",
+        "swin",
+        "swin_v2",
+        "timm_swinv2_cr",
+        "caformer",
+        "fastvit",
+        "xcit_class",
+        "pvt_v2",
+        "twins",
+        "crossvit",
+    ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     build: Any, attentions: int, tmp_path: Path
@@ -261,7 +292,7 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     assert all(tr.groups[g].fixed is None for g in tr.attention)
     shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
     small = tas.prune(shape).eval()
-    heads = [getattr(m, "n_heads", getattr(m, "num_heads", None)) for m in _readable(small)]
+    heads = [head_count(m) for m in _readable(small)]
     assert heads == [1] * attentions
     tas.model.eval()
     tas.supernet.training = False
@@ -304,20 +335,10 @@ def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None
 
 
 def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:
-    from timm.models import cait, fastvit, metaformer
-    from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
-    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
-    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    """The attention modules holding a head count, innermost (not MaxViT's wrapper)."""
+    from tasprune.models.attention import attention_modules
 
-    kinds = (  # torchvision's Swin v2 is a ShiftedWindowAttention too
-        RelativePositionalMultiHeadAttention,
-        ShiftedWindowAttention,
-        WindowMultiHeadAttention,
-        metaformer.Attention,
-        fastvit.Attention,
-        cait.ClassAttn,
-    )
-    return [m for m in net.modules() if isinstance(m, kinds)]
+    return [m for _, m in attention_modules(net)]
 
 
 def _attentions(net: torch.nn.Module) -> list[torch.nn.Module]:

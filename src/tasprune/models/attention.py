@@ -13,7 +13,7 @@ network (no normalisation statistics change, unlike masking the embedding width)
 
 Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
 ``n_heads``) and linear projections named as the common implementations name them (a fused
-``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v``; then ``proj``, ``o``,
+``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v`` (or ``wq``, ...); then ``proj``, ``o``,
 ``out_proj`` or ``merge``), whose widths agree.
 Other attention modules keep their heads, with one log line naming them.
 """
@@ -40,6 +40,7 @@ _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
     (("q", 1), ("kv", 2)),
     (("q", 1), ("k", 1), ("v", 1)),
     (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)),
+    (("wq", 1), ("wk", 1), ("wv", 1)),
     (("to_qkv", 3),),
 )
 _OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
@@ -70,7 +71,7 @@ def is_attention(mod: nn.Module) -> bool:
     """A multi-head attention module: ``nn.MultiheadAttention``, or a module with an integer
     ``num_heads`` whose class names attention."""
     cls = type(mod).__name__
-    heads = any(isinstance(getattr(mod, a, None), int) for a in _HEADS)
+    heads = head_count(mod) is not None
     return isinstance(mod, nn.MultiheadAttention) or (
         heads and ("Attn" in cls or "Attention" in cls)
     )
@@ -100,9 +101,14 @@ def attention_modules(net: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def head_count(mod: nn.Module) -> int | None:
+    """The head count an attention module holds (``num_heads``, ``n_heads``), None if none."""
+    return next((h for a in _HEADS if isinstance(h := getattr(mod, a, None), int)), None)
+
+
 def _read(name: str, mod: nn.Module) -> Attention | None:
-    heads = next((getattr(mod, a) for a in _HEADS if hasattr(mod, a)), None)
-    if isinstance(mod, nn.MultiheadAttention) or not isinstance(heads, int) or heads < 1:
+    heads = head_count(mod)
+    if isinstance(mod, nn.MultiheadAttention) or heads is None or heads < 1:
         return None
     kids = dict(mod.named_children())
     out = next((o for o in _OUTS if isinstance(kids.get(o), nn.Linear)), None)

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import torch
-from timm.models import cait, fastvit, metaformer
+from timm.models import cait, crossvit, fastvit, metaformer, nextvit, pvt_v2, twins
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import Tensor
 from torch.nn import functional as F
@@ -20,6 +20,26 @@ def _attend(mod: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     drop = mod.attn_drop.p if mod.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=mod.scale)
     return out.transpose(1, 2).flatten(2)
+
+
+def _split(t: Tensor, heads: int) -> Tensor:
+    """(batch, tokens, heads x head width) as (batch, heads, tokens, head width)."""
+    return t.reshape(t.size(0), t.size(1), heads, -1).transpose(1, 2)
+
+
+def _reduced(mod: Any, x: Tensor, size: tuple[int, int]) -> Tensor:
+    """PVT's and Twins' spatially reduced tokens that k and v read: the token map pooled
+    and/or strided by ``sr``, then normalised (and activated)."""
+    b, n, c = x.shape
+    pool = getattr(mod, "pool", None)
+    if pool is None and mod.sr is None:
+        return x
+    m = x.transpose(1, 2).reshape(b, c, *size)
+    if pool is not None:
+        m = pool(m)
+    x = mod.norm(mod.sr(m).reshape(b, c, -1).transpose(1, 2))
+    act = getattr(mod, "act", None)
+    return act(x) if act is not None else x
 
 
 def _tokens(mod: Any, x: Tensor) -> Tensor:
@@ -55,10 +75,8 @@ class ClassAttention(cait.ClassAttn):
     heads a width choice: timm derives the head width from the input's."""
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
         heads = self.num_heads
-        q, k, v = self.q(x[:, :1]), self.k(x), self.v(x)
-        q, k, v = (t.reshape(b, t.size(1), heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (_split(t, heads) for t in (self.q(x[:, :1]), self.k(x), self.v(x)))
         return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
 
 
@@ -93,10 +111,58 @@ class SwinCrAttention(WindowMultiHeadAttention):
         return self.proj_drop(self.proj((weights @ v).transpose(1, 2).reshape(bw, n, -1)))  # type: ignore[no-any-return]
 
 
+class SubSampleAttention(twins.GlobalSubSampleAttn):
+    """timm Twins' attention on spatially reduced keys with its heads a width choice: timm
+    derives the head width from the input's, which fixes the head count."""
+
+    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+        q = _split(self.q(x), self.num_heads)
+        k, v = (_split(t, self.num_heads) for t in self.kv(_reduced(self, x, size)).chunk(2, -1))
+        return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
+
+
+class PvtAttention(pvt_v2.Attention):
+    """timm PVT v2's attention on spatially reduced keys with its heads a width choice: timm
+    reshapes the heads' concatenation to the input's width, which fixes the head count."""
+
+    def forward(self, x: Tensor, feat_size: list[int]) -> Tensor:
+        q = _split(self.q(x), self.num_heads)
+        kv = self.kv(_reduced(self, x, (feat_size[0], feat_size[1])))
+        k, v = (_split(t, self.num_heads) for t in kv.chunk(2, -1))
+        return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
+
+
+class NextVitAttention(nextvit.EfficientAttention):
+    """timm Next-ViT's attention (keys from average-pooled tokens) with its heads a width
+    choice: timm reshapes the heads' concatenation to the input's width."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = _split(self.q(x), self.num_heads)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.transpose(1, 2))).transpose(1, 2)
+        k, v = _split(self.k(x), self.num_heads), _split(self.v(x), self.num_heads)
+        return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
+
+
+class CrossAttention(crossvit.CrossAttention):
+    """timm CrossViT's fusion attention (one branch's class token attends to the other's
+    tokens) with its heads a width choice: timm derives the head width from the input's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        heads = self.num_heads
+        q = _split(self.wq(x[:, :1]), heads)
+        k, v = _split(self.wk(x), heads), _split(self.wv(x), heads)
+        return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
+
+
 # timm's class -> the subclass it becomes
 SUBCLASSES: dict[type, type] = {
     WindowMultiHeadAttention: SwinCrAttention,
     metaformer.Attention: MetaFormerAttention,
     fastvit.Attention: FastVitAttention,
     cait.ClassAttn: ClassAttention,
+    twins.GlobalSubSampleAttn: SubSampleAttention,
+    pvt_v2.Attention: PvtAttention,
+    nextvit.EfficientAttention: NextVitAttention,
+    crossvit.CrossAttention: CrossAttention,
 }
