@@ -609,3 +609,78 @@ def test_tasprune_run_prunes_the_shipped_vit_and_it_loads_elsewhere(tmp_path: Pa
     )
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), student(x))
+
+
+def _interleaved(name: str, **kw: Any) -> torch.nn.Module:
+    """A small timm ``name`` (MaxxViT's and CoAtNet's from their config, narrower)."""
+    import dataclasses
+
+    from timm.models import maxxvit
+
+    torch.manual_seed(0)
+    if name.startswith(("maxvit", "coatnet")):
+        cfg = maxxvit.model_cfgs[name.rsplit("_", 1)[0]]
+        small = dataclasses.replace(cfg, depths=(1, 1, 1, 1), stem_width=(8, 16), **kw)
+        net = maxxvit.MaxxVit(small, img_size=64, num_classes=5).eval()
+    else:
+        net = timm.create_model(name, num_classes=5, **kw).eval()
+    with torch.no_grad():  # trained-like position biases (timm starts them at 0)
+        for n, p in net.named_parameters():
+            if "bias" in n and p.dim() == 2:
+                p.normal_()
+    return net
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "kw"),
+    [
+        ("coatnet_nano_rw_224", 64, {"embed_dim": (32, 32, 64, 128)}),
+        ("efficientformer_l1", 224, {"depths": (1, 1, 1, 2), "embed_dims": (16, 32, 64, 64)}),
+        (
+            "tiny_vit_5m_224",
+            224,
+            {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (1, 2, 2, 4)},
+        ),
+    ],
+    # (MaxxViT's window attention is the same layout as a linear; its analysis takes minutes:
+    # Torch-Pruning's walk maps every channel through the window reshapes)
+    ids=["coatnet", "efficientformer", "tiny_vit"],
+)
+def test_interleaved_heads_prune_to_what_was_searched(
+    name: str, side: int, kw: dict[str, Any], tmp_path: Path
+) -> None:
+    """One fused projection with the heads one after the other ([q | k | v] of head 0, then
+    of head 1; v wider than q and k in EfficientFormer): the choice counts heads, the search
+    masks each head's v rows; ordering the heads keeps the function, and pruned to about half
+    the heads the network is the searched one there, costs what was predicted (attention's
+    products included) and exports with parity."""
+    from tasprune.models.attention import find_attention, permute_heads
+
+    net = _interleaved(name, **kw)
+    x = torch.randn(2, 3, side, side)
+    found = find_attention(net)[0]
+    assert found and all(a.stride > 0 and a.unit == 1 for a in found)
+    with torch.no_grad():
+        ref = net(x)
+        moved = copy.deepcopy(net)
+        for att in found:
+            permute_heads(moved, att, list(range(att.heads))[::-1])
+        torch.testing.assert_close(moved(x), ref, rtol=1e-4, atol=1e-4)
+    tas = tasprune.TAS(net, x[:1], epochs=1, flops_ratio=0.6)
+    tr = traced(tas.name)
+    searched = [g for g in tr.attention if tr.groups[g].fixed is None]
+    assert len(searched) == sum(a.heads > 1 for a in found)
+    half = {g: tr.groups[g].full // 2 for g in searched}
+    shape = tr.full_shape().replace(widths=half)
+    small = tas.prune(shape).eval()
+    heads = sorted(head_count(m) or 0 for m in _readable(small) if (head_count(m) or 0) > 0)
+    assert heads == sorted(max(1, a.heads // 2) if a.heads > 1 else 1 for a in found)
+    got = _searched_is_pruned(tas, shape, small, x)
+    counted = _counted(small, x[:1])
+    assert counted["aten.bmm"] > 0
+    assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, side, side))[0]
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)

@@ -225,13 +225,13 @@ def _order_heads(model: nn.Module) -> int:
 
     moved = 0
     for att in find_attention(model)[0]:
-        d = att.head_dim
         score = torch.zeros(att.heads)
-        for layer, first in att.rows:
-            w = _weight(model, layer)[first : first + att.width]
-            score += w.abs().reshape(att.heads, d, -1).mean((1, 2)).cpu()
         out = _weight(model, att.out)
-        score += out.abs().reshape(out.shape[0], att.heads, d).mean((0, 2)).cpu()
+        for h in range(att.heads):
+            for part, (layer, _) in enumerate(att.rows):
+                w = _weight(model, layer)[att.part_rows(part, [h])]
+                score[h] += float(w.abs().mean())
+            score[h] += float(out[:, att.out_columns([h])].abs().mean())
         order = torch.argsort(score, descending=True, stable=True).tolist()
         if order != sorted(order):
             permute_heads(model, att, order)

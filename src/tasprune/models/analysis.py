@@ -47,6 +47,12 @@ from tasprune.shape import Shape
 logger = logging.getLogger(__name__)
 
 
+# Where a layer's output channels are masked: (group, first channel, by the mixture (else by
+# the support)), or with (size, stride) added: each unit of the group masks `size` channels,
+# one block every `stride` channels (an interleaved attention's v rows, a block per head).
+MaskSite = tuple[str, int, bool] | tuple[str, int, bool, int, int]
+
+
 @dataclass
 class Group:
     """One width choice: the layers whose channels change together."""
@@ -222,7 +228,7 @@ class Traced:
                 gname,
                 att.width,
                 [(p, True) for p in producers],
-                multiple=att.head_dim,
+                multiple=att.unit,
                 fixed=None if att.heads > 1 else "a single head",
             )
             for p in producers:
@@ -230,12 +236,18 @@ class Traced:
                     self.groups[g].embedding = True
                 self.group_of[(p, True)] = [gname]
                 self.masks.pop(p, None)
-                rows = sum(1 for layer, _ in att.rows if layer == p)
+                # rows per unit of the choice: interleaved, a head's q, k and v rows
+                rows = att.stride or sum(1 for layer, _ in att.rows if layer == p)
                 if rows > 1:
                     self.per_channel[(p, True, gname)] = rows
             self.group_of[(att.out, False)] = [gname]
             v_layer, v_first = att.rows[2]
-            self.masks[v_layer] = [(gname, v_first, True)]
+            if att.stride:  # a head's v rows, one block of value_dim every stride rows
+                self.per_channel[(att.out, False, gname)] = att.value_dim
+                self.per_channel[(f"{att.name}:scores", True, gname)] = att.head_dim + att.value_dim
+                self.masks[v_layer] = [(gname, v_first, True, att.value_dim, att.stride)]
+            else:
+                self.masks[v_layer] = [(gname, v_first, True)]
             out[gname] = att
         self.groups = dict(sorted(self.groups.items(), key=lambda kv: order.get(kv[0], len(order))))
         return out
@@ -324,7 +336,7 @@ def _channel_groups(
 ) -> tuple[
     dict[str, Group],
     dict[tuple[str, bool], list[str]],
-    dict[str, list[tuple[str, int, bool]]],
+    dict[str, list[MaskSite]],
     dict[tuple[str, bool, str], int],
 ]:
     """Torch-Pruning's coupled channel groups of ``net`` as width choices.
@@ -457,7 +469,7 @@ def _channel_groups(
     for layer, sites in masks.items():  # a chunked output: each part masked alike
         masks[layer] = [
             (g, off + s * merged[g].full, mix)
-            for g, off, mix in sites
+            for g, off, mix, *_ in sites
             for s in range(per_channel.get((layer, True, g), 1) if merged[g].segments > 1 else 1)
         ]
     return merged, group_of, masks, per_channel
@@ -469,7 +481,7 @@ def _mask_sites(
     names: dict[Any, str],
     group_of: dict[tuple[str, bool], list[str]],
     offsets: dict[tuple[str, bool, str], int],
-) -> dict[str, list[tuple[str, int, bool]]]:
+) -> dict[str, list[MaskSite]]:
     """Where the search applies each group's width mixture: layer -> [(group, first channel,
     mix?)]. A group's mixture is applied once per branch, after the normalisation that
     follows its conv (mix); layers whose input already carries the mixture (a depthwise conv
@@ -489,7 +501,7 @@ def _mask_sites(
                 return node
         return None
 
-    sites: dict[str, list[tuple[str, int, bool]]] = {}
+    sites: dict[str, list[MaskSite]] = {}
     modules = dict(net.named_modules())
     for (layer, out), groups in group_of.items():
         mod = modules.get(layer)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,24 +48,56 @@ _OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
 _HEADS = ("num_heads", "n_heads")  # the head count's attribute
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
+# ... and those that hold num_heads * the q/k or v width in the interleaved layout
+_INNER_INTERLEAVED = ("key_attn_dim", "val_attn_dim", "out_dim")
 
 
 @dataclass(frozen=True)
 class Attention:
-    """One multi-head attention module whose heads are a width choice."""
+    """One multi-head attention module whose heads are a width choice.
+
+    Two layouts of the q, k and v rows: *contiguous* (all heads' q, then all heads' k, then
+    v: head h's rows of each part at its first row + h x head_dim), and *interleaved* (one
+    fused projection whose rows go head by head, [q | k | v] of head 0, then of head 1: timm's
+    LeViT, EfficientFormer, TinyViT and MaxxViT's ``head_first``), where v may be wider than
+    q and k. The width choice counts channels (whole heads of ``head_dim``) in the contiguous
+    layout and heads in the interleaved one (`unit`)."""
 
     name: str
     heads: int
-    head_dim: int
-    rows: tuple[tuple[str, int], ...]  # (linear, first row) of q, k and v, in that order
-    out: str  # the linear reading the heads' concatenation
+    head_dim: int  # q's and k's width per head (v's too, unless v_dim says otherwise)
+    rows: tuple[tuple[str, int], ...]  # (projection, head 0's first row) of q, k and v
+    out: str  # the projection reading the heads' concatenation
+    v_dim: int = 0  # v's width per head where it differs from head_dim
+    stride: int = 0  # interleaved: rows from one head's block to the next's; 0: contiguous
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_dim or self.head_dim
+
+    @property
+    def unit(self) -> int:
+        """The width choice's step: one head's channels, or one head (interleaved)."""
+        return 1 if self.stride else self.head_dim
 
     @property
     def width(self) -> int:
-        return self.heads * self.head_dim
+        """The width choice's full value: every head's channels, or the head count."""
+        return self.heads * self.unit
 
     def producers(self) -> list[str]:
         return list(dict.fromkeys(layer for layer, _ in self.rows))
+
+    def part_rows(self, part: int, heads: Sequence[int]) -> list[int]:
+        """The rows of q (part 0), k (1) or v (2) of ``heads``, in that order."""
+        first = self.rows[part][1]
+        size = self.value_dim if part == 2 else self.head_dim
+        step = self.stride or size
+        return [first + h * step + i for h in heads for i in range(size)]
+
+    def out_columns(self, heads: Sequence[int]) -> list[int]:
+        """The output projection's input columns that read ``heads``, in that order."""
+        return [h * self.value_dim + i for h in heads for i in range(self.value_dim)]
 
 
 def is_attention(mod: nn.Module) -> bool:
@@ -106,115 +139,192 @@ def head_count(mod: nn.Module) -> int | None:
     return next((h for a in _HEADS if isinstance(h := getattr(mod, a, None), int)), None)
 
 
+def _projection(mod: nn.Module | None) -> bool:
+    """A linear, or a 1x1 conv (an attention on a feature map): rows are output channels."""
+    if isinstance(mod, nn.Conv2d):
+        return mod.kernel_size == (1, 1) and mod.groups == 1
+    return isinstance(mod, nn.Linear)
+
+
+def _rows(mod: nn.Module) -> int:
+    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[arg-type]
+
+
+def _columns(mod: nn.Module) -> int:
+    return int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)  # type: ignore[arg-type]
+
+
 def _read(name: str, mod: nn.Module) -> Attention | None:
     heads = head_count(mod)
     if isinstance(mod, nn.MultiheadAttention) or heads is None or heads < 1:
         return None
     kids = dict(mod.named_children())
-    out = next((o for o in _OUTS if isinstance(kids.get(o), nn.Linear)), None)
+    out = next((o for o in _OUTS if _projection(kids.get(o))), None)
     if out is None:
         return None
-    proj = kids[out]
-    assert isinstance(proj, nn.Linear)
-    width = int(proj.in_features)
+    width = _columns(kids[out])  # the heads' concatenation: heads x v's width
     if width % heads:
         return None
+    prefix = f"{name}." if name else ""
+    interleaved = _interleaved(mod, kids, heads, width)
+    if interleaved is not None:
+        kd, vd = interleaved
+        qkv = f"{prefix}{next(c for c in ('qkv', 'to_qkv') if c in kids)}"
+        rows = ((qkv, 0), (qkv, kd), (qkv, 2 * kd))
+        return Attention(name, heads, kd, rows, prefix + out, vd if vd != kd else 0, 2 * kd + vd)
+    if getattr(mod, "head_first", False) or hasattr(mod, "val_dim"):
+        return None  # a layout of its own, not read
     for pattern in _PATTERNS:
         mods = [kids.get(child) for child, _ in pattern]
-        if not all(isinstance(m, nn.Linear) for m in mods):
+        if not all(_projection(m) for m in mods):
             continue
-        rows: list[tuple[str, int]] = []
+        found: list[tuple[str, int]] = []
         for (child, parts), m in zip(pattern, mods, strict=True):
-            assert isinstance(m, nn.Linear)
-            if m.out_features != parts * width:
+            assert m is not None
+            if _rows(m) != parts * width:
                 return None
-            prefix = f"{name}.{child}" if name else child
-            rows += [(prefix, i * width) for i in range(parts)]
+            found += [(prefix + child, i * width) for i in range(parts)]
         head_dim = width // heads
         if getattr(mod, "head_dim", head_dim) != head_dim:
             return None
-        return Attention(name, heads, head_dim, tuple(rows), f"{name}.{out}" if name else out)
+        return Attention(name, heads, head_dim, tuple(found), prefix + out)
     return None
 
 
-def _per_head(mod: nn.Module, heads: int) -> list[tuple[str, Tensor, int]]:
-    """(name, tensor, dim) of ``mod``'s own tensors with one entry per head along one dim
-    (named by its class's ``head_tensors`` where it has them)."""
+def _interleaved(
+    mod: nn.Module, kids: dict[str, nn.Module], heads: int, width: int
+) -> tuple[int, int] | None:
+    """(q/k width, v width) per head of an attention whose one fused projection holds the
+    heads one after the other ([q | k | v] of each head), None if it is not one: timm's
+    ``key_dim``/``val_dim`` modules (split per head) and ``head_first`` ones (chunked per
+    head), recognised by those attributes."""
+    qkv = next((kids[c] for c in ("qkv", "to_qkv") if c in kids), None)
+    if not _projection(qkv):
+        return None
+    assert qkv is not None
+    kd, vd = getattr(mod, "key_dim", None), getattr(mod, "val_dim", None)
+    if isinstance(kd, int) and isinstance(vd, int):
+        return (kd, vd) if vd * heads == width and _rows(qkv) == heads * (2 * kd + vd) else None
+    if getattr(mod, "head_first", False) is True:
+        d = width // heads
+        return (d, d) if _rows(qkv) == 3 * width else None
+    return None
+
+
+def _per_head(mod: nn.Module, att: Attention) -> list[tuple[str, Tensor, int]]:
+    """(name, tensor, dim) of the tensors of ``mod`` and its children other than the
+    projections with one entry per head along one dim (a relative position bias table),
+    named by its class's ``head_tensors`` where it has them."""
     named = getattr(type(mod), "head_tensors", None)
     if named is not None:
         return [(n, getattr(mod, n), d) for n, d in named]
+    projections = {p.rpartition(".")[2] for p in (*att.producers(), att.out)}
     found = []
-    for pname, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-        dims = [d for d, n in enumerate(t.shape) if n == heads]
-        if len(dims) == 1:  # one entry per head (a relative position bias table)
+    tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+    for child, sub in mod.named_children():
+        if child not in projections and not _projection(sub):
+            tensors += [
+                (f"{child}.{n}", t) for n, t in [*sub.named_parameters(), *sub.named_buffers()]
+            ]
+    for pname, t in tensors:
+        dims = [d for d, n in enumerate(t.shape) if n == att.heads]
+        # one value per head (a relative position bias table), not an index (a table's)
+        if len(dims) == 1 and t.is_floating_point():
             found.append((pname, t, dims[0]))
     return found
 
 
-def _linear(net: nn.Module, name: str) -> nn.Linear:
-    lin = net.get_submodule(name)
-    assert isinstance(lin, nn.Linear)
-    return lin
+def _set_tensor(mod: nn.Module, name: str, value: Tensor, like: Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    target = mod.get_submodule(owner) if owner else mod
+    if isinstance(like, nn.Parameter):
+        setattr(target, attr, nn.Parameter(value, requires_grad=like.requires_grad))
+    else:
+        setattr(target, attr, value)
+
+
+def _projection_at(net: nn.Module, name: str) -> nn.Linear | nn.Conv2d:
+    mod = net.get_submodule(name)
+    assert isinstance(mod, (nn.Linear, nn.Conv2d))
+    return mod
+
+
+def _forget_cached(mod: nn.Module) -> None:
+    """Drop what the module cached from its per-head tensors (timm's attention bias cache)."""
+    for sub in mod.modules():
+        if isinstance(getattr(sub, "attention_bias_cache", None), dict):
+            setattr(sub, "attention_bias_cache", {})  # noqa: B010
 
 
 def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
     """Reorder the heads of ``att`` in ``net`` in place (new head j is old head order[j]):
     the same function, computed with the heads in another order."""
-    d = att.head_dim
-    channels = torch.tensor([h * d + i for h in order for i in range(d)])
+    every = range(att.heads)
     with torch.no_grad():
-        for layer, first in att.rows:
-            lin = _linear(net, layer)
+        for layer in att.producers():
+            lin = _projection_at(net, layer)
             rows = torch.arange(lin.weight.shape[0])
-            rows[first : first + att.width] = channels + first
-            lin.weight.copy_(lin.weight[rows])
+            for part, (name, _) in enumerate(att.rows):
+                if name == layer:
+                    rows[att.part_rows(part, every)] = torch.tensor(att.part_rows(part, order))
+            lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
             if lin.bias is not None:
-                lin.bias.copy_(lin.bias[rows])
-        out = _linear(net, att.out)
-        out.weight.copy_(out.weight[:, channels])
+                lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
+        out = _projection_at(net, att.out)
+        columns = torch.tensor(att.out_columns(order), device=out.weight.device)
+        out.weight.copy_(out.weight[:, columns])
         index = torch.tensor(order)
         mod = net.get_submodule(att.name)
-        for _, t, dim in _per_head(mod, att.heads):
+        for _, t, dim in _per_head(mod, att):
             t.copy_(t.index_select(dim, index.to(t.device)))
         for name in getattr(type(mod), "head_rows", ()):
             t = mod.get_parameter(name)
             t[: att.heads].copy_(t[: att.heads].index_select(0, index.to(t.device)))
+    _forget_cached(mod)
 
 
 def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
-    """Keep the first ``width`` channels (whole heads) of ``att`` in ``net``, in place: the
-    q, k and v rows, the output projection's input columns, and the head count."""
-    keep = width // att.head_dim
+    """Keep the first ``width`` (`Attention.width`'s units: whole heads) of ``att`` in ``net``,
+    in place: the q, k and v rows, the output projection's input columns, the head count and
+    what follows it."""
+    keep = width // att.unit
     if keep >= att.heads:
         return
+    kept = range(keep)
     by_layer: dict[str, list[int]] = {}
-    for layer, first in att.rows:
-        by_layer.setdefault(layer, []).extend(range(first, first + width))
+    for part, (layer, _) in enumerate(att.rows):
+        by_layer.setdefault(layer, []).extend(att.part_rows(part, kept))
     for layer, idx in by_layer.items():
-        lin = net.get_submodule(layer)
-        assert isinstance(lin, nn.Linear)
-        index = torch.tensor(idx, device=lin.weight.device)
+        lin = _projection_at(net, layer)
+        index = torch.tensor(sorted(idx), device=lin.weight.device)
         lin.weight = nn.Parameter(lin.weight.detach().index_select(0, index).clone())
         if lin.bias is not None:
             lin.bias = nn.Parameter(lin.bias.detach().index_select(0, index).clone())
-        lin.out_features = len(idx)
-    out = net.get_submodule(att.out)
-    assert isinstance(out, nn.Linear)
-    out.weight = nn.Parameter(out.weight.detach()[:, :width].clone())
-    out.in_features = width
-    mod = net.get_submodule(att.name)
-    for pname, t, dim in _per_head(mod, att.heads):
-        cut = t.detach().narrow(dim, 0, keep).clone()
-        if isinstance(t, nn.Parameter):
-            setattr(mod, pname, nn.Parameter(cut, requires_grad=t.requires_grad))
+        if isinstance(lin, nn.Linear):
+            lin.out_features = len(idx)
         else:
-            setattr(mod, pname, cut)
+            lin.out_channels = len(idx)
+    out = _projection_at(net, att.out)
+    columns = torch.tensor(att.out_columns(kept), device=out.weight.device)
+    out.weight = nn.Parameter(out.weight.detach().index_select(1, columns).clone())
+    if isinstance(out, nn.Linear):
+        out.in_features = len(columns)
+    else:
+        out.in_channels = len(columns)
+    mod = net.get_submodule(att.name)
+    for pname, t, dim in _per_head(mod, att):
+        _set_tensor(mod, pname, t.detach().narrow(dim, 0, keep).clone(), t)
     for attr in _HEADS:
         if isinstance(getattr(mod, attr, None), int):
             setattr(mod, attr, keep)
-    for attr in _INNER:
-        if getattr(mod, attr, None) == att.width:
-            setattr(mod, attr, width)
+    per_head = {att.head_dim * att.heads: att.head_dim}
+    if att.stride:
+        per_head[att.value_dim * att.heads] = att.value_dim
+    for attr in _INNER + (_INNER_INTERLEAVED if att.stride else ()):
+        value = getattr(mod, attr, None)
+        if isinstance(value, int) and value in per_head:
+            setattr(mod, attr, keep * per_head[value])
+    _forget_cached(mod)
 
 
 class SplitAttention(nn.Module):

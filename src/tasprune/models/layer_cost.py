@@ -181,20 +181,28 @@ def _scores(
     group = tr.group_of[(att.rows[0][0], True)][0]
     calls_q = sizes[att.rows[0][0]]
     calls_k = sizes[att.rows[1][0]]
+
+    def tokens(shape: tuple[int, ...], layer: str) -> int:  # a 1x1 conv's: its positions
+        conv = isinstance(tr.template.get_submodule(layer), nn.Conv2d)
+        return math.prod(shape[2:]) if conv else math.prod(shape[1:-1])
+
+    # contiguous: both products per channel of the choice; interleaved (the choice counts
+    # heads): per head head_dim + value_dim (`Traced.per_channel`)
+    twice = 1 if att.stride else 2
     pos = 0
     for (_, q), (_, k) in zip(calls_q, calls_k, strict=True):
-        pos += 2 * q[0] * math.prod(q[1:-1]) * math.prod(k[1:-1])
+        pos += twice * q[0] * tokens(q, att.rows[0][0]) * tokens(k, att.rows[1][0])
     (_, q), (_, k) = calls_q[0], calls_k[0]
     op = Op(
         "attention",
-        size=(math.prod(q[1:-1]), math.prod(k[1:-1])),
+        size=(tokens(q, att.rows[0][0]), tokens(k, att.rows[1][0])),
         head_dim=att.head_dim,
         instances=max(1, q[0] // images),
     )
     return Layer(
         f"{att.name}:scores",
         1,
-        att.width,
+        att.heads * (att.head_dim + att.value_dim) if att.stride else att.width,
         (),
         (group,),
         1,

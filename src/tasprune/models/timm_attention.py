@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+from timm.layers.pos_embed_rel import RelPosBias
 from timm.models import cait, crossvit, fastvit, metaformer, nextvit, pvt_v2, twins
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import Tensor
@@ -155,6 +156,16 @@ class CrossAttention(crossvit.CrossAttention):
         return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
 
 
+class HeadsRelPosBias(RelPosBias):
+    """timm's relative position bias (MaxxViT, CoAtNet) with its head count read off its
+    table (timm's keeps the shape it was built with, which fixes the head count)."""
+
+    def get_bias(self) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index]  # type: ignore[index]
+        bias = bias.view(*self.bias_shape[:2], -1).permute(2, 0, 1)
+        return bias.unsqueeze(0).contiguous()
+
+
 # timm's class -> the subclass it becomes
 SUBCLASSES: dict[type, type] = {
     WindowMultiHeadAttention: SwinCrAttention,
@@ -165,4 +176,5 @@ SUBCLASSES: dict[type, type] = {
     pvt_v2.Attention: PvtAttention,
     nextvit.EfficientAttention: NextVitAttention,
     crossvit.CrossAttention: CrossAttention,
+    RelPosBias: HeadsRelPosBias,
 }

@@ -65,7 +65,12 @@ class _Widths:
         self._cache[group] = (sel, *out)
         return out
 
-    def hook(self, sites: list[tuple[str, int, bool]]) -> Any:
+    def hook(self, sites: list[tuple[Any, ...]]) -> Any:
+        """A forward hook scaling the output channels of a layer by its mask ``sites``:
+        (group, first channel, mixture or support) masks the group's channels from that
+        channel on; (..., size, stride) masks each of the group's units as ``size`` channels
+        every ``stride`` (an interleaved attention's v rows, one block per head)."""
+
         def apply(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             if not isinstance(out, Tensor) or out.dim() < 2:
                 return out
@@ -76,19 +81,28 @@ class _Widths:
                 dim = out.dim() - 1  # channels-last (a Linear or LayerNorm on N,H,W,C)
             else:
                 return out
-            if len(sites) == 1 and sites[0][1] == 0 and self.full[sites[0][0]] == channels:
+            plain = len(sites) == 1 and len(sites[0]) == 3 and sites[0][1] == 0
+            if plain and self.full[sites[0][0]] == channels:
                 m, sup = self.vectors(sites[0][0], out.device)  # the usual case: one group
                 scale = m if sites[0][2] else sup
             else:
                 scale = None
-                for group, offset, mix in sites:
+                for group, offset, mix, *blocks in sites:
                     m, sup = self.vectors(group, out.device)
                     seg = m if mix else sup
                     if seg is None:
                         continue
                     if scale is None:
                         scale = out.new_ones(out.shape[dim])
-                    scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
+                    if blocks:
+                        size, stride = blocks
+                        units = torch.arange(seg.numel(), device=out.device)
+                        index = (
+                            offset + units[:, None] * stride + torch.arange(size, device=out.device)
+                        )
+                        scale = scale.index_put((index.flatten(),), seg.repeat_interleave(size))
+                    else:
+                        scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
             if scale is None:
                 return out
             scale = scale.to(out.dtype)
@@ -271,7 +285,7 @@ def plain_state(net: SuperNet, shape: Any) -> dict[str, Tensor]:
     tr = traced(net.model_name)
     state = {k: v for k, v in net.net.state_dict().items() if ".cand_" not in f".{k}"}
     for name, bn in candidate_affine_layers(net.net).items():
-        group = next(g for g, _, _ in tr.masks[name])
+        group = tr.masks[name][0][0]
         cands = net.width_of[group].candidates
         width = shape.widths[group]
         wider = [j for j, c in enumerate(cands) if c >= width]
@@ -300,10 +314,11 @@ def searchable_network(net: SuperNet, model: str) -> nn.Module:
         if layer in removed:
             continue
         mod = body.get_submodule(layer)
-        group, offset, mix = sites[0]
+        group, offset, mix = sites[0][:3]
         single = (
             len(sites) == 1
             and offset == 0
+            and len(sites[0]) == 3
             and mix
             and tr.groups[group].full == out_channels_of(mod)
             and isinstance(mod, (nn.Conv2d, nn.BatchNorm2d))
