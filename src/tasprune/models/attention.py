@@ -221,11 +221,10 @@ def _per_head(mod: nn.Module, att: Attention) -> list[tuple[str, Tensor, int]]:
     projections = {p.rpartition(".")[2] for p in (*att.producers(), att.out)}
     found = []
     tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
-    for child, sub in mod.named_children():
-        if child not in projections and not _projection(sub):
-            tensors += [
-                (f"{child}.{n}", t) for n, t in [*sub.named_parameters(), *sub.named_buffers()]
-            ]
+    for child, sub in mod.named_children():  # a table in a child (MaxxViT's rel_pos), not
+        if child not in projections and not _projection(sub):  # a norm's per-channel weight
+            own = [*sub.named_parameters(), *sub.named_buffers()]
+            tensors += [(f"{child}.{n}", t) for n, t in own if t.dim() >= 2]
     for pname, t in tensors:
         dims = [d for d, n in enumerate(t.shape) if n == att.heads]
         # one value per head (a relative position bias table), not an index (a table's)
