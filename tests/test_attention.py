@@ -292,8 +292,10 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     assert all(tr.groups[g].fixed is None for g in tr.attention)
     shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
     small = tas.prune(shape).eval()
-    heads = [head_count(m) for m in _readable(small)]
+    read = {a.name for a in tr.attention.values()}  # XCiT's XCA is not: it keeps its heads
+    heads = [head_count(small.get_submodule(n)) for n in sorted(read)]
     assert heads == [1] * attentions
+    assert all(head_count(m) == head_count(net.get_submodule(n)) for n, m in _others(small, read))
     tas.model.eval()
     tas.supernet.training = False
     with torch.no_grad(), tas.supernet.fixed(tr.full_shape()):  # the same function
@@ -332,6 +334,12 @@ def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None
     small = tas.prune(shape).eval()
     _searched_is_pruned(tas, shape, small, x)
     assert sum(_counted(small, x[:1]).values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
+
+
+def _others(net: torch.nn.Module, read: set[str]) -> list[tuple[str, torch.nn.Module]]:
+    from tasprune.models.attention import attention_modules
+
+    return [(n, m) for n, m in attention_modules(net) if n not in read]
 
 
 def _readable(net: torch.nn.Module) -> list[torch.nn.Module]:

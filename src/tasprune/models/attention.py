@@ -46,6 +46,9 @@ _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
 )
 _OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
 _HEADS = ("num_heads", "n_heads")  # the head count's attribute
+# Attention across channels (cross-covariance: XCiT, EdgeNeXt): its products are per channel
+# pair, not per token pair, which the cost does not model: its heads are kept (logged).
+_ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn")
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
 # ... and those that hold num_heads * the q/k or v width in the interleaved layout
@@ -102,12 +105,11 @@ class Attention:
 
 def is_attention(mod: nn.Module) -> bool:
     """A multi-head attention module: ``nn.MultiheadAttention``, or a module with an integer
-    ``num_heads`` whose class names attention."""
+    ``num_heads`` whose class names attention (XCiT's cross-covariance ``XCA`` included)."""
     cls = type(mod).__name__
     heads = head_count(mod) is not None
-    return isinstance(mod, nn.MultiheadAttention) or (
-        heads and ("Attn" in cls or "Attention" in cls)
-    )
+    named = "Attn" in cls or "Attention" in cls or cls in _ACROSS_CHANNELS
+    return isinstance(mod, nn.MultiheadAttention) or (heads and named)
 
 
 def find_attention(net: nn.Module) -> tuple[list[Attention], list[tuple[str, str]]]:
@@ -157,6 +159,8 @@ def _columns(mod: nn.Module) -> int:
 def _read(name: str, mod: nn.Module) -> Attention | None:
     heads = head_count(mod)
     if isinstance(mod, nn.MultiheadAttention) or heads is None or heads < 1:
+        return None
+    if type(mod).__name__ in _ACROSS_CHANNELS:
         return None
     kids = dict(mod.named_children())
     out = next((o for o in _OUTS if _projection(kids.get(o))), None)
