@@ -242,6 +242,12 @@ def _timm_crossvit() -> torch.nn.Module:  # its fusion: a class token attends to
     return net.eval()
 
 
+def _timm_davit() -> torch.nn.Module:  # window attention read, channel attention kept
+    torch.manual_seed(0)
+    kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 2)}
+    return timm.create_model("davit_tiny", window_size=2, num_classes=5, **kw).eval()
+
+
 @pytest.mark.parametrize(
     ("build", "attentions"),
     [
@@ -255,6 +261,7 @@ def _timm_crossvit() -> torch.nn.Module:  # its fusion: a class token attends to
         (functools.partial(_timm_pyramid, "pvt_v2_b0"), 4),
         (functools.partial(_timm_pyramid, "twins_pcpvt_small"), 4),
         (_timm_crossvit, 5),
+        (_timm_davit, 4),
     ],
     ids=[
         "maxvit",
@@ -267,6 +274,7 @@ def _timm_crossvit() -> torch.nn.Module:  # its fusion: a class token attends to
         "pvt_v2",
         "twins",
         "crossvit",
+        "davit",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(

@@ -46,9 +46,9 @@ _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
 )
 _OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
 _HEADS = ("num_heads", "n_heads")  # the head count's attribute
-# Attention across channels (cross-covariance: XCiT, EdgeNeXt): its products are per channel
+# Attention across channels (cross-covariance: XCiT, EdgeNeXt, DaViT): its products are per channel
 # pair, not per token pair, which the cost does not model: its heads are kept (logged).
-_ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn")
+_ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn", "ChannelAttention")
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
 # ... and those that hold num_heads * the q/k or v width in the interleaved layout

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from timm.layers.pos_embed_rel import RelPosBias
-from timm.models import cait, crossvit, fastvit, metaformer, nextvit, pvt_v2, twins
+from timm.models import cait, crossvit, davit, fastvit, metaformer, nextvit, pvt_v2, twins
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import Tensor
 from torch.nn import functional as F
@@ -18,7 +18,8 @@ from torch.nn import functional as F
 def _attend(mod: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T * scale) v per head (batch, heads, tokens, head width), with the
     module's attention dropout, its heads concatenated: (batch, tokens, heads x head width)."""
-    drop = mod.attn_drop.p if mod.training else 0.0
+    dropout = getattr(mod, "attn_drop", None)
+    drop = dropout.p if dropout is not None and mod.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=mod.scale)
     return out.transpose(1, 2).flatten(2)
 
@@ -50,7 +51,8 @@ def _tokens(mod: Any, x: Tensor) -> Tensor:
     qkv = mod.qkv(x)
     heads = mod.num_heads
     q, k, v = qkv.reshape(b, n, 3, heads, qkv.size(-1) // 3 // heads).permute(2, 0, 3, 1, 4)
-    return mod.proj_drop(mod.proj(_attend(mod, q, k, v)))  # type: ignore[no-any-return]
+    out = mod.proj(_attend(mod, q, k, v))
+    return mod.proj_drop(out) if hasattr(mod, "proj_drop") else out  # type: ignore[no-any-return]
 
 
 class MetaFormerAttention(metaformer.Attention):
@@ -69,6 +71,15 @@ class FastVitAttention(fastvit.Attention):
         b, _, h, w = x.shape
         out = _tokens(self, x.flatten(2).transpose(-2, -1))
         return out.transpose(-2, -1).reshape(b, -1, h, w)
+
+
+class DaVitWindowAttention(davit.WindowAttention):
+    """timm DaViT's window attention with its heads a width choice: timm derives the head
+    width from the input's, which fixes the head count (its channel attention keeps its
+    heads: `tasprune.models.attention` does not read attention across channels)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _tokens(self, x)
 
 
 class ClassAttention(cait.ClassAttn):
@@ -177,4 +188,5 @@ SUBCLASSES: dict[type, type] = {
     nextvit.EfficientAttention: NextVitAttention,
     crossvit.CrossAttention: CrossAttention,
     RelPosBias: HeadsRelPosBias,
+    davit.WindowAttention: DaVitWindowAttention,
 }
