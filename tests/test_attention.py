@@ -564,6 +564,22 @@ def test_the_latency_table_times_attention_at_every_head_count() -> None:
     assert tuple(y.shape) == (2, 17, 24)
 
 
+def test_the_latency_table_times_interleaved_attention_at_its_cost() -> None:
+    """An interleaved attention's width counts q/k and v per head (2 heads of 4 + 8 here): the
+    table's op runs that many heads, and its products cost what the cost function counts per
+    head (tokens x tokens x (4 + 8)), not twice that."""
+    from tasprune.latency_table import Op
+
+    for size in ((5, 5), (5, 3)):  # keys from other tokens (a reduced map)
+        op = Op("attention", size=size, head_dim=4, value_dim=8)
+        attend = op.build(1, 24)
+        x = op.example(1, 1, 24)
+        with counting(attend) as fc:
+            y = attend(x)
+        assert tuple(y.shape) == (1, 5, 16)  # 2 heads of v's 8
+        assert fc.get_total_flops() // 2 == size[0] * size[1] * 2 * (4 + 8)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_shipped_vit_builds_every_shape_at_its_cost(seed: int) -> None:
     """vit_fmnist at random shapes of its space (heads, MLP widths, blocks): built by

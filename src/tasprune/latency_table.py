@@ -59,7 +59,9 @@ class Op:
     (in, out) channels per group; its width then sets the number of groups (in and out tied: a
     depthwise conv is (1, 1)). ``image``: the input is the network's own (never padded);
     ``head``: the output is the classifier's (never padded). An attention's width is its
-    heads x ``head_dim``, computed on ``instances`` rows per image (windows)."""
+    heads x ``head_dim``, computed on ``instances`` rows per image (windows); with
+    ``value_dim`` (an interleaved attention, whose width counts q/k and v per head) it is
+    heads x (``head_dim`` + ``value_dim``)."""
 
     kind: str
     kernel: tuple[int, ...] = ()
@@ -72,11 +74,14 @@ class Op:
     head: bool = False
     head_dim: int = 0
     instances: int = 1
+    value_dim: int = 0
 
     def label(self) -> str:
         parts = [self.kind]
         if self.kind == "attention":
             parts += [f"hd{self.head_dim}", f"x{self.instances}"]
+            if self.value_dim:
+                parts.insert(2, f"vd{self.value_dim}")
         elif self.kind != "linear":
             parts += [
                 "k" + "x".join(map(str, self.kernel)),
@@ -107,7 +112,7 @@ class Op:
         if self.kind == "linear":
             return nn.Linear(cin, cout)
         if self.kind == "attention":
-            return _Attend(self.head_dim, *self.size)
+            return _Attend(self.head_dim, self.size[0], self.size[1], self.value_dim)
         cin, cout, groups = self.channels(cin, cout)
         conv_cls, bn_cls = (
             (nn.Conv2d, nn.BatchNorm2d) if self.kind == "conv2d" else (nn.Conv1d, nn.BatchNorm1d)
@@ -135,18 +140,25 @@ class Op:
 
 class _Attend(nn.Module):
     """An attention's token products alone: softmax(q k^T / sqrt(d)) v over heads of ``d``
-    channels (q, k and v are the input, or a fixed key/value when the token counts differ)."""
+    channels (q, k and v are the input, or a fixed key/value when the token counts differ);
+    with ``value_dim`` each head's input is q/k (``d``) then v (``value_dim``)."""
 
-    def __init__(self, head_dim: int, n_q: int, n_k: int) -> None:
+    def __init__(self, head_dim: int, n_q: int, n_k: int, value_dim: int = 0) -> None:
         super().__init__()
-        self.d, self.n_q, self.n_k = head_dim, n_q, n_k
+        self.d, self.n_q, self.n_k, self.dv = head_dim, n_q, n_k, value_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h = x.shape[0], x.shape[-1] // self.d
-        q = x.view(b, self.n_q, h, self.d).transpose(1, 2)
-        kv = q if self.n_k == self.n_q else q.mean(2, keepdim=True).expand(-1, -1, self.n_k, -1)
-        out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv)
-        return out.transpose(1, 2).reshape(b, self.n_q, h * self.d)
+        per_head = self.d + self.dv
+        b, h = x.shape[0], x.shape[-1] // per_head
+        heads = x.view(b, self.n_q, h, per_head).transpose(1, 2)
+        q, v = (heads[..., : self.d], heads[..., self.d :]) if self.dv else (heads, heads)
+        if self.n_k != self.n_q:
+            q_k = q.mean(2, keepdim=True).expand(-1, -1, self.n_k, -1)
+            v = v.mean(2, keepdim=True).expand(-1, -1, self.n_k, -1)
+        else:
+            q_k = q
+        out = torch.nn.functional.scaled_dot_product_attention(q, q_k, v)
+        return out.transpose(1, 2).reshape(b, self.n_q, -1)
 
 
 def _device_name(device: str) -> str:

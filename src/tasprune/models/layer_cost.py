@@ -198,6 +198,7 @@ def _scores(
         size=(tokens(q, att.rows[0][0]), tokens(k, att.rows[1][0])),
         head_dim=att.head_dim,
         instances=max(1, q[0] // images),
+        value_dim=att.value_dim if att.stride else 0,
     )
     return Layer(
         f"{att.name}:scores",
