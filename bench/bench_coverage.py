@@ -289,6 +289,21 @@ def run_one(model: str) -> dict[str, Any]:
     return out
 
 
+def heads_status(tr: Any) -> tuple[list[str], dict[str, str]]:
+    """The multi-head attention modules of a traced network (a single head has no head count
+    to search) and, for those whose heads are not searched, why ("Class: reason")."""
+    from tasprune.models.attention import attention_modules, head_count
+
+    mods = {n: m for n, m in attention_modules(tr.template) if head_count(m) != 1}
+    fixed = {a.name: tr.groups[g].fixed for g, a in tr.attention.items()}
+    missing = {
+        n: f"{type(m).__name__}: {fixed.get(n) or 'its projections are not read'}"
+        for n, m in mods.items()
+        if n not in fixed or fixed[n] is not None
+    }
+    return list(mods), missing
+
+
 def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any]) -> None:
     """Search, derive, prune, exact FLOPs inside the band, ONNX parity."""
     import torch
@@ -296,7 +311,6 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
 
     from tasprune.config import SearchConfig
     from tasprune.models import create_model
-    from tasprune.models.attention import attention_modules, head_count
     from tasprune.models.layer_cost import counting
     from tasprune.models.traced import traced
     from tasprune.search.supernet import SuperNet
@@ -305,18 +319,14 @@ def check_path(model: str, c: Check, out: dict[str, Any], found: dict[str, Any])
     side = input_side(model)
     tr = traced(model)
     c.step = "groups"
-    # multi-head: a single head has no head count to search
-    attention = [n for n, m in attention_modules(tr.template) if head_count(m) != 1]
-    searched = {a.name for g, a in tr.attention.items() if tr.groups[g].fixed is None}
-    out["attention_modules"], out["heads_searched"] = len(attention), len(searched)
-    missing = [n for n in attention if n not in searched]
+    attention, missing = heads_status(tr)
+    out["attention_modules"] = len(attention)
+    out["heads_searched"] = len(attention) - len(missing)
     if missing:
-        why = next(
-            (tr.groups[g].fixed for g, a in tr.attention.items() if a.name == missing[0]), None
-        )
+        first, why = next(iter(missing.items()))
         out["attention_error"] = (
             f"the heads of {len(missing)} of {len(attention)} attention modules are not "
-            f"searched ({missing[0]}: {why or 'its projections are not read'})"
+            f"searched ({first}: {why})"
         )
     out["width_choices"] = len(tr.searchable_groups())
     out["fixed_widths"] = len(tr.groups) - len(tr.searchable_groups())
