@@ -244,7 +244,7 @@ class Traced:
             v_layer, v_first = att.rows[2]
             if att.stride:  # a head's v rows, one block of value_dim every stride rows
                 self.per_channel[(att.out, False, gname)] = att.value_dim
-                self.per_channel[(f"{att.name}:scores", True, gname)] = att.head_dim + att.value_dim
+                self.per_channel[(att.scores, True, gname)] = att.head_dim + att.value_dim
                 self.masks[v_layer] = [(gname, v_first, True, att.value_dim, att.stride)]
             else:
                 self.masks[v_layer] = [(gname, v_first, True)]

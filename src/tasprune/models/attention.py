@@ -12,10 +12,11 @@ projection's input, exactly as if it were removed, so the searched mixture is th
 network (no normalisation statistics change, unlike masking the embedding width).
 
 Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
-``n_heads``) and linear projections named as the common implementations name them (a fused
-``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v`` (or ``wq``, ...); then ``proj``, ``o``,
-``out_proj`` or ``merge``), whose widths agree.
-Other attention modules keep their heads, with one log line naming them.
+``n_heads``) and projections (linears or 1x1 convs) named as the common implementations name
+them (a fused ``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v`` (or ``wq``, ...);
+then ``proj``, ``o``, ``out_proj`` or ``merge``), whose widths agree, in the contiguous or the
+interleaved layout (`Attention`). Other attention modules keep their heads, with one log line
+naming them.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class Attention:
         """The width choice's full value: every head's channels, or the head count."""
         return self.heads * self.unit
 
+    @property
+    def scores(self) -> str:
+        """The name of its token products as a layer of the cost (`layer_cost`)."""
+        return f"{self.name}:scores"
+
     def producers(self) -> list[str]:
         return list(dict.fromkeys(layer for layer, _ in self.rows))
 
@@ -149,11 +155,24 @@ def _projection(mod: nn.Module | None) -> bool:
 
 
 def _rows(mod: nn.Module) -> int:
-    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[arg-type]
+    """A projection's output rows (a linear's or a 1x1 conv's weight: out x in [x 1 x 1])."""
+    return int(mod.weight.shape[0])  # type: ignore[union-attr,index]
 
 
 def _columns(mod: nn.Module) -> int:
-    return int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)  # type: ignore[arg-type]
+    """A projection's input columns."""
+    return int(mod.weight.shape[1])  # type: ignore[union-attr,index]
+
+
+def _cut(mod: nn.Linear | nn.Conv2d, dim: int, index: Tensor) -> None:
+    """Keep the projection's output rows (``dim`` 0, its bias too) or input columns (1) at
+    ``index``, in place, its width attribute following."""
+    mod.weight = nn.Parameter(mod.weight.detach().index_select(dim, index).clone())
+    if dim == 0 and mod.bias is not None:
+        mod.bias = nn.Parameter(mod.bias.detach().index_select(0, index).clone())
+    linear = isinstance(mod, nn.Linear)
+    attr = ("out_features", "in_features")[dim] if linear else ("out_channels", "in_channels")[dim]
+    setattr(mod, attr, len(index))
 
 
 def _read(name: str, mod: nn.Module) -> Attention | None:
@@ -299,21 +318,9 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
         by_layer.setdefault(layer, []).extend(att.part_rows(part, kept))
     for layer, idx in by_layer.items():
         lin = _projection_at(net, layer)
-        index = torch.tensor(sorted(idx), device=lin.weight.device)
-        lin.weight = nn.Parameter(lin.weight.detach().index_select(0, index).clone())
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.detach().index_select(0, index).clone())
-        if isinstance(lin, nn.Linear):
-            lin.out_features = len(idx)
-        else:
-            lin.out_channels = len(idx)
+        _cut(lin, 0, torch.tensor(sorted(idx), device=lin.weight.device))
     out = _projection_at(net, att.out)
-    columns = torch.tensor(att.out_columns(kept), device=out.weight.device)
-    out.weight = nn.Parameter(out.weight.detach().index_select(1, columns).clone())
-    if isinstance(out, nn.Linear):
-        out.in_features = len(columns)
-    else:
-        out.in_channels = len(columns)
+    _cut(out, 1, torch.tensor(att.out_columns(kept), device=out.weight.device))
     mod = net.get_submodule(att.name)
     for pname, t, dim in _per_head(mod, att):
         _set_tensor(mod, pname, t.detach().narrow(dim, 0, keep).clone(), t)

@@ -201,7 +201,7 @@ def _scores(
         value_dim=att.value_dim if att.stride else 0,
     )
     return Layer(
-        f"{att.name}:scores",
+        att.scores,
         1,
         att.heads * (att.head_dim + att.value_dim) if att.stride else att.width,
         (),
