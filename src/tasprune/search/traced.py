@@ -70,6 +70,16 @@ class _Widths:
         (group, first channel, mixture or support) masks the group's channels from that
         channel on; (..., size, stride) masks each of the group's units as ``size`` channels
         every ``stride`` (an interleaved attention's v rows, one block per head)."""
+        # a strided site's channel indices, unit by unit (fixed: computed once)
+        blocks = {
+            i: (
+                site[1]
+                + torch.arange(self.full[site[0]])[:, None] * site[4]
+                + torch.arange(site[3])
+            ).flatten()
+            for i, site in enumerate(sites)
+            if len(site) == 5
+        }
 
         def apply(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             if not isinstance(out, Tensor) or out.dim() < 2:
@@ -87,20 +97,17 @@ class _Widths:
                 scale = m if sites[0][2] else sup
             else:
                 scale = None
-                for group, offset, mix, *blocks in sites:
+                for i, (group, offset, mix, *_) in enumerate(sites):
                     m, sup = self.vectors(group, out.device)
                     seg = m if mix else sup
                     if seg is None:
                         continue
                     if scale is None:
                         scale = out.new_ones(out.shape[dim])
-                    if blocks:
-                        size, stride = blocks
-                        units = torch.arange(seg.numel(), device=out.device)
-                        index = (
-                            offset + units[:, None] * stride + torch.arange(size, device=out.device)
-                        )
-                        scale = scale.index_put((index.flatten(),), seg.repeat_interleave(size))
+                    if i in blocks:
+                        index = blocks[i].to(out.device)
+                        size = index.numel() // seg.numel()
+                        scale = scale.index_put((index,), seg.repeat_interleave(size))
                     else:
                         scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
             if scale is None:
