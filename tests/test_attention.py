@@ -221,10 +221,16 @@ def _timm_fastvit() -> torch.nn.Module:
     return timm.create_model("fastvit_sa12", **kw).eval()
 
 
-def _timm_xcit() -> torch.nn.Module:  # its class attention's heads (XCA's are not read)
+def _timm_xcit() -> torch.nn.Module:  # cross-covariance attention, then class attention
     torch.manual_seed(0)
     kw = {"img_size": 32, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 5}
     return timm.create_model("xcit_nano_12_p16_224", patch_size=8, **kw).eval()
+
+
+def _timm_edgenext() -> torch.nn.Module:  # cross-covariance attention in a conv network
+    torch.manual_seed(0)
+    kw = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 64), "heads": (2, 2, 2, 2)}
+    return timm.create_model("edgenext_xx_small", num_classes=5, **kw).eval()
 
 
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
@@ -242,7 +248,7 @@ def _timm_crossvit() -> torch.nn.Module:  # its fusion: a class token attends to
     return net.eval()
 
 
-def _timm_davit() -> torch.nn.Module:  # window attention read, channel attention kept
+def _timm_davit() -> torch.nn.Module:  # window attention, then channel attention (q masked)
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 2)}
     return timm.create_model("davit_tiny", window_size=2, num_classes=5, **kw).eval()
@@ -257,11 +263,12 @@ def _timm_davit() -> torch.nn.Module:  # window attention read, channel attentio
         (_timm_swin_cr, 4),
         (_timm_caformer, 3),
         (_timm_fastvit, 2),
-        (_timm_xcit, 2),
+        (_timm_xcit, 3),
         (functools.partial(_timm_pyramid, "pvt_v2_b0"), 4),
         (functools.partial(_timm_pyramid, "twins_pcpvt_small"), 4),
         (_timm_crossvit, 5),
-        (_timm_davit, 4),
+        (_timm_davit, 8),
+        (_timm_edgenext, 3),
     ],
     ids=[
         "maxvit",
@@ -275,6 +282,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention read, channel attentio
         "twins",
         "crossvit",
         "davit",
+        "edgenext",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
@@ -283,8 +291,8 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     """torchvision's MaxViT and Swin write their attention so that the head count cannot
     change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
     projections' weights to a function that derives the head width from the input's; timm's
-    SwinV2-CR, MetaFormer, FastViT and the class attention of CaiT and XCiT derive it from the
-    input's too): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
+    SwinV2-CR, MetaFormer, FastViT, the class attention of CaiT and XCiT and the attention
+    across channels of XCiT, EdgeNeXt and DaViT derive it from the input's too): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
     and the subclasses of `tasprune.models.timm_attention`
     (subclasses with the same parameters and function), whose heads are searched like any
     other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
@@ -300,7 +308,7 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     assert all(tr.groups[g].fixed is None for g in tr.attention)
     shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
     small = tas.prune(shape).eval()
-    read = {a.name for a in tr.attention.values()}  # XCiT's XCA is not: it keeps its heads
+    read = {a.name for a in tr.attention.values()}
     heads = [head_count(small.get_submodule(n)) for n in sorted(read)]
     assert heads == [1] * attentions
     assert all(head_count(m) == head_count(net.get_submodule(n)) for n, m in _others(small, read))
@@ -498,10 +506,15 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
     assert not torch.equal(ordered.blocks[0].attn.qkv.weight, net.blocks[0].attn.qkv.weight)
 
 
-@pytest.mark.parametrize("build", [_tv_maxvit, _tv_swin, _tv_swin_v2], ids=["maxvit", "swin", "v2"])
-def test_ordering_torchvision_window_attention_keeps_the_function(build: Any) -> None:
+@pytest.mark.parametrize(
+    "build",
+    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit],
+    ids=["maxvit", "swin", "v2", "xcit", "davit"],
+)
+def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
     """Sorting the heads of torchvision's MaxViT and Swin moves their per-head tables (and
-    Swin v2's per-head scales and bias-MLP rows) with them: the same function."""
+    Swin v2's per-head scales and bias-MLP rows) with them, and those of XCiT's attention
+    across channels its per-head temperatures: the same function."""
     from tasprune.importance import order_channels
     from tasprune.models.attention import split_attention
 
@@ -578,6 +591,20 @@ def test_the_latency_table_times_interleaved_attention_at_its_cost() -> None:
             y = attend(x)
         assert tuple(y.shape) == (1, 5, 16)  # 2 heads of v's 8
         assert fc.get_total_flops() // 2 == size[0] * size[1] * 2 * (4 + 8)
+
+
+def test_the_latency_table_times_attention_across_channels_at_its_cost() -> None:
+    """Attention across channels (XCiT's): per head, each of its 4 channels attends to the
+    head's 4 channels over 5 tokens: the op costs tokens x 4 x 4 per head, twice."""
+    from tasprune.latency_table import Op
+
+    op = Op("attention", size=(5, 5), head_dim=4, across=True)
+    assert "channels" in op.label()
+    attend = op.build(1, 12)
+    with counting(attend) as fc:
+        y = attend(op.example(1, 1, 12))
+    assert tuple(y.shape) == (1, 5, 12)
+    assert fc.get_total_flops() // 2 == 3 * 5 * 4 * 4 * 2
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -61,7 +61,8 @@ class Op:
     ``head``: the output is the classifier's (never padded). An attention's width is its
     heads x ``head_dim``, computed on ``instances`` rows per image (windows); with
     ``value_dim`` (an interleaved attention, whose width counts q/k and v per head) it is
-    heads x (``head_dim`` + ``value_dim``)."""
+    heads x (``head_dim`` + ``value_dim``); ``across``: its products are per channel pair within
+    a head, over the tokens (XCiT's cross-covariance attention)."""
 
     kind: str
     kernel: tuple[int, ...] = ()
@@ -75,6 +76,7 @@ class Op:
     head_dim: int = 0
     instances: int = 1
     value_dim: int = 0
+    across: bool = False
 
     def label(self) -> str:
         parts = [self.kind]
@@ -82,6 +84,8 @@ class Op:
             parts += [f"hd{self.head_dim}", f"x{self.instances}"]
             if self.value_dim:
                 parts.insert(2, f"vd{self.value_dim}")
+            if self.across:
+                parts.insert(1, "channels")
         elif self.kind != "linear":
             parts += [
                 "k" + "x".join(map(str, self.kernel)),
@@ -112,7 +116,7 @@ class Op:
         if self.kind == "linear":
             return nn.Linear(cin, cout)
         if self.kind == "attention":
-            return _Attend(self.head_dim, self.size[0], self.size[1], self.value_dim)
+            return _Attend(self.head_dim, self.size[0], self.size[1], self.value_dim, self.across)
         cin, cout, groups = self.channels(cin, cout)
         conv_cls, bn_cls = (
             (nn.Conv2d, nn.BatchNorm2d) if self.kind == "conv2d" else (nn.Conv1d, nn.BatchNorm1d)
@@ -141,16 +145,24 @@ class Op:
 class _Attend(nn.Module):
     """An attention's token products alone: softmax(q k^T / sqrt(d)) v over heads of ``d``
     channels (q, k and v are the input, or a fixed key/value when the token counts differ);
-    with ``value_dim`` each head's input is q/k (``d``) then v (``value_dim``)."""
+    with ``value_dim`` each head's input is q/k (``d``) then v (``value_dim``); ``across``: the
+    products are between a head's channels, over the tokens."""
 
-    def __init__(self, head_dim: int, n_q: int, n_k: int, value_dim: int = 0) -> None:
+    def __init__(
+        self, head_dim: int, n_q: int, n_k: int, value_dim: int = 0, across: bool = False
+    ) -> None:
         super().__init__()
         self.d, self.n_q, self.n_k, self.dv = head_dim, n_q, n_k, value_dim
+        self.across = across
 
     def forward(self, x: Tensor) -> Tensor:
         per_head = self.d + self.dv
         b, h = x.shape[0], x.shape[-1] // per_head
         heads = x.view(b, self.n_q, h, per_head).transpose(1, 2)
+        if self.across:  # (b, heads, channels, tokens): a channel attends to the head's others
+            t = heads.transpose(-2, -1)
+            out = torch.nn.functional.scaled_dot_product_attention(t, t, t)
+            return out.permute(0, 3, 1, 2).reshape(b, self.n_q, -1)
         q, v = (heads[..., : self.d], heads[..., self.d :]) if self.dv else (heads, heads)
         if self.n_k != self.n_q:
             q_k = q.mean(2, keepdim=True).expand(-1, -1, self.n_k, -1)

@@ -241,7 +241,7 @@ class Traced:
                 if rows > 1:
                     self.per_channel[(p, True, gname)] = rows
             self.group_of[(att.out, False)] = [gname]
-            v_layer, v_first = att.rows[2]
+            v_layer, v_first = att.rows[att.masked]
             if att.stride:  # a head's v rows, one block of value_dim every stride rows
                 self.per_channel[(att.out, False, gname)] = att.value_dim
                 self.per_channel[(att.scores, True, gname)] = att.head_dim + att.value_dim

@@ -7,8 +7,9 @@ projection the same input columns, and ``num_heads`` (with the attributes derive
 follows, as do the module's own tensors with one entry per head (a relative position bias
 table), so the module's own forward runs unchanged on the smaller weights.
 
-The searched network masks each head's v rows: a head with v = 0 adds nothing to the output
-projection's input, exactly as if it were removed, so the searched mixture is the pruned
+The searched network masks each head's v rows (the part that reaches the output: DaViT's channel
+attention weighs q): a head with v = 0 adds nothing to the output projection's input, exactly as
+if it were removed, so the searched mixture is the pruned
 network (no normalisation statistics change, unlike masking the embedding width).
 
 Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
@@ -47,8 +48,9 @@ _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
 )
 _OUTS = ("proj", "o", "out_proj", "o_proj", "merge")
 _HEADS = ("num_heads", "n_heads")  # the head count's attribute
-# Attention across channels (cross-covariance: XCiT, EdgeNeXt, DaViT): its products are per channel
-# pair, not per token pair, which the cost does not model: its heads are kept (logged).
+# Attention across channels (cross-covariance: XCiT, EdgeNeXt, DaViT), whose products are per
+# channel pair within a head: read only as the subclasses that say so (``across_channels``), whose
+# forward reads the head width off qkv (timm's derives it from the input's); else kept (logged).
 _ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn", "ChannelAttention")
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
@@ -74,6 +76,8 @@ class Attention:
     out: str  # the projection reading the heads' concatenation
     v_dim: int = 0  # v's width per head where it differs from head_dim
     stride: int = 0  # interleaved: rows from one head's block to the next's; 0: contiguous
+    across: bool = False  # products per channel pair within a head over the tokens (XCiT's)
+    masked: int = 2  # the part whose rows the search zeroes: what reaches the output (v)
 
     @property
     def value_dim(self) -> int:
@@ -179,7 +183,8 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
     heads = head_count(mod)
     if isinstance(mod, nn.MultiheadAttention) or heads is None or heads < 1:
         return None
-    if type(mod).__name__ in _ACROSS_CHANNELS:
+    across = bool(getattr(type(mod), "across_channels", False))
+    if type(mod).__name__ in _ACROSS_CHANNELS and not across:
         return None
     kids = dict(mod.named_children())
     out = next((o for o in _OUTS if _projection(kids.get(o))), None)
@@ -210,7 +215,10 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
         head_dim = width // heads
         if getattr(mod, "head_dim", head_dim) != head_dim:
             return None
-        return Attention(name, heads, head_dim, tuple(found), prefix + out)
+        masked = int(getattr(type(mod), "output_part", 2))
+        return Attention(
+            name, heads, head_dim, tuple(found), prefix + out, across=across, masked=masked
+        )
     return None
 
 

@@ -177,7 +177,8 @@ def _scores(
 ) -> Layer:
     """The token-token products of one attention module (q k^T and the weights times v) as
     a layer without weights: per attention instance (a batch row, a window) q tokens x k
-    tokens x the heads' width, twice; read off the outputs of its q and k projections."""
+    tokens x the heads' width, twice (across channels: tokens x head width x the heads'
+    width, twice); read off the outputs of its q and k projections."""
     group = tr.group_of[(att.rows[0][0], True)][0]
     calls_q = sizes[att.rows[0][0]]
     calls_k = sizes[att.rows[1][0]]
@@ -188,10 +189,12 @@ def _scores(
 
     # contiguous: both products per channel of the choice; interleaved (the choice counts
     # heads): per head head_dim + value_dim (`Traced.per_channel`)
+    # across channels (XCiT's): per channel, the head's other channels x tokens, twice
     twice = 1 if att.stride else 2
     pos = 0
     for (_, q), (_, k) in zip(calls_q, calls_k, strict=True):
-        pos += twice * q[0] * tokens(q, att.rows[0][0]) * tokens(k, att.rows[1][0])
+        pairs = att.head_dim if att.across else tokens(k, att.rows[1][0])
+        pos += twice * q[0] * tokens(q, att.rows[0][0]) * pairs
     (_, q), (_, k) = calls_q[0], calls_k[0]
     op = Op(
         "attention",
@@ -199,6 +202,7 @@ def _scores(
         head_dim=att.head_dim,
         instances=max(1, q[0] // images),
         value_dim=att.value_dim if att.stride else 0,
+        across=att.across,
     )
     return Layer(
         att.scores,

@@ -9,7 +9,18 @@ from typing import Any
 
 import torch
 from timm.layers.pos_embed_rel import RelPosBias
-from timm.models import cait, crossvit, davit, fastvit, metaformer, nextvit, pvt_v2, twins
+from timm.models import (
+    cait,
+    crossvit,
+    davit,
+    edgenext,
+    fastvit,
+    metaformer,
+    nextvit,
+    pvt_v2,
+    twins,
+    xcit,
+)
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 from torch import Tensor
 from torch.nn import functional as F
@@ -75,11 +86,67 @@ class FastVitAttention(fastvit.Attention):
 
 class DaVitWindowAttention(davit.WindowAttention):
     """timm DaViT's window attention with its heads a width choice: timm derives the head
-    width from the input's, which fixes the head count (its channel attention keeps its
-    heads: `tasprune.models.attention` does not read attention across channels)."""
+    width from the input's, which fixes the head count."""
 
     def forward(self, x: Tensor) -> Tensor:
         return _tokens(self, x)
+
+
+def _channels(mod: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v of an attention across channels, (batch, heads, head width, tokens), the
+    head width read off qkv."""
+    b, n, _ = x.shape
+    qkv = mod.qkv(x)
+    qkv = qkv.reshape(b, n, 3, mod.num_heads, qkv.size(-1) // 3 // mod.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 4, 1).unbind(0)
+    return q, k, v
+
+
+def _cross_covariance(mod: Any, x: Tensor) -> Tensor:
+    """XCiT's cross-covariance attention: per head, each channel attends to the head's
+    channels (softmax of the cosine over tokens of q's and k's channels, times a per-head
+    temperature), computed as timm's unfused path computes it."""
+    b, n, _ = x.shape
+    q, k, v = _channels(mod, x)
+    scores = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * mod.temperature
+    out = (mod.attn_drop(scores.softmax(dim=-1)) @ v).permute(0, 3, 1, 2).reshape(b, n, -1)
+    return mod.proj_drop(mod.proj(out))  # type: ignore[no-any-return]
+
+
+class XcaAttention(xcit.XCA):
+    """timm XCiT's cross-covariance attention with its heads a width choice (products per
+    channel pair within a head: `tasprune.models.attention`'s ``across``): timm reshapes the
+    heads' output to the input's width, which fixes the head count."""
+
+    across_channels = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cross_covariance(self, x)
+
+
+class EdgeNextAttention(edgenext.CrossCovarianceAttn):
+    """timm EdgeNeXt's cross-covariance attention (XCiT's) with its heads a width choice."""
+
+    across_channels = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _cross_covariance(self, x)
+
+
+class DaVitChannelAttention(davit.ChannelAttention):
+    """timm DaViT's channel attention with its heads a width choice: per head, softmax(k^T v)
+    over the head's channels weighs q's channels, so q is what reaches the output (the search
+    masks q's rows: ``output_part``)."""
+
+    across_channels = True
+    output_part = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = _channels(self, x)  # (batch, heads, head width, tokens)
+        weights = ((k * self.scale) @ v.transpose(-2, -1)).softmax(dim=-1)
+        out = weights @ q  # (batch, heads, head width, tokens)
+        return self.proj(out.permute(0, 3, 1, 2).reshape(b, n, -1))  # type: ignore[no-any-return]
 
 
 class ClassAttention(cait.ClassAttn):
@@ -189,4 +256,7 @@ SUBCLASSES: dict[type, type] = {
     crossvit.CrossAttention: CrossAttention,
     RelPosBias: HeadsRelPosBias,
     davit.WindowAttention: DaVitWindowAttention,
+    xcit.XCA: XcaAttention,
+    edgenext.CrossCovarianceAttn: EdgeNextAttention,
+    davit.ChannelAttention: DaVitChannelAttention,
 }
