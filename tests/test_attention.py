@@ -233,6 +233,18 @@ def _timm_edgenext() -> torch.nn.Module:  # cross-covariance attention in a conv
     return timm.create_model("edgenext_xx_small", num_classes=5, **kw).eval()
 
 
+def _timm_eva() -> torch.nn.Module:  # F.linear on the fused q/k/v weight, q and v biases, RoPE
+    torch.manual_seed(0)
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    net = timm.create_model("eva02_tiny_patch14_224", num_classes=5, **kw).eval()
+    with torch.no_grad():  # trained-like biases (timm starts them at zero)
+        for m in net.modules():
+            if getattr(m, "q_bias", None) is not None:
+                m.q_bias.normal_()
+                m.v_bias.normal_()
+    return net
+
+
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
@@ -269,6 +281,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         (_timm_crossvit, 5),
         (_timm_davit, 8),
         (_timm_edgenext, 3),
+        (_timm_eva, 2),
     ],
     ids=[
         "maxvit",
@@ -283,6 +296,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         "crossvit",
         "davit",
         "edgenext",
+        "eva",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
@@ -292,7 +306,8 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     change (MaxViT reshapes the heads' concatenation to the input's width; Swin hands its
     projections' weights to a function that derives the head width from the input's; timm's
     SwinV2-CR, MetaFormer, FastViT, the class attention of CaiT and XCiT and the attention
-    across channels of XCiT, EdgeNeXt and DaViT derive it from the input's too): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
+    across channels of XCiT, EdgeNeXt and DaViT derive it from the input's too; EVA's calls
+    ``F.linear`` on its fused q/k/v weight and runs as three linears): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
     and the subclasses of `tasprune.models.timm_attention`
     (subclasses with the same parameters and function), whose heads are searched like any
     other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
@@ -326,6 +341,27 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     torch.onnx.export(small, (x,), str(path), input_names=["x"], dynamo=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], got.numpy(), atol=1e-4)
+
+
+def test_a_pruned_eva_saves_timms_keys_and_rebuilds_from_a_fresh_original(tmp_path: Path) -> None:
+    """EVA's attention runs as three linears, but what is saved is timm's (``qkv.weight``,
+    ``q_bias``, ``v_bias``, cut to the kept heads): the shape and that state re-applied to a
+    freshly built original give the same network."""
+    net = _timm_eva()
+    x = torch.randn(2, 3, 32, 32)
+    tas = tasprune.TAS(net, x[:1], epochs=1, flops_ratio=0.6)
+    tr = traced(tas.name)
+    shape = tr.full_shape().replace(widths={g: tr.groups[g].multiple for g in tr.attention})
+    small = tas.prune(shape).eval()
+    state = small.state_dict()
+    assert state["blocks.0.attn.qkv.weight"].shape == (3 * 16, 32)  # 1 head of 16, q k v
+    assert state["blocks.0.attn.q_bias"].shape == state["blocks.0.attn.v_bias"].shape == (16,)
+    shape.save(tmp_path / "shape.json", model=tas.name)
+    again = tasprune.prune(
+        _timm_eva(), tmp_path / "shape.json", example_inputs=x[:1], pruned_state=state
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), small(x))
 
 
 def test_attention_with_normalised_q_and_k_prunes_to_what_was_searched() -> None:

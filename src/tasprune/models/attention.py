@@ -581,7 +581,10 @@ def split_attention(net: nn.Module) -> nn.Module:
         from tasprune.models.timm_attention import SUBCLASSES as timm_subclasses
     for name, mod in list(net.named_modules()):
         if type(mod) in timm_subclasses:
-            mod.__class__ = timm_subclasses[type(mod)]
+            sub = timm_subclasses[type(mod)]
+            if getattr(sub, "takes", lambda m: True)(mod):
+                mod.__class__ = sub
+                getattr(sub, "adopt", lambda m: None)(mod)
             continue
         if type(mod) is RelativePositionalMultiHeadAttention:
             mod.__class__ = MaxVitAttention

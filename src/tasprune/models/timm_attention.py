@@ -8,12 +8,14 @@ import math
 from typing import Any
 
 import torch
+from timm.layers import apply_rot_embed_cat
 from timm.layers.pos_embed_rel import RelPosBias
 from timm.models import (
     cait,
     crossvit,
     davit,
     edgenext,
+    eva,
     fastvit,
     metaformer,
     nextvit,
@@ -22,7 +24,7 @@ from timm.models import (
     xcit,
 )
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 
@@ -244,7 +246,89 @@ class HeadsRelPosBias(RelPosBias):
         return bias.unsqueeze(0).contiguous()
 
 
-# timm's class -> the subclass it becomes
+class EvaSplitAttention(eva.EvaAttention):
+    """timm EVA's attention with its heads a width choice: its fused q/k/v weight runs as
+    three linears (``q_proj``, ``k_proj``, ``v_proj``; timm calls ``F.linear`` on the fused
+    weight with q's and v's biases, which no module call shows) and its head width is read
+    off them (timm reshapes to the input's width). The state dict is timm's: ``qkv.weight``
+    (the three stacked), ``q_bias`` and ``v_bias``. Made by `adopt`, only where the heads
+    are independent until the output projection (no normalisation over the heads'
+    concatenation, no gate)."""
+
+    @staticmethod
+    def takes(mod: Any) -> bool:
+        plain = isinstance(mod.norm, nn.Identity) and mod.gate is None
+        return plain and mod.qkv is not None and not mod.qkv_bias_separate
+
+    @staticmethod
+    def adopt(mod: Any) -> None:
+        w = mod.qkv.weight.detach()
+        rows = w.shape[0] // 3
+        biases = (mod.q_bias, None, mod.v_bias)
+        for i, child in enumerate(("q_proj", "k_proj", "v_proj")):
+            bias = biases[i]
+            lin = nn.Linear(w.shape[1], rows, bias=bias is not None, device=w.device, dtype=w.dtype)
+            lin.weight = nn.Parameter(w[i * rows : (i + 1) * rows].clone())
+            if bias is not None:
+                lin.bias = nn.Parameter(bias.detach().clone())
+            setattr(mod, child, lin)
+        mod.qkv = mod.q_bias = mod.v_bias = mod.k_bias = None
+        mod._register_state_dict_hook(_eva_saved)
+        mod.register_load_state_dict_pre_hook(_eva_loaded)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        heads = self.num_heads
+        projections: tuple[Any, ...] = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (_split(p(x), heads) for p in projections)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, self.rotate_half
+
+            def rotated(t: Tensor) -> Tensor:
+                turned = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)
+                return torch.cat([t[:, :, :npt, :], turned], dim=2).type_as(v)
+
+            q, k = rotated(q), rotated(k)
+        drop = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=bool(is_causal)
+        )  # (an exporter's trace hands the flag over as a tensor)
+        return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))  # type: ignore[no-any-return]
+
+
+def _eva_saved(module: Any, state: dict[str, Tensor], prefix: str, meta: object) -> None:
+    """Save as timm's EVA attention does: ``qkv.weight`` stacked, ``q_bias`` and ``v_bias``. A
+    state of the live parameters (``keep_vars=True``, what tracers read) keeps the linears."""
+    weights = [f"{prefix}{c}.weight" for c in ("q_proj", "k_proj", "v_proj")]
+    if weights[0] not in state or isinstance(state[weights[0]], nn.Parameter):
+        return
+    state[f"{prefix}qkv.weight"] = torch.cat([state.pop(k) for k in weights])
+    for part in ("q", "v"):
+        bias = state.pop(f"{prefix}{part}_proj.bias", None)
+        if bias is not None:
+            state[f"{prefix}{part}_bias"] = bias
+
+
+def _eva_loaded(module: Any, state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load timm's EVA attention state into the three linears."""
+    stacked = state.pop(f"{prefix}qkv.weight", None)
+    if stacked is not None:
+        for c, t in zip(("q_proj", "k_proj", "v_proj"), stacked.chunk(3), strict=True):
+            state[f"{prefix}{c}.weight"] = t
+    for part in ("q", "v"):
+        bias = state.pop(f"{prefix}{part}_bias", None)
+        if bias is not None:
+            state[f"{prefix}{part}_proj.bias"] = bias
+
+
+# timm's class -> the subclass it becomes (where its ``takes``, if any, accepts the module;
+# its ``adopt``, if any, then rearranges the module in place)
 SUBCLASSES: dict[type, type] = {
     WindowMultiHeadAttention: SwinCrAttention,
     metaformer.Attention: MetaFormerAttention,
@@ -259,4 +343,5 @@ SUBCLASSES: dict[type, type] = {
     xcit.XCA: XcaAttention,
     edgenext.CrossCovarianceAttn: EdgeNextAttention,
     davit.ChannelAttention: DaVitChannelAttention,
+    eva.EvaAttention: EvaSplitAttention,
 }
