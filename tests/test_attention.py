@@ -245,6 +245,25 @@ def _timm_eva() -> torch.nn.Module:  # F.linear on the fused q/k/v weight, q and
     return net
 
 
+def _timm_levit() -> torch.nn.Module:  # interleaved heads in LinearNorms (a linear + its BN)
+    torch.manual_seed(0)  # and a downsampling attention: q of its own, [k | v] per head
+    kw = {"embed_dim": (32, 48, 64), "key_dim": 8, "num_heads": (2, 2, 4), "depth": (1, 1, 1)}
+    net = timm.create_model("levit_128s", img_size=64, num_classes=5, **kw)
+    with torch.no_grad():  # trained-like norms and position biases
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+            if hasattr(m, "attention_biases"):
+                m.attention_biases.normal_()
+    return net.eval()
+
+
+_timm_levit.side = 64  # type: ignore[attr-defined]
+
+
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
@@ -282,6 +301,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         (_timm_davit, 8),
         (_timm_edgenext, 3),
         (_timm_eva, 2),
+        (_timm_levit, 5),
     ],
     ids=[
         "maxvit",
@@ -297,6 +317,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         "davit",
         "edgenext",
         "eva",
+        "levit",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
@@ -307,14 +328,16 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     projections' weights to a function that derives the head width from the input's; timm's
     SwinV2-CR, MetaFormer, FastViT, the class attention of CaiT and XCiT and the attention
     across channels of XCiT, EdgeNeXt and DaViT derive it from the input's too; EVA's calls
-    ``F.linear`` on its fused q/k/v weight and runs as three linears): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
+    ``F.linear`` on its fused q/k/v weight and runs as three linears; LeViT's projections are
+    a linear and a batch norm on its rows, cut and masked together): tasprune runs them as `MaxVitAttention`, `SwinAttention`, `SwinAttentionV2`
     and the subclasses of `tasprune.models.timm_attention`
     (subclasses with the same parameters and function), whose heads are searched like any
     other's (Swin's shifted windows, v2's cosine attention and bias MLP, MaxViT's grid
     attention included); pruned to one head each the network is the searched one there,
     costs what was predicted and exports with parity."""
     net = build()
-    x = torch.randn(2, 3, 32, 32)
+    side = getattr(build, "side", 32)  # LeViT's tokens: 4 x 4 at 64 px
+    x = torch.randn(2, 3, side, side)
     with torch.no_grad():
         ref = net(x)
     tas = tasprune.TAS(net, x[:1], epochs=1, flops_ratio=0.6)
@@ -334,7 +357,7 @@ def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
     got = _searched_is_pruned(tas, shape, small, x)
     counted = _counted(small, x[:1])
     assert counted["aten.bmm"] > 0
-    assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, 32, 32))[0]
+    assert sum(counted.values()) // 2 == model_cost(tas.name, shape, (3, side, side))[0]
     assert set(small.state_dict()) == set(net.state_dict())
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "net.onnx"
@@ -544,13 +567,14 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
 
 @pytest.mark.parametrize(
     "build",
-    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit],
-    ids=["maxvit", "swin", "v2", "xcit", "davit"],
+    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit, _timm_levit],
+    ids=["maxvit", "swin", "v2", "xcit", "davit", "levit"],
 )
 def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
     """Sorting the heads of torchvision's MaxViT and Swin moves their per-head tables (and
     Swin v2's per-head scales and bias-MLP rows) with them, and those of XCiT's attention
-    across channels its per-head temperatures: the same function."""
+    across channels its per-head temperatures, and LeViT's the batch norms on their rows: the
+    same function."""
     from tasprune.importance import order_channels
     from tasprune.models.attention import split_attention
 
@@ -558,13 +582,15 @@ def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ordered = order_channels(net, "bn", (3, 32, 32))
-    x = torch.rand(2, 3, 32, 32)
+    side = getattr(build, "side", 32)
+    ordered = order_channels(net, "bn", (3, side, side))
+    x = torch.rand(2, 3, side, side)
     with torch.no_grad():
         torch.testing.assert_close(ordered(x), net(x), rtol=1e-4, atol=1e-4)
 
     def qkv(m: torch.nn.Module) -> torch.Tensor:
-        return (m.qkv if hasattr(m, "qkv") else m.to_qkv).weight
+        fused = next(getattr(m, c) for c in ("qkv", "to_qkv", "kv") if hasattr(m, c))
+        return next(fused.parameters())  # its (first) weight
 
     pairs = zip(_readable(ordered), _readable(net), strict=True)
     assert any(not torch.equal(qkv(a), qkv(b)) for a, b in pairs)  # heads did move
@@ -754,7 +780,7 @@ def test_interleaved_heads_prune_to_what_was_searched(
     net = _interleaved(name, **kw)
     x = torch.randn(2, 3, side, side)
     found = find_attention(net)[0]
-    assert found and all(a.stride > 0 and a.unit == 1 for a in found)
+    assert found and all(a.steps and a.unit == 1 for a in found)
     with torch.no_grad():
         ref = net(x)
         moved = copy.deepcopy(net)

@@ -237,15 +237,23 @@ class Traced:
                 self.group_of[(p, True)] = [gname]
                 self.masks.pop(p, None)
                 # rows per unit of the choice: interleaved, a head's q, k and v rows
-                rows = att.stride or sum(1 for layer, _ in att.rows if layer == p)
+                rows = att.rows_per_unit(p)
                 if rows > 1:
                     self.per_channel[(p, True, gname)] = rows
+                norm = att.norm_of(p)
+                if norm is not None:  # the batch norm on its rows (LeViT's LinearNorm)
+                    self.group_of[(norm, True)] = [gname]
+                    self.masks.pop(norm, None)
+                    if rows > 1:
+                        self.per_channel[(norm, True, gname)] = rows
             self.group_of[(att.out, False)] = [gname]
             v_layer, v_first = att.rows[att.masked]
-            if att.stride:  # a head's v rows, one block of value_dim every stride rows
+            v_layer = att.norm_of(v_layer) or v_layer  # masked after the norm on its rows
+            if att.steps:  # a head's v rows, one block of value_dim every step rows
                 self.per_channel[(att.out, False, gname)] = att.value_dim
                 self.per_channel[(att.scores, True, gname)] = att.head_dim + att.value_dim
-                self.masks[v_layer] = [(gname, v_first, True, att.value_dim, att.stride)]
+                step = att.steps[att.masked]
+                self.masks[v_layer] = [(gname, v_first, True, att.size(att.masked), step)]
             else:
                 self.masks[v_layer] = [(gname, v_first, True)]
             out[gname] = att

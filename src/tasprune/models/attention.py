@@ -22,6 +22,7 @@ naming them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Sequence
@@ -75,9 +76,12 @@ class Attention:
     rows: tuple[tuple[str, int], ...]  # (projection, head 0's first row) of q, k and v
     out: str  # the projection reading the heads' concatenation
     v_dim: int = 0  # v's width per head where it differs from head_dim
-    stride: int = 0  # interleaved: rows from one head's block to the next's; 0: contiguous
+    # per part (q, k, v): rows from one head's block to the next's (interleaved); (): contiguous
+    steps: tuple[int, ...] = ()
     across: bool = False  # products per channel pair within a head over the tokens (XCiT's)
     masked: int = 2  # the part whose rows the search zeroes: what reaches the output (v)
+    # (projection, the batch norm on its rows: LeViT's LinearNorm): cut and masked with it
+    norms: tuple[tuple[str, str], ...] = ()
 
     @property
     def value_dim(self) -> int:
@@ -86,7 +90,20 @@ class Attention:
     @property
     def unit(self) -> int:
         """The width choice's step: one head's channels, or one head (interleaved)."""
-        return 1 if self.stride else self.head_dim
+        return 1 if self.steps else self.head_dim
+
+    def size(self, part: int) -> int:
+        """q's, k's (0, 1) or v's (2) rows per head."""
+        return self.value_dim if part == 2 else self.head_dim
+
+    def rows_per_unit(self, layer: str) -> int:
+        """The rows of ``layer`` one unit of the width choice holds."""
+        parts = [i for i, (name, _) in enumerate(self.rows) if name == layer]
+        return sum(self.size(i) for i in parts) if self.steps else len(parts)
+
+    def norm_of(self, layer: str) -> str | None:
+        """The batch norm on ``layer``'s rows, if any."""
+        return dict(self.norms).get(layer)
 
     @property
     def width(self) -> int:
@@ -103,9 +120,8 @@ class Attention:
 
     def part_rows(self, part: int, heads: Sequence[int]) -> list[int]:
         """The rows of q (part 0), k (1) or v (2) of ``heads``, in that order."""
-        first = self.rows[part][1]
-        size = self.value_dim if part == 2 else self.head_dim
-        step = self.stride or size
+        first, size = self.rows[part][1], self.size(part)
+        step = self.steps[part] if self.steps else size
         return [first + h * step + i for h in heads for i in range(size)]
 
     def out_columns(self, heads: Sequence[int]) -> list[int]:
@@ -179,6 +195,29 @@ def _cut(mod: nn.Linear | nn.Conv2d, dim: int, index: Tensor) -> None:
     setattr(mod, attr, len(index))
 
 
+def _linear(mod: nn.Module, child: str) -> tuple[str, str | None] | None:
+    """(path, path of the batch norm on its rows or None) of the projection that child
+    ``child`` of ``mod`` is: a projection; a projection and a batch norm on its rows (LeViT's
+    LinearNorm, ConvNorm); or the last of a sequence after parameter-free modules (an
+    activation, a subsampling: LeViT's ``proj``, its downsampling attention's ``q``)."""
+    sub = getattr(mod, child, None)
+    if not isinstance(sub, nn.Module):
+        return None
+    if _projection(sub):
+        return child, None
+    kids = list(sub.named_children())
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d)
+    if len(kids) == 2 and _projection(kids[0][1]) and isinstance(kids[1][1], norms):
+        return f"{child}.{kids[0][0]}", f"{child}.{kids[1][0]}"
+    if isinstance(sub, nn.Sequential) and kids:
+        if any(any(True for _ in k.parameters()) for _, k in kids[:-1]):
+            return None
+        last = _linear(sub, kids[-1][0])
+        if last is not None:
+            return f"{child}.{last[0]}", None if last[1] is None else f"{child}.{last[1]}"
+    return None
+
+
 def _read(name: str, mod: nn.Module) -> Attention | None:
     heads = head_count(mod)
     if isinstance(mod, nn.MultiheadAttention) or heads is None or heads < 1:
@@ -186,22 +225,24 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
     across = bool(getattr(type(mod), "across_channels", False))
     if type(mod).__name__ in _ACROSS_CHANNELS and not across:
         return None
-    kids = dict(mod.named_children())
-    out = next((o for o in _OUTS if _projection(kids.get(o))), None)
+    out = next((link for o in _OUTS if (link := _linear(mod, o)) is not None), None)
     if out is None:
         return None
-    width = _columns(kids[out])  # the heads' concatenation: heads x v's width
+    width = _columns(mod.get_submodule(out[0]))  # the heads' concatenation: heads x v's width
     if width % heads:
         return None
     prefix = f"{name}." if name else ""
-    interleaved = _interleaved(mod, kids, heads, width)
+    links = {c: _linear(mod, c) for c in ("qkv", "to_qkv", "q", "kv")}
+    interleaved = _interleaved(mod, links, heads, width)
     if interleaved is not None:
-        kd, vd = interleaved
-        qkv = f"{prefix}{next(c for c in ('qkv', 'to_qkv') if c in kids)}"
-        rows = ((qkv, 0), (qkv, kd), (qkv, 2 * kd))
-        return Attention(name, heads, kd, rows, prefix + out, vd if vd != kd else 0, 2 * kd + vd)
+        norms = tuple((prefix + p, prefix + n) for p, n in filter(None, links.values()) if n)
+        rows = tuple((prefix + layer, first) for layer, first in interleaved.rows)
+        return dataclasses.replace(
+            interleaved, name=name, rows=rows, out=prefix + out[0], norms=norms
+        )
     if getattr(mod, "head_first", False) or hasattr(mod, "val_dim"):
         return None  # a layout of its own, not read
+    kids = dict(mod.named_children())
     for pattern in _PATTERNS:
         mods = [kids.get(child) for child, _ in pattern]
         if not all(_projection(m) for m in mods):
@@ -217,28 +258,41 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
             return None
         masked = int(getattr(type(mod), "output_part", 2))
         return Attention(
-            name, heads, head_dim, tuple(found), prefix + out, across=across, masked=masked
+            name, heads, head_dim, tuple(found), prefix + out[0], across=across, masked=masked
         )
     return None
 
 
 def _interleaved(
-    mod: nn.Module, kids: dict[str, nn.Module], heads: int, width: int
-) -> tuple[int, int] | None:
-    """(q/k width, v width) per head of an attention whose one fused projection holds the
-    heads one after the other ([q | k | v] of each head), None if it is not one: timm's
-    ``key_dim``/``val_dim`` modules (split per head) and ``head_first`` ones (chunked per
-    head), recognised by those attributes."""
-    qkv = next((kids[c] for c in ("qkv", "to_qkv") if c in kids), None)
-    if not _projection(qkv):
-        return None
-    assert qkv is not None
+    mod: nn.Module, links: dict[str, tuple[str, str | None] | None], heads: int, width: int
+) -> Attention | None:
+    """An attention whose fused projection holds the heads one after the other ([q | k | v]
+    of each head; v possibly wider), its layer names relative to ``mod`` (its name and output
+    projection left blank), None if it is not one: timm's ``key_dim``/``val_dim`` modules
+    (split per head: LeViT, EfficientFormer, TinyViT; LeViT's downsampling attention has a q
+    of its own, contiguous, and [k | v] per head) and ``head_first`` ones (chunked per head),
+    recognised by those attributes."""
+    fused = next((link[0] for c in ("qkv", "to_qkv") if (link := links[c]) is not None), None)
     kd, vd = getattr(mod, "key_dim", None), getattr(mod, "val_dim", None)
+    q, kv = links["q"], links["kv"]
     if isinstance(kd, int) and isinstance(vd, int):
-        return (kd, vd) if vd * heads == width and _rows(qkv) == heads * (2 * kd + vd) else None
-    if getattr(mod, "head_first", False) is True:
+        if vd * heads != width:
+            return None
+        v_dim = vd if vd != kd else 0
+        if fused is not None and _rows(mod.get_submodule(fused)) == heads * (2 * kd + vd):
+            rows = ((fused, 0), (fused, kd), (fused, 2 * kd))
+            return Attention("", heads, kd, rows, "", v_dim, (2 * kd + vd,) * 3)
+        if q is not None and kv is not None:
+            q_rows, kv_rows = _rows(mod.get_submodule(q[0])), _rows(mod.get_submodule(kv[0]))
+            if q_rows == heads * kd and kv_rows == heads * (kd + vd):
+                rows = ((q[0], 0), (kv[0], 0), (kv[0], kd))
+                return Attention("", heads, kd, rows, "", v_dim, (kd, kd + vd, kd + vd))
+        return None
+    if getattr(mod, "head_first", False) is True and fused is not None:
         d = width // heads
-        return (d, d) if _rows(qkv) == 3 * width else None
+        if _rows(mod.get_submodule(fused)) == 3 * width:
+            rows = ((fused, 0), (fused, d), (fused, 2 * d))
+            return Attention("", heads, d, rows, "", 0, (3 * d,) * 3)
     return None
 
 
@@ -249,7 +303,8 @@ def _per_head(mod: nn.Module, att: Attention) -> list[tuple[str, Tensor, int]]:
     named = getattr(type(mod), "head_tensors", None)
     if named is not None:
         return [(n, getattr(mod, n), d) for n, d in named]
-    projections = {p.rpartition(".")[2] for p in (*att.producers(), att.out)}
+    start = len(att.name) + 1 if att.name else 0  # the children holding its projections
+    projections = {p[start:].split(".")[0] for p in (*att.producers(), att.out)}
     found = []
     tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
     for child, sub in mod.named_children():  # a table in a child (MaxxViT's rel_pos), not
@@ -262,6 +317,26 @@ def _per_head(mod: nn.Module, att: Attention) -> list[tuple[str, Tensor, int]]:
         if len(dims) == 1 and t.is_floating_point():
             found.append((pname, t, dims[0]))
     return found
+
+
+def _row_tensors(net: nn.Module, att: Attention, layer: str) -> list[Tensor]:
+    """The tensors with one entry per row of producer ``layer``: its weight and bias, and
+    those of the batch norm on its rows (affine and running statistics)."""
+    lin = _projection_at(net, layer)
+    found = [lin.weight] + ([lin.bias] if lin.bias is not None else [])
+    norm = att.norm_of(layer)
+    if norm is not None:
+        bn = net.get_submodule(norm)
+        found += [t for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False)) if t.dim()]
+    return found
+
+
+def _cut_norm(bn: nn.Module, index: Tensor) -> None:
+    """Keep a batch norm's channels at ``index`` (affine and running statistics), in place."""
+    for name, t in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
+        if t.dim():
+            _set_tensor(bn, name, t.detach().index_select(0, index).clone(), t)
+    bn.num_features = len(index)  # type: ignore[assignment]
 
 
 def _set_tensor(mod: nn.Module, name: str, value: Tensor, like: Tensor) -> None:
@@ -297,9 +372,8 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
             for part, (name, _) in enumerate(att.rows):
                 if name == layer:
                     rows[att.part_rows(part, every)] = torch.tensor(att.part_rows(part, order))
-            lin.weight.copy_(lin.weight[rows.to(lin.weight.device)])
-            if lin.bias is not None:
-                lin.bias.copy_(lin.bias[rows.to(lin.bias.device)])
+            for t in _row_tensors(net, att, layer):
+                t.copy_(t[rows.to(t.device)])
         out = _projection_at(net, att.out)
         columns = torch.tensor(att.out_columns(order), device=out.weight.device)
         out.weight.copy_(out.weight[:, columns])
@@ -326,7 +400,11 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
         by_layer.setdefault(layer, []).extend(att.part_rows(part, kept))
     for layer, idx in by_layer.items():
         lin = _projection_at(net, layer)
-        _cut(lin, 0, torch.tensor(sorted(idx), device=lin.weight.device))
+        index = torch.tensor(sorted(idx), device=lin.weight.device)
+        _cut(lin, 0, index)
+        norm = att.norm_of(layer)
+        if norm is not None:
+            _cut_norm(net.get_submodule(norm), index)
     out = _projection_at(net, att.out)
     _cut(out, 1, torch.tensor(att.out_columns(kept), device=out.weight.device))
     mod = net.get_submodule(att.name)
@@ -336,9 +414,9 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
         if isinstance(getattr(mod, attr, None), int):
             setattr(mod, attr, keep)
     per_head = {att.head_dim * att.heads: att.head_dim}
-    if att.stride:
+    if att.steps:
         per_head[att.value_dim * att.heads] = att.value_dim
-    for attr in _INNER + (_INNER_INTERLEAVED if att.stride else ()):
+    for attr in _INNER + (_INNER_INTERLEAVED if att.steps else ()):
         value = getattr(mod, attr, None)
         if isinstance(value, int) and value in per_head:
             setattr(mod, attr, keep * per_head[value])

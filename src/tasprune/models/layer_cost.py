@@ -190,7 +190,7 @@ def _scores(
     # contiguous: both products per channel of the choice; interleaved (the choice counts
     # heads): per head head_dim + value_dim (`Traced.per_channel`)
     # across channels (XCiT's): per channel, the head's other channels x tokens, twice
-    twice = 1 if att.stride else 2
+    twice = 1 if att.steps else 2
     pos = 0
     for (_, q), (_, k) in zip(calls_q, calls_k, strict=True):
         pairs = att.head_dim if att.across else tokens(k, att.rows[1][0])
@@ -201,13 +201,13 @@ def _scores(
         size=(tokens(q, att.rows[0][0]), tokens(k, att.rows[1][0])),
         head_dim=att.head_dim,
         instances=max(1, q[0] // images),
-        value_dim=att.value_dim if att.stride else 0,
+        value_dim=att.value_dim if att.steps else 0,
         across=att.across,
     )
     return Layer(
         att.scores,
         1,
-        att.heads * (att.head_dim + att.value_dim) if att.stride else att.width,
+        att.heads * (att.head_dim + att.value_dim) if att.steps else att.width,
         (),
         (group,),
         1,
