@@ -264,6 +264,13 @@ def _timm_levit() -> torch.nn.Module:  # interleaved heads in LinearNorms (a lin
 _timm_levit.side = 64  # type: ignore[attr-defined]
 
 
+def _timm_tnt() -> torch.nn.Module:  # q and k in one linear, v in another; pixels as a batch
+    torch.manual_seed(0)
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "inner_dim": 8, "depth": 2}
+    heads = {"num_heads_inner": 2, "num_heads_outer": 2}
+    return timm.create_model("tnt_s_patch16_224", num_classes=5, **heads, **kw).eval()
+
+
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
@@ -302,6 +309,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         (_timm_edgenext, 3),
         (_timm_eva, 2),
         (_timm_levit, 5),
+        (_timm_tnt, 4),
     ],
     ids=[
         "maxvit",
@@ -318,6 +326,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         "edgenext",
         "eva",
         "levit",
+        "tnt",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(

@@ -14,9 +14,9 @@ network (no normalisation statistics change, unlike masking the embedding width)
 
 Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
 ``n_heads``) and projections (linears or 1x1 convs) named as the common implementations name
-them (a fused ``qkv`` or ``to_qkv``; ``q`` and ``kv``; or ``q``, ``k``, ``v`` (or ``wq``, ...);
-then ``proj``, ``o``, ``out_proj`` or ``merge``), whose widths agree, in the contiguous or the
-interleaved layout (`Attention`). Other attention modules keep their heads, with one log line
+them (a fused ``qkv`` or ``to_qkv``; ``q`` and ``kv``; ``qk`` and ``v``; or ``q``, ``k``, ``v``
+(or ``wq``, ...); then ``proj``, ``o``, ``out_proj`` or ``merge``), whose widths agree, in the
+contiguous or the interleaved layout (`Attention`). Other attention modules keep their heads, with one log line
 naming them.
 """
 
@@ -42,6 +42,7 @@ from torchvision.models.swin_transformer import (
 _PATTERNS: tuple[tuple[tuple[str, int], ...], ...] = (
     (("qkv", 3),),
     (("q", 1), ("kv", 2)),
+    (("qk", 2), ("v", 1)),
     (("q", 1), ("k", 1), ("v", 1)),
     (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)),
     (("wq", 1), ("wk", 1), ("wv", 1)),
@@ -54,7 +55,7 @@ _HEADS = ("num_heads", "n_heads")  # the head count's attribute
 # forward reads the head width off qkv (timm's derives it from the input's); else kept (logged).
 _ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn", "ChannelAttention")
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
-_INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size")
+_INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size", "hidden_dim")
 # ... and those that hold num_heads * the q/k or v width in the interleaved layout
 _INNER_INTERLEAVED = ("key_attn_dim", "val_attn_dim", "out_dim")
 

@@ -22,7 +22,7 @@ from tasprune.latency_table import Op
 from tasprune.models.algebra import Counter, ExactAlgebra
 from tasprune.models.analysis import Layer, output_shapes
 from tasprune.models.graph import out_channels_of
-from tasprune.models.sources import Example, call
+from tasprune.models.sources import Example, call, images_in
 
 if TYPE_CHECKING:
     from tasprune.models.analysis import Traced
@@ -96,9 +96,10 @@ def cost_layers(
     finally:
         for h in hooks:
             h.remove()
-    # Costs are per image: the batch of the first conv/linear call (several rows per image
-    # where a layer runs on windows or crops).
-    images = next((calls[0][0][0] for calls in sizes.values() if calls[0][0]), 1) or 1
+    # Costs are per image: the example's images, else the batch of the first conv/linear call
+    # (several rows per image where a layer runs on windows or crops: TNT's first conv).
+    first = next((calls[0][0][0] for calls in sizes.values() if calls[0][0]), 1) or 1
+    images = images_in(example) or first
     layers: list[Layer] = []
     others: list[tuple[str, int, tuple[str, ...], int, str | None, int]] = []
     for name, mod in net.named_modules():

@@ -81,6 +81,17 @@ def as_example(inputs: Any) -> Example:
     )
 
 
+def images_in(example: Example) -> int | None:
+    """The images ``example`` holds: its first argument's batch (a batched tensor, or a list of
+    images as torchvision's detectors take them); None when that cannot be told."""
+    first = example[0] if example else None
+    if isinstance(first, Tensor) and first.dim() >= 2:
+        return int(first.shape[0])
+    if isinstance(first, (list, tuple)) and first and all(isinstance(t, Tensor) for t in first):
+        return len(first)
+    return None
+
+
 def call(net: nn.Module, example: Example) -> Any:
     """``net`` called on ``example`` (the positional arguments of its forward)."""
     return net(*example)

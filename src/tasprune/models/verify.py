@@ -17,7 +17,7 @@ from tasprune.models.algebra import Counter, ExactAlgebra
 from tasprune.models.analysis import Traced, call_shapes, output_shapes
 from tasprune.models.layer_cost import Layers, cost_layers, counting, traced_cost
 from tasprune.models.prune import prune_with
-from tasprune.models.sources import call
+from tasprune.models.sources import call, images_in
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _trial(
     shape = self.full_shape().replace(widths=half, depths=dict.fromkeys(shallow or [], 1))
     try:
         net = prune_with(self, copy.deepcopy(self.template), shape, self.example).eval()
-        batch = _first_batch(net)
+        batch = _first_batch(net, images_in(self.example))
         with counting(net) as fc:
             y = call(net, self.example)
         batch.remove()
@@ -128,11 +128,12 @@ def _same_heads(self: Traced, net: torch.nn.Module, got: list[tuple[int, ...]]) 
 
 
 class _first_batch:
-    """The batch size of the first conv/linear input in one call of ``net``."""
+    """The images of one call of ``net``: ``images`` where the example tells them, else the
+    batch size of the first conv/linear input."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.size = 1
-        self._seen = False
+    def __init__(self, net: torch.nn.Module, images: int | None = None) -> None:
+        self.size = images or 1
+        self._seen = images is not None
         self._hooks = [
             m.register_forward_hook(self._hook)
             for m in net.modules()
