@@ -271,6 +271,20 @@ def _timm_tnt() -> torch.nn.Module:  # q and k in one linear, v in another; pixe
     return timm.create_model("tnt_s_patch16_224", num_classes=5, **heads, **kw).eval()
 
 
+def _timm_cait() -> (
+    torch.nn.Module
+):  # talking heads: linears across the heads, then class attention
+    torch.manual_seed(0)
+    kw = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
+    net = timm.create_model("cait_xxs24_224", num_classes=5, **kw).eval()
+    with torch.no_grad():  # trained-like mixing (timm starts near the identity)
+        for m in net.modules():
+            if hasattr(m, "proj_l"):
+                for p in (*m.proj_l.parameters(), *m.proj_w.parameters()):
+                    p.normal_(0.0, 0.5)
+    return net
+
+
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
@@ -310,6 +324,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         (_timm_eva, 2),
         (_timm_levit, 5),
         (_timm_tnt, 4),
+        (_timm_cait, 4),
     ],
     ids=[
         "maxvit",
@@ -327,6 +342,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         "eva",
         "levit",
         "tnt",
+        "cait",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
@@ -576,14 +592,14 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
 
 @pytest.mark.parametrize(
     "build",
-    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit, _timm_levit],
-    ids=["maxvit", "swin", "v2", "xcit", "davit", "levit"],
+    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit, _timm_levit, _timm_cait],
+    ids=["maxvit", "swin", "v2", "xcit", "davit", "levit", "cait"],
 )
 def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
     """Sorting the heads of torchvision's MaxViT and Swin moves their per-head tables (and
     Swin v2's per-head scales and bias-MLP rows) with them, and those of XCiT's attention
-    across channels its per-head temperatures, and LeViT's the batch norms on their rows: the
-    same function."""
+    across channels its per-head temperatures, LeViT's the batch norms on their rows and CaiT's
+    the rows and columns of its linears across the heads: the same function."""
     from tasprune.importance import order_channels
     from tasprune.models.attention import split_attention
 

@@ -135,6 +135,8 @@ class Traced:
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
             net, name, self.example, keep
         )
+        # Where a layer's input channels are masked instead (talking heads' mixers)
+        self.input_masks: dict[str, list[MaskSite]] = {}
         self.attention = self._head_groups(net)
         self.stages = {  # a run of blocks inside an ignored module keeps its depth
             n: st
@@ -210,7 +212,8 @@ class Traced:
         out: dict[str, Attention] = {}
         for att in found:
             producers = att.producers()
-            sides = [(p, True) for p in producers] + [(att.out, False)]
+            mixing = [(m, o) for m in att.mixers for o in (True, False)]
+            sides = [(p, True) for p in producers] + [(att.out, False)] + mixing
             stale = {g for side in sides for g in self.group_of.get(side, [])}
             if any(side[0] in self.outputs for side in sides):
                 continue
@@ -247,6 +250,20 @@ class Traced:
                     if rows > 1:
                         self.per_channel[(norm, True, gname)] = rows
             self.group_of[(att.out, False)] = [gname]
+            for side in mixing:
+                self.group_of[side] = [gname]
+                self.masks.pop(side[0], None)
+            if att.mixers:  # what a pruned head gives the others: the mixers' inputs, and
+                # what it gives the output projection
+                vd = att.value_dim
+                self.input_masks[att.out] = [(gname, 0, True, vd, vd)]
+                for m in att.mixers:
+                    self.input_masks[m] = [(gname, 0, True)]
+                if att.steps:
+                    self.per_channel[(att.out, False, gname)] = vd
+                    self.per_channel[(att.scores, True, gname)] = att.head_dim + vd
+                out[gname] = att
+                continue
             v_layer, v_first = att.rows[att.masked]
             v_layer = att.norm_of(v_layer) or v_layer  # masked after the norm on its rows
             if att.steps:  # a head's v rows, one block of value_dim every step rows

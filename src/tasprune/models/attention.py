@@ -83,6 +83,11 @@ class Attention:
     masked: int = 2  # the part whose rows the search zeroes: what reaches the output (v)
     # (projection, the batch norm on its rows: LeViT's LinearNorm): cut and masked with it
     norms: tuple[tuple[str, str], ...] = ()
+    # talking heads: layers mixing the heads (heads -> heads linears or 1x1 convs applied to
+    # the scores or weights: CaiT's proj_l/proj_w), cut in rows and columns with the heads;
+    # the search then masks their inputs and the output projection's (what a pruned head
+    # would have given the others), not v
+    mixers: tuple[str, ...] = ()
 
     @property
     def value_dim(self) -> int:
@@ -229,6 +234,11 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
     out = next((link for o in _OUTS if (link := _linear(mod, o)) is not None), None)
     if out is None:
         return None
+    mixers = tuple(
+        f"{name}.{c}" if name else c
+        for c, sub in mod.named_children()
+        if _projection(sub) and _rows(sub) == _columns(sub) == heads
+    )
     width = _columns(mod.get_submodule(out[0]))  # the heads' concatenation: heads x v's width
     if width % heads:
         return None
@@ -239,7 +249,7 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
         norms = tuple((prefix + p, prefix + n) for p, n in filter(None, links.values()) if n)
         rows = tuple((prefix + layer, first) for layer, first in interleaved.rows)
         return dataclasses.replace(
-            interleaved, name=name, rows=rows, out=prefix + out[0], norms=norms
+            interleaved, name=name, rows=rows, out=prefix + out[0], norms=norms, mixers=mixers
         )
     if getattr(mod, "head_first", False) or hasattr(mod, "val_dim"):
         return None  # a layout of its own, not read
@@ -258,8 +268,18 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
         if getattr(mod, "head_dim", head_dim) != head_dim:
             return None
         masked = int(getattr(type(mod), "output_part", 2))
+        # with talking heads the choice counts heads (whole heads mix), else channels
+        steps = (head_dim,) * 3 if mixers else ()
         return Attention(
-            name, heads, head_dim, tuple(found), prefix + out[0], across=across, masked=masked
+            name,
+            heads,
+            head_dim,
+            tuple(found),
+            prefix + out[0],
+            steps=steps,
+            across=across,
+            masked=masked,
+            mixers=mixers,
         )
     return None
 
@@ -385,6 +405,12 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
         for name in getattr(type(mod), "head_rows", ()):
             t = mod.get_parameter(name)
             t[: att.heads].copy_(t[: att.heads].index_select(0, index.to(t.device)))
+        for name in att.mixers:
+            mixer = _projection_at(net, name)
+            at = index.to(mixer.weight.device)
+            mixer.weight.copy_(mixer.weight[at][:, at])
+            if mixer.bias is not None:
+                mixer.bias.copy_(mixer.bias[at])
     _forget_cached(mod)
 
 
@@ -408,6 +434,11 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
             _cut_norm(net.get_submodule(norm), index)
     out = _projection_at(net, att.out)
     _cut(out, 1, torch.tensor(att.out_columns(kept), device=out.weight.device))
+    for name in att.mixers:
+        mixer = _projection_at(net, name)
+        heads = torch.arange(keep, device=mixer.weight.device)
+        _cut(mixer, 0, heads)
+        _cut(mixer, 1, heads)
     mod = net.get_submodule(att.name)
     for pname, t, dim in _per_head(mod, att):
         _set_tensor(mod, pname, t.detach().narrow(dim, 0, keep).clone(), t)

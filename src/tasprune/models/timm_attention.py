@@ -161,6 +161,23 @@ class ClassAttention(cait.ClassAttn):
         return self.proj_drop(self.proj(_attend(self, q, k, v)))  # type: ignore[no-any-return]
 
 
+class TalkingHeadAttention(cait.TalkingHeadAttn):
+    """timm CaiT's talking-heads attention (linears across the heads before and after the
+    softmax, ``proj_l`` and ``proj_w``) with its heads a width choice: timm derives the head
+    width from the input's, which fixes the head count."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x)
+        q, k, v = qkv.reshape(b, n, 3, heads, qkv.size(-1) // 3 // heads).permute(2, 0, 3, 1, 4)
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        scores = self.proj_l(scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        weights = self.proj_w(scores.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = (self.attn_drop(weights) @ v).transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(out))  # type: ignore[no-any-return]
+
+
 class SwinCrAttention(WindowMultiHeadAttention):
     """timm SwinV2-CR's window attention with its heads a width choice: timm derives the head
     width from the input's (``C // num_heads``), which fixes the head count; here it is read
@@ -334,6 +351,7 @@ SUBCLASSES: dict[type, type] = {
     metaformer.Attention: MetaFormerAttention,
     fastvit.Attention: FastVitAttention,
     cait.ClassAttn: ClassAttention,
+    cait.TalkingHeadAttn: TalkingHeadAttention,
     twins.GlobalSubSampleAttn: SubSampleAttention,
     pvt_v2.Attention: PvtAttention,
     nextvit.EfficientAttention: NextVitAttention,

@@ -70,16 +70,7 @@ class _Widths:
         (group, first channel, mixture or support) masks the group's channels from that
         channel on; (..., size, stride) masks each of the group's units as ``size`` channels
         every ``stride`` (an interleaved attention's v rows, one block per head)."""
-        # a strided site's channel indices, unit by unit (fixed: computed once)
-        blocks = {
-            i: (
-                site[1]
-                + torch.arange(self.full[site[0]])[:, None] * site[4]
-                + torch.arange(site[3])
-            ).flatten()
-            for i, site in enumerate(sites)
-            if len(site) == 5
-        }
+        blocks = self._blocks(sites)
 
         def apply(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             if not isinstance(out, Tensor) or out.dim() < 2:
@@ -91,33 +82,69 @@ class _Widths:
                 dim = out.dim() - 1  # channels-last (a Linear or LayerNorm on N,H,W,C)
             else:
                 return out
-            plain = len(sites) == 1 and len(sites[0]) == 3 and sites[0][1] == 0
-            if plain and self.full[sites[0][0]] == channels:
-                m, sup = self.vectors(sites[0][0], out.device)  # the usual case: one group
-                scale = m if sites[0][2] else sup
-            else:
-                scale = None
-                for i, (group, offset, mix, *_) in enumerate(sites):
-                    m, sup = self.vectors(group, out.device)
-                    seg = m if mix else sup
-                    if seg is None:
-                        continue
-                    if scale is None:
-                        scale = out.new_ones(out.shape[dim])
-                    if i in blocks:
-                        index = blocks[i].to(out.device)
-                        size = index.numel() // seg.numel()
-                        scale = scale.index_put((index,), seg.repeat_interleave(size))
-                    else:
-                        scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
-            if scale is None:
-                return out
-            scale = scale.to(out.dtype)
-            if dim == out.dim() - 1:
-                return out * scale
-            return out * scale.view(-1, *([1] * (out.dim() - 2)))
+            return self._scaled(out, dim, channels, sites, blocks)
 
         return apply
+
+    def pre_hook(self, sites: list[tuple[Any, ...]]) -> Any:
+        """A forward pre-hook scaling the input channels of a linear (its last dim) or a conv
+        (dim 1) by its mask ``sites`` (as `hook`'s)."""
+        blocks = self._blocks(sites)
+
+        def apply(module: nn.Module, args: Any) -> Any:
+            x = args[0]
+            dim = x.dim() - 1 if isinstance(module, nn.Linear) else 1
+            channels = x.shape[dim]
+            return (self._scaled(x, dim, channels, sites, blocks), *args[1:])
+
+        return apply
+
+    def _blocks(self, sites: list[tuple[Any, ...]]) -> dict[int, Tensor]:
+        """A strided site's channel indices, unit by unit (fixed: computed once)."""
+        return {
+            i: (
+                site[1]
+                + torch.arange(self.full[site[0]])[:, None] * site[4]
+                + torch.arange(site[3])
+            ).flatten()
+            for i, site in enumerate(sites)
+            if len(site) == 5
+        }
+
+    def _scaled(
+        self,
+        out: Tensor,
+        dim: int,
+        channels: int,
+        sites: list[tuple[Any, ...]],
+        blocks: dict[int, Tensor],
+    ) -> Tensor:
+        """``out`` with its ``channels`` along ``dim`` scaled by the mask ``sites``."""
+        plain = len(sites) == 1 and len(sites[0]) == 3 and sites[0][1] == 0
+        if plain and self.full[sites[0][0]] == channels:
+            m, sup = self.vectors(sites[0][0], out.device)  # the usual case: one group
+            scale = m if sites[0][2] else sup
+        else:
+            scale = None
+            for i, (group, offset, mix, *_) in enumerate(sites):
+                m, sup = self.vectors(group, out.device)
+                seg = m if mix else sup
+                if seg is None:
+                    continue
+                if scale is None:
+                    scale = out.new_ones(out.shape[dim])
+                if i in blocks:
+                    index = blocks[i].to(out.device)
+                    size = index.numel() // seg.numel()
+                    scale = scale.index_put((index,), seg.repeat_interleave(size))
+                else:
+                    scale = torch.cat([scale[:offset], seg, scale[offset + seg.numel() :]])
+        if scale is None:
+            return out
+        scale = scale.to(out.dtype)
+        if dim == out.dim() - 1:
+            return out * scale
+        return out * scale.view(-1, *([1] * (out.dim() - 2)))
 
 
 def _depth_forwards(net: SuperNet, body: nn.Module, st: Stage) -> None:
@@ -336,6 +363,8 @@ def searchable_network(net: SuperNet, model: str) -> nn.Module:
             mod.register_forward_hook(_aligned(net, group, align))
         else:
             mod.register_forward_hook(widths.hook(sites))
+    for layer, sites in tr.input_masks.items():
+        body.get_submodule(layer).register_forward_pre_hook(widths.pre_hook(sites))
     for st in tr.stages.values():
         _depth_forwards(net, body, st)
     return body
