@@ -285,6 +285,45 @@ def _timm_cait() -> (
     return net
 
 
+def _timm_efficientformer_v2() -> torch.nn.Module:
+    """Talking heads as 1x1 convs, q/k/v as conv + batch norm, a depthwise conv on v's rows
+    added to the heads' output, a downsampling attention with a query of its own. Its
+    attention modules are rebuilt small (3 heads): timm's 8 heads of 32 + 128 take Torch-
+    Pruning minutes to map through the reshapes."""
+    from timm.models import efficientformer_v2 as ef
+
+    torch.manual_seed(0)
+    kw = {"depths": (1, 1, 1, 2), "embed_dims": (8, 16, 32, 64), "num_vit": 2, "mlp_ratios": 2}
+    net = ef.EfficientFormerV2(img_size=64, num_classes=5, **kw)
+    small = {"key_dim": 4, "num_heads": 3, "attn_ratio": 2}
+    for name, m in list(net.named_modules()):
+        if isinstance(m, ef.Attention2d):
+            stride = 2 if m.stride_conv is not None else None
+            res = tuple(r * (stride or 1) for r in m.resolution)
+            dim = m.k.conv.in_channels
+            net.set_submodule(name, ef.Attention2d(dim, resolution=res, stride=stride, **small))
+        elif isinstance(m, ef.Attention2dDownsample):
+            dim, res = m.k.conv.in_channels, m.resolution
+            down = ef.Attention2dDownsample(dim, resolution=res, out_dim=m.out_dim, **small)
+            net.set_submodule(name, down)
+    with torch.no_grad():  # trained-like norms, position biases and head mixing
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+                m.running_mean.normal_(0.0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+            if hasattr(m, "attention_biases"):
+                m.attention_biases.normal_()
+            if hasattr(m, "talking_head1"):
+                for p in (*m.talking_head1.parameters(), *m.talking_head2.parameters()):
+                    p.normal_(0.0, 0.5)
+    return net.eval()
+
+
+_timm_efficientformer_v2.side = 64  # type: ignore[attr-defined]
+
+
 def _timm_pyramid(name: str) -> torch.nn.Module:  # PVT v2, Twins: keys from reduced tokens
     torch.manual_seed(0)
     kw = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (2, 2, 2, 4)}
@@ -325,6 +364,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         (_timm_levit, 5),
         (_timm_tnt, 4),
         (_timm_cait, 4),
+        (_timm_efficientformer_v2, 4),
     ],
     ids=[
         "maxvit",
@@ -343,6 +383,7 @@ def _timm_davit() -> torch.nn.Module:  # window attention, then channel attentio
         "levit",
         "tnt",
         "cait",
+        "efficientformer_v2",
     ],
 )
 def test_attention_written_for_its_head_count_prunes_heads_to_what_was_searched(
@@ -592,14 +633,24 @@ def test_ordering_moves_whole_heads_and_keeps_the_function() -> None:
 
 @pytest.mark.parametrize(
     "build",
-    [_tv_maxvit, _tv_swin, _tv_swin_v2, _timm_xcit, _timm_davit, _timm_levit, _timm_cait],
-    ids=["maxvit", "swin", "v2", "xcit", "davit", "levit", "cait"],
+    [
+        _tv_maxvit,
+        _tv_swin,
+        _tv_swin_v2,
+        _timm_xcit,
+        _timm_davit,
+        _timm_levit,
+        _timm_cait,
+        _timm_efficientformer_v2,
+    ],
+    ids=["maxvit", "swin", "v2", "xcit", "davit", "levit", "cait", "efficientformer_v2"],
 )
 def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
     """Sorting the heads of torchvision's MaxViT and Swin moves their per-head tables (and
     Swin v2's per-head scales and bias-MLP rows) with them, and those of XCiT's attention
-    across channels its per-head temperatures, LeViT's the batch norms on their rows and CaiT's
-    the rows and columns of its linears across the heads: the same function."""
+    across channels its per-head temperatures, LeViT's the batch norms on their rows, CaiT's
+    the rows and columns of its linears across the heads and EfficientFormerV2's the depthwise
+    conv on v's rows: the same function."""
     from tasprune.importance import order_channels
     from tasprune.models.attention import split_attention
 
@@ -614,7 +665,7 @@ def test_ordering_window_attention_keeps_the_function(build: Any) -> None:
         torch.testing.assert_close(ordered(x), net(x), rtol=1e-4, atol=1e-4)
 
     def qkv(m: torch.nn.Module) -> torch.Tensor:
-        fused = next(getattr(m, c) for c in ("qkv", "to_qkv", "kv") if hasattr(m, c))
+        fused = next(getattr(m, c) for c in ("qkv", "to_qkv", "kv", "v") if hasattr(m, c))
         return next(fused.parameters())  # its (first) weight
 
     pairs = zip(_readable(ordered), _readable(net), strict=True)

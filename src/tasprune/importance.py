@@ -59,7 +59,11 @@ def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     dg = dependency_graph(model, example)
     mods = dict(model.named_modules())
     outputs = [mods[n] for n in output_layers(model, (example,))]
-    qkv = {mods[p] for att in find_attention(model)[0] for p in att.producers()}
+    qkv = {  # and what moves with them (talking heads' mixers, a depthwise conv on v)
+        mods[p]
+        for att in find_attention(model)[0]
+        for p in (*att.producers(), *att.mixers, *(conv for conv, _ in att.followers))
+    }
     with quiet():
         groups = [
             g

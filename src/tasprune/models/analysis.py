@@ -213,7 +213,10 @@ class Traced:
         for att in found:
             producers = att.producers()
             mixing = [(m, o) for m in att.mixers for o in (True, False)]
-            sides = [(p, True) for p in producers] + [(att.out, False)] + mixing
+            following = [
+                (f, o) for conv, bn in att.followers for f in (conv, bn) if f for o in (True, False)
+            ]
+            sides = [(p, True) for p in producers] + [(att.out, False)] + mixing + following
             stale = {g for side in sides for g in self.group_of.get(side, [])}
             if any(side[0] in self.outputs for side in sides):
                 continue
@@ -253,8 +256,13 @@ class Traced:
             for side in mixing:
                 self.group_of[side] = [gname]
                 self.masks.pop(side[0], None)
-            if att.mixers:  # what a pruned head gives the others: the mixers' inputs, and
-                # what it gives the output projection
+            for side in following:  # v's rows: value_dim per head
+                if side[1] or isinstance(net.get_submodule(side[0]), nn.Conv2d):
+                    self.group_of[side] = [gname]
+                    self.per_channel[(*side, gname)] = att.value_dim
+                self.masks.pop(side[0], None)
+            if att.masked_at_out:  # what a pruned head gives the others: the mixers' inputs,
+                # and what it gives the output projection (v_local's part included)
                 vd = att.value_dim
                 self.input_masks[att.out] = [(gname, 0, True, vd, vd)]
                 for m in att.mixers:

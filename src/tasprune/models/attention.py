@@ -57,7 +57,7 @@ _ACROSS_CHANNELS = ("XCA", "CrossCovarianceAttn", "ChannelAttention")
 # Integer attributes that hold num_heads * head_dim (they follow the head count).
 _INNER = ("attn_dim", "inner_dim", "all_head_dim", "all_head_size", "hidden_dim")
 # ... and those that hold num_heads * the q/k or v width in the interleaved layout
-_INNER_INTERLEAVED = ("key_attn_dim", "val_attn_dim", "out_dim")
+_INNER_INTERLEAVED = ("key_attn_dim", "val_attn_dim", "out_dim", "dh")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,15 @@ class Attention:
     # the search then masks their inputs and the output projection's (what a pruned head
     # would have given the others), not v
     mixers: tuple[str, ...] = ()
+    # depthwise convs on v's rows whose output joins the heads' (EfficientFormerV2's v_local),
+    # each with the batch norm on its rows or None: cut with v, and v is then masked at the
+    # output projection's input, as with mixers
+    followers: tuple[tuple[str, str | None], ...] = ()
+
+    @property
+    def masked_at_out(self) -> bool:
+        """The search masks the output projection's input (and the mixers'), not v."""
+        return bool(self.mixers or self.followers)
 
     @property
     def value_dim(self) -> int:
@@ -221,7 +230,27 @@ def _linear(mod: nn.Module, child: str) -> tuple[str, str | None] | None:
         last = _linear(sub, kids[-1][0])
         if last is not None:
             return f"{child}.{last[0]}", None if last[1] is None else f"{child}.{last[1]}"
+    elif not isinstance(sub, nn.Sequential) and "proj" in dict(kids):  # a module ending in
+        inner = _linear(sub, "proj")  # its projection (EfficientFormerV2's LocalGlobalQuery)
+        if inner is not None:
+            return f"{child}.{inner[0]}", None if inner[1] is None else f"{child}.{inner[1]}"
     return None
+
+
+def _depthwise(mod: nn.Module, child: str, channels: int) -> tuple[str, str | None] | None:
+    """(path, its batch norm's path or None) of child ``child`` of ``mod`` when it is a
+    depthwise conv on ``channels`` channels (or one with a batch norm on its rows)."""
+    sub = getattr(mod, child, None)
+    kids = list(sub.named_children()) if isinstance(sub, nn.Module) else []
+    conv: nn.Module | None = sub if isinstance(sub, nn.Conv2d) else None
+    norm: str | None = None
+    if len(kids) == 2 and isinstance(kids[1][1], nn.BatchNorm2d):
+        conv, norm = kids[0][1], f"{child}.{kids[1][0]}"
+    if not isinstance(conv, nn.Conv2d) or not conv.in_channels == conv.out_channels == channels:
+        return None
+    if conv.groups != channels:
+        return None
+    return (child if conv is sub else f"{child}.{kids[0][0]}"), norm
 
 
 def _read(name: str, mod: nn.Module) -> Attention | None:
@@ -243,13 +272,27 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
     if width % heads:
         return None
     prefix = f"{name}." if name else ""
-    links = {c: _linear(mod, c) for c in ("qkv", "to_qkv", "q", "kv")}
+    links = {c: _linear(mod, c) for c in ("qkv", "to_qkv", "q", "kv", "k", "v")}
     interleaved = _interleaved(mod, links, heads, width)
     if interleaved is not None:
         norms = tuple((prefix + p, prefix + n) for p, n in filter(None, links.values()) if n)
         rows = tuple((prefix + layer, first) for layer, first in interleaved.rows)
+        v_rows = interleaved.heads * interleaved.value_dim
+        followers = tuple(
+            (prefix + f[0], None if f[1] is None else prefix + f[1])
+            for c in dict(mod.named_children())
+            if (f := _depthwise(mod, c, v_rows)) is not None
+        )
+        if followers and interleaved.rows[2][0] in {r[0] for r in interleaved.rows[:2]}:
+            return None  # a depthwise conv on rows of a fused projection: not read
         return dataclasses.replace(
-            interleaved, name=name, rows=rows, out=prefix + out[0], norms=norms, mixers=mixers
+            interleaved,
+            name=name,
+            rows=rows,
+            out=prefix + out[0],
+            norms=norms,
+            mixers=mixers,
+            followers=followers,
         )
     if getattr(mod, "head_first", False) or hasattr(mod, "val_dim"):
         return None  # a layout of its own, not read
@@ -296,6 +339,15 @@ def _interleaved(
     fused = next((link[0] for c in ("qkv", "to_qkv") if (link := links[c]) is not None), None)
     kd, vd = getattr(mod, "key_dim", None), getattr(mod, "val_dim", None)
     q, kv = links["q"], links["kv"]
+    if isinstance(kd, int) and not isinstance(vd, int) and width % heads == 0:
+        vd = width // heads  # v's width per head read off the output projection
+        k, v = links["k"], links["v"]
+        if q is not None and k is not None and v is not None:  # three projections
+            rows_q, rows_k, rows_v = (_rows(mod.get_submodule(p[0])) for p in (q, k, v))
+            if rows_q == rows_k == heads * kd and rows_v == width:
+                rows = ((q[0], 0), (k[0], 0), (v[0], 0))
+                return Attention("", heads, kd, rows, "", vd if vd != kd else 0, (kd, kd, vd))
+        return None
     if isinstance(kd, int) and isinstance(vd, int):
         if vd * heads != width:
             return None
@@ -411,6 +463,20 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
             mixer.weight.copy_(mixer.weight[at][:, at])
             if mixer.bias is not None:
                 mixer.bias.copy_(mixer.bias[at])
+        v_first = att.rows[2][1]
+        rows = torch.tensor([r - v_first for r in att.part_rows(2, order)])
+        for conv_name, norm in att.followers:
+            conv = net.get_submodule(conv_name)
+            tensors: list[Tensor] = [*conv.parameters(recurse=False)]
+            if norm is not None:
+                bn = net.get_submodule(norm)
+                tensors += [
+                    t
+                    for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))
+                    if t.dim()
+                ]
+            for t in tensors:
+                t.copy_(t[rows.to(t.device)])
     _forget_cached(mod)
 
 
@@ -439,6 +505,17 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
         heads = torch.arange(keep, device=mixer.weight.device)
         _cut(mixer, 0, heads)
         _cut(mixer, 1, heads)
+    v_first = att.rows[2][1]
+    for conv_name, norm in att.followers:  # v's rows, relative to v's first
+        conv = net.get_submodule(conv_name)
+        assert isinstance(conv, nn.Conv2d)
+        index = torch.tensor(
+            [r - v_first for r in att.part_rows(2, kept)], device=conv.weight.device
+        )
+        _cut(conv, 0, index)
+        conv.in_channels = conv.groups = len(index)
+        if norm is not None:
+            _cut_norm(net.get_submodule(norm), index)
     mod = net.get_submodule(att.name)
     for pname, t, dim in _per_head(mod, att):
         _set_tensor(mod, pname, t.detach().narrow(dim, 0, keep).clone(), t)
