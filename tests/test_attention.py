@@ -245,11 +245,10 @@ def _timm_eva() -> torch.nn.Module:  # F.linear on the fused q/k/v weight, q and
     return net
 
 
-def _timm_levit() -> torch.nn.Module:  # interleaved heads in LinearNorms (a linear + its BN)
-    torch.manual_seed(0)  # and a downsampling attention: q of its own, [k | v] per head
-    kw = {"embed_dim": (32, 48, 64), "key_dim": 8, "num_heads": (2, 2, 4), "depth": (1, 1, 1)}
-    net = timm.create_model("levit_128s", img_size=64, num_classes=5, **kw)
-    with torch.no_grad():  # trained-like norms and position biases
+def _trained_like(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` in eval mode with trained-like batch norms (affine and running statistics away
+    from their initial values) and attention position biases, so that a wrong copy shows."""
+    with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
                 m.weight.normal_(1.0, 0.2)
@@ -259,6 +258,13 @@ def _timm_levit() -> torch.nn.Module:  # interleaved heads in LinearNorms (a lin
             if hasattr(m, "attention_biases"):
                 m.attention_biases.normal_()
     return net.eval()
+
+
+def _timm_levit() -> torch.nn.Module:  # interleaved heads in LinearNorms (a linear + its BN)
+    torch.manual_seed(0)  # and a downsampling attention: q of its own, [k | v] per head
+    kw = {"embed_dim": (32, 48, 64), "key_dim": 8, "num_heads": (2, 2, 4), "depth": (1, 1, 1)}
+    net = timm.create_model("levit_128s", img_size=64, num_classes=5, **kw)
+    return _trained_like(net)
 
 
 _timm_levit.side = 64  # type: ignore[attr-defined]
@@ -306,19 +312,12 @@ def _timm_efficientformer_v2() -> torch.nn.Module:
             dim, res = m.k.conv.in_channels, m.resolution
             down = ef.Attention2dDownsample(dim, resolution=res, out_dim=m.out_dim, **small)
             net.set_submodule(name, down)
-    with torch.no_grad():  # trained-like norms, position biases and head mixing
+    with torch.no_grad():  # trained-like head mixing
         for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.2)
-                m.bias.normal_(0.0, 0.2)
-                m.running_mean.normal_(0.0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-            if hasattr(m, "attention_biases"):
-                m.attention_biases.normal_()
             if hasattr(m, "talking_head1"):
                 for p in (*m.talking_head1.parameters(), *m.talking_head2.parameters()):
                     p.normal_(0.0, 0.5)
-    return net.eval()
+    return _trained_like(net)
 
 
 _timm_efficientformer_v2.side = 64  # type: ignore[attr-defined]
