@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from tasprune.api import load
 from tasprune.datasets import load_dataset
+from tasprune.epoch import evaluate
 from tasprune.models.attention import find_attention, permute_heads, prune_heads
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +88,8 @@ def pruned_accuracy(
         permute_heads(small, att, order)
     for att in find_attention(small)[0]:
         prune_heads(small, att, keep * att.unit)
-    small.eval()
-    with torch.no_grad():
-        hits = sum(
-            int((small(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum())
-            for i in range(0, len(x), 500)
-        )
-    return 100.0 * hits / len(x)
+    batches = [(x[i : i + 500], y[i : i + 500]) for i in range(0, len(x), 500)]
+    return evaluate(small, batches, torch.device("cpu"))["top1"]
 
 
 def ranked(scores: list[list[float]]) -> list[list[int]]:
