@@ -8,6 +8,7 @@ the pruned model, and the pickle-free save (shape + weights) re-applied to a fre
     python examples/yolo.py --out runs/yolo                 # committed teacher
     python examples/yolo.py --tiny --out /tmp/yolo          # a smoke run, about a minute
     python examples/yolo.py --train-teacher --out runs/yolo-teacher   # the teacher itself
+    python examples/yolo.py --tiny --model yolo11n.yaml --out /tmp/yolo11  # YOLO11n (attention)
 
 Ultralytics is AGPL-3.0, an optional extra (``pip install 'tasprune[yolo]'``). The example
 runs it offline (`tasprune.integrations.ultralytics.offline`: its settings under OUT, no
@@ -18,7 +19,9 @@ dict; the file says how it was trained) or train one; search a shape at 0.5 of i
 inside the trainer; prune; fine-tune the pruned model with Ultralytics' distillation from the
 teacher; validate both with Ultralytics' val (mAP50-95 on the test split); save the shape and
 weights, rebuild from a fresh YOLOv8n and check the outputs are the same; export to ONNX with
-Ultralytics' exporter and compare ONNX Runtime's raw outputs with the model's.
+Ultralytics' exporter and compare ONNX Runtime's raw outputs with the model's. With
+``--model yolo11n.yaml`` its C2PSA attention's heads are searched too (no committed teacher:
+one is trained here).
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ SIZE = 128
 CLASSES = 10
 
 
-def build_yolo() -> nn.Module:
-    """The user's detector: YOLOv8n from Ultralytics' YAML for the canvas set's ten classes."""
+def build_yolo(yaml: str = "yolov8n.yaml") -> nn.Module:
+    """The user's detector: YOLOv8n (or another Ultralytics YAML: yolo11n.yaml, whose C2PSA
+    block is attention) for the canvas set's ten classes."""
     from ultralytics.nn.tasks import DetectionModel
 
-    return DetectionModel("yolov8n.yaml", nc=CLASSES, verbose=False)
+    return DetectionModel(yaml, nc=CLASSES, verbose=False)
 
 
 def flops(model: nn.Module, size: int = SIZE) -> int:
@@ -56,14 +60,16 @@ def flops(model: nn.Module, size: int = SIZE) -> int:
     return int(fc.get_total_flops() // 2)
 
 
-def validate(model: nn.Module | Path, data: Path, size: int, out: Path, name: str) -> float:
+def validate(
+    model: nn.Module | Path, data: Path, size: int, out: Path, name: str, yaml: str = "yolov8n.yaml"
+) -> float:
     """Ultralytics' own val on the test split: mAP@[.5:.95]."""
     from ultralytics import YOLO
 
     if isinstance(model, Path):
         yolo = YOLO(str(model))
     else:
-        yolo = YOLO("yolov8n.yaml", task="detect")
+        yolo = YOLO(yaml, task="detect")
         yolo.model = model.float().eval()
     metrics = yolo.val(
         data=str(data),
@@ -110,6 +116,9 @@ def main() -> None:
     ap.add_argument("--no-kd", action="store_true", help="fine-tune without distillation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="a smoke run on a few canvases")
+    ap.add_argument(
+        "--model", default="yolov8n.yaml", help="Ultralytics YAML (yolo11n.yaml: its attention too)"
+    )
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,8 +137,9 @@ def main() -> None:
     }
 
     torch.manual_seed(args.seed)
-    teacher = build_yolo()
-    if args.tiny or args.train_teacher or not TEACHER.is_file():
+    teacher = build_yolo(args.model)
+    committed = args.model == "yolov8n.yaml" and TEACHER.is_file()  # the committed teacher's
+    if args.tiny or args.train_teacher or not committed:
         epochs = 1 if args.tiny else args.teacher_epochs
         trained = tu.finetune(
             teacher, data, epochs=epochs, name="teacher", time=args.teacher_hours, **common
@@ -149,7 +159,7 @@ def main() -> None:
         )
     teacher.eval()
     report: dict[str, Any] = {"teacher": {"flops": flops(teacher, size)}}
-    report["teacher"]["test_map"] = validate(teacher, data, size, out, "teacher-val")
+    report["teacher"]["test_map"] = validate(teacher, data, size, out, "teacher-val", args.model)
     print("teacher test mAP50-95", report["teacher"]["test_map"])
     if args.train_teacher:
         (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -180,10 +190,10 @@ def main() -> None:
         "student test mAP50-95", report["student"]["test_map"], "FLOPs ratio", report["flops_ratio"]
     )
 
-    # Save without pickling the class: the shape and the weights; rebuild from a fresh YOLOv8n.
+    # Save without pickling the class: the shape and the weights; rebuild from a fresh model.
     torch.save(student.state_dict(), out / "student.pt")
     rebuilt = tasprune.prune(
-        build_yolo().eval(),
+        build_yolo(args.model).eval(),
         out / "shape.json",
         example_inputs=torch.zeros(1, 3, size, size),
         pruned_state=torch.load(out / "student.pt", weights_only=True),

@@ -146,11 +146,12 @@ def test_a_chunk_along_the_channels_is_one_width_in_equal_parts() -> None:
 
 
 @pytest.mark.slow
-def test_yolo11n_searches_around_its_attention(yolo: type) -> None:
+def test_yolo11n_searches_its_attention_heads(yolo: type) -> None:
     """YOLO11n: Torch-Pruning's walk of its C2PSA attention does not end, so the analysis
-    stops it and searches inside the sub-modules; the attention's token products (its q/k/v
-    are one conv, not read as heads) are a constant rest, and the pruned network still costs
-    what the analysis predicts."""
+    stops it and searches inside the sub-modules; the attention's heads are a width choice
+    (q/k/v in one conv with its batch norm, [q | k | v] per head, a depthwise conv on v added
+    to the heads' output), its token products costed, nothing left as a constant rest; at one
+    head the pruned network is the searched one, and it costs what the analysis predicts."""
     import copy
 
     from tasprune.models.layer_cost import cost_layers
@@ -162,7 +163,19 @@ def test_yolo11n_searches_around_its_attention(yolo: type) -> None:
     tas = tasprune.TAS(model, x, epochs=1, flops_ratio=0.6)
     tr = traced(tas.name)
     assert len(tr.searchable_groups()) >= 30
-    assert cost_layers(tr, copy.deepcopy(tr.template), tr.example)[2] > 0
+    assert [a.name for a in tr.attention.values()] == ["model.10.m.0.attn"]
+    assert all(tr.groups[g].fixed is None for g in tr.attention)
+    assert cost_layers(tr, copy.deepcopy(tr.template), tr.example)[2] == 0
+    one = tr.full_shape().replace(widths=dict.fromkeys(tr.attention, 1))
+    small = tas.prune(one).eval()
+    assert small.model[10].m[0].attn.num_heads == 1
+    with torch.no_grad(), tas.supernet.fixed(one):
+        tas.supernet.net.eval()
+        tas.supernet.training = False
+        want = tas.supernet.net(x)
+    with torch.no_grad():
+        got = small(x)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     shape = tas.shape()
     small = tas.prune().eval()
     with FlopCounterMode(display=False) as fc, torch.no_grad():

@@ -221,11 +221,10 @@ def _linear(mod: nn.Module, child: str) -> tuple[str, str | None] | None:
     if _projection(sub):
         return child, None
     kids = list(sub.named_children())
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d)
-    if len(kids) == 2 and _projection(kids[0][1]) and isinstance(kids[1][1], norms):
+    if _normed(kids) and _projection(kids[0][1]):
         return f"{child}.{kids[0][0]}", f"{child}.{kids[1][0]}"
     if isinstance(sub, nn.Sequential) and kids:
-        if any(any(True for _ in k.parameters()) for _, k in kids[:-1]):
+        if _has_parameters([k for _, k in kids[:-1]]):
             return None
         last = _linear(sub, kids[-1][0])
         if last is not None:
@@ -237,6 +236,18 @@ def _linear(mod: nn.Module, child: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _normed(kids: list[tuple[str, nn.Module]]) -> bool:
+    """Children that are a layer, a batch norm on its rows and nothing with parameters after
+    (LeViT's LinearNorm, Ultralytics' Conv with its identity activation)."""
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d)
+    rest = [k for _, k in kids[2:]]
+    return len(kids) >= 2 and isinstance(kids[1][1], norms) and not _has_parameters(rest)
+
+
+def _has_parameters(mods: list[nn.Module]) -> bool:
+    return any(True for m in mods for _ in m.parameters())
+
+
 def _depthwise(mod: nn.Module, child: str, channels: int) -> tuple[str, str | None] | None:
     """(path, its batch norm's path or None) of child ``child`` of ``mod`` when it is a
     depthwise conv on ``channels`` channels (or one with a batch norm on its rows)."""
@@ -244,7 +255,7 @@ def _depthwise(mod: nn.Module, child: str, channels: int) -> tuple[str, str | No
     kids = list(sub.named_children()) if isinstance(sub, nn.Module) else []
     conv: nn.Module | None = sub if isinstance(sub, nn.Conv2d) else None
     norm: str | None = None
-    if len(kids) == 2 and isinstance(kids[1][1], nn.BatchNorm2d):
+    if _normed(kids):
         conv, norm = kids[0][1], f"{child}.{kids[1][0]}"
     if not isinstance(conv, nn.Conv2d) or not conv.in_channels == conv.out_channels == channels:
         return None
@@ -283,8 +294,6 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
             for c in dict(mod.named_children())
             if (f := _depthwise(mod, c, v_rows)) is not None
         )
-        if followers and interleaved.rows[2][0] in {r[0] for r in interleaved.rows[:2]}:
-            return None  # a depthwise conv on rows of a fused projection: not read
         return dataclasses.replace(
             interleaved,
             name=name,
@@ -341,6 +350,9 @@ def _interleaved(
     q, kv = links["q"], links["kv"]
     if isinstance(kd, int) and not isinstance(vd, int) and width % heads == 0:
         vd = width // heads  # v's width per head read off the output projection
+        if fused is not None and _rows(mod.get_submodule(fused)) == heads * (2 * kd + vd):
+            rows = ((fused, 0), (fused, kd), (fused, 2 * kd))  # Ultralytics' Attention
+            return Attention("", heads, kd, rows, "", vd if vd != kd else 0, (2 * kd + vd,) * 3)
         k, v = links["k"], links["v"]
         if q is not None and k is not None and v is not None:  # three projections
             rows_q, rows_k, rows_v = (_rows(mod.get_submodule(p[0])) for p in (q, k, v))
@@ -463,8 +475,7 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
             mixer.weight.copy_(mixer.weight[at][:, at])
             if mixer.bias is not None:
                 mixer.bias.copy_(mixer.bias[at])
-        v_first = att.rows[2][1]
-        rows = torch.tensor([r - v_first for r in att.part_rows(2, order)])
+        rows = torch.tensor(att.out_columns(order))
         for conv_name, norm in att.followers:
             conv = net.get_submodule(conv_name)
             tensors: list[Tensor] = [*conv.parameters(recurse=False)]
@@ -505,13 +516,10 @@ def prune_heads(net: nn.Module, att: Attention, width: int) -> None:
         heads = torch.arange(keep, device=mixer.weight.device)
         _cut(mixer, 0, heads)
         _cut(mixer, 1, heads)
-    v_first = att.rows[2][1]
-    for conv_name, norm in att.followers:  # v's rows, relative to v's first
+    for conv_name, norm in att.followers:  # v's channels, as the heads' concatenation
         conv = net.get_submodule(conv_name)
         assert isinstance(conv, nn.Conv2d)
-        index = torch.tensor(
-            [r - v_first for r in att.part_rows(2, kept)], device=conv.weight.device
-        )
+        index = torch.tensor(att.out_columns(kept), device=conv.weight.device)
         _cut(conv, 0, index)
         conv.in_channels = conv.groups = len(index)
         if norm is not None:
@@ -766,6 +774,10 @@ def split_attention(net: nn.Module) -> nn.Module:
     timm_subclasses: dict[type, type] = {}
     if "timm" in sys.modules:  # a timm model is built only where timm is imported
         from tasprune.models.timm_attention import SUBCLASSES as timm_subclasses
+    if "ultralytics.nn.modules.block" in sys.modules:  # likewise an Ultralytics model
+        from tasprune.models.ultralytics_attention import SUBCLASSES as more
+
+        timm_subclasses = {**timm_subclasses, **more}
     for name, mod in list(net.named_modules()):
         if type(mod) in timm_subclasses:
             sub = timm_subclasses[type(mod)]
