@@ -147,8 +147,8 @@ def test_a_chunk_along_the_channels_is_one_width_in_equal_parts() -> None:
 
 @pytest.mark.slow
 def test_yolo11n_searches_its_attention_heads(yolo: type) -> None:
-    """YOLO11n: Torch-Pruning's walk of its C2PSA attention does not end, so the analysis
-    stops it and searches inside the sub-modules; the attention's heads are a width choice
+    """YOLO11n: its C2PSA attention's heads are a width choice (its inside is not walked by
+    Torch-Pruning, whose walk there did not end, so the whole graph is traced)
     (q/k/v in one conv with its batch norm, [q | k | v] per head, a depthwise conv on v added
     to the heads' output), its token products costed, nothing left as a constant rest; at one
     head the pruned network is the searched one, and it costs what the analysis predicts."""
@@ -162,7 +162,7 @@ def test_yolo11n_searches_its_attention_heads(yolo: type) -> None:
     x = torch.rand(1, 3, 64, 64)
     tas = tasprune.TAS(model, x, epochs=1, flops_ratio=0.6)
     tr = traced(tas.name)
-    assert len(tr.searchable_groups()) >= 30
+    assert len(tr.searchable_groups()) >= 50
     assert [a.name for a in tr.attention.values()] == ["model.10.m.0.attn"]
     assert all(tr.groups[g].fixed is None for g in tr.attention)
     assert cost_layers(tr, copy.deepcopy(tr.template), tr.example)[2] == 0

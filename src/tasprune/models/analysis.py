@@ -390,7 +390,16 @@ def _channel_groups(
     parent: dict[str, str] = {}
     nodes: dict[Any, Any] = {}
     convs = (nn.Conv2d, nn.Linear)
-    for scope, mod_scope, scope_example, dg, tp_groups in scopes(net, model, example, kept):
+    # An attention's heads replace the groups rooted inside it (`Traced._head_groups`): they
+    # are not walked (Torch-Pruning maps every channel through the heads' reshapes, minutes)
+    inside = [
+        modules[n]
+        for att in find_attention(net)[0]
+        for n in (*att.producers(), *att.mixers, *(conv for conv, _ in att.followers))
+    ]
+    for scope, mod_scope, scope_example, dg, tp_groups in scopes(
+        net, model, example, kept + inside
+    ):
         nodes.update(dg.module2node)
         for tp_group in tp_groups:
             parts = 1
