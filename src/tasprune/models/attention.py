@@ -339,43 +339,41 @@ def _read(name: str, mod: nn.Module) -> Attention | None:
 def _interleaved(
     mod: nn.Module, links: dict[str, tuple[str, str | None] | None], heads: int, width: int
 ) -> Attention | None:
-    """An attention whose fused projection holds the heads one after the other ([q | k | v]
-    of each head; v possibly wider), its layer names relative to ``mod`` (its name and output
-    projection left blank), None if it is not one: timm's ``key_dim``/``val_dim`` modules
-    (split per head: LeViT, EfficientFormer, TinyViT; LeViT's downsampling attention has a q
-    of its own, contiguous, and [k | v] per head) and ``head_first`` ones (chunked per head),
-    recognised by those attributes."""
+    """An attention whose rows go head by head (the choice counts heads), its layer names
+    relative to ``mod`` (its name and output projection left blank), None if it is not one:
+    recognised by the attributes timm's and Ultralytics' implementations carry, never guessed
+    from the weights' shapes. With ``key_dim`` (q's and k's width per head; v's is ``val_dim``,
+    else read off the output projection): one fused projection with [q | k | v] per head
+    (LeViT, EfficientFormer, TinyViT, Ultralytics' Attention), q of its own and [k | v] per head
+    (LeViT's downsampling attention), or q, k and v of their own (EfficientFormerV2). With
+    ``head_first``: one fused projection chunked per head (MaxxViT)."""
     fused = next((link[0] for c in ("qkv", "to_qkv") if (link := links[c]) is not None), None)
     kd, vd = getattr(mod, "key_dim", None), getattr(mod, "val_dim", None)
-    q, kv = links["q"], links["kv"]
-    if isinstance(kd, int) and not isinstance(vd, int) and width % heads == 0:
-        vd = width // heads  # v's width per head read off the output projection
-        if fused is not None and _rows(mod.get_submodule(fused)) == heads * (2 * kd + vd):
-            rows = ((fused, 0), (fused, kd), (fused, 2 * kd))  # Ultralytics' Attention
-            return Attention("", heads, kd, rows, "", vd if vd != kd else 0, (2 * kd + vd,) * 3)
-        k, v = links["k"], links["v"]
-        if q is not None and k is not None and v is not None:  # three projections
-            rows_q, rows_k, rows_v = (_rows(mod.get_submodule(p[0])) for p in (q, k, v))
-            if rows_q == rows_k == heads * kd and rows_v == width:
-                rows = ((q[0], 0), (k[0], 0), (v[0], 0))
-                return Attention("", heads, kd, rows, "", vd if vd != kd else 0, (kd, kd, vd))
-        return None
-    if isinstance(kd, int) and isinstance(vd, int):
+
+    def rows_of(layer: str) -> int:
+        return _rows(mod.get_submodule(layer))
+
+    if isinstance(kd, int):
+        vd = vd if isinstance(vd, int) else width // heads
         if vd * heads != width:
             return None
         v_dim = vd if vd != kd else 0
-        if fused is not None and _rows(mod.get_submodule(fused)) == heads * (2 * kd + vd):
+        q, kv, k, v = (links[c] for c in ("q", "kv", "k", "v"))
+        if fused is not None and rows_of(fused) == heads * (2 * kd + vd):
             rows = ((fused, 0), (fused, kd), (fused, 2 * kd))
             return Attention("", heads, kd, rows, "", v_dim, (2 * kd + vd,) * 3)
-        if q is not None and kv is not None:
-            q_rows, kv_rows = _rows(mod.get_submodule(q[0])), _rows(mod.get_submodule(kv[0]))
-            if q_rows == heads * kd and kv_rows == heads * (kd + vd):
-                rows = ((q[0], 0), (kv[0], 0), (kv[0], kd))
-                return Attention("", heads, kd, rows, "", v_dim, (kd, kd + vd, kd + vd))
+        if q and kv and rows_of(q[0]) == heads * kd and rows_of(kv[0]) == heads * (kd + vd):
+            rows = ((q[0], 0), (kv[0], 0), (kv[0], kd))
+            return Attention("", heads, kd, rows, "", v_dim, (kd, kd + vd, kd + vd))
+        if q and k and v and rows_of(q[0]) == rows_of(k[0]) == heads * kd:
+            if rows_of(v[0]) != width:
+                return None
+            rows = ((q[0], 0), (k[0], 0), (v[0], 0))
+            return Attention("", heads, kd, rows, "", v_dim, (kd, kd, vd))
         return None
     if getattr(mod, "head_first", False) is True and fused is not None:
         d = width // heads
-        if _rows(mod.get_submodule(fused)) == 3 * width:
+        if rows_of(fused) == 3 * width:
             rows = ((fused, 0), (fused, d), (fused, 2 * d))
             return Attention("", heads, d, rows, "", 0, (3 * d,) * 3)
     return None
