@@ -59,11 +59,7 @@ def _groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any]]:
     dg = dependency_graph(model, example)
     mods = dict(model.named_modules())
     outputs = [mods[n] for n in output_layers(model, (example,))]
-    qkv = {  # and what moves with them (talking heads' mixers, a depthwise conv on v)
-        mods[p]
-        for att in find_attention(model)[0]
-        for p in (*att.producers(), *att.mixers, *(conv for conv, _ in att.followers))
-    }
+    qkv = {mods[p] for att in find_attention(model)[0] for p in att.inside()}
     with quiet():
         groups = [
             g

@@ -132,12 +132,15 @@ class Traced:
                     ignored.add(n)
                     keep.setdefault(n, f"inside {prefix}, which ignore= (or only=) leaves out")
         self.ignore = tuple(ignore)
+        heads = find_attention(net)
+        # the layers moving with an attention's heads root no group: the heads replace them
+        inside = [m for att in heads[0] for m in att.inside()]
         self.groups, self.group_of, self.masks, self.per_channel = _channel_groups(
-            net, name, self.example, keep
+            net, name, self.example, keep, inside
         )
         # Where a layer's input channels are masked instead (talking heads' mixers)
         self.input_masks: dict[str, list[MaskSite]] = {}
-        self.attention = self._head_groups(net)
+        self.attention = self._head_groups(net, *heads)
         self.stages = {  # a run of blocks inside an ignored module keeps its depth
             n: st
             for n, st in depth_stages(net, self.example).items()
@@ -185,12 +188,14 @@ class Traced:
         """The groups of the output channels of the layers inside ``block``."""
         return {g for (lay, o), gs in self.group_of.items() if o and within(lay, block) for g in gs}
 
-    def _head_groups(self, net: nn.Module) -> dict[str, Attention]:
+    def _head_groups(
+        self, net: nn.Module, found: list[Attention], other: list[tuple[str, str]]
+    ) -> dict[str, Attention]:
         """Each multi-head attention module's heads as one width choice (named after its
         first q/k/v projection), in place of the graph's groups there, which cannot follow
         the reshape into heads: q, k and v rows (per_channel counts how many of them a layer
-        holds) and the output projection's input columns, in whole heads, masked at v."""
-        found, other = find_attention(net)
+        holds) and the output projection's input columns, in whole heads, masked at v.
+        ``found`` and ``other``: `find_attention`'s."""
         if found:  # projections used through their weights (F.linear), not called, are not read
             layers = sorted({n for a in found for n in (*a.producers(), a.out)})
             called = {n for n, calls in call_shapes(net, self.example, layers).items() if calls}
@@ -261,27 +266,24 @@ class Traced:
                     self.group_of[side] = [gname]
                     self.per_channel[(*side, gname)] = att.value_dim
                 self.masks.pop(side[0], None)
+            if att.steps:  # by heads: the output projection's columns and the products per head
+                self.per_channel[(att.out, False, gname)] = att.value_dim
+                self.per_channel[(att.scores, True, gname)] = att.head_dim + att.value_dim
+            out[gname] = att
             if att.masked_at_out:  # what a pruned head gives the others: the mixers' inputs,
                 # and what it gives the output projection (v_local's part included)
                 vd = att.value_dim
                 self.input_masks[att.out] = [(gname, 0, True, vd, vd)]
                 for m in att.mixers:
                     self.input_masks[m] = [(gname, 0, True)]
-                if att.steps:
-                    self.per_channel[(att.out, False, gname)] = vd
-                    self.per_channel[(att.scores, True, gname)] = att.head_dim + vd
-                out[gname] = att
                 continue
             v_layer, v_first = att.rows[att.masked]
             v_layer = att.norm_of(v_layer) or v_layer  # masked after the norm on its rows
-            if att.steps:  # a head's v rows, one block of value_dim every step rows
-                self.per_channel[(att.out, False, gname)] = att.value_dim
-                self.per_channel[(att.scores, True, gname)] = att.head_dim + att.value_dim
+            if att.steps:  # a head's v rows, one block every step rows
                 step = att.steps[att.masked]
                 self.masks[v_layer] = [(gname, v_first, True, att.size(att.masked), step)]
             else:
                 self.masks[v_layer] = [(gname, v_first, True)]
-            out[gname] = att
         self.groups = dict(sorted(self.groups.items(), key=lambda kv: order.get(kv[0], len(order))))
         return out
 
@@ -365,7 +367,7 @@ def _resolve(parent: dict[str, str], g: str) -> str:
 
 
 def _channel_groups(
-    net: nn.Module, model: str, example: Example, keep: dict[str, str]
+    net: nn.Module, model: str, example: Example, keep: dict[str, str], inside: Sequence[str]
 ) -> tuple[
     dict[str, Group],
     dict[tuple[str, bool], list[str]],
@@ -376,7 +378,9 @@ def _channel_groups(
 
     Returns the groups and, for every (layer, out?) pair, the groups its channels belong to
     (several for the input of a layer after a concatenation), in channel order. A group that
-    holds the output channels of a layer in ``keep`` (layer -> why) keeps its width.
+    holds the output channels of a layer in ``keep`` (layer -> why) keeps its width. No group
+    is rooted at a layer of ``inside`` (an attention's, whose heads replace its groups:
+    Torch-Pruning's walk maps every channel through the heads' reshapes, for minutes).
     """
 
     names: dict[Any, str] = {m: n for n, m in net.named_modules()}
@@ -390,16 +394,8 @@ def _channel_groups(
     parent: dict[str, str] = {}
     nodes: dict[Any, Any] = {}
     convs = (nn.Conv2d, nn.Linear)
-    # An attention's heads replace the groups rooted inside it (`Traced._head_groups`): they
-    # are not walked (Torch-Pruning maps every channel through the heads' reshapes, minutes)
-    inside = [
-        modules[n]
-        for att in find_attention(net)[0]
-        for n in (*att.producers(), *att.mixers, *(conv for conv, _ in att.followers))
-    ]
-    for scope, mod_scope, scope_example, dg, tp_groups in scopes(
-        net, model, example, kept + inside
-    ):
+    roots_not = kept + [modules[n] for n in inside]
+    for scope, mod_scope, scope_example, dg, tp_groups in scopes(net, model, example, roots_not):
         nodes.update(dg.module2node)
         for tp_group in tp_groups:
             parts = 1

@@ -9,15 +9,17 @@ table), so the module's own forward runs unchanged on the smaller weights.
 
 The searched network masks each head's v rows (the part that reaches the output: DaViT's channel
 attention weighs q): a head with v = 0 adds nothing to the output projection's input, exactly as
-if it were removed, so the searched mixture is the pruned
-network (no normalisation statistics change, unlike masking the embedding width).
+if it were removed, so the searched mixture is the pruned network (no normalisation statistics
+change, unlike masking the embedding width). Where heads mix before that (talking heads) or v
+reaches the output another way (a depthwise conv on v), the output projection's input is
+masked instead (`Attention.masked_at_out`).
 
 Read off the module (no graph op is interpreted): a module with an integer ``num_heads`` (or
 ``n_heads``) and projections (linears or 1x1 convs) named as the common implementations name
 them (a fused ``qkv`` or ``to_qkv``; ``q`` and ``kv``; ``qk`` and ``v``; or ``q``, ``k``, ``v``
 (or ``wq``, ...); then ``proj``, ``o``, ``out_proj`` or ``merge``), whose widths agree, in the
-contiguous or the interleaved layout (`Attention`). Other attention modules keep their heads, with one log line
-naming them.
+contiguous or a by-heads layout (`Attention`). Other attention modules keep their heads, with
+one log line naming them.
 """
 
 from __future__ import annotations
@@ -133,6 +135,12 @@ class Attention:
     def producers(self) -> list[str]:
         return list(dict.fromkeys(layer for layer, _ in self.rows))
 
+    def inside(self) -> list[str]:
+        """The layers whose channels move with the heads and nothing else: the q/k/v
+        projections, the mixers and the followers' convs (not the output projection, whose
+        output is the embedding)."""
+        return [*self.producers(), *self.mixers, *(conv for conv, _ in self.followers)]
+
     def part_rows(self, part: int, heads: Sequence[int]) -> list[int]:
         """The rows of q (part 0), k (1) or v (2) of ``heads``, in that order."""
         first, size = self.rows[part][1], self.size(part)
@@ -226,14 +234,17 @@ def _linear(mod: nn.Module, child: str) -> tuple[str, str | None] | None:
     if isinstance(sub, nn.Sequential) and kids:
         if _has_parameters([k for _, k in kids[:-1]]):
             return None
-        last = _linear(sub, kids[-1][0])
-        if last is not None:
-            return f"{child}.{last[0]}", None if last[1] is None else f"{child}.{last[1]}"
-    elif not isinstance(sub, nn.Sequential) and "proj" in dict(kids):  # a module ending in
-        inner = _linear(sub, "proj")  # its projection (EfficientFormerV2's LocalGlobalQuery)
-        if inner is not None:
-            return f"{child}.{inner[0]}", None if inner[1] is None else f"{child}.{inner[1]}"
+        return _under(child, _linear(sub, kids[-1][0]))
+    if "proj" in dict(kids):  # a module ending in its projection (EfficientFormerV2's
+        return _under(child, _linear(sub, "proj"))  # LocalGlobalQuery)
     return None
+
+
+def _under(child: str, link: tuple[str, str | None] | None) -> tuple[str, str | None] | None:
+    """A (projection, norm) found inside ``child``, as paths from its parent."""
+    if link is None:
+        return None
+    return f"{child}.{link[0]}", None if link[1] is None else f"{child}.{link[1]}"
 
 
 def _normed(kids: list[tuple[str, nn.Module]]) -> bool:
@@ -386,8 +397,8 @@ def _per_head(mod: nn.Module, att: Attention) -> list[tuple[str, Tensor, int]]:
     named = getattr(type(mod), "head_tensors", None)
     if named is not None:
         return [(n, getattr(mod, n), d) for n, d in named]
-    start = len(att.name) + 1 if att.name else 0  # the children holding its projections
-    projections = {p[start:].split(".")[0] for p in (*att.producers(), att.out)}
+    start = len(att.name) + 1 if att.name else 0  # the children holding what moves with the
+    projections = {p[start:].split(".")[0] for p in (*att.inside(), att.out)}  # heads
     found = []
     tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
     for child, sub in mod.named_children():  # a table in a child (MaxxViT's rel_pos), not
@@ -409,16 +420,20 @@ def _row_tensors(net: nn.Module, att: Attention, layer: str) -> list[Tensor]:
     found = [lin.weight] + ([lin.bias] if lin.bias is not None else [])
     norm = att.norm_of(layer)
     if norm is not None:
-        bn = net.get_submodule(norm)
-        found += [t for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False)) if t.dim()]
+        found += [t for _, t in _channel_tensors(net.get_submodule(norm))]
     return found
+
+
+def _channel_tensors(bn: nn.Module) -> list[tuple[str, Tensor]]:
+    """A batch norm's tensors with one entry per channel (affine, running statistics)."""
+    own = [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]
+    return [(name, t) for name, t in own if t.dim()]
 
 
 def _cut_norm(bn: nn.Module, index: Tensor) -> None:
     """Keep a batch norm's channels at ``index`` (affine and running statistics), in place."""
-    for name, t in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
-        if t.dim():
-            _set_tensor(bn, name, t.detach().index_select(0, index).clone(), t)
+    for name, t in _channel_tensors(bn):
+        _set_tensor(bn, name, t.detach().index_select(0, index).clone(), t)
     bn.num_features = len(index)  # type: ignore[assignment]
 
 
@@ -475,15 +490,9 @@ def permute_heads(net: nn.Module, att: Attention, order: list[int]) -> None:
                 mixer.bias.copy_(mixer.bias[at])
         rows = torch.tensor(att.out_columns(order))
         for conv_name, norm in att.followers:
-            conv = net.get_submodule(conv_name)
-            tensors: list[Tensor] = [*conv.parameters(recurse=False)]
+            tensors: list[Tensor] = [*net.get_submodule(conv_name).parameters(recurse=False)]
             if norm is not None:
-                bn = net.get_submodule(norm)
-                tensors += [
-                    t
-                    for t in (*bn.parameters(recurse=False), *bn.buffers(recurse=False))
-                    if t.dim()
-                ]
+                tensors += [t for _, t in _channel_tensors(net.get_submodule(norm))]
             for t in tensors:
                 t.copy_(t[rows.to(t.device)])
     _forget_cached(mod)
