@@ -5,6 +5,7 @@ Torch-Pruning's magnitude (L1) pruning and uniform width scaling, on the canvas 
     python bench/bench_yolo.py --latency --out /tmp/yolo               # alone, after
     python bench/bench_yolo.py --tiny --seeds 0 --out /tmp/yolo-smoke  # a smoke run
     python bench/bench_yolo.py --dis 1.0 --arms tas_kd l1_kd uniform_kd --out /tmp/yolo-dis1
+    python bench/bench_yolo.py --dis 1.0 --finetune-epochs 10 --warmup-epochs 1 --out /tmp/y10
 
 The task's code is the example's (examples/yolo.py: Ultralytics' YOLOv8n built from its YAML
 for the ten classes, Ultralytics' trainer, loss, val (mAP50-95) and ONNX export), run offline
@@ -313,6 +314,7 @@ def run_arm(bench: Bench, arm: str, seed: int, args: argparse.Namespace) -> dict
         name=folder.name,
         **bench.common,
         **({} if args.dis is None else {"dis": args.dis}),
+        **({} if args.warmup_epochs is None else {"warmup_epochs": args.warmup_epochs}),
     )
     images += bench.n_train * finetune_epochs
     best = Path(trainer.best)
@@ -418,6 +420,12 @@ def main() -> None:
     ap.add_argument(
         "--dis", type=float, default=None, help="Ultralytics' distillation weight (its own: 6.0)"
     )
+    ap.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=None,
+        help="the fine-tuning's warm-up epochs (Ultralytics' own: 3.0)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--latency", action="store_true", help="time the saved networks (alone)")
@@ -448,6 +456,8 @@ def main() -> None:
     settings["teacher"] = "1 epoch, trained here (--tiny)" if args.tiny else str(bench.ex.TEACHER)
     if args.dis is not None:  # recorded only where set: earlier results had no such setting
         settings["dis"] = args.dis
+    if args.warmup_epochs is not None:
+        settings["warmup_epochs"] = args.warmup_epochs
     if results and results.get("settings") != settings:
         sys.exit(
             f"error: {path} holds another protocol ({results.get('settings')}). Fix: use another --out"
