@@ -373,6 +373,17 @@ def latency(bench: Bench, threads: int) -> dict[str, Any]:
     return rows
 
 
+def settings_line(settings: dict[str, Any]) -> str:
+    """The schedule every arm had, in words (Ultralytics' defaults where a setting is absent)."""
+    dis = settings.get("dis", "6.0, Ultralytics' default")
+    warmup = settings.get("warmup_epochs", "3, Ultralytics' default")
+    return (
+        f"Search {settings['search_epochs']} epochs (TAS arms); every arm fine-tuned "
+        f"{settings['finetune_epochs']} epochs by the stock trainer (warm-up {warmup} epochs), "
+        f"distillation weight {dis}; batch {settings['batch']}."
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     teacher = results["teacher"]
     lines = [
@@ -381,6 +392,8 @@ def table(results: dict[str, Any]) -> str:
         "",
         f"Teacher: test mAP50-95 {teacher['test']:.4f} (val {teacher['val']:.4f}), "
         f"{teacher['flops'] / 1e6:.1f} MMACs at {results['settings']['size']} px.",
+        "",
+        settings_line(results["settings"]),
         *arm_lines(results["rows"], teacher["test"], "mAP50-95"),
     ]
     missed = [r for r in results["rows"] if r["arm"] == "l1_kd" and not r.get("tp_in_band", True)]
