@@ -65,6 +65,7 @@ class Task:
         from tasprune.tasks import CanvasDetection, CanvasSegmentation, build_canvas_set
 
         self.name, self.ex = name, example(name)
+        self.kd_stages: list[str] = []  # detection: feature maps distilled beside the head
         root = build_canvas_set(size=self.ex.SIZE, counts=counts)
         if name == "detection":
             self.train = CanvasDetection(root, "train", channels=3, transforms=self.ex.flip)
@@ -113,7 +114,7 @@ class Task:
         if self.name == "detection":
             kd = None
             if teacher is not None:
-                kd = self.ex.distiller(teacher, student, [self.test[0][0]])
+                kd = self.ex.distiller(teacher, student, [self.test[0][0]], self.kd_stages)
             self.ex.train(
                 student,
                 self.train,
@@ -362,6 +363,12 @@ def main() -> None:
     ap.add_argument(
         "--width-snap", type=int, default=1, help="TAS widths in multiples of this (8: ONNX RT)"
     )
+    ap.add_argument(
+        "--kd-stages",
+        nargs="+",
+        default=[],
+        help="detection: feature maps distilled too (mse, 1x1 adapters), e.g. backbone.features.0",
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--latency", action="store_true", help="time the saved networks (alone)")
@@ -369,6 +376,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task = Task(args.task, tuple(args.counts))
+    task.kd_stages = list(args.kd_stages)
     if args.teacher is not None:
         task.ex.TEACHER = args.teacher
     out = args.out / args.task
@@ -379,6 +387,10 @@ def main() -> None:
     settings["counts"] = list(args.counts)
     if args.width_snap != 1:  # recorded only where set: earlier results had no such setting
         settings["width_snap"] = args.width_snap
+    if args.kd_stages:
+        if args.task != "detection":
+            sys.exit("error: --kd-stages is for detection. Fix: leave it out for segmentation")
+        settings["kd_stages"] = args.kd_stages
     if results and results.get("settings") != settings:
         sys.exit(
             f"error: {path} holds another protocol ({results.get('settings')}). Fix: use another --out"

@@ -25,7 +25,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,13 +179,21 @@ def search(
     return tas
 
 
-def distiller(teacher: nn.Module, student: nn.Module, example: list[Tensor]) -> tasprune.Distiller:
+def distiller(
+    teacher: nn.Module, student: nn.Module, example: list[Tensor], stages: Sequence[str] = ()
+) -> tasprune.Distiller:
     """KD on the head's raw outputs: the class scores (soft, over the classes of each anchor)
-    and the box regressions (mean squared error)."""
+    and the box regressions (mean squared error); ``stages``: feature maps to distil as well
+    (mean squared error through a learned 1x1 adapter where the student is narrower, e.g.
+    ``backbone.features.0``, ``backbone.features.1``)."""
     return tasprune.Distiller(
         teacher,
         student,
-        features={"head.classification_head": "soft", "head.regression_head": "mse"},
+        features={
+            "head.classification_head": "soft",
+            "head.regression_head": "mse",
+            **dict.fromkeys(stages, "mse"),
+        },
         class_dim=-1,
         temperature=2.0,
         example_inputs=(example,),
