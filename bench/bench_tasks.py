@@ -290,6 +290,18 @@ def latency(task: Task, out: Path, threads: int) -> dict[str, Any]:
     return rows
 
 
+def settings_line(settings: dict[str, Any]) -> str:
+    """The schedule every arm had, in words."""
+    snap = settings.get("width_snap", 1)
+    stages = settings.get("kd_stages")
+    return (
+        f"Search {settings['search_epochs']} epochs (TAS arms"
+        f"{f', widths in multiples of {snap}' if snap != 1 else ''}); every arm fine-tuned "
+        f"{settings['finetune_epochs']} epochs (AdamW, cosine), distillation on the outputs"
+        f"{' and ' + ', '.join(stages) if stages else ''}."
+    )
+
+
 def table(task: Task, results: dict[str, Any]) -> str:
     metric = {"map": "mAP@[.5:.95]", "miou": "mIoU"}[task.metric]
     teacher = results["teacher"]
@@ -297,6 +309,8 @@ def table(task: Task, results: dict[str, Any]) -> str:
         f"# {task.name}: TAS vs Torch-Pruning L1 vs uniform at {results['ratio']} of the FLOPs",
         "",
         f"Teacher: test {metric} {teacher['test']:.4f}, {teacher['flops'] / 1e6:.1f} MMACs.",
+        "",
+        settings_line(results["settings"]),
         *arm_lines(results["rows"], teacher["test"], metric),
     ]
     lat = results.get("latency")
