@@ -35,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,13 @@ def example(task: str) -> Any:
 class Task:
     """What differs between detection and segmentation: data, metric, loss hooks, outputs."""
 
-    def __init__(self, name: str, counts: tuple[int, int, int]) -> None:
+    def __init__(
+        self, name: str, counts: tuple[int, int, int], kd_stages: Sequence[str] = ()
+    ) -> None:
         from tasprune.tasks import CanvasDetection, CanvasSegmentation, build_canvas_set
 
         self.name, self.ex = name, example(name)
-        self.kd_stages: list[str] = []  # detection: feature maps distilled beside the head
+        self.kd_stages = list(kd_stages)  # detection: feature maps distilled beside the head
         root = build_canvas_set(size=self.ex.SIZE, counts=counts)
         if name == "detection":
             self.train = CanvasDetection(root, "train", channels=3, transforms=self.ex.flip)
@@ -389,8 +392,7 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=None, help="another teacher state dict")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    task = Task(args.task, tuple(args.counts))
-    task.kd_stages = list(args.kd_stages)
+    task = Task(args.task, tuple(args.counts), args.kd_stages)
     if args.teacher is not None:
         task.ex.TEACHER = args.teacher
     out = args.out / args.task
