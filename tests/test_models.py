@@ -96,6 +96,16 @@ def test_prefixed_name_is_the_same_model() -> None:
     }
 
 
+def test_create_model_takes_a_shape_file(tmp_path) -> None:
+    shape = random_shape("cifar_resnet20", 0)
+    shape.save(tmp_path / "shape.json")
+    a = create_model("cifar_resnet20", shape)
+    b = create_model("cifar_resnet20", str(tmp_path / "shape.json"))
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    with pytest.raises(ShapeError, match="a Shape or a shape.json path, not tuple"):
+        create_model("cifar_resnet20", Shape.load(tmp_path / "shape.json"))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_spec_is_consistent(name: str) -> None:
     spec = get_model_spec(name)
