@@ -262,6 +262,8 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
     }
     if arm == "l1_kd":
         row["tp_layer_ratio"] = layer_ratio
+    if arm.startswith("tas"):  # the searched shape: a later session can rebuild it (latency)
+        row["shape"] = json.loads((out / f"tas-seed{seed}" / "shape.json").read_text())
     torch.save(student, folder / "student.pt")  # the benchmark's own copy (pickled modules)
     return row
 

@@ -334,6 +334,8 @@ def run_arm(bench: Bench, arm: str, seed: int, args: argparse.Namespace) -> dict
         "best": str(best),  # Ultralytics' own checkpoint: YOLO(best).val() / .export()
         **extra,
     }
+    if arm.startswith("tas"):  # the searched shape: a later session can rebuild it (latency)
+        row["shape"] = json.loads((out / f"tas-seed{seed}" / "shape.json").read_text())
     return row
 
 
