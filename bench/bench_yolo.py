@@ -281,6 +281,7 @@ def run_arm(bench: Bench, arm: str, seed: int, args: argparse.Namespace) -> dict
                 flops_ratio=args.ratio,
                 seed=seed,
                 name=shared.name,
+                tas_settings={"width_snap": args.width_snap} if args.width_snap != 1 else None,
                 **bench.common,
             )
             torch.save(tas.prune().state_dict(), shared / "searched.pt")
@@ -379,8 +380,10 @@ def settings_line(settings: dict[str, Any]) -> str:
     """The schedule every arm had, in words (Ultralytics' defaults where a setting is absent)."""
     dis = settings.get("dis", "6.0, Ultralytics' default")
     warmup = settings.get("warmup_epochs", "3, Ultralytics' default")
+    snap = settings.get("width_snap", 1)
     return (
-        f"Search {settings['search_epochs']} epochs (TAS arms); every arm fine-tuned "
+        f"Search {settings['search_epochs']} epochs (TAS arms"
+        f"{f', widths in multiples of {snap}' if snap != 1 else ''}); every arm fine-tuned "
         f"{settings['finetune_epochs']} epochs by the stock trainer (warm-up {warmup} epochs), "
         f"distillation weight {dis}; batch {settings['batch']}."
     )
@@ -441,6 +444,9 @@ def main() -> None:
         default=None,
         help="the fine-tuning's warm-up epochs (Ultralytics' own: 3.0)",
     )
+    ap.add_argument(
+        "--width-snap", type=int, default=1, help="TAS widths in multiples of this (8: ONNX RT)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--latency", action="store_true", help="time the saved networks (alone)")
@@ -473,6 +479,8 @@ def main() -> None:
         settings["dis"] = args.dis
     if args.warmup_epochs is not None:
         settings["warmup_epochs"] = args.warmup_epochs
+    if args.width_snap != 1:
+        settings["width_snap"] = args.width_snap
     if results and results.get("settings") != settings:
         sys.exit(
             f"error: {path} holds another protocol ({results.get('settings')}). Fix: use another --out"
