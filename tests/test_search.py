@@ -366,11 +366,14 @@ def test_short_real_search_meets_budget(tmp_path, ratio: float) -> None:
     assert cfg.flops_ratio - cfg.tolerance <= result.flops_ratio <= cfg.flops_ratio
     # The budget loss itself keeps the argmax around the band (not only the projection that
     # rescues a last shape outside it). 24 architecture steps do not settle a search: its
-    # argmax moves by 0.05-0.15 of the FLOPs between epochs (0.57, 0.73, 0.63, 0.72, 0.75,
-    # 0.63 at ratio 0.7), so the last epochs' mean is what is asserted.
+    # argmax moves by 0.05-0.15 of the FLOPs between epochs, and the trajectory differs
+    # between CPUs (float rounding), so the mean over the six epochs is asserted. Measured at
+    # ratio 0.5 on an AMD EPYC, seeds 0-4 (seed 0 is this test): that mean lies 0.091 below to
+    # 0.051 above the band's centre; with `budget_weight=0` (no budget loss) it drifts to
+    # 0.16-0.25 below it (seeds 0-2). 0.12 separates the two.
     ratios = [row["flops_ratio"] for row in result.history]
     centre = cfg.flops_ratio - cfg.tolerance / 2
-    assert abs(sum(ratios[-3:]) / 3 - centre) <= 0.06, ratios
+    assert abs(sum(ratios) / len(ratios) - centre) <= 0.12, ratios
     saved, meta = Shape.load(tmp_path / "s" / "shape.json")
     assert saved == result.shape
     assert meta["flops"] == result.flops and meta["model"] == "cifar_resnet20"
