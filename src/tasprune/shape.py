@@ -8,6 +8,7 @@ stage's depth are carried but unused), so that one schema describes any point of
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,13 @@ class Shape:
         atomic_write_text(Path(path), self.to_json(**extra) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple[Shape, dict[str, Any]]:
+    def load(cls, path: str | os.PathLike[str]) -> tuple[Shape, dict[str, Any]]:
         """Read a shape JSON; returns the Shape and the whole JSON object (model, flops...)."""
+        if not isinstance(path, (str, os.PathLike)):  # every "Shape or path" argument ends here
+            raise ShapeError(
+                f"a shape is a Shape or a shape.json path, not {type(path).__name__}. Fix: pass "
+                "the path itself, or the Shape (Shape.load returns (shape, info))"
+            )
         p = Path(path)
         if not p.is_file():
             raise ShapeError(f"shape file {p} does not exist. Fix: pass the shape.json of a search")

@@ -7,7 +7,6 @@ import os
 
 from torch import nn
 
-from tasprune.errors import ShapeError
 from tasprune.models.spec import ModelSpec
 from tasprune.models.zoo import list_models
 from tasprune.shape import Shape
@@ -31,13 +30,8 @@ def create_model(
 ) -> nn.Module:
     """Build ``name`` at ``shape`` (a `Shape` or a search's shape.json; default: the unpruned
     shape), validated against the model."""
-    if isinstance(shape, (str, os.PathLike)):
-        shape = Shape.load(os.fspath(shape))[0]
-    elif shape is not None and not isinstance(shape, Shape):
-        raise ShapeError(
-            f"create_model takes a Shape or a shape.json path, not {type(shape).__name__}. "
-            "Fix: pass tasprune.Shape.load(path)[0] or the path itself"
-        )
+    if shape is not None and not isinstance(shape, Shape):
+        shape = Shape.load(shape)[0]
     spec = get_model_spec(name)
     full = spec.full_shape()
     shape = full if shape is None else shape
