@@ -208,6 +208,7 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
     teacher = task.teacher()
     n_train = len(task.train)
     images = 0
+    extra: dict[str, Any] = {}
     start = time.perf_counter()
     folder = out / f"{arm}-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -225,6 +226,7 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
             )
             tas.save_shape(shared / "shape.json")
             torch.save(tas.prune().state_dict(), shared / "searched.pt")
+        extra["shape"] = json.loads((shared / "shape.json").read_text())  # to rebuild or time
         student = tasprune.prune(
             task.build().train(),
             shared / "shape.json",
@@ -234,6 +236,7 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
         images += 2 * (n_train // 2) * args.search_epochs  # weight + architecture steps' images
     elif arm == "l1_kd":
         student, layer_ratio = l1_pruned(task, teacher, args.ratio)
+        extra["tp_layer_ratio"] = layer_ratio
     else:
         name = register_module(copy.deepcopy(teacher).train(), task.example_inputs())
         spec = get_model_spec(name)
@@ -259,11 +262,8 @@ def run_arm(task: Task, arm: str, seed: int, args: argparse.Namespace, out: Path
         / sum(p.numel() for p in teacher.parameters()),
         "images_seen": images,
         "seconds": time.perf_counter() - start,
+        **extra,
     }
-    if arm == "l1_kd":
-        row["tp_layer_ratio"] = layer_ratio
-    if arm.startswith("tas"):  # the searched shape: a later session can rebuild it (latency)
-        row["shape"] = json.loads((out / f"tas-seed{seed}" / "shape.json").read_text())
     torch.save(student, folder / "student.pt")  # the benchmark's own copy (pickled modules)
     return row
 
@@ -295,13 +295,20 @@ def latency(task: Task, out: Path, threads: int) -> dict[str, Any]:
     return rows
 
 
-def settings_line(settings: dict[str, Any]) -> str:
-    """The schedule every arm had, in words."""
+def search_words(settings: dict[str, Any]) -> str:
+    """The TAS arms' search in words (also bench_yolo's)."""
     snap = settings.get("width_snap", 1)
-    stages = settings.get("kd_stages")
     return (
         f"Search {settings['search_epochs']} epochs (TAS arms"
-        f"{f', widths in multiples of {snap}' if snap != 1 else ''}); every arm fine-tuned "
+        f"{f', widths in multiples of {snap}' if snap != 1 else ''})"
+    )
+
+
+def settings_line(settings: dict[str, Any]) -> str:
+    """The schedule every arm had, in words."""
+    stages = settings.get("kd_stages")
+    return (
+        f"{search_words(settings)}; every arm fine-tuned "
         f"{settings['finetune_epochs']} epochs (AdamW, cosine), distillation on the outputs"
         f"{' and ' + ', '.join(stages) if stages else ''}."
     )

@@ -56,6 +56,7 @@ from bench_tasks import (  # shared with the torchvision detection/segmentation 
     bisect_layer_ratio,
     example,
     latency_lines,
+    search_words,
 )
 from torch import nn
 
@@ -286,6 +287,7 @@ def run_arm(bench: Bench, arm: str, seed: int, args: argparse.Namespace) -> dict
             )
             torch.save(tas.prune().state_dict(), shared / "searched.pt")
             tas.save_shape(shared / "shape.json")  # last: the search is done when it exists
+        extra["shape"] = json.loads((shared / "shape.json").read_text())  # to rebuild or time
         student = tasprune.prune(
             bench.ex.build_yolo().eval(),
             shared / "shape.json",
@@ -335,8 +337,6 @@ def run_arm(bench: Bench, arm: str, seed: int, args: argparse.Namespace) -> dict
         "best": str(best),  # Ultralytics' own checkpoint: YOLO(best).val() / .export()
         **extra,
     }
-    if arm.startswith("tas"):  # the searched shape: a later session can rebuild it (latency)
-        row["shape"] = json.loads((out / f"tas-seed{seed}" / "shape.json").read_text())
     return row
 
 
@@ -380,10 +380,8 @@ def settings_line(settings: dict[str, Any]) -> str:
     """The schedule every arm had, in words (Ultralytics' defaults where a setting is absent)."""
     dis = settings.get("dis", "6.0, Ultralytics' default")
     warmup = settings.get("warmup_epochs", "3, Ultralytics' default")
-    snap = settings.get("width_snap", 1)
     return (
-        f"Search {settings['search_epochs']} epochs (TAS arms"
-        f"{f', widths in multiples of {snap}' if snap != 1 else ''}); every arm fine-tuned "
+        f"{search_words(settings)}; every arm fine-tuned "
         f"{settings['finetune_epochs']} epochs by the stock trainer (warm-up {warmup} epochs), "
         f"distillation weight {dis}; batch {settings['batch']}."
     )
